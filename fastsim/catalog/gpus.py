@@ -1,0 +1,90 @@
+"""GPU datasheet figures: the built-in catalog, and users' own GPUs from YAML."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fastsim.errors import FastsimError, unknown
+
+
+class GpuSpec(BaseModel):
+    """Datasheet figures of one accelerator. Rates are dense (not 2:4-sparse) peaks."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    memory_gib: float = Field(gt=0, description="memory capacity, GiB (datasheet 'GB' of HBM/GDDR)")
+    mem_bw_gb_s: float = Field(gt=0, description="memory bandwidth, GB/s of bytes")
+    bf16_tflops: float = Field(gt=0, description="dense BF16 tensor TFLOP/s")
+    fp16_tflops: float | None = Field(default=None, gt=0)
+    fp8_tflops: float | None = Field(default=None, gt=0, description="dense FP8; null where absent")
+    interconnect: Literal["nvlink", "pcie", "infinity_fabric", "ethernet", "infiniband"] = "pcie"
+    link_gb_s: float = Field(gt=0, description="per-direction peer link bandwidth, GB/s of bytes")
+    tdp_w: float | None = Field(default=None, gt=0)
+    source: str = ""
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gib * 2**30
+
+    def compute_tflops(self, dtype: str) -> float:
+        """Tensor rate the GEMMs run at for weights of `dtype`.
+
+        FP8 runs natively where the GPU has FP8 units. Elsewhere, and for int8/int4, weights are
+        dequantized on the fly (weight-only kernels such as Marlin) and multiplied in 16-bit.
+        """
+        if dtype == "fp8" and self.fp8_tflops:
+            return self.fp8_tflops
+        if dtype == "fp16" and self.fp16_tflops:
+            return self.fp16_tflops
+        return self.bf16_tflops
+
+
+def parse_gpus(data: object, origin: str) -> dict[str, GpuSpec]:
+    """A YAML mapping of GPU id -> figures, validated; errors name the GPU and field."""
+    if not isinstance(data, Mapping):
+        raise FastsimError(f"{origin}: expected a mapping of GPU id -> figures, got {type(data).__name__}")
+    out = {}
+    for name, fields in data.items():
+        if not isinstance(fields, Mapping):
+            raise FastsimError(f"{origin}: GPU {name!r} must be a mapping of figures")
+        try:
+            out[str(name)] = GpuSpec(name=str(name), **fields)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise FastsimError(f"{origin}: GPU {name!r} field {field!r} = {err.get('input')!r}: "
+                               f"{err['msg']}") from None
+    return out
+
+
+@cache
+def builtin_gpus() -> dict[str, GpuSpec]:
+    text = (resources.files("fastsim.catalog") / "data" / "gpus.yaml").read_text()
+    return parse_gpus(yaml.safe_load(text), "built-in GPU catalog")
+
+
+def load_gpu_file(path: str | Path) -> dict[str, GpuSpec]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise FastsimError(f"gpu catalog: cannot read {str(path)!r} ({e})") from None
+    return parse_gpus(data, str(path))
+
+
+def gpu_ids() -> list[str]:
+    return list(builtin_gpus())
+
+
+def load_gpu(name: str, custom: Mapping[str, GpuSpec] | None = None) -> GpuSpec:
+    """A GPU by id: the user's own entries first, then the built-in catalog."""
+    known = {**builtin_gpus(), **(custom or {})}
+    if name not in known:
+        raise unknown("GPU", name, known, "fastsim gpus")
+    return known[name]

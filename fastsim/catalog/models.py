@@ -1,0 +1,209 @@
+"""Model shapes, read from the fields of a Hugging Face `config.json`, and what follows from them."""
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fastsim.errors import FastsimError, unknown
+
+# Weight-only formats store int4 as two values per byte; scales and zero points are ignored (< 1%).
+BYTES_PER_PARAM = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+
+_DATA = "fastsim.catalog"
+_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+             "max_position_embeddings")
+# Field names differ between model families for the same quantity: Mixtral says num_local_experts,
+# Qwen-MoE num_experts, DeepSeek n_routed_experts.
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+class ModelSpec(BaseModel):
+    """A decoder-only transformer, in Hugging Face `config.json` terms."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    hidden_size: int = Field(gt=0)
+    num_hidden_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    intermediate_size: int = Field(ge=0)
+    vocab_size: int = Field(gt=0)
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = Field(gt=0)
+    attention_bias: bool = False
+    sliding_window: int | None = Field(default=None, gt=0)
+    num_local_experts: int = Field(default=0, ge=0)
+    num_experts_per_tok: int = Field(default=0, ge=0)
+    moe_intermediate_size: int = Field(default=0, ge=0)
+    shared_expert_intermediate_size: int = Field(default=0, ge=0)
+
+    # -- shapes -------------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_local_experts > 0
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Width of K (and of V) for one token in one layer: GQA/MQA models have fewer KV heads."""
+        return self.num_key_value_heads * self.head_dim
+
+    # -- parameters ----------------------------------------------------------------------------
+    @property
+    def attention_params_per_layer(self) -> int:
+        h = self.hidden_size
+        bias = (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
+        return h * (self.q_size + 2 * self.kv_size) + self.q_size * h + bias
+
+    @property
+    def mlp_params_per_layer(self) -> int:
+        """All MLP weights of a layer (every expert of an MoE layer, its router and shared expert)."""
+        h = self.hidden_size
+        if not self.is_moe:
+            return 3 * h * self.intermediate_size
+        experts = self.num_local_experts * 3 * h * self.moe_intermediate_size
+        return experts + h * self.num_local_experts + 3 * h * self.shared_expert_intermediate_size
+
+    @property
+    def active_mlp_params_per_layer(self) -> int:
+        """MLP weights one token multiplies by: top-k experts, router and shared expert."""
+        if not self.is_moe:
+            return self.mlp_params_per_layer
+        h = self.hidden_size
+        return (self.num_experts_per_tok * 3 * h * self.moe_intermediate_size
+                + h * self.num_local_experts + 3 * h * self.shared_expert_intermediate_size)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        """Tied embeddings share the input table; the output projection still reads it every step."""
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def num_params(self) -> int:
+        h = self.hidden_size
+        per_layer = self.attention_params_per_layer + self.mlp_params_per_layer + 2 * h
+        return self.num_hidden_layers * per_layer + self.embedding_params + self.lm_head_params + h
+
+    @property
+    def num_active_params(self) -> int:
+        h = self.hidden_size
+        per_layer = self.attention_params_per_layer + self.active_mlp_params_per_layer + 2 * h
+        return self.num_hidden_layers * per_layer + self.embedding_params + self.lm_head_params + h
+
+    def weight_bytes(self, dtype: str = "bf16") -> float:
+        return self.num_params * _bytes_per_param(dtype, "dtype")
+
+    def kv_bytes_per_token(self, kv_cache_dtype: str = "bf16") -> float:
+        """K and V of one token across all layers."""
+        return 2 * self.kv_size * self.num_hidden_layers * _bytes_per_param(kv_cache_dtype, "kv_cache_dtype")
+
+    def flops_per_token(self, context_tokens: int = 0) -> float:
+        """Forward FLOPs for one new token attending over `context_tokens` earlier ones.
+
+        2 per multiply-accumulate of every weight the token touches (embedding lookup excluded,
+        the LM head included), plus QK^T and PV over the context and itself.
+        """
+        matmul_params = self.num_active_params - self.embedding_params + (
+            self.embedding_params if self.tie_word_embeddings else 0)
+        matmul_params -= self.hidden_size * (2 * self.num_hidden_layers + 1)  # norms are not matmuls
+        attention = 4 * self.q_size * (context_tokens + 1) * self.num_hidden_layers
+        return 2.0 * matmul_params + attention
+
+
+def _bytes_per_param(dtype: str, field: str) -> float:
+    try:
+        return BYTES_PER_PARAM[dtype]
+    except KeyError:
+        raise FastsimError(f"{field}: {dtype!r} is not a known dtype; use one of "
+                           f"{', '.join(BYTES_PER_PARAM)}") from None
+
+
+def _builtin_files() -> dict[str, str]:
+    folder = resources.files(_DATA) / "data" / "models"
+    return {f.name[:-5].replace("--", "/"): f.name for f in folder.iterdir() if f.name.endswith(".json")}
+
+
+def model_ids() -> list[str]:
+    return sorted(_builtin_files())
+
+
+def from_config_dict(cfg: dict, name: str) -> ModelSpec:
+    """Build a ModelSpec from the fields of a Hugging Face config.json."""
+    if not isinstance(cfg, dict):
+        raise FastsimError(f"{name}: config.json must hold a JSON object, got {type(cfg).__name__}")
+    if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers nest the LM
+        cfg = cfg["text_config"]
+    missing = [k for k in _REQUIRED if k not in cfg]
+    if missing:
+        raise FastsimError(f"{name}: config.json has no {missing[0]!r} field, which fastsim needs "
+                           f"to size the model; add it (required: {', '.join(_REQUIRED)})")
+    n_experts = next((cfg[k] for k in _EXPERT_COUNT_KEYS if cfg.get(k)), 0)
+    if not n_experts and "intermediate_size" not in cfg:
+        raise FastsimError(f"{name}: config.json has no 'intermediate_size' field; add it")
+    heads = cfg["num_attention_heads"]
+    fields = dict(
+        name=name,
+        hidden_size=cfg["hidden_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=heads,
+        # Hugging Face's own default: no num_key_value_heads means multi-head attention.
+        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        intermediate_size=cfg.get("intermediate_size", 0),
+        vocab_size=cfg["vocab_size"],
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=cfg["max_position_embeddings"],
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        # Qwen2 configs carry a sliding_window they do not use unless use_sliding_window is set.
+        sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+    )
+    if n_experts:
+        fields.update(
+            num_local_experts=n_experts,
+            num_experts_per_tok=cfg.get("num_experts_per_tok", 0),
+            moe_intermediate_size=cfg.get("moe_intermediate_size") or cfg.get("intermediate_size", 0),
+            shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size")
+            or cfg.get("n_shared_experts", 0) * (cfg.get("moe_intermediate_size") or 0),
+        )
+        if not fields["num_experts_per_tok"]:
+            raise FastsimError(f"{name}: config.json names {n_experts} experts but no "
+                               "'num_experts_per_tok'; add it")
+    try:
+        return ModelSpec(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise FastsimError(f"{name}: config.json field {field!r} = {err.get('input')!r}: "
+                           f"{err['msg']}") from None
+
+
+@cache
+def load_model(name_or_path: str) -> ModelSpec:
+    """A catalog id (e.g. 'meta-llama/Meta-Llama-3-8B') or a path to a config.json (or its folder)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FastsimError(f"model: cannot read {str(path)!r} as JSON ({e})") from None
+        return from_config_dict(cfg, str(name_or_path))
+    files = _builtin_files()
+    if name_or_path not in files:
+        raise unknown("model", name_or_path, files, "fastsim models")
+    text = (resources.files(_DATA) / "data" / "models" / files[name_or_path]).read_text()
+    return from_config_dict(json.loads(text), name_or_path)

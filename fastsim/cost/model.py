@@ -1,0 +1,203 @@
+"""The roofline cost model: one forward pass of a model on one GPU, per operation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from fastsim.catalog import BYTES_PER_PARAM, GpuSpec, ModelSpec, load_gpu, load_model
+from fastsim.cost.profile import CostProfile, load_profile
+from fastsim.engine import cost_nb as nb
+from fastsim.errors import FastsimError
+
+ACT_BYTES = 2.0  # activations stay 16-bit whatever the weight format
+
+
+class ForwardTime(NamedTuple):
+    compute_s: float
+    comm_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-GPU forward-pass time of `model` on `gpu` with tensor parallelism `tp`.
+
+    `params` and `ops` are the arrays the engine's compiled kernels evaluate (fastsim.engine.cost_nb).
+    """
+
+    model: ModelSpec
+    gpu: GpuSpec
+    profile: CostProfile
+    tp: int
+    dtype: str
+    kv_cache_dtype: str
+    params: np.ndarray
+    ops: np.ndarray
+
+    @classmethod
+    def create(cls, model: str | ModelSpec = "meta-llama/Meta-Llama-3-8B", gpu: str | GpuSpec = "H100-SXM",
+               tp: int = 1, dtype: str = "bf16", profile: str | Path | CostProfile | None = None,
+               kv_cache_dtype: str | None = None, layers: int | None = None) -> CostModel:
+        """`layers`: decoder layers on this GPU (a pipeline stage); default all of them."""
+        spec = model if isinstance(model, ModelSpec) else load_model(model)
+        hw = gpu if isinstance(gpu, GpuSpec) else load_gpu(gpu)
+        prof = load_profile(profile)
+        kv_dtype = kv_cache_dtype or ("bf16" if dtype in ("int4", "int8") else dtype)
+        for field, value in (("dtype", dtype), ("kv_cache_dtype", kv_dtype)):
+            if value not in BYTES_PER_PARAM:
+                raise FastsimError(f"{field}: {value!r} is not supported; use one of {', '.join(BYTES_PER_PARAM)}")
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise FastsimError(f"tensor_parallel_size: {tp!r} must be a positive integer")
+        for what, size in (("num_attention_heads", spec.num_attention_heads), ("vocab_size", spec.vocab_size)):
+            if tp > 1 and size % tp:
+                raise FastsimError(f"tensor_parallel_size: {tp} does not divide {spec.name}'s {what} "
+                                   f"({size}); use a divisor of it")
+        n_layers = spec.num_hidden_layers if layers is None else layers
+        if not 1 <= n_layers <= spec.num_hidden_layers:
+            raise FastsimError(f"layers: {layers} must be between 1 and {spec.num_hidden_layers}")
+        params, ops = _build_arrays(spec, hw, prof, tp, dtype, kv_dtype, n_layers)
+        return cls(spec, hw, prof, tp, dtype, kv_dtype, params, ops)
+
+    def forward_time(self, decode_context_lens, prefill_new_tokens=(), prefill_context_lens=None) -> ForwardTime:
+        """Seconds of one forward pass on one GPU: decoding sequences with `decode_context_lens`
+        cached tokens each (they attend over those plus the new token), and prefill chunks of
+        `prefill_new_tokens[j]` new tokens after `prefill_context_lens[j]` cached ones."""
+        compute, comm = nb.forward_time_nb(self.params, self.ops, *self.batch_aggregates(
+            decode_context_lens, prefill_new_tokens, prefill_context_lens))
+        return ForwardTime(compute, comm, compute + comm)
+
+    def attention_time(self, decode_context_lens, prefill_new_tokens=(), prefill_context_lens=None) -> float:
+        """Seconds of one layer's attention for the same batch description as forward_time."""
+        n_dec, dec_keys, n_pre, pre_tokens, pre_pairs, pre_keys = self.batch_aggregates(
+            decode_context_lens, prefill_new_tokens, prefill_context_lens)
+        return nb.attention_time_nb(self.params, n_dec, dec_keys, n_pre, pre_pairs, pre_keys, pre_tokens)
+
+    def batch_aggregates(self, decode_context_lens, prefill_new_tokens=(), prefill_context_lens=None):
+        """The sums the kernels cost a batch by: (num_decodes, decode_kv_tokens, num_prefills,
+        prefill_tokens, prefill_pairs, prefill_kv_tokens), after validating the token counts."""
+        dec = _token_counts(decode_context_lens, "decode_context_lens")
+        new = _token_counts(prefill_new_tokens, "prefill_new_tokens")
+        ctx = np.zeros_like(new) if prefill_context_lens is None else _token_counts(
+            prefill_context_lens, "prefill_context_lens")
+        if ctx.shape != new.shape:
+            raise ValueError(f"prefill_context_lens has {ctx.size} entries but prefill_new_tokens has "
+                             f"{new.size}; give one context length per prefill chunk")
+        keep = new > 0
+        new, ctx = new[keep], ctx[keep]
+        window = self.model.sliding_window or 0
+        return (dec.size, float(decode_keys(dec, window).sum()), new.size, float(new.sum()),
+                float(prefill_pairs(new, ctx, window).sum()), float(prefill_keys(new, ctx, window).sum()))
+
+    def gemm_time(self, m: int, k: int, n: int) -> float:
+        """Seconds for one 16-bit (m x k) @ (k x n) GEMM under this model's GPU and profile."""
+        return nb.gemm_time_nb(self.params, m, 2.0 * k * n, 2.0 * k * n, 2.0 * (k + n))
+
+
+def decode_keys(ctx: np.ndarray, window: int) -> np.ndarray:
+    """Keys one decode attends over: its context and itself, capped by a sliding window."""
+    keys = ctx + 1
+    return np.minimum(keys, window) if window else keys
+
+
+def prefill_pairs(new: np.ndarray, ctx: np.ndarray, window: int) -> np.ndarray:
+    """Causal (query, key) pairs of a chunk: query at position m (1-based) sees min(m, window) keys."""
+    a = ctx.astype(np.float64) + 1.0        # first query position
+    b = ctx.astype(np.float64) + new        # last query position
+    full = (a + b) * (b - a + 1.0) / 2.0
+    if not window:
+        return full
+    w = float(window)
+    below = np.clip(np.minimum(b, w) - a + 1.0, 0.0, None)   # queries still inside the window ramp
+    top = np.minimum(b, w)
+    ramp = (a + top) * below / 2.0
+    return np.where(b <= w, full, ramp + w * (new - below))
+
+
+def prefill_keys(new: np.ndarray, ctx: np.ndarray, window: int) -> np.ndarray:
+    """KV tokens a chunk reads: its cached context (within the window) and its own new tokens."""
+    return (np.minimum(ctx, window) if window else ctx) + new
+
+
+def _token_counts(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of token counts, got shape {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers (token counts), got dtype {a.dtype}")
+    if a.min() < 0:
+        raise ValueError(f"{name} has a negative token count ({a.min()}); counts must be >= 0")
+    return a.astype(np.int64, copy=False)
+
+
+def _build_arrays(spec: ModelSpec, hw: GpuSpec, prof: CostProfile, tp: int, dtype: str,
+                  kv_dtype: str, n_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    h = spec.hidden_size
+    wb = BYTES_PER_PARAM[dtype]
+    q = spec.q_size / tp
+    # KV heads are split across TP ranks down to one each; beyond that they are replicated.
+    kv = max(spec.num_key_value_heads / tp, 1.0) * spec.head_dim
+    inter = spec.intermediate_size / tp
+    qkv_out = q + 2 * kv
+
+    ops = []
+
+    def gemm(k_dim: float, n_dim: float):
+        ops.append((2.0 * k_dim * n_dim, k_dim * n_dim * wb, (k_dim + n_dim) * ACT_BYTES))
+
+    gemm(h, qkv_out)          # fused QKV projection
+    gemm(q, h)                # output projection
+    if not spec.is_moe:
+        gemm(h, 2 * inter)    # fused gate/up
+        gemm(inter, h)        # down
+    else:
+        gemm(h, spec.num_local_experts)  # router, replicated
+        if spec.shared_expert_intermediate_size:
+            gemm(h, 2 * spec.shared_expert_intermediate_size / tp)
+            gemm(spec.shared_expert_intermediate_size / tp, h)
+        inter = spec.moe_intermediate_size / tp
+
+    p = np.zeros(nb.N_PARAMS)
+    p[nb.PEAK_FLOPS] = hw.compute_tflops(dtype) * 1e12
+    p[nb.ATTN_PEAK_FLOPS] = hw.bf16_tflops * 1e12
+    p[nb.MEM_BW] = hw.mem_bw_gb_s * 1e9
+    p[nb.COMPUTE_EFF] = prof.compute_efficiency
+    p[nb.BW_EFF] = prof.bandwidth_efficiency
+    p[nb.EW_BW_EFF] = prof.elementwise_bandwidth_efficiency
+    p[nb.ATTN_EFF] = prof.attention_efficiency
+    p[nb.ATTN_BW_EFF] = prof.attention_bandwidth_efficiency
+    p[nb.OVERLAP] = prof.overlap
+    p[nb.GEMM_LATENCY_S] = prof.gemm_latency_us * 1e-6
+    p[nb.KERNEL_LATENCY_S] = prof.kernel_latency_us * 1e-6
+    p[nb.ATTN_LATENCY_S] = prof.attention_latency_us * 1e-6
+    p[nb.LAYERS] = n_layers
+    ew = prof.elementwise_passes
+    p[nb.EW_BYTES_PER_TOKEN] = ACT_BYTES * (ew.hidden * h + ew.q * q + ew.kv * kv + ew.intermediate * inter)
+    p[nb.EW_KERNELS] = prof.elementwise_kernels_per_layer
+    p[nb.HIDDEN_BYTES] = ACT_BYTES * h
+    p[nb.KV_BYTES_PER_TOKEN] = 2 * kv * BYTES_PER_PARAM[kv_dtype]
+    p[nb.ATTN_FLOPS_PER_PAIR] = 4.0 * q
+    p[nb.Q_HEADS] = spec.num_attention_heads / tp
+    p[nb.ATTN_HALF_FILL_TILES] = prof.attention_half_fill_tiles
+    p[nb.Q_BYTES_PER_TOKEN] = 2 * q * ACT_BYTES
+    vocab = spec.vocab_size / tp
+    p[nb.LM_FLOPS_PER_ROW] = 2.0 * h * vocab
+    # Quantized checkpoints keep the LM head in 16 bits.
+    p[nb.LM_WEIGHT_BYTES] = h * vocab * ACT_BYTES
+    p[nb.LM_ACT_BYTES_PER_ROW] = (h + vocab) * ACT_BYTES
+    p[nb.LM_GATHER_BYTES_PER_ROW] = spec.vocab_size * ACT_BYTES
+    p[nb.TP] = tp
+    p[nb.LINK_BW] = hw.link_gb_s * 1e9 * prof.link_efficiency
+    p[nb.LINK_LATENCY_S] = prof.link_latency_us * 1e-6
+    p[nb.ALLREDUCES_PER_LAYER] = 2.0 if tp > 1 else 0.0
+    if spec.is_moe:
+        p[nb.MOE_EXPERTS] = spec.num_local_experts
+        p[nb.MOE_TOP_K] = spec.num_experts_per_tok
+        p[nb.MOE_EXPERT_WEIGHT_BYTES] = 3 * h * inter * wb
+        p[nb.MOE_FLOPS_PER_TOKEN] = 6.0 * h * inter
+        p[nb.MOE_ACT_BYTES_PER_TOKEN] = (2 * h + 3 * inter) * ACT_BYTES
+    return p, np.asarray(ops, dtype=np.float64).reshape(-1, nb.N_OP_COLS)

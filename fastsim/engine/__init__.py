@@ -1,0 +1,1 @@
+"""Numba kernels. The only package that imports numba; everything here takes arrays and scalars."""

@@ -1,0 +1,216 @@
+"""Per-iteration forward-pass time, evaluated inside compiled engine loops.
+
+The cost model (fastsim.cost) folds model shape, GPU datasheet and efficiency profile into two
+arrays: `params` (a float64 vector indexed by the constants below) and `ops` (one row per dense
+GEMM of a decoder layer). Everything here is then a closed-form function of a batch's aggregates.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# -- layout of the params vector ---------------------------------------------------------------
+PEAK_FLOPS = 0          # dense tensor FLOP/s of the GEMM dtype, datasheet
+MEM_BW = 1              # bytes/s, datasheet
+COMPUTE_EFF = 2         # achieved fraction of PEAK_FLOPS by large GEMMs
+BW_EFF = 3              # achieved fraction of MEM_BW by streaming GEMM operands
+EW_BW_EFF = 4           # achieved fraction of MEM_BW by elementwise kernels (read + write)
+ATTN_EFF = 5            # achieved fraction of PEAK_FLOPS (16-bit) by attention matmuls
+ATTN_BW_EFF = 6         # achieved fraction of MEM_BW reading the KV cache
+OVERLAP = 7             # p of the soft roofline (t_c^p + t_m^p)^(1/p); large p -> max()
+GEMM_LATENCY_S = 8      # fixed cost of one GEMM: launch, pipeline fill, last wave
+KERNEL_LATENCY_S = 9    # fixed cost of one small (elementwise / norm) kernel
+ATTN_LATENCY_S = 10     # fixed cost of one attention kernel
+LAYERS = 11             # decoder layers run by this GPU
+EW_BYTES_PER_TOKEN = 12  # elementwise traffic of one token in one layer (norms, RoPE, residuals, act.)
+EW_KERNELS = 13         # small kernels per layer
+HIDDEN_BYTES = 14       # one token's hidden state, bytes (final norm traffic)
+KV_BYTES_PER_TOKEN = 15  # K+V of one token in one layer on this GPU
+ATTN_FLOPS_PER_PAIR = 16  # QK^T + PV FLOPs of one (query, key) pair in one layer on this GPU
+Q_BYTES_PER_TOKEN = 17  # Q in + O out of one token in one layer (attention's own activation traffic)
+ATTN_PEAK_FLOPS = 18    # 16-bit tensor FLOP/s (attention runs in 16 bits whatever the weights)
+LM_FLOPS_PER_ROW = 19
+LM_WEIGHT_BYTES = 20
+LM_ACT_BYTES_PER_ROW = 21
+TP = 22
+LINK_BW = 23            # achieved per-direction link bytes/s
+LINK_LATENCY_S = 24     # per ring step
+ALLREDUCES_PER_LAYER = 25
+MOE_EXPERTS = 26        # experts per layer (0: dense model)
+MOE_TOP_K = 27
+MOE_EXPERT_WEIGHT_BYTES = 28  # one expert's weights on this GPU
+MOE_FLOPS_PER_TOKEN = 29      # FLOPs of one token through one expert on this GPU
+MOE_ACT_BYTES_PER_TOKEN = 30  # activation traffic of one token through one expert
+LM_GATHER_BYTES_PER_ROW = 31  # logits gathered across TP ranks, per sequence
+ATTN_HALF_FILL_TILES = 32  # prefill attention tiles (head x 128 queries) at which it runs at half rate
+Q_HEADS = 33            # query heads on this GPU
+N_PARAMS = 34
+ATTN_TILE = 128         # query rows per FlashAttention work tile
+
+# -- columns of the ops table -------------------------------------------------------------------
+OP_FLOPS_PER_TOKEN = 0
+OP_WEIGHT_BYTES = 1
+OP_ACT_BYTES_PER_TOKEN = 2
+N_OP_COLS = 3
+
+
+@njit(cache=True)
+def roofline_nb(flops, nbytes, flop_rate, byte_rate, overlap):
+    """Time of a kernel that does `flops` and moves `nbytes`: a soft maximum of the two bounds.
+
+    Real kernels near the ridge point neither fully overlap compute with memory (max) nor fully
+    serialise them (sum); the p-norm sits between, p fitted to measured GEMMs.
+    """
+    tc = flops / flop_rate
+    tm = nbytes / byte_rate
+    hi = max(tc, tm)
+    if hi <= 0.0:
+        return 0.0
+    lo = min(tc, tm)
+    return hi * (1.0 + (lo / hi) ** overlap) ** (1.0 / overlap)
+
+
+@njit(cache=True)
+def gemm_time_nb(p, rows, flops_per_row, weight_bytes, act_bytes_per_row):
+    if rows <= 0:
+        return 0.0
+    return p[GEMM_LATENCY_S] + roofline_nb(rows * flops_per_row, weight_bytes + rows * act_bytes_per_row,
+                                           p[PEAK_FLOPS] * p[COMPUTE_EFF], p[MEM_BW] * p[BW_EFF],
+                                           p[OVERLAP])
+
+
+@njit(cache=True)
+def expected_active_experts_nb(num_experts, top_k, tokens):
+    """Experts hit at least once when `tokens` tokens each pick top_k of num_experts uniformly."""
+    if tokens <= 0:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+@njit(cache=True)
+def dense_layer_time_nb(p, ops, tokens):
+    """One decoder layer's GEMMs and elementwise kernels for `tokens` tokens (attention excluded)."""
+    if tokens <= 0:
+        return 0.0
+    t = 0.0
+    for i in range(ops.shape[0]):
+        t += gemm_time_nb(p, tokens, ops[i, OP_FLOPS_PER_TOKEN], ops[i, OP_WEIGHT_BYTES],
+                          ops[i, OP_ACT_BYTES_PER_TOKEN])
+    if p[MOE_EXPERTS] > 0.0:
+        # Grouped expert GEMM: reads the weights of every expert some token was routed to.
+        active = expected_active_experts_nb(p[MOE_EXPERTS], p[MOE_TOP_K], tokens)
+        routed = tokens * p[MOE_TOP_K]
+        t += p[GEMM_LATENCY_S] + roofline_nb(
+            routed * p[MOE_FLOPS_PER_TOKEN],
+            active * p[MOE_EXPERT_WEIGHT_BYTES] + routed * p[MOE_ACT_BYTES_PER_TOKEN],
+            p[PEAK_FLOPS] * p[COMPUTE_EFF], p[MEM_BW] * p[BW_EFF], p[OVERLAP])
+    t += p[EW_KERNELS] * p[KERNEL_LATENCY_S] + tokens * p[EW_BYTES_PER_TOKEN] / (p[MEM_BW] * p[EW_BW_EFF])
+    return t
+
+
+@njit(cache=True)
+def attention_time_nb(p, num_decodes, decode_kv_tokens, num_prefills, prefill_pairs,
+                      prefill_kv_tokens, prefill_tokens):
+    """One layer's attention: decodes read their KV cache; prefill chunks are causal matmuls.
+
+    decode_kv_tokens: keys attended by all decodes (each its context plus its new token);
+    prefill_pairs: (query, key) pairs of all prefill chunks, causal; prefill_kv_tokens: keys they read.
+    """
+    t = 0.0
+    flop_rate = p[ATTN_PEAK_FLOPS] * p[ATTN_EFF]
+    byte_rate = p[MEM_BW] * p[ATTN_BW_EFF]
+    if num_decodes > 0:
+        t += p[ATTN_LATENCY_S] + roofline_nb(
+            decode_kv_tokens * p[ATTN_FLOPS_PER_PAIR],
+            decode_kv_tokens * p[KV_BYTES_PER_TOKEN] + num_decodes * p[Q_BYTES_PER_TOKEN],
+            flop_rate, byte_rate, p[OVERLAP])
+    if num_prefills > 0:
+        # FlashAttention parallelises over (sequence, head, 128-query tile); too few tiles leave
+        # SMs idle. Each chunk's last tile is on average half full, hence + num_prefills / 2.
+        tiles = p[Q_HEADS] * (prefill_tokens / ATTN_TILE + 0.5 * num_prefills)
+        fill = tiles / (tiles + p[ATTN_HALF_FILL_TILES])
+        t += p[ATTN_LATENCY_S] + roofline_nb(
+            prefill_pairs * p[ATTN_FLOPS_PER_PAIR] / fill,
+            prefill_kv_tokens * p[KV_BYTES_PER_TOKEN] + prefill_tokens * p[Q_BYTES_PER_TOKEN],
+            flop_rate, byte_rate, p[OVERLAP])
+    return t
+
+
+@njit(cache=True)
+def allreduce_time_nb(p, nbytes):
+    """Ring all-reduce across TP ranks: 2(n-1)/n of the data over each link, 2(n-1) latency steps."""
+    n = p[TP]
+    if n <= 1.0 or nbytes <= 0.0:
+        return 0.0
+    return 2.0 * (n - 1.0) / n * nbytes / p[LINK_BW] + 2.0 * (n - 1.0) * p[LINK_LATENCY_S]
+
+
+@njit(cache=True)
+def token_compute_nb(p, ops, tokens):
+    """Compute that depends only on the batch's token count: every layer's GEMMs and elementwise
+    kernels, and the final norm."""
+    if tokens <= 0:
+        return 0.0
+    norm = p[KERNEL_LATENCY_S] + 2.0 * tokens * p[HIDDEN_BYTES] / (p[MEM_BW] * p[EW_BW_EFF])
+    return p[LAYERS] * dense_layer_time_nb(p, ops, tokens) + norm
+
+
+@njit(cache=True)
+def seq_compute_nb(p, num_seqs):
+    """The LM head on one token per sequence."""
+    return gemm_time_nb(p, num_seqs, p[LM_FLOPS_PER_ROW], p[LM_WEIGHT_BYTES], p[LM_ACT_BYTES_PER_ROW])
+
+
+@njit(cache=True)
+def token_comm_nb(p, tokens):
+    """Every layer's all-reduces of the hidden states."""
+    return p[LAYERS] * p[ALLREDUCES_PER_LAYER] * allreduce_time_nb(p, tokens * p[HIDDEN_BYTES])
+
+
+@njit(cache=True)
+def seq_comm_nb(p, num_seqs):
+    """Gathering the vocabulary-sharded logits of each sequence across TP ranks."""
+    if p[TP] <= 1.0 or num_seqs <= 0:
+        return 0.0
+    n = p[TP]
+    return (n - 1.0) / n * num_seqs * p[LM_GATHER_BYTES_PER_ROW] / p[LINK_BW] + (n - 1.0) * p[LINK_LATENCY_S]
+
+
+@njit(cache=True)
+def forward_time_nb(p, ops, num_decodes, decode_kv_tokens, num_prefills, prefill_tokens,
+                    prefill_pairs, prefill_kv_tokens):
+    """(compute_s, comm_s) of one forward pass on one GPU, from the batch's aggregates."""
+    tokens = num_decodes + prefill_tokens
+    num_seqs = num_decodes + num_prefills
+    attn = p[LAYERS] * attention_time_nb(p, num_decodes, decode_kv_tokens, num_prefills, prefill_pairs,
+                                         prefill_kv_tokens, prefill_tokens)
+    compute = token_compute_nb(p, ops, tokens) + seq_compute_nb(p, num_seqs) + attn
+    return compute, token_comm_nb(p, tokens) + seq_comm_nb(p, num_seqs)
+
+
+@njit(cache=True)
+def build_tables_nb(p, ops, max_tokens, max_seqs):
+    """The parts of forward_time_nb that depend on one integer, tabulated once per run:
+    (compute by tokens, compute by sequences, comm by tokens, comm by sequences)."""
+    tok_compute = np.empty(max_tokens + 1)
+    tok_comm = np.empty(max_tokens + 1)
+    for t in range(max_tokens + 1):
+        tok_compute[t] = token_compute_nb(p, ops, t)
+        tok_comm[t] = token_comm_nb(p, t)
+    seq_compute = np.empty(max_seqs + 1)
+    seq_comm = np.empty(max_seqs + 1)
+    for n in range(max_seqs + 1):
+        seq_compute[n] = seq_compute_nb(p, n)
+        seq_comm[n] = seq_comm_nb(p, n)
+    return tok_compute, seq_compute, tok_comm, seq_comm
+
+
+@njit(cache=True)
+def forward_time_tabled_nb(p, tok_compute, seq_compute, tok_comm, seq_comm, num_decodes,
+                           decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs, prefill_kv_tokens):
+    """forward_time_nb with the token- and sequence-count parts looked up: what engine loops call."""
+    tokens = num_decodes + prefill_tokens
+    num_seqs = num_decodes + num_prefills
+    attn = p[LAYERS] * attention_time_nb(p, num_decodes, decode_kv_tokens, num_prefills, prefill_pairs,
+                                         prefill_kv_tokens, prefill_tokens)
+    return (tok_compute[tokens] + seq_compute[num_seqs] + attn, tok_comm[tokens] + seq_comm[num_seqs])

@@ -1,0 +1,108 @@
+"""Slow, obviously correct pure-Python twins of the compiled kernels.
+
+Written from the model, GPU and profile objects directly (not from the kernels' parameter arrays),
+so a wrong entry in those arrays shows up as a disagreement.
+"""
+from __future__ import annotations
+
+import math
+
+
+def soft_max(a: float, b: float, p: float) -> float:
+    """(a^p + b^p)^(1/p): the soft roofline."""
+    if a <= 0 and b <= 0:
+        return 0.0
+    return (a ** p + b ** p) ** (1.0 / p)
+
+
+def forward_time(model, gpu, prof, decode_ctx, prefill_new, prefill_ctx, tp=1, dtype="bf16",
+                 kv_dtype="bf16", layers=None):
+    """(compute_s, comm_s) of one forward pass, op by op, token by token where it matters."""
+    wb = {"bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}[dtype]
+    kvb = {"bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}[kv_dtype]
+    peak = (gpu.fp8_tflops if dtype == "fp8" and gpu.fp8_tflops else gpu.bf16_tflops) * 1e12
+    flop_rate = peak * prof.compute_efficiency
+    byte_rate = gpu.mem_bw_gb_s * 1e9 * prof.bandwidth_efficiency
+    ew_rate = gpu.mem_bw_gb_s * 1e9 * prof.elementwise_bandwidth_efficiency
+    attn_flop_rate = gpu.bf16_tflops * 1e12 * prof.attention_efficiency
+    attn_byte_rate = gpu.mem_bw_gb_s * 1e9 * prof.attention_bandwidth_efficiency
+    p = prof.overlap
+    h = model.hidden_size
+    hd = model.head_dim
+    heads = model.num_attention_heads / tp
+    kv_heads = max(model.num_key_value_heads / tp, 1)
+    inter = model.intermediate_size / tp
+    n_layers = layers or model.num_hidden_layers
+    window = model.sliding_window
+
+    prefill = [(n, c) for n, c in zip(prefill_new, prefill_ctx) if n > 0]
+    tokens = len(decode_ctx) + sum(n for n, _ in prefill)
+    seqs = len(decode_ctx) + len(prefill)
+    if tokens == 0:
+        return 0.0, 0.0
+
+    def gemm(m, k, n, weight_bytes_per_param=wb):
+        return prof.gemm_latency_us * 1e-6 + soft_max(
+            2 * m * k * n / flop_rate, (k * n * weight_bytes_per_param + m * (k + n) * 2) / byte_rate, p)
+
+    layer = gemm(tokens, h, (heads + 2 * kv_heads) * hd) + gemm(tokens, heads * hd, h)
+    if model.is_moe:
+        e, k = model.num_local_experts, model.num_experts_per_tok
+        layer += gemm(tokens, h, e)
+        ie = model.moe_intermediate_size / tp
+        active = e * (1 - (1 - k / e) ** tokens)
+        routed = tokens * k
+        layer += prof.gemm_latency_us * 1e-6 + soft_max(
+            routed * 6 * h * ie / flop_rate, (active * 3 * h * ie * wb + routed * (2 * h + 3 * ie) * 2) / byte_rate, p)
+        inter = ie
+    else:
+        layer += gemm(tokens, h, 2 * inter) + gemm(tokens, inter, h)
+    ew = prof.elementwise_passes
+    layer += prof.elementwise_kernels_per_layer * prof.kernel_latency_us * 1e-6
+    layer += tokens * 2 * (ew.hidden * h + ew.q * heads * hd + ew.kv * kv_heads * hd + ew.intermediate * inter) / ew_rate
+
+    kv_bytes = 2 * kv_heads * hd * kvb
+    if decode_ctx:
+        keys = sum(min(c + 1, window) if window else c + 1 for c in decode_ctx)
+        layer += prof.attention_latency_us * 1e-6 + soft_max(
+            keys * 4 * heads * hd / attn_flop_rate,
+            (keys * kv_bytes + len(decode_ctx) * 4 * heads * hd) / attn_byte_rate, p)
+    if prefill:
+        pairs = 0
+        for n, c in prefill:  # one query at a time
+            for pos in range(c + 1, c + n + 1):
+                pairs += min(pos, window) if window else pos
+        read = sum((min(c, window) if window else c) + n for n, c in prefill)
+        q_tokens = sum(n for n, _ in prefill)
+        tiles = heads * (q_tokens / 128 + 0.5 * len(prefill))
+        fill = tiles / (tiles + prof.attention_half_fill_tiles)
+        layer += prof.attention_latency_us * 1e-6 + soft_max(
+            pairs * 4 * heads * hd / fill / attn_flop_rate,
+            (read * kv_bytes + q_tokens * 4 * heads * hd) / attn_byte_rate, p)
+
+    vocab = model.vocab_size / tp
+    head = prof.kernel_latency_us * 1e-6 + 2 * tokens * 2 * h / ew_rate + gemm(seqs, h, vocab, 2)
+    compute = n_layers * layer + head
+
+    comm = 0.0
+    if tp > 1:
+        link = gpu.link_gb_s * 1e9 * prof.link_efficiency
+        lat = prof.link_latency_us * 1e-6
+        allreduce = 2 * (tp - 1) / tp * tokens * 2 * h / link + 2 * (tp - 1) * lat
+        comm = n_layers * 2 * allreduce + (tp - 1) / tp * seqs * model.vocab_size * 2 / link + (tp - 1) * lat
+    return compute, comm
+
+
+def expected_active_experts_by_simulation(num_experts, top_k, tokens, trials, rng):
+    """Monte-Carlo count of distinct experts hit when each token picks top_k distinct experts."""
+    hits = 0
+    for _ in range(trials):
+        seen = set()
+        for _ in range(tokens):
+            seen.update(rng.choice(num_experts, size=top_k, replace=False).tolist())
+        hits += len(seen)
+    return hits / trials
+
+
+def isclose(a: float, b: float, rel: float = 1e-9) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-15)
