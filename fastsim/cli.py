@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -25,6 +25,111 @@ def _table(key: str, *columns: str) -> Table:
     for c in columns:
         t.add_column(c)
     return t
+
+
+_SUMMARY_ROWS = [
+    ("completed", "completed requests", "{:.0f}"), ("rejected", "rejected", "{:.0f}"),
+    ("unfinished", "unfinished", "{:.0f}"), ("duration", "duration (s)", "{:.2f}"),
+    ("request_throughput", "request throughput (req/s)", "{:.3f}"),
+    ("request_goodput", "request goodput (req/s)", "{:.3f}"),
+    ("output_throughput", "output throughput (tok/s)", "{:.1f}"),
+    ("total_token_throughput", "total token throughput (tok/s)", "{:.1f}"),
+    ("mean_ttft_ms", "mean TTFT (ms)", "{:.2f}"), ("median_ttft_ms", "median TTFT (ms)", "{:.2f}"),
+    ("p99_ttft_ms", "p99 TTFT (ms)", "{:.2f}"), ("mean_tpot_ms", "mean TPOT (ms)", "{:.2f}"),
+    ("median_tpot_ms", "median TPOT (ms)", "{:.2f}"), ("p99_tpot_ms", "p99 TPOT (ms)", "{:.2f}"),
+    ("mean_itl_ms", "mean ITL (ms)", "{:.2f}"), ("p99_itl_ms", "p99 ITL (ms)", "{:.2f}"),
+    ("mean_e2el_ms", "mean E2EL (ms)", "{:.2f}"), ("p99_e2el_ms", "p99 E2EL (ms)", "{:.2f}"),
+    ("preemptions", "preemptions", "{:.0f}"), ("num_gpu_blocks", "KV blocks", "{:.0f}"),
+    ("peak_kv_blocks_used", "peak KV blocks used", "{:.0f}"), ("iterations", "iterations", "{:.0f}"),
+    ("wall_time_s", "engine wall time (s)", "{:.3f}"),
+]
+
+
+def summary_table(summaries: dict[str, dict]) -> Table:
+    t = Table(title="fastsim summary")
+    t.add_column("metric", no_wrap=True)
+    for name in summaries:
+        t.add_column(name, justify="right")
+    for key, label, fmt in _SUMMARY_ROWS:
+        cells = []
+        for s in summaries.values():
+            v = s.get(key)
+            cells.append("-" if v is None or v != v else fmt.format(v))
+        t.add_row(label, *cells)
+    return t
+
+
+@app.command("run")
+def run_cmd(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config; none: the built-in default scenario")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: output.dir)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key: engine.max_num_seqs=128")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="parquet | arrow | csv (default: output.format)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary table")] = False,
+) -> None:
+    """Simulate a deployment under a workload; write per-request results and summary.json."""
+    from fastsim.config import load_config
+    from fastsim.output import write_result
+    from fastsim.simulate import simulate
+
+    overrides = list(set_ or [])
+    if fmt is not None:
+        overrides.append(f"output.format={fmt}")
+    cfg = load_config(config, overrides)
+    with err_console.status("starting", spinner="dots") as status:
+        result = simulate(cfg, progress=lambda stage: status.update(stage))
+        status.update("writing results")
+        folder = out or Path(cfg.output.dir)
+        written = write_result(result, folder, cfg.output.format)
+    if not quiet:
+        console.print(summary_table(result.summaries))
+    console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+@app.command("validate")
+def validate_cmd(
+    config: Annotated[Path, typer.Argument(help="YAML config to check")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key")] = None,
+) -> None:
+    """Check a config without simulating; show each engine's memory plan."""
+    from fastsim.config import load_config
+    from fastsim.simulate import plan_engines
+
+    cfg = load_config(config, list(set_ or []))
+    model, gpu, plans = plan_engines(cfg)
+    t = Table(title=f"{model.name} on {gpu.name}: memory per GPU")
+    t.add_column("", no_wrap=True)
+    for eng, _ in plans:
+        t.add_column(eng.name, justify="right")
+    gib = 2**30
+    rows = [("GPU memory (GiB)", lambda p: p.gpu_total_bytes / gib),
+            ("budget at gpu_memory_utilization (GiB)", lambda p: p.budget_bytes / gib),
+            ("weights (GiB)", lambda p: p.weight_bytes / gib),
+            ("activation workspace (GiB)", lambda p: p.activation_bytes / gib),
+            ("reserved: CUDA context, graphs (GiB)", lambda p: p.reserved_bytes / gib),
+            ("KV cache (GiB)", lambda p: p.kv_cache_bytes / gib),
+            ("KV per token (KiB)", lambda p: p.kv_bytes_per_token / 1024),
+            ("KV blocks", lambda p: p.num_gpu_blocks), ("KV tokens", lambda p: p.kv_tokens),
+            ("max_model_len", lambda p: p.max_model_len)]
+    for label, f in rows:
+        t.add_row(label, *[f"{f(p):,.2f}" if isinstance(f(p), float) else f"{f(p):,}" for _, p in plans])
+    console.print(t)
+    console.print(f"{config}: valid")
+
+
+@app.command("generate-config")
+def generate_config_cmd(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write here instead of stdout")] = None,
+) -> None:
+    """Print a commented YAML config with every option and its default."""
+    from fastsim.config_template import config_template
+
+    text = config_template()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        write_text_atomic(out, text)
+        console.print(f"wrote {out}")
 
 
 @app.command("models")

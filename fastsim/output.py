@@ -6,6 +6,13 @@ import tempfile
 from pathlib import Path
 
 
+def _umask_mode() -> int:
+    """0o666 less the process umask: the mode a plain open() would have given (mkstemp gives 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -13,7 +20,77 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _tmp_path(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_table_atomic(table, path: str | Path, fmt: str) -> Path:
+    """Write a pyarrow Table as parquet, arrow (IPC file) or csv; returns the final path."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    path = Path(path).with_suffix({"parquet": ".parquet", "arrow": ".arrow", "csv": ".csv"}[fmt])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        if fmt == "parquet":
+            pq.write_table(table, tmp)
+        elif fmt == "arrow":
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+        else:  # CSV has no dictionary type: write plain strings
+            plain = table.cast(pa.schema([pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type)
+                                          else f for f in table.schema]))
+            pacsv.write_csv(plain, tmp)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    import json
+    import math
+
+    def clean(x):
+        # JSON has no NaN: metrics that are undefined (no finished request) are written as null.
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    write_text_atomic(path, json.dumps(clean(data), indent=2) + "\n")
+
+
+def write_result(result, out_dir: str | Path, fmt: str) -> list[Path]:
+    """requests.<fmt>, summary.json and, if recorded, timeline.<fmt>; with several engines each also
+    gets <out>/<engine>/summary.json. Every file appears whole or not at all."""
+    out = Path(out_dir)
+    written = [write_table_atomic(result.requests, out / "requests", fmt)]
+    write_json_atomic(out / "summary.json", result.summary)
+    written.append(out / "summary.json")
+    if len(result.summaries) > 1:
+        for name, s in result.summaries.items():
+            write_json_atomic(out / name / "summary.json", s)
+            written.append(out / name / "summary.json")
+    if result.timelines:
+        import pyarrow as pa
+        tl = pa.concat_tables([t.append_column("engine", pa.array([name] * t.num_rows, pa.string()))
+                               for name, t in result.timelines.items()])
+        written.append(write_table_atomic(tl, out / "timeline", fmt))
+    return written

@@ -41,8 +41,12 @@ def forward_time(model, gpu, prof, decode_ctx, prefill_new, prefill_ctx, tp=1, d
     if tokens == 0:
         return 0.0, 0.0
 
+    clock = prof.reference_clock_mhz / gpu.boost_clock_mhz if prof.reference_clock_mhz else 1.0
+    lat_gemm, lat_kernel, lat_attn = (x * 1e-6 * clock for x in (
+        prof.gemm_latency_us, prof.kernel_latency_us, prof.attention_latency_us))
+
     def gemm(m, k, n, weight_bytes_per_param=wb):
-        return prof.gemm_latency_us * 1e-6 + soft_max(
+        return lat_gemm + soft_max(
             2 * m * k * n / flop_rate, (k * n * weight_bytes_per_param + m * (k + n) * 2) / byte_rate, p)
 
     layer = gemm(tokens, h, (heads + 2 * kv_heads) * hd) + gemm(tokens, heads * hd, h)
@@ -52,19 +56,19 @@ def forward_time(model, gpu, prof, decode_ctx, prefill_new, prefill_ctx, tp=1, d
         ie = model.moe_intermediate_size / tp
         active = e * (1 - (1 - k / e) ** tokens)
         routed = tokens * k
-        layer += prof.gemm_latency_us * 1e-6 + soft_max(
+        layer += lat_gemm + soft_max(
             routed * 6 * h * ie / flop_rate, (active * 3 * h * ie * wb + routed * (2 * h + 3 * ie) * 2) / byte_rate, p)
         inter = ie
     else:
         layer += gemm(tokens, h, 2 * inter) + gemm(tokens, inter, h)
     ew = prof.elementwise_passes
-    layer += prof.elementwise_kernels_per_layer * prof.kernel_latency_us * 1e-6
+    layer += prof.elementwise_kernels_per_layer * lat_kernel
     layer += tokens * 2 * (ew.hidden * h + ew.q * heads * hd + ew.kv * kv_heads * hd + ew.intermediate * inter) / ew_rate
 
     kv_bytes = 2 * kv_heads * hd * kvb
     if decode_ctx:
         keys = sum(min(c + 1, window) if window else c + 1 for c in decode_ctx)
-        layer += prof.attention_latency_us * 1e-6 + soft_max(
+        layer += lat_attn + soft_max(
             keys * 4 * heads * hd / attn_flop_rate,
             (keys * kv_bytes + len(decode_ctx) * 4 * heads * hd) / attn_byte_rate, p)
     if prefill:
@@ -76,12 +80,12 @@ def forward_time(model, gpu, prof, decode_ctx, prefill_new, prefill_ctx, tp=1, d
         q_tokens = sum(n for n, _ in prefill)
         tiles = heads * (q_tokens / 128 + 0.5 * len(prefill))
         fill = tiles / (tiles + prof.attention_half_fill_tiles)
-        layer += prof.attention_latency_us * 1e-6 + soft_max(
+        layer += lat_attn + soft_max(
             pairs * 4 * heads * hd / fill / attn_flop_rate,
             (read * kv_bytes + q_tokens * 4 * heads * hd) / attn_byte_rate, p)
 
     vocab = model.vocab_size / tp
-    head = prof.kernel_latency_us * 1e-6 + 2 * tokens * 2 * h / ew_rate + gemm(seqs, h, vocab, 2)
+    head = lat_kernel + 2 * tokens * 2 * h / ew_rate + gemm(seqs, h, vocab, 2)
     compute = n_layers * layer + head
 
     comm = 0.0

@@ -6,7 +6,6 @@ from hypothesis import strategies as st
 import reference as ref
 from fastsim.catalog import load_gpu, load_model
 from fastsim.cost import CostModel, CostProfile, default_profile
-from fastsim.cost.model import prefill_pairs
 from fastsim.engine import cost_nb as nb
 
 LLAMA3 = "meta-llama/Meta-Llama-3-8B"
@@ -61,7 +60,7 @@ def test_forward_time_matches_reference(model, tp, dtype, dec, pre):
 @given(new=st.integers(0, 300), ctx=st.integers(0, 300), window=st.integers(0, 400))
 def test_prefill_pairs_closed_form(new, ctx, window):
     brute = sum(min(m, window) if window else m for m in range(ctx + 1, ctx + new + 1))
-    assert prefill_pairs(np.array([new]), np.array([ctx]), window)[0] == brute
+    assert nb.chunk_pairs_nb(new, ctx, window) == brute
 
 
 def test_empty_batch_costs_nothing():

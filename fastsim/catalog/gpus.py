@@ -27,6 +27,7 @@ class GpuSpec(BaseModel):
     interconnect: Literal["nvlink", "pcie", "infinity_fabric", "ethernet", "infiniband"] = "pcie"
     link_gb_s: float = Field(gt=0, description="per-direction peer link bandwidth, GB/s of bytes")
     tdp_w: float | None = Field(default=None, gt=0)
+    boost_clock_mhz: float | None = Field(default=None, gt=0, description="max SM clock; scales fixed kernel costs")
     source: str = ""
 
     @property

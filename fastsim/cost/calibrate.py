@@ -140,7 +140,8 @@ def fit_profile(meas: Measurements, gpu: GpuSpec, base: CostProfile | None = Non
     """Least squares on log(predicted / measured) over every usable row."""
     base = base or CostProfile()
     fixed: dict = {"fitted_on": f"{meas.gpu or gpu.name}: {len(meas.gemm)} GEMM rows, "
-                                f"{len(meas.layers)} layer rows"}
+                                f"{len(meas.layers)} layer rows",
+                   "reference_clock_mhz": gpu.boost_clock_mhz}
     if meas.copy_gb_s:
         fixed["elementwise_bandwidth_efficiency"] = min(1.0, meas.copy_gb_s / gpu.mem_bw_gb_s)
     free = dict(_MICRO) if meas.gemm else {}

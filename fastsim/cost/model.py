@@ -85,40 +85,11 @@ class CostModel:
         if ctx.shape != new.shape:
             raise ValueError(f"prefill_context_lens has {ctx.size} entries but prefill_new_tokens has "
                              f"{new.size}; give one context length per prefill chunk")
-        keep = new > 0
-        new, ctx = new[keep], ctx[keep]
-        window = self.model.sliding_window or 0
-        return (dec.size, float(decode_keys(dec, window).sum()), new.size, float(new.sum()),
-                float(prefill_pairs(new, ctx, window).sum()), float(prefill_keys(new, ctx, window).sum()))
+        return nb.batch_aggregates_nb(dec, new, ctx, self.model.sliding_window or 0)
 
     def gemm_time(self, m: int, k: int, n: int) -> float:
         """Seconds for one 16-bit (m x k) @ (k x n) GEMM under this model's GPU and profile."""
         return nb.gemm_time_nb(self.params, m, 2.0 * k * n, 2.0 * k * n, 2.0 * (k + n))
-
-
-def decode_keys(ctx: np.ndarray, window: int) -> np.ndarray:
-    """Keys one decode attends over: its context and itself, capped by a sliding window."""
-    keys = ctx + 1
-    return np.minimum(keys, window) if window else keys
-
-
-def prefill_pairs(new: np.ndarray, ctx: np.ndarray, window: int) -> np.ndarray:
-    """Causal (query, key) pairs of a chunk: query at position m (1-based) sees min(m, window) keys."""
-    a = ctx.astype(np.float64) + 1.0        # first query position
-    b = ctx.astype(np.float64) + new        # last query position
-    full = (a + b) * (b - a + 1.0) / 2.0
-    if not window:
-        return full
-    w = float(window)
-    below = np.clip(np.minimum(b, w) - a + 1.0, 0.0, None)   # queries still inside the window ramp
-    top = np.minimum(b, w)
-    ramp = (a + top) * below / 2.0
-    return np.where(b <= w, full, ramp + w * (new - below))
-
-
-def prefill_keys(new: np.ndarray, ctx: np.ndarray, window: int) -> np.ndarray:
-    """KV tokens a chunk reads: its cached context (within the window) and its own new tokens."""
-    return (np.minimum(ctx, window) if window else ctx) + new
 
 
 def _token_counts(x, name: str) -> np.ndarray:
@@ -171,9 +142,10 @@ def _build_arrays(spec: ModelSpec, hw: GpuSpec, prof: CostProfile, tp: int, dtyp
     p[nb.ATTN_EFF] = prof.attention_efficiency
     p[nb.ATTN_BW_EFF] = prof.attention_bandwidth_efficiency
     p[nb.OVERLAP] = prof.overlap
-    p[nb.GEMM_LATENCY_S] = prof.gemm_latency_us * 1e-6
-    p[nb.KERNEL_LATENCY_S] = prof.kernel_latency_us * 1e-6
-    p[nb.ATTN_LATENCY_S] = prof.attention_latency_us * 1e-6
+    clock = prof.reference_clock_mhz / hw.boost_clock_mhz if prof.reference_clock_mhz and hw.boost_clock_mhz else 1.0
+    p[nb.GEMM_LATENCY_S] = prof.gemm_latency_us * 1e-6 * clock
+    p[nb.KERNEL_LATENCY_S] = prof.kernel_latency_us * 1e-6 * clock
+    p[nb.ATTN_LATENCY_S] = prof.attention_latency_us * 1e-6 * clock
     p[nb.LAYERS] = n_layers
     ew = prof.elementwise_passes
     p[nb.EW_BYTES_PER_TOKEN] = ACT_BYTES * (ew.hidden * h + ew.q * q + ew.kv * kv + ew.intermediate * inter)

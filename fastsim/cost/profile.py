@@ -51,6 +51,9 @@ class CostProfile(BaseModel):
     gemm_latency_us: float = Field(default=5.0, ge=0, description="fixed cost of one GEMM")
     kernel_latency_us: float = Field(default=2.0, ge=0, description="fixed cost of one small kernel")
     attention_latency_us: float = Field(default=7.5, ge=0, description="fixed cost of one attention kernel")
+    reference_clock_mhz: float | None = Field(
+        default=None, gt=0, description="boost clock of the GPU the latencies were fitted on; on a GPU "
+        "with another clock they scale by reference / its clock (launch, fill and drain are clocked)")
     elementwise_kernels_per_layer: float = Field(default=24.0, ge=0, description="small kernels per decoder layer")
     elementwise_passes: ElementwisePasses = ElementwisePasses()
     link_efficiency: float = Field(default=0.8, gt=0, le=1, description="all-reduce bus bandwidth / link bandwidth")

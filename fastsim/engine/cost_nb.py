@@ -214,3 +214,39 @@ def forward_time_tabled_nb(p, tok_compute, seq_compute, tok_comm, seq_comm, num_
     attn = p[LAYERS] * attention_time_nb(p, num_decodes, decode_kv_tokens, num_prefills, prefill_pairs,
                                          prefill_kv_tokens, prefill_tokens)
     return (tok_compute[tokens] + seq_compute[num_seqs] + attn, tok_comm[tokens] + seq_comm[num_seqs])
+
+
+@njit(cache=True)
+def chunk_pairs_nb(new, ctx, window):
+    """Causal (query, key) pairs of a chunk of `new` queries after `ctx` cached tokens: the query at
+    position m (1-based) sees min(m, window) keys (window 0: no window)."""
+    a = ctx + 1.0
+    b = ctx + float(new)
+    if window <= 0 or b <= window:
+        return (a + b) * (b - a + 1.0) / 2.0
+    w = float(window)
+    ramp_n = max(min(b, w) - a + 1.0, 0.0)
+    ramp = (a + min(b, w)) * ramp_n / 2.0 if ramp_n > 0 else 0.0
+    return ramp + w * (new - ramp_n)
+
+
+@njit(cache=True)
+def batch_aggregates_nb(decode_ctx, prefill_new, prefill_ctx, window):
+    """(num_decodes, decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs, prefill_kv_tokens)."""
+    dec_keys = 0.0
+    for c in decode_ctx:
+        dec_keys += min(c + 1, window) if window > 0 else c + 1
+    n_pre = 0
+    pre_tokens = 0
+    pairs = 0.0
+    pre_keys = 0.0
+    for j in range(prefill_new.size):
+        n = prefill_new[j]
+        if n <= 0:
+            continue
+        c = prefill_ctx[j]
+        n_pre += 1
+        pre_tokens += n
+        pairs += chunk_pairs_nb(n, c, window)
+        pre_keys += (min(c, window) if window > 0 else c) + n
+    return decode_ctx.size, dec_keys, n_pre, pre_tokens, pairs, pre_keys

@@ -1,0 +1,360 @@
+"""The run configuration: one YAML file, validated once, with vLLM's engine-argument names."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fastsim.errors import FastsimError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- length distributions (tokens) ---------------------------------------------------------------
+class _Bounds(_Strict):
+    min: int = Field(default=1, ge=1, description="samples below are raised to this")
+    max: int | None = Field(default=None, ge=1, description="samples above are lowered to this")
+
+
+class Constant(_Bounds):
+    dist: Literal["constant"]
+    value: int = Field(ge=1)
+
+
+class Uniform(_Bounds):
+    dist: Literal["uniform"]
+    low: int = Field(ge=1)
+    high: int = Field(ge=1, description="inclusive")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        return self
+
+
+class Normal(_Bounds):
+    """Normal, truncated to [min, max] (resampled, not clipped)."""
+    dist: Literal["normal"]
+    mean: float = Field(gt=0)
+    std: float = Field(ge=0)
+
+
+class Lognormal(_Bounds):
+    """Lognormal given by the mean and standard deviation of the token counts themselves
+    (not of their logarithm)."""
+    dist: Literal["lognormal"]
+    mean: float = Field(gt=0, description="mean, tokens")
+    std: float = Field(gt=0, description="standard deviation, tokens")
+
+
+class Gamma(_Bounds):
+    dist: Literal["gamma"]
+    mean: float = Field(gt=0, description="mean, tokens")
+    std: float = Field(gt=0, description="standard deviation, tokens")
+
+
+class Weibull(_Bounds):
+    dist: Literal["weibull"]
+    shape: float = Field(gt=0)
+    scale: float = Field(gt=0, description="tokens")
+
+
+class Pareto(_Bounds):
+    dist: Literal["pareto"]
+    shape: float = Field(gt=0, description="tail index alpha")
+    scale: float = Field(gt=0, description="minimum value x_m, tokens")
+
+
+class Empirical(_Bounds):
+    """Sampled with replacement from a column of a CSV/Parquet file or a built-in dataset."""
+    dist: Literal["empirical"]
+    file: str | None = None
+    dataset: Literal["sharegpt", "bwb", "arxiv"] | None = None
+    column: str
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.file is None) == (self.dataset is None):
+            raise ValueError("give exactly one of 'file' or 'dataset'")
+        return self
+
+
+class Component(_Strict):
+    weight: float = Field(gt=0)
+    spec: "LengthDist"
+
+
+class Mixture(_Bounds):
+    dist: Literal["mixture"]
+    components: list[Component] = Field(min_length=1)
+
+
+LengthDist = Annotated[Union[Constant, Uniform, Normal, Lognormal, Gamma, Weibull, Pareto, Empirical, Mixture],
+                       Field(discriminator="dist")]
+Component.model_rebuild()
+
+
+class Dataset(_Strict):
+    """(prompt, output) pairs sampled jointly, with replacement, from a file or a built-in dataset."""
+    name: Literal["sharegpt", "bwb", "arxiv"] | None = None
+    file: str | None = None
+    prompt_column: str = "prompt_tokens"
+    output_column: str = "output_tokens"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.file is None) == (self.name is None):
+            raise ValueError("give exactly one of 'name' or 'file'")
+        return self
+
+
+# -- arrivals ----------------------------------------------------------------------------------
+class Poisson(_Strict):
+    process: Literal["poisson"]
+    rate: float = Field(gt=0, description="requests per second")
+
+
+class GammaArrivals(_Strict):
+    """Gamma inter-arrival times: cv > 1 is burstier than Poisson (cv = 1), cv < 1 smoother."""
+    process: Literal["gamma"]
+    rate: float = Field(gt=0, description="requests per second")
+    cv: float = Field(gt=0, description="coefficient of variation of inter-arrival times")
+
+
+class ConstantRate(_Strict):
+    process: Literal["constant"]
+    rate: float = Field(gt=0, description="requests per second")
+
+
+class Batch(_Strict):
+    """Every request at once (offline throughput runs)."""
+    process: Literal["batch"]
+    at_s: float = Field(default=0.0, ge=0)
+
+
+Arrival = Annotated[Union[Poisson, GammaArrivals, ConstantRate, Batch], Field(discriminator="process")]
+
+
+class Client(_Strict):
+    name: str = "default"
+    arrival: Arrival = Poisson(process="poisson", rate=1.0)
+    num_requests: int | None = Field(default=None, ge=1, description="this client's share; default: "
+                                     "workload.num_requests split by rate")
+    prompt_tokens: LengthDist | None = None
+    output_tokens: LengthDist | None = None
+    dataset: Dataset | None = None
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.dataset is None and (self.prompt_tokens is None or self.output_tokens is None):
+            raise ValueError("give prompt_tokens and output_tokens distributions, or a dataset")
+        if self.dataset is not None and (self.prompt_tokens is not None or self.output_tokens is not None):
+            raise ValueError("give either a dataset or prompt_tokens/output_tokens, not both")
+        return self
+
+
+class Workload(_Strict):
+    num_requests: int | None = Field(default=None, ge=1)
+    duration_s: float | None = Field(default=None, gt=0, description="generate arrivals for this long")
+    clients: list[Client] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _size(self):
+        if (self.num_requests is None) == (self.duration_s is None) and not all(
+                c.num_requests for c in self.clients):
+            raise ValueError("give exactly one of num_requests or duration_s")
+        if self.duration_s is not None and any(isinstance(c.arrival, Batch) for c in self.clients) \
+                and not all(c.num_requests for c in self.clients if isinstance(c.arrival, Batch)):
+            raise ValueError("a batch client in a duration_s workload needs its own num_requests")
+        return self
+
+
+# -- deployment ----------------------------------------------------------------------------------
+Dtype = Literal["bf16", "fp16", "fp8", "int8", "int4"]
+
+
+class Engine(_Strict):
+    """vLLM engine arguments (same names and meanings) plus fastsim's overhead term."""
+    name: str = "vllm"
+    max_num_seqs: int = Field(default=256, ge=1)
+    max_num_batched_tokens: int = Field(default=8192, ge=1)
+    block_size: int = Field(default=16, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = Field(default=0, ge=0, description="0: no cap")
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1, description="default: the model's context")
+    dtype: Dtype = "bf16"
+    kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8"] = "auto"
+    num_gpu_blocks_override: int | None = Field(default=None, ge=1)
+    scheduler: Literal["v1", "v0"] = "v1"
+    framework_overhead_ms: float = Field(
+        default=0.33, ge=0,
+        description="CPU time per iteration outside the forward pass (scheduling, input preparation, "
+                    "sampling, output processing). Default: least squares over vLLM CI batch latencies of "
+                    "Llama-3-8B on H100, A100-80GB and H200 (0.22-0.46 ms each)")
+
+
+class Hardware(_Strict):
+    gpu: str = "H100-SXM"
+    profile: str | None = Field(default=None, description="cost profile YAML from `fastsim calibrate`")
+    gpus_file: str | None = Field(default=None, description="YAML catalog of your own GPUs")
+
+
+class Simulation(_Strict):
+    seed: int = 0
+    mode: Literal["exact", "fast"] = "exact"
+    max_sim_time_s: float | None = Field(default=None, gt=0,
+                                         description="stop here; requests not done are 'unfinished'")
+    warmup_s: float = Field(default=0.0, ge=0, description="exclude requests arriving before this")
+    cooldown_s: float = Field(default=0.0, ge=0,
+                              description="exclude requests arriving in the last cooldown_s of arrivals")
+
+
+class Slo(_Strict):
+    """Goodput counts requests meeting every SLO given (vLLM's --goodput)."""
+    ttft_ms: float | None = Field(default=None, gt=0)
+    tpot_ms: float | None = Field(default=None, gt=0)
+    e2el_ms: float | None = Field(default=None, gt=0)
+
+
+class Output(_Strict):
+    dir: str = "fastsim-out"
+    format: Literal["parquet", "arrow", "csv"] = "parquet"
+    timeline: bool = Field(default=False, description="also write a per-iteration timeline")
+
+
+class Config(_Strict):
+    simulation: Simulation = Simulation()
+    model: str = "meta-llama/Meta-Llama-3-8B"
+    hardware: Hardware = Hardware()
+    engine: Engine = Engine()
+    engines: list[dict[str, Any]] | None = Field(
+        default=None, description="variants: each a partial override of `engine` with a name")
+    workload: Workload
+    slo: Slo = Slo()
+    output: Output = Output()
+
+    def engine_variants(self) -> list[Engine]:
+        """The engines to compare on one workload: `engine` alone, or each variant over it."""
+        if not self.engines:
+            return [self.engine]
+        out = []
+        for i, override in enumerate(self.engines):
+            if not isinstance(override, dict):
+                raise FastsimError(f"engines.{i}: must be a mapping of engine arguments, got {override!r}")
+            merged = {**self.engine.model_dump(), **override}
+            merged.setdefault("name", f"engine{i}")
+            if "name" not in override:
+                merged["name"] = f"engine{i}"
+            try:
+                out.append(Engine(**merged))
+            except ValidationError as e:
+                raise FastsimError(format_validation_error(e, prefix=f"engines.{i}")) from None
+        names = [e.name for e in out]
+        if len(set(names)) != len(names):
+            raise FastsimError(f"engines: names must be unique, got {names}")
+        return out
+
+
+DEFAULT_CONFIG: dict = {
+    "simulation": {"seed": 0, "mode": "exact"},
+    "model": "meta-llama/Meta-Llama-3-8B",
+    "hardware": {"gpu": "H100-SXM"},
+    "engine": {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "block_size": 16,
+               "gpu_memory_utilization": 0.9, "enable_chunked_prefill": True, "tensor_parallel_size": 1},
+    # About 70% of what one H100 sustains on these long ShareGPT conversations (~6 requests/s).
+    "workload": {"num_requests": 1000, "clients": [
+        {"name": "chat", "arrival": {"process": "poisson", "rate": 4.0}, "dataset": {"name": "sharegpt"}}]},
+    "slo": {"ttft_ms": 1000, "tpot_ms": 50},
+}
+
+
+_UNION_TAGS = {"constant", "uniform", "normal", "lognormal", "gamma", "weibull", "pareto", "empirical",
+               "mixture", "poisson", "batch"}
+
+
+def format_validation_error(e: ValidationError, prefix: str = "") -> str:
+    """One line: the dotted field path, the value given, and what is allowed."""
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    # Tagged unions add the tag as a path element ("arrival.poisson.rate"); users wrote "arrival.rate".
+    loc = [p for p in loc if p not in _UNION_TAGS and not p.startswith(("function-", "tagged-union"))]
+    path = ".".join(([prefix] if prefix else []) + loc) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    if err["type"] == "missing":
+        return f"config: {path} is required but missing{more}"
+    if err["type"] == "extra_forbidden":
+        return f"config: {path} is not a known option; check its spelling (`fastsim generate-config` lists all){more}"
+    return f"config: {path} = {err.get('input')!r}: {msg}{more}"
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set a.b=value` items (value parsed as YAML) into a nested dict."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise FastsimError(f"--set {item!r}: expected key=value, e.g. engine.max_num_seqs=128")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise FastsimError(f"--set {item!r}: {p} is already set to a value")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base, over):
+    """`over` merged into `base`; a dict with integer keys merges into a list by index
+    (`--set workload.clients.0.arrival.rate=5`)."""
+    if isinstance(base, list) and isinstance(over, dict) and all(str(k).isdigit() for k in over):
+        out = list(base)
+        for k, v in over.items():
+            i = int(k)
+            if i >= len(out):
+                raise FastsimError(f"--set: index {i} is past the end of a list of {len(out)} items")
+            out[i] = deep_merge(out[i], v)
+        return out
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return over
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if k in out else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read and validate a config file (None: the built-in default scenario), then apply overrides."""
+    if path is None:
+        raw: Any = DEFAULT_CONFIG
+    else:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise FastsimError(f"config: cannot read {str(path)!r} ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise FastsimError(f"config: {path} is not valid YAML{where}: "
+                               f"{getattr(e, 'problem', None) or e}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise FastsimError(f"config: {path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    try:
+        return Config(**raw)
+    except ValidationError as e:
+        raise FastsimError(format_validation_error(e)) from None

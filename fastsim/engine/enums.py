@@ -1,0 +1,38 @@
+"""Integer codes used inside kernels, and their names for the output table."""
+from __future__ import annotations
+
+# Request status
+PENDING = 0      # not yet arrived, or waiting: never final
+RUNNING = 1      # never final
+FINISHED = 2
+REJECTED = 3
+UNFINISHED = 4   # the simulation ended (time limit, or no progress possible) before it did
+
+STATUS_NAMES = {PENDING: "unfinished", RUNNING: "unfinished", FINISHED: "finished",
+                REJECTED: "rejected", UNFINISHED: "unfinished"}
+
+# Why a request was rejected
+REASON_NONE = 0
+REASON_CONTEXT = 1   # prompt + output longer than max_model_len
+REASON_KV = 2        # needs more KV blocks than the whole cache holds
+REASON_NAMES = {REASON_NONE: "", REASON_CONTEXT: "longer than max_model_len",
+                REASON_KV: "needs more KV blocks than the cache holds"}
+
+# Columns of the per-iteration timeline
+TL_START_S = 0
+TL_DURATION_S = 1
+TL_NUM_SEQS = 2
+TL_NUM_TOKENS = 3
+TL_PREFILL_TOKENS = 4
+TL_NUM_DECODES = 5
+TL_KV_BLOCKS_USED = 6
+TL_NUM_WAITING = 7
+TL_NUM_RUNNING = 8
+TL_PREEMPTIONS = 9
+TL_COLUMNS = ("start_s", "duration_s", "num_seqs", "num_tokens", "prefill_tokens", "num_decodes",
+              "kv_blocks_used", "num_waiting", "num_running", "preemptions")
+
+# ITL histogram: log-spaced bins over [ITL_MIN_S, ITL_MAX_S]; percentiles are exact to a bin (0.14%).
+ITL_MIN_S = 1e-6
+ITL_MAX_S = 1e4
+ITL_BINS = 16384

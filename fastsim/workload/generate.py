@@ -1,0 +1,101 @@
+"""From the workload section of a config to request arrays sorted by arrival."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastsim import config as C
+from fastsim.workload.distributions import builtin_dataset_path, read_column, sample_lengths
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One row per request, sorted by arrival time (ties keep client order)."""
+
+    arrival_s: np.ndarray      # float64
+    prompt_tokens: np.ndarray  # int64
+    output_tokens: np.ndarray  # int64
+    client: np.ndarray         # int32 index into client_names
+    client_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.arrival_s.size
+
+
+def _rate(arrival) -> float | None:
+    return getattr(arrival, "rate", None)
+
+
+def split_requests(total: int, clients: list[C.Client]) -> list[int]:
+    """Each client's share of `total`: its own num_requests, or the rest split by rate
+    (largest remainder; batch clients weigh as much as the mean rate)."""
+    fixed = [c.num_requests for c in clients]
+    rest = [i for i, f in enumerate(fixed) if f is None]
+    left = max(total - sum(f for f in fixed if f), 0)
+    if not rest:
+        return [int(f) for f in fixed]
+    rates = [_rate(clients[i].arrival) for i in rest]
+    known = [r for r in rates if r]
+    fill = float(np.mean(known)) if known else 1.0
+    w = np.array([r or fill for r in rates], dtype=float)
+    exact = left * w / w.sum()
+    share = np.floor(exact).astype(int)
+    share[np.argsort(-(exact - share), kind="stable")[: left - share.sum()]] += 1
+    out = [int(f) if f else 0 for f in fixed]
+    for i, s in zip(rest, share):
+        out[i] = int(s)
+    return out
+
+
+def arrivals(spec, n: int | None, duration_s: float | None, rng: np.random.Generator) -> np.ndarray:
+    """Arrival times: exactly n of them, or all of them before duration_s."""
+    if isinstance(spec, C.Batch):
+        return np.full(n or 0, spec.at_s)
+    if isinstance(spec, C.ConstantRate):
+        count = n if n is not None else int(np.ceil(duration_s * spec.rate))
+        t = np.arange(count) / spec.rate
+        return t if n is not None else t[t < duration_s]
+
+    def gaps(k: int) -> np.ndarray:
+        if isinstance(spec, C.Poisson):
+            return rng.exponential(1.0 / spec.rate, size=k)
+        shape = 1.0 / spec.cv**2  # gamma with mean 1/rate and the given CV
+        return rng.gamma(shape, 1.0 / (spec.rate * shape), size=k)
+
+    if n is not None:
+        return np.cumsum(gaps(n))
+    out, t0 = [], 0.0
+    chunk = max(16, int(duration_s * spec.rate * 1.1) + 16)
+    while True:
+        t = t0 + np.cumsum(gaps(chunk))
+        out.append(t[t < duration_s])
+        if t[-1] >= duration_s:
+            return np.concatenate(out)
+        t0 = t[-1]
+
+
+def generate_workload(wl: C.Workload, seed: int) -> Workload:
+    counts = split_requests(wl.num_requests, wl.clients) if wl.num_requests else [c.num_requests for c in wl.clients]
+    parts = []
+    for i, client in enumerate(wl.clients):
+        # One independent stream per client: adding a client leaves the others' samples unchanged.
+        rng = np.random.default_rng([seed, i])
+        t = arrivals(client.arrival, counts[i], None if counts[i] is not None else wl.duration_s, rng)
+        n = t.size
+        field = f"workload.clients.{i}"
+        if client.dataset is not None:
+            path = client.dataset.file or str(builtin_dataset_path(client.dataset.name))
+            p = read_column(path, client.dataset.prompt_column, f"{field}.dataset")
+            o = read_column(path, client.dataset.output_column, f"{field}.dataset")
+            rows = rng.integers(0, p.size, size=n)
+            prompt, output = p[rows], o[rows]
+        else:
+            prompt = sample_lengths(client.prompt_tokens, n, rng, f"{field}.prompt_tokens")
+            output = sample_lengths(client.output_tokens, n, rng, f"{field}.output_tokens")
+        parts.append((t, prompt, output, np.full(n, i, dtype=np.int32)))
+    t = np.concatenate([p[0] for p in parts]).astype(np.float64)
+    order = np.argsort(t, kind="stable")
+    return Workload(t[order], np.concatenate([p[1] for p in parts])[order].astype(np.int64),
+                    np.concatenate([p[2] for p in parts])[order].astype(np.int64),
+                    np.concatenate([p[3] for p in parts])[order], tuple(c.name for c in wl.clients))
