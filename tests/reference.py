@@ -110,3 +110,160 @@ def expected_active_experts_by_simulation(num_experts, top_k, tokens, trials, rn
 
 def isclose(a: float, b: float, rel: float = 1e-9) -> bool:
     return math.isclose(a, b, rel_tol=rel, abs_tol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# A slow scheduler, written for reading: one object per request, Python lists for the queues.
+# It follows vLLM's V1 Scheduler.schedule() (and V0's prefill-first policy with scheduler="v0"),
+# costing each iteration with CostModel.forward_time.
+# ---------------------------------------------------------------------------------------------
+class Req:
+    def __init__(self, rid, arrival, prompt, output):
+        self.id, self.arrival, self.prompt, self.output = rid, arrival, prompt, output
+        self.computed = 0       # tokens whose KV is in the cache
+        self.generated = 0      # output tokens produced
+        self.blocks = 0
+        self.preemptions = 0
+        self.first_scheduled = None
+        self.first_token = None
+        self.last_token = None
+        self.finish = None
+        self.max_itl = 0.0
+        self.itls = []
+
+    @property
+    def num_tokens(self):
+        return self.prompt + self.generated
+
+
+def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, max_num_batched_tokens,
+                       block_size, num_blocks, chunked_prefill=True, long_prefill_token_threshold=0,
+                       v0=False, overhead_s=0.0, max_time_s=float("inf")):
+    """Per-request results (list of Req, by id) and the list of (start, used_blocks) per iteration.
+
+    Requests that could never fit (more blocks than the cache) must be left out by the caller.
+    """
+    reqs = [Req(i, a, p, o) for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs))]
+    pending = sorted(reqs, key=lambda r: (r.arrival, r.id))
+    waiting, running = [], []
+    free = num_blocks
+    now = 0.0
+    history = []
+    watermark = int(0.01 * num_blocks) if v0 else 0
+
+    def blocks_needed(r, new):
+        return -(-(r.computed + new) // block_size) - r.blocks
+
+    def preempt_last():
+        nonlocal free
+        victim = running.pop()
+        free += victim.blocks
+        victim.blocks = 0
+        victim.computed = 0
+        victim.preemptions += 1
+        waiting.insert(0, victim)
+        return victim
+
+    while True:
+        while pending and pending[0].arrival <= now:
+            waiting.append(pending.pop(0))
+        if not running and not waiting:
+            if not pending:
+                break
+            now = max(now, pending[0].arrival)
+            continue
+
+        scheduled = []          # (request, new tokens)
+        budget = max_num_batched_tokens
+        preempted = False
+        if not v0:
+            i = 0
+            while i < len(running) and budget > 0:
+                r = running[i]
+                new = r.num_tokens - r.computed
+                if long_prefill_token_threshold and new > long_prefill_token_threshold:
+                    new = long_prefill_token_threshold
+                new = min(new, budget)
+                ok = True
+                while blocks_needed(r, new) > free:
+                    victim = preempt_last()
+                    preempted = True
+                    if victim is r:
+                        ok = False
+                        break
+                if not ok:
+                    break
+                need = blocks_needed(r, new)
+                free -= need
+                r.blocks += need
+                scheduled.append((r, new))
+                budget -= new
+                i += 1
+        if v0 or not preempted:
+            while waiting and budget > 0 and len(running) < max_num_seqs:
+                r = waiting[0]
+                new = r.num_tokens - r.computed
+                if not v0 and long_prefill_token_threshold and new > long_prefill_token_threshold:
+                    new = long_prefill_token_threshold
+                if (v0 or not chunked_prefill) and new > budget:
+                    break
+                new = min(new, budget)
+                need = blocks_needed(r, new)
+                if need > free - watermark:
+                    break
+                waiting.pop(0)
+                free -= need
+                r.blocks += need
+                running.append(r)
+                if r.first_scheduled is None:
+                    r.first_scheduled = now
+                scheduled.append((r, new))
+                budget -= new
+        if v0 and not scheduled:
+            i = 0
+            while i < len(running):
+                r = running[i]
+                ok = True
+                while blocks_needed(r, 1) > free:
+                    victim = preempt_last()
+                    if victim is r:
+                        ok = False
+                        break
+                if not ok:
+                    break
+                need = blocks_needed(r, 1)
+                free -= need
+                r.blocks += need
+                scheduled.append((r, 1))
+                i += 1
+        if not scheduled:
+            break
+        history.append((now, num_blocks - free))
+
+        dec = [r.computed for r, new in scheduled if new == 1 and r.computed >= r.prompt]
+        pre = [(new, r.computed) for r, new in scheduled if not (new == 1 and r.computed >= r.prompt)]
+        t = cost_model.forward_time(np.array(dec, dtype=np.int64), np.array([n for n, _ in pre], dtype=np.int64),
+                                    np.array([c for _, c in pre], dtype=np.int64)).total_s
+        end = now + t + overhead_s
+        if end > max_time_s:
+            break
+        for r, new in scheduled:
+            r.computed += new
+            if r.computed == r.num_tokens:
+                r.generated += 1
+                if r.first_token is None:
+                    r.first_token = end
+                else:
+                    r.itls.append(end - r.last_token)
+                    r.max_itl = max(r.max_itl, end - r.last_token)
+                r.last_token = end
+                if r.generated >= r.output:
+                    r.finish = end
+                    free += r.blocks
+                    r.blocks = 0
+        running = [r for r in running if r.finish is None]
+        now = end
+    return reqs, history
+
+
+import numpy as np  # noqa: E402  (used by simulate_reference; kept beside it)

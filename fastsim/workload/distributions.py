@@ -19,8 +19,17 @@ def builtin_dataset_path(name: str) -> Path:
     return Path(str(resources.files("fastsim.workload") / "data" / f"{name}_lengths.csv"))
 
 
-@cache
 def read_table(path: str) -> pa.Table:
+    """A CSV or Parquet file as a table; re-read only when the file changes (clients often share one)."""
+    try:
+        st = Path(path).stat()
+    except OSError as e:
+        raise FastsimError(f"workload: cannot read {path!r} ({e.strerror})") from None
+    return _read_table(path, st.st_mtime_ns, st.st_size)
+
+
+@cache
+def _read_table(path: str, mtime_ns: int, size: int) -> pa.Table:
     p = Path(path)
     try:
         if p.suffix in (".parquet", ".pq"):

@@ -1,0 +1,170 @@
+"""The replica kernel against hand-computed cases, invariants, and the pure-Python reference."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference as ref
+from fastsim.cost import CostModel
+from fastsim.engine import cost_nb as nb
+from fastsim.engine import enums as E
+from fastsim.engine.replica_nb import run_replica_nb
+
+CM = CostModel.create("meta-llama/Meta-Llama-3-8B", "H100-SXM")
+OVERHEAD = 0.3e-3
+
+
+def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=8192, block_size=16,
+        num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
+        timeline=True, cm=CM):
+    tables = nb.build_tables_nb(cm.params, cm.ops, max_num_batched_tokens, max_num_seqs)
+    arrivals = np.asarray(arrivals, dtype=np.float64)
+    n = arrivals.size
+    out = run_replica_nb(arrivals, np.asarray(prompts, dtype=np.int64), np.asarray(outputs, dtype=np.int64),
+                         np.zeros(n, np.bool_), np.ones(n, np.bool_), cm.params, *tables, max_num_seqs,
+                         max_num_batched_tokens, block_size, num_blocks, chunked, threshold, v0, overhead_s,
+                         max_time_s, cm.model.sliding_window or 0, timeline)
+    keys = ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "itl_hist",
+            "itl_stats", "timeline", "counters")
+    return dict(zip(keys, out))
+
+
+def fwd(dec=(), new=(), ctx=()):
+    return CM.forward_time(np.array(dec, dtype=np.int64), np.array(new, dtype=np.int64),
+                           np.array(ctx, dtype=np.int64)).total_s
+
+
+def test_one_request_alone_by_hand():
+    r = run([0.5], [100], [4])
+    ttft = fwd(new=[100], ctx=[0]) + OVERHEAD
+    assert r["first_tok"][0] == pytest.approx(0.5 + ttft, rel=1e-12)
+    # Each later token: one decode over 100, 101, 102 cached tokens.
+    itls = [fwd(dec=[c]) + OVERHEAD for c in (100, 101, 102)]
+    assert r["finish"][0] == pytest.approx(0.5 + ttft + sum(itls), rel=1e-12)
+    assert r["max_itl"][0] == pytest.approx(max(itls), rel=1e-12)
+    assert r["status"][0] == E.FINISHED and r["generated"][0] == 4
+    assert r["itl_stats"][0] == 3 and r["itl_stats"][1] == pytest.approx(sum(itls), rel=1e-12)
+
+
+def test_two_overlapping_requests_by_hand():
+    # B arrives while A's prefill runs; it joins A's first decode step as a prefill chunk (mixed batch).
+    t_a = fwd(new=[200], ctx=[0]) + OVERHEAD
+    r = run([0.0, t_a / 2], [200, 50], [3, 2])
+    step2 = fwd(dec=[200], new=[50], ctx=[0]) + OVERHEAD   # A decodes, B prefills: both get a token
+    step3 = fwd(dec=[201, 50]) + OVERHEAD                   # A's last token, B's last token
+    assert r["first_tok"][0] == pytest.approx(t_a, rel=1e-12)
+    assert r["first_sched"][1] == pytest.approx(t_a, rel=1e-12)
+    assert r["first_tok"][1] == pytest.approx(t_a + step2, rel=1e-12)
+    assert r["finish"][0] == pytest.approx(t_a + step2 + step3, rel=1e-12)
+    assert r["finish"][1] == pytest.approx(t_a + step2 + step3, rel=1e-12)
+
+
+def test_chunked_prefill_splits_a_long_prompt_by_budget():
+    r = run([0.0], [1000], [1], max_num_batched_tokens=400)
+    chunks = [fwd(new=[400], ctx=[0]), fwd(new=[400], ctx=[400]), fwd(new=[200], ctx=[800])]
+    assert r["finish"][0] == pytest.approx(sum(chunks) + 3 * OVERHEAD, rel=1e-12)
+    assert r["counters"][0] == 3
+
+
+def test_kv_exhaustion_preempts_the_newest_and_recomputes():
+    # 4 blocks of 4 tokens; A and B both have 6-token prompts and want 5 tokens each.
+    r = run([0.0, 0.0], [6, 6], [5, 5], block_size=4, num_blocks=4)
+    steps = [
+        fwd(new=[6, 6], ctx=[0, 0]),   # 1: both prefill (2 blocks each, cache full), 1 token each
+        fwd(dec=[6, 6]),               # 2: slots 7 fit in 2 blocks
+        fwd(dec=[7, 7]),               # 3: slots 8 fit in 2 blocks
+        fwd(dec=[8]),                  # 4: A needs a 3rd block: B, the newest, is preempted
+        fwd(dec=[9]),                  # 5: A's 5th token; B (6 + 3 tokens = 3 blocks) cannot fit yet
+        fwd(new=[9], ctx=[0]),         # 6: B recomputes prompt + its 3 generated tokens, 4th token
+        fwd(dec=[9]),                  # 7: B's 5th token
+    ]
+    ends = np.cumsum(np.array(steps) + OVERHEAD)
+    assert r["preempts"].tolist() == [0, 1]
+    assert r["finish"].tolist() == pytest.approx([ends[4], ends[6]], rel=1e-12)
+    assert r["first_tok"].tolist() == pytest.approx([ends[0], ends[0]], rel=1e-12)
+    assert r["max_itl"][1] == pytest.approx(ends[5] - ends[2], rel=1e-12)  # the gap B sat out
+    assert r["timeline"][:, E.TL_KV_BLOCKS_USED].max() == 4
+    assert r["timeline"][:, E.TL_PREEMPTIONS].tolist() == [0, 0, 0, 1, 0, 0, 0]
+    assert r["counters"][2] == 4  # every block returned
+
+
+def test_max_num_seqs_limits_the_batch():
+    r = run(np.zeros(5), [10] * 5, [3] * 5, max_num_seqs=2)
+    tl = r["timeline"]
+    assert tl[:, E.TL_NUM_SEQS].max() == 2
+    assert (r["status"] == E.FINISHED).all()
+    # FCFS: the first two finish together, before any of the others starts.
+    assert r["finish"][0] == r["finish"][1] <= r["first_sched"][2:].min()
+
+
+def test_time_limit_marks_unfinished():
+    r = run([0.0, 0.0, 100.0], [10, 10, 10], [1000, 2, 2], max_time_s=1.0)
+    assert r["status"].tolist() == [E.UNFINISHED, E.FINISHED, E.UNFINISHED]
+
+
+def test_rejected_requests_are_never_scheduled():
+    tables = nb.build_tables_nb(CM.params, CM.ops, 8192, 256)
+    out = run_replica_nb(np.zeros(3), np.array([10, 10, 10]), np.array([2, 2, 2]), np.array([False, True, False]),
+                         np.ones(3, np.bool_), CM.params, *tables, 256, 8192, 16, 1000, True, 0, False, 0.0,
+                         np.inf, 0, False)
+    assert out[0].tolist() == [E.FINISHED, E.REJECTED, E.FINISHED]
+    assert np.isnan(out[1][1])
+
+
+workloads = st.integers(1, 40).flatmap(lambda n: st.tuples(
+    st.lists(st.floats(0, 3, allow_nan=False), min_size=n, max_size=n),
+    st.lists(st.integers(1, 300), min_size=n, max_size=n),
+    st.lists(st.integers(1, 60), min_size=n, max_size=n)))
+engines = st.fixed_dictionaries({
+    "max_num_seqs": st.integers(1, 16), "max_num_batched_tokens": st.integers(64, 600),
+    "block_size": st.sampled_from([1, 4, 16]), "num_blocks": st.integers(25, 200),
+    "chunked": st.booleans(), "threshold": st.sampled_from([0, 0, 48]), "v0": st.booleans()})
+
+
+def _fits(prompts, outputs, e):
+    """Drop what can never fit: more blocks than the cache, or (unchunked) more than the budget."""
+    keep = []
+    for p, o in zip(prompts, outputs):
+        if -(-(p + o) // e["block_size"]) > e["num_blocks"] - (int(0.01 * e["num_blocks"]) if e["v0"] else 0):
+            continue
+        if (e["v0"] or not e["chunked"]) and p + o > e["max_num_batched_tokens"]:
+            continue
+        keep.append((p, o))
+    return keep
+
+
+@given(wl=workloads, e=engines)
+def test_kernel_matches_reference_scheduler(wl, e):
+    arrivals, prompts, outputs = wl
+    kept = _fits(prompts, outputs, e)
+    arrivals = sorted(arrivals)[: len(kept)]
+    if not kept:
+        return
+    prompts, outputs = [k[0] for k in kept], [k[1] for k in kept]
+    r = run(arrivals, prompts, outputs, max_num_seqs=e["max_num_seqs"],
+            max_num_batched_tokens=e["max_num_batched_tokens"], block_size=e["block_size"],
+            num_blocks=e["num_blocks"], chunked=e["chunked"], threshold=e["threshold"], v0=e["v0"])
+    reqs, history = ref.simulate_reference(
+        CM, arrivals, prompts, outputs, max_num_seqs=e["max_num_seqs"],
+        max_num_batched_tokens=e["max_num_batched_tokens"], block_size=e["block_size"],
+        num_blocks=e["num_blocks"], chunked_prefill=e["chunked"], long_prefill_token_threshold=e["threshold"],
+        v0=e["v0"], overhead_s=OVERHEAD)
+    for i, q in enumerate(reqs):
+        assert r["preempts"][i] == q.preemptions
+        assert r["generated"][i] == q.generated
+        for got, want in ((r["first_sched"][i], q.first_scheduled), (r["first_tok"][i], q.first_token),
+                          (r["finish"][i], q.finish)):
+            assert (np.isnan(got) and want is None) or got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert r["counters"][0] == len(history)
+
+    # Invariants: everything accounted for, blocks within capacity and all returned, time forward.
+    assert (r["status"] == E.FINISHED).all()
+    assert (r["generated"] == np.asarray(outputs)).all()
+    tl = r["timeline"]
+    assert (tl[:, E.TL_KV_BLOCKS_USED] <= e["num_blocks"]).all()
+    assert r["counters"][2] == e["num_blocks"]
+    assert (np.diff(tl[:, E.TL_START_S]) > 0).all()
+    assert (np.asarray(arrivals) <= r["first_sched"]).all()
+    assert (r["first_sched"] < r["first_tok"]).all() and (r["first_tok"] <= r["finish"]).all()
+    assert tl[:, E.TL_NUM_TOKENS].max() <= e["max_num_batched_tokens"] or e["v0"]
+    assert tl[:, E.TL_NUM_SEQS].max() <= e["max_num_seqs"] or e["v0"]

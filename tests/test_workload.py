@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+
+from fastsim import config as C
+from fastsim.config import load_config
+from fastsim.errors import FastsimError
+from fastsim.workload import generate_workload
+from fastsim.workload.distributions import sample_lengths
+from fastsim.workload.generate import split_requests
+
+
+def wl(clients, **kw):
+    return C.Workload(clients=clients, **kw)
+
+
+def client(**kw):
+    base = dict(prompt_tokens={"dist": "constant", "value": 10}, output_tokens={"dist": "constant", "value": 5})
+    return C.Client(**(base | kw))
+
+
+def test_lognormal_is_given_in_tokens_not_log_space():
+    spec = C.Lognormal(dist="lognormal", mean=1000, std=500)
+    x = sample_lengths(spec, 200_000, np.random.default_rng(0), "f")
+    assert x.mean() == pytest.approx(1000, rel=0.02)
+    assert x.std() == pytest.approx(500, rel=0.03)
+    assert x.max() < 20_000  # the predecessor's log-space reading gave 10^25-token prompts
+
+
+@pytest.mark.parametrize("spec,mean,std", [
+    (C.Gamma(dist="gamma", mean=300, std=100), 300, 100),
+    (C.Uniform(dist="uniform", low=10, high=20), 15, np.sqrt((11**2 - 1) / 12)),
+    (C.Normal(dist="normal", mean=500, std=50), 500, 50),
+    (C.Weibull(dist="weibull", shape=2.0, scale=100), 100 * 0.886227, 100 * np.sqrt(1 - 0.886227**2 * 4 / np.pi * np.pi / 4)),
+])
+def test_distribution_moments(spec, mean, std):
+    x = sample_lengths(spec, 200_000, np.random.default_rng(1), "f")
+    assert x.mean() == pytest.approx(mean, rel=0.02)
+    assert x.std() == pytest.approx(std, rel=0.05)
+
+
+def test_truncated_normal_and_bounds():
+    spec = C.Normal(dist="normal", mean=10, std=50, min=5, max=40)
+    x = sample_lengths(spec, 10_000, np.random.default_rng(0), "f")
+    assert x.min() >= 5 and x.max() <= 40
+    # Truncation resamples: no pile-up at the bounds as clipping would give.
+    assert (x == 5).mean() < 0.05
+
+
+def test_pareto_minimum_and_mixture_weights():
+    par = C.Pareto(dist="pareto", shape=3.0, scale=100)
+    x = sample_lengths(par, 50_000, np.random.default_rng(0), "f")
+    assert x.min() >= 100 and x.mean() == pytest.approx(150, rel=0.03)  # alpha xm / (alpha - 1)
+    mix = C.Mixture(dist="mixture", components=[
+        {"weight": 3, "spec": {"dist": "constant", "value": 10}},
+        {"weight": 1, "spec": {"dist": "constant", "value": 1000}}])
+    y = sample_lengths(mix, 40_000, np.random.default_rng(0), "f")
+    assert (y == 10).mean() == pytest.approx(0.75, abs=0.01)
+
+
+def test_empirical_from_builtin_dataset_and_file(tmp_path):
+    spec = C.Empirical(dist="empirical", dataset="sharegpt", column="prompt_tokens")
+    x = sample_lengths(spec, 50_000, np.random.default_rng(0), "f")
+    assert x.mean() == pytest.approx(2340, rel=0.03)  # the ShareGPT file's mean prompt
+    f = tmp_path / "l.csv"
+    f.write_text("n\n7\n9\n")
+    y = sample_lengths(C.Empirical(dist="empirical", file=str(f), column="n"), 1000, np.random.default_rng(0), "f")
+    assert set(y.tolist()) == {7, 9}
+    with pytest.raises(FastsimError, match="no column 'm'"):
+        sample_lengths(C.Empirical(dist="empirical", file=str(f), column="m"), 10, np.random.default_rng(0), "x")
+    f.write_text("n\n7\n-3\n")
+    with pytest.raises(FastsimError, match="row 2"):
+        sample_lengths(C.Empirical(dist="empirical", file=str(f), column="n"), 10, np.random.default_rng(0), "x")
+
+
+def test_arrival_processes():
+    rng_rate = 5.0
+    for process, cv in (("poisson", 1.0), ("gamma", 3.0), ("constant", 0.0)):
+        arr = {"process": process, "rate": rng_rate} | ({"cv": cv} if process == "gamma" else {})
+        w = generate_workload(wl([client(arrival=arr)], num_requests=20_000), seed=3)
+        gaps = np.diff(w.arrival_s)
+        assert gaps.mean() == pytest.approx(1 / rng_rate, rel=0.05)
+        assert gaps.std() / gaps.mean() == pytest.approx(cv, abs=0.1)
+    w = generate_workload(wl([client(arrival={"process": "batch"})], num_requests=8), seed=0)
+    assert (w.arrival_s == 0).all() and len(w) == 8
+
+
+def test_duration_mode_and_sorting():
+    w = generate_workload(wl([client(arrival={"process": "poisson", "rate": 10.0})], duration_s=100), seed=0)
+    assert 850 < len(w) < 1150 and w.arrival_s.max() < 100
+    assert (np.diff(w.arrival_s) >= 0).all()
+
+
+def test_split_by_rate_and_own_counts():
+    cs = [client(arrival={"process": "poisson", "rate": 3.0}), client(arrival={"process": "poisson", "rate": 1.0}),
+          client(arrival={"process": "batch"}, num_requests=7)]
+    assert split_requests(107, cs) == [75, 25, 7]
+
+
+def test_same_seed_same_workload_different_seed_differs():
+    cfg = load_config(None)
+    a, b = generate_workload(cfg.workload, 0), generate_workload(cfg.workload, 0)
+    c = generate_workload(cfg.workload, 1)
+    assert np.array_equal(a.arrival_s, b.arrival_s) and np.array_equal(a.prompt_tokens, b.prompt_tokens)
+    assert not np.array_equal(a.arrival_s, c.arrival_s)
+
+
+def test_workload_config_errors():
+    with pytest.raises(FastsimError, match="num_requests or duration_s"):
+        load_config(None, ["workload.duration_s=10"])
+    with pytest.raises(FastsimError, match=r"clients.0.*prompt_tokens"):
+        load_config(None, ["workload.clients.0.dataset=null"])
