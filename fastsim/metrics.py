@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fastsim.config import Simulation, Slo
 from fastsim.engine import enums as E
@@ -33,7 +34,8 @@ def _dictionary(codes: np.ndarray, names: list[str]) -> pa.DictionaryArray:
 def request_table(engine: str, workload, rejected_reason: np.ndarray, out: tuple) -> pa.Table:
     status, first_sched, first_tok, finish, generated, preempts, max_itl = out[:7]
     n = len(workload)
-    rec = np.zeros(n, REQUEST_DTYPE)
+    # One contiguous array per column (a structured array's fields are strided and copy slowly).
+    rec = {name: np.zeros(n, REQUEST_DTYPE[name]) for name in REQUEST_DTYPE.names}
     rec["request_id"] = np.arange(n)
     rec["arrival_s"] = workload.arrival_s
     rec["first_scheduled_s"] = first_sched
@@ -95,10 +97,11 @@ def itl_stats_from_histogram(hist: np.ndarray, stats: np.ndarray) -> dict[str, f
 def summarize(table: pa.Table, itl: dict, sim: Simulation, slo: Slo, extra: dict) -> dict:
     """vLLM `benchmark_serving` field names over the measured window, plus fastsim's own counts."""
     arrival = table.column("arrival_s").to_numpy()
-    status = np.asarray(table.column("status").to_pylist(), dtype=object)
+    status = {name: pc.equal(table.column("status"), name).to_numpy(zero_copy_only=False)
+              for name in ("finished", "rejected", "unfinished")}
     last_arrival = arrival.max() if arrival.size else 0.0
     window = (arrival >= sim.warmup_s) & (arrival <= last_arrival - sim.cooldown_s)
-    done = window & (status == "finished")
+    done = window & status["finished"]
     col = {c: table.column(c).to_numpy(zero_copy_only=False) for c in
            ("prompt_tokens", "generated_tokens", "ttft_ms", "tpot_ms", "e2el_ms", "finish_s", "queue_ms")}
     finish = col["finish_s"][done]
@@ -128,7 +131,7 @@ def summarize(table: pa.Table, itl: dict, sim: Simulation, slo: Slo, extra: dict
     out |= _stats("e2el_ms", col["e2el_ms"][done])
     out |= {"mean_queue_ms": float(col["queue_ms"][done].mean()) if completed else math.nan}
     out |= {"num_requests": int(arrival.size), "measured_requests": int(window.sum()),
-            "rejected": int((status == "rejected").sum()), "unfinished": int((status == "unfinished").sum()),
+            "rejected": int(status["rejected"].sum()), "unfinished": int(status["unfinished"].sum()),
             "slo": {k: v for k, v in slo.model_dump().items() if v is not None}}
     out |= extra
     return out

@@ -33,7 +33,7 @@ def test_micro_only_fit_meets_accuracy_targets():
 
 
 def test_fit_recovers_known_parameters_from_synthetic_gemms():
-    truth = CostProfile(compute_efficiency=0.6, bandwidth_efficiency=0.8, overlap=3.0, gemm_latency_us=4.0)
+    truth = CostProfile(compute_efficiency=0.6, bandwidth_efficiency=0.8, gemm_latency_us=4.0)
     cm = CostModel.create("meta-llama/Meta-Llama-3-8B", H100, profile=truth)
     shapes = [(m, k, n) for m in (1, 16, 128, 512, 2048, 8192) for k, n in ((4096, 6144), (14336, 4096))]
     meas = Measurements("synthetic", [(m, k, n, cm.gemm_time(m, k, n) * 1e3) for m, k, n in shapes])

@@ -130,7 +130,7 @@ def predict_ms(profile: CostProfile, gpu: GpuSpec, rows: list[LayerRow]) -> tupl
 
 
 # Parameters each data set can pin down, with bounds that keep them physical.
-_MICRO = {"compute_efficiency": (0.2, 1.0), "bandwidth_efficiency": (0.3, 1.0), "overlap": (1.0, 16.0),
+_MICRO = {"compute_efficiency": (0.2, 1.0), "bandwidth_efficiency": (0.3, 1.0),
           "gemm_latency_us": (0.0, 50.0)}
 _LAYER = {"attention_efficiency": (0.05, 1.0), "attention_bandwidth_efficiency": (0.1, 1.0),
           "attention_latency_us": (1.0, 20.0), "attention_half_fill_tiles": (0.0, 5000.0), "kernel_latency_us": (0.5, 10.0)}

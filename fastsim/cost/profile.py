@@ -47,7 +47,8 @@ class CostProfile(BaseModel):
     attention_efficiency: float = Field(default=0.30, gt=0, le=1, description="attention matmul FLOP/s / 16-bit dense peak")
     attention_bandwidth_efficiency: float = Field(default=0.74, gt=0, le=1, description="KV-cache reads / peak bandwidth")
     attention_half_fill_tiles: float = Field(default=350.0, ge=0, description="prefill attention work tiles (head x 128 queries) at which it runs at half its rate: ~2 per SM")
-    overlap: float = Field(default=4.0, ge=1, le=64, description="p of the soft roofline; 1 = sum, large = max")
+    overlap: float = Field(default=4.0, ge=1, le=64, description="p of the soft roofline; 1 = sum, large = max. "
+                           "Not fitted: 4 fits measured GEMMs near the ridge as well as a fitted p (4.35) and is fast")
     gemm_latency_us: float = Field(default=5.0, ge=0, description="fixed cost of one GEMM")
     kernel_latency_us: float = Field(default=2.0, ge=0, description="fixed cost of one small kernel")
     attention_latency_us: float = Field(default=7.5, ge=0, description="fixed cost of one attention kernel")

@@ -1,10 +1,16 @@
 """Per-iteration forward-pass time, evaluated inside compiled engine loops.
 
+Kernels here and in replica_nb use error_model="numpy": divisions by zero give inf/nan instead of
+raising, which removes a branch from every division in the hottest loops (no divisor can be zero
+for a valid model, GPU and profile).
+
 The cost model (fastsim.cost) folds model shape, GPU datasheet and efficiency profile into two
 arrays: `params` (a float64 vector indexed by the constants below) and `ops` (one row per dense
 GEMM of a decoder layer). Everything here is then a closed-form function of a batch's aggregates.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit
@@ -54,7 +60,7 @@ OP_ACT_BYTES_PER_TOKEN = 2
 N_OP_COLS = 3
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def roofline_nb(flops, nbytes, flop_rate, byte_rate, overlap):
     """Time of a kernel that does `flops` and moves `nbytes`: a soft maximum of the two bounds.
 
@@ -66,11 +72,14 @@ def roofline_nb(flops, nbytes, flop_rate, byte_rate, overlap):
     hi = max(tc, tm)
     if hi <= 0.0:
         return 0.0
-    lo = min(tc, tm)
-    return hi * (1.0 + (lo / hi) ** overlap) ** (1.0 / overlap)
+    r = min(tc, tm) / hi
+    if overlap == 4.0:  # the default: two square roots instead of two pow calls, per iteration
+        r2 = r * r
+        return hi * math.sqrt(math.sqrt(1.0 + r2 * r2))
+    return hi * (1.0 + r ** overlap) ** (1.0 / overlap)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def gemm_time_nb(p, rows, flops_per_row, weight_bytes, act_bytes_per_row):
     if rows <= 0:
         return 0.0
@@ -79,7 +88,7 @@ def gemm_time_nb(p, rows, flops_per_row, weight_bytes, act_bytes_per_row):
                                            p[OVERLAP])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def expected_active_experts_nb(num_experts, top_k, tokens):
     """Experts hit at least once when `tokens` tokens each pick top_k of num_experts uniformly."""
     if tokens <= 0:
@@ -87,7 +96,7 @@ def expected_active_experts_nb(num_experts, top_k, tokens):
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dense_layer_time_nb(p, ops, tokens):
     """One decoder layer's GEMMs and elementwise kernels for `tokens` tokens (attention excluded)."""
     if tokens <= 0:
@@ -108,7 +117,7 @@ def dense_layer_time_nb(p, ops, tokens):
     return t
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def attention_time_nb(p, num_decodes, decode_kv_tokens, num_prefills, prefill_pairs,
                       prefill_kv_tokens, prefill_tokens):
     """One layer's attention: decodes read their KV cache; prefill chunks are causal matmuls.
@@ -136,7 +145,7 @@ def attention_time_nb(p, num_decodes, decode_kv_tokens, num_prefills, prefill_pa
     return t
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def allreduce_time_nb(p, nbytes):
     """Ring all-reduce across TP ranks: 2(n-1)/n of the data over each link, 2(n-1) latency steps."""
     n = p[TP]
@@ -145,7 +154,7 @@ def allreduce_time_nb(p, nbytes):
     return 2.0 * (n - 1.0) / n * nbytes / p[LINK_BW] + 2.0 * (n - 1.0) * p[LINK_LATENCY_S]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def token_compute_nb(p, ops, tokens):
     """Compute that depends only on the batch's token count: every layer's GEMMs and elementwise
     kernels, and the final norm."""
@@ -155,19 +164,19 @@ def token_compute_nb(p, ops, tokens):
     return p[LAYERS] * dense_layer_time_nb(p, ops, tokens) + norm
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def seq_compute_nb(p, num_seqs):
     """The LM head on one token per sequence."""
     return gemm_time_nb(p, num_seqs, p[LM_FLOPS_PER_ROW], p[LM_WEIGHT_BYTES], p[LM_ACT_BYTES_PER_ROW])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def token_comm_nb(p, tokens):
     """Every layer's all-reduces of the hidden states."""
     return p[LAYERS] * p[ALLREDUCES_PER_LAYER] * allreduce_time_nb(p, tokens * p[HIDDEN_BYTES])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def seq_comm_nb(p, num_seqs):
     """Gathering the vocabulary-sharded logits of each sequence across TP ranks."""
     if p[TP] <= 1.0 or num_seqs <= 0:
@@ -176,7 +185,7 @@ def seq_comm_nb(p, num_seqs):
     return (n - 1.0) / n * num_seqs * p[LM_GATHER_BYTES_PER_ROW] / p[LINK_BW] + (n - 1.0) * p[LINK_LATENCY_S]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def forward_time_nb(p, ops, num_decodes, decode_kv_tokens, num_prefills, prefill_tokens,
                     prefill_pairs, prefill_kv_tokens):
     """(compute_s, comm_s) of one forward pass on one GPU, from the batch's aggregates."""
@@ -188,7 +197,7 @@ def forward_time_nb(p, ops, num_decodes, decode_kv_tokens, num_prefills, prefill
     return compute, token_comm_nb(p, tokens) + seq_comm_nb(p, num_seqs)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def build_tables_nb(p, ops, max_tokens, max_seqs):
     """The parts of forward_time_nb that depend on one integer, tabulated once per run:
     (compute by tokens, compute by sequences, comm by tokens, comm by sequences)."""
@@ -205,7 +214,7 @@ def build_tables_nb(p, ops, max_tokens, max_seqs):
     return tok_compute, seq_compute, tok_comm, seq_comm
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def forward_time_tabled_nb(p, tok_compute, seq_compute, tok_comm, seq_comm, num_decodes,
                            decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs, prefill_kv_tokens):
     """forward_time_nb with the token- and sequence-count parts looked up: what engine loops call."""
@@ -216,7 +225,7 @@ def forward_time_tabled_nb(p, tok_compute, seq_compute, tok_comm, seq_comm, num_
     return (tok_compute[tokens] + seq_compute[num_seqs] + attn, tok_comm[tokens] + seq_comm[num_seqs])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def chunk_pairs_nb(new, ctx, window):
     """Causal (query, key) pairs of a chunk of `new` queries after `ctx` cached tokens: the query at
     position m (1-based) sees min(m, window) keys (window 0: no window)."""
@@ -230,7 +239,7 @@ def chunk_pairs_nb(new, ctx, window):
     return ramp + w * (new - ramp_n)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def batch_aggregates_nb(decode_ctx, prefill_new, prefill_ctx, window):
     """(num_decodes, decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs, prefill_kv_tokens)."""
     dec_keys = 0.0

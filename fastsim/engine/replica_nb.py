@@ -26,12 +26,32 @@ from fastsim.engine import enums as E
 from fastsim.engine.cost_nb import chunk_pairs_nb, forward_time_tabled_nb
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _ceil_div(a, b):
     return (a + b - 1) // b
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def _blocks_needed(computed, new, blocks, block_size):
+    """New blocks for `computed + new` KV slots; the common case (room in the last block) skips the division."""
+    if computed + new <= blocks * block_size:
+        return 0
+    return _ceil_div(computed + new, block_size) - blocks
+
+
+@njit(cache=True, error_model="numpy")
+def _add_to_batch(agg, new, computed, prompt_len, window):
+    """Add one scheduled request to the batch aggregates the cost model needs:
+    agg = (num_decodes, decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs, prefill_kv_tokens)."""
+    n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
+    if new == 1 and computed >= prompt_len:
+        return (n_dec + 1, dec_keys + (min(computed + 1, window) if window > 0 else computed + 1),
+                n_pre, pre_tokens, pairs, pre_keys)
+    return (n_dec, dec_keys, n_pre + 1, pre_tokens + new, pairs + chunk_pairs_nb(new, computed, window),
+            pre_keys + (min(computed, window) if window > 0 else computed) + new)
+
+
+@njit(cache=True, error_model="numpy")
 def _itl_bin(itl_s, log_min, inv_log_step, nbins):
     if itl_s <= 0.0:
         return 0
@@ -39,7 +59,7 @@ def _itl_bin(itl_s, log_min, inv_log_step, nbins):
     return min(max(i, 0), nbins - 1)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def run_replica_nb(arrival_s, prompt, output, rejected, measured, p, tok_compute, seq_compute, tok_comm, seq_comm,
                    max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked_prefill,
                    long_prefill_threshold, v0, overhead_s, max_time_s, window, record_timeline):
@@ -57,10 +77,22 @@ def run_replica_nb(arrival_s, prompt, output, rejected, measured, p, tok_compute
     finish = np.full(n, np.nan)
     last_tok = np.zeros(n)
     max_itl = np.zeros(n)
-    computed = np.zeros(n, np.int64)
     generated = np.zeros(n, np.int64)
-    blocks = np.zeros(n, np.int64)
     preempts = np.zeros(n, np.int64)
+
+    # Running requests live in slots 0..n_running-1, in admission order, with their hot state in
+    # slot arrays: each iteration then walks a few contiguous cache lines, not scattered requests.
+    # A request's entries in the per-request arrays are written back when it leaves its slot.
+    s_req = np.empty(max_num_seqs, np.int64)
+    s_prompt = np.empty(max_num_seqs, np.int64)
+    s_tokens = np.empty(max_num_seqs, np.int64)    # prompt + generated
+    s_computed = np.empty(max_num_seqs, np.int64)  # tokens whose KV is cached
+    s_output = np.empty(max_num_seqs, np.int64)
+    s_blocks = np.empty(max_num_seqs, np.int64)
+    s_last = np.empty(max_num_seqs)                # time of the last token
+    s_max_itl = np.empty(max_num_seqs)
+    s_measured = np.empty(max_num_seqs, np.bool_)
+    n_running = 0
 
     itl_hist = np.zeros(E.ITL_BINS, np.int64)
     log_min = math.log(E.ITL_MIN_S)
@@ -69,16 +101,16 @@ def run_replica_nb(arrival_s, prompt, output, rejected, measured, p, tok_compute
     itl_sum = 0.0
     itl_sumsq = 0.0
 
-    running = np.empty(max_num_seqs, np.int64)
-    n_running = 0
     pstack = np.empty(n, np.int64)  # preempted requests; the top is the front of the waiting queue
     n_pstack = 0
     fifo_head = 0                   # never-admitted requests are indices fifo_head..arrived-1
     arrived = 0
     n_waiting = 0
 
-    sched_req = np.empty(max_num_seqs, np.int64)
-    sched_new = np.empty(max_num_seqs, np.int64)
+    # This iteration's new tokens per slot. The scheduled slots are always one contiguous range:
+    # V1 schedules running slots from the first and admits (appends) only if it got through all of
+    # them; V0 runs either only the slots it just admitted, or every running slot.
+    s_new = np.empty(max_num_seqs, np.int64)
 
     tl_cap = 1024 if record_timeline else 1
     timeline = np.empty((tl_cap, len(E.TL_COLUMNS)))
@@ -111,51 +143,46 @@ def run_replica_nb(arrival_s, prompt, output, rejected, measured, p, tok_compute
         # ---- schedule ---------------------------------------------------------------------
         budget = max_num_batched_tokens
         n_sched = 0
+        sched_lo = 0
         step_preempts = 0
-        if not v0:
-            i = 0
-            while i < n_running and budget > 0:
-                r = running[i]
-                new = prompt[r] + generated[r] - computed[r]
-                if long_prefill_threshold > 0 and new > long_prefill_threshold:
-                    new = long_prefill_threshold
-                new = min(new, budget)
-                need = _ceil_div(computed[r] + new, block_size) - blocks[r]
-                ok = True
-                while need > free:
-                    n_running -= 1
-                    victim = running[n_running]
-                    free += blocks[victim]
-                    blocks[victim] = 0
-                    computed[victim] = 0
-                    preempts[victim] += 1
-                    step_preempts += 1
-                    pstack[n_pstack] = victim
-                    n_pstack += 1
-                    n_waiting += 1
-                    if victim == r:
-                        ok = False
-                        break
-                if not ok:
-                    break
-                if need > 0:
-                    free -= need
-                    blocks[r] += need
-                sched_req[n_sched] = r
-                sched_new[n_sched] = new
-                n_sched += 1
-                budget -= new
-                i += 1
-        if (not v0 and step_preempts == 0) or v0:
+        agg = (0, 0.0, 0, 0, 0.0, 0.0)
+        # V1: running requests first. V0 runs them only when no prefill is admitted (below).
+        k = 0
+        while not v0 and k < n_running and budget > 0:
+            new = s_tokens[k] - s_computed[k]
+            if long_prefill_threshold > 0 and new > long_prefill_threshold:
+                new = long_prefill_threshold
+            new = min(new, budget)
+            need = _blocks_needed(s_computed[k], new, s_blocks[k], block_size)
+            while need > free and n_running > k:
+                n_running -= 1
+                free += _preempt(n_running, s_req, s_prompt, s_tokens, s_blocks, s_last, s_max_itl,
+                                 generated, last_tok, max_itl, preempts)
+                step_preempts += 1
+                pstack[n_pstack] = s_req[n_running]
+                n_pstack += 1
+                n_waiting += 1
+            if n_running == k:  # it was itself the newest, and is now preempted
+                break
+            free -= need
+            s_blocks[k] += need
+            agg = _add_to_batch(agg, new, s_computed[k], s_prompt[k], window)
+            s_new[k] = new
+            n_sched += 1
+            budget -= new
+            k += 1
+        if v0 or step_preempts == 0:
+            if v0:
+                sched_lo = n_running  # V0 runs only the prefills it admits now
             while n_waiting > 0 and budget > 0 and n_running < max_num_seqs:
                 r = pstack[n_pstack - 1] if n_pstack > 0 else fifo_head
-                new = prompt[r] + generated[r] - computed[r]
+                new = prompt[r] + generated[r]  # nothing of a waiting request is cached
                 if not v0 and long_prefill_threshold > 0 and new > long_prefill_threshold:
                     new = long_prefill_threshold
                 if (v0 or not chunked_prefill) and new > budget:
                     break
                 new = min(new, budget)
-                need = _ceil_div(computed[r] + new, block_size) - blocks[r]
+                need = _ceil_div(new, block_size)
                 if need > free - watermark:
                     break
                 if n_pstack > 0:
@@ -166,46 +193,46 @@ def run_replica_nb(arrival_s, prompt, output, rejected, measured, p, tok_compute
                         fifo_head += 1
                 n_waiting -= 1
                 free -= need
-                blocks[r] += need
-                running[n_running] = r
+                k = n_running
                 n_running += 1
+                s_req[k] = r
+                s_prompt[k] = prompt[r]
+                s_tokens[k] = prompt[r] + generated[r]
+                s_computed[k] = 0
+                s_output[k] = output[r]
+                s_blocks[k] = need
+                s_last[k] = last_tok[r]
+                s_max_itl[k] = max_itl[r]
+                s_measured[k] = measured[r]
                 status[r] = E.RUNNING
                 if np.isnan(first_sched[r]):
                     first_sched[r] = now
-                sched_req[n_sched] = r
-                sched_new[n_sched] = new
+                agg = _add_to_batch(agg, new, 0, s_prompt[k], window)
+                s_new[k] = new
                 n_sched += 1
                 budget -= new
         if v0 and n_sched == 0:
             # No prefill could be admitted: one decode step of every running request.
-            i = 0
-            while i < n_running:
-                r = running[i]
-                need = _ceil_div(computed[r] + 1, block_size) - blocks[r]
-                ok = True
-                while need > free:
+            sched_lo = 0
+            k = 0
+            while k < n_running:
+                need = _blocks_needed(s_computed[k], 1, s_blocks[k], block_size)
+                while need > free and n_running > k:
                     n_running -= 1
-                    victim = running[n_running]
-                    free += blocks[victim]
-                    blocks[victim] = 0
-                    computed[victim] = 0
-                    preempts[victim] += 1
+                    free += _preempt(n_running, s_req, s_prompt, s_tokens, s_blocks, s_last, s_max_itl,
+                                     generated, last_tok, max_itl, preempts)
                     step_preempts += 1
-                    pstack[n_pstack] = victim
+                    pstack[n_pstack] = s_req[n_running]
                     n_pstack += 1
                     n_waiting += 1
-                    if victim == r:
-                        ok = False
-                        break
-                if not ok:
+                if n_running == k:
                     break
-                if need > 0:
-                    free -= need
-                    blocks[r] += need
-                sched_req[n_sched] = r
-                sched_new[n_sched] = 1
+                free -= need
+                s_blocks[k] += need
+                agg = _add_to_batch(agg, 1, s_computed[k], s_prompt[k], window)
+                s_new[k] = 1
                 n_sched += 1
-                i += 1
+                k += 1
 
         total_preempts += step_preempts
         if n_sched == 0:
@@ -217,24 +244,7 @@ def run_replica_nb(arrival_s, prompt, output, rejected, measured, p, tok_compute
             peak_used = used
 
         # ---- cost -------------------------------------------------------------------------
-        n_dec = 0
-        dec_keys = 0.0
-        n_pre = 0
-        pre_tokens = 0
-        pairs = 0.0
-        pre_keys = 0.0
-        for j in range(n_sched):
-            r = sched_req[j]
-            new = sched_new[j]
-            c = computed[r]
-            if new == 1 and c >= prompt[r]:
-                n_dec += 1
-                dec_keys += min(c + 1, window) if window > 0 else c + 1
-            else:
-                n_pre += 1
-                pre_tokens += new
-                pairs += chunk_pairs_nb(new, c, window)
-                pre_keys += (min(c, window) if window > 0 else c) + new
+        n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
         compute, comm = forward_time_tabled_nb(p, tok_compute, seq_compute, tok_comm, seq_comm, n_dec,
                                                dec_keys, n_pre, pre_tokens, pairs, pre_keys)
         end = now + compute + comm + overhead_s
@@ -260,41 +270,62 @@ def run_replica_nb(arrival_s, prompt, output, rejected, measured, p, tok_compute
         n_iter += 1
 
         # ---- apply ------------------------------------------------------------------------
-        any_done = False
-        for j in range(n_sched):
-            r = sched_req[j]
-            computed[r] += sched_new[j]
-            if computed[r] == prompt[r] + generated[r]:
-                generated[r] += 1
-                if np.isnan(first_tok[r]):
-                    first_tok[r] = end
-                else:
-                    itl = end - last_tok[r]
-                    if itl > max_itl[r]:
-                        max_itl[r] = itl
-                    if measured[r]:
+        # Most tokens follow one made at the end of the previous iteration: one ITL, one bin.
+        n_common = 0
+        n_done = 0
+        for k in range(sched_lo, sched_lo + n_sched):
+            s_computed[k] += s_new[k]
+            if s_computed[k] < s_tokens[k]:
+                continue  # a prefill chunk that does not finish the prompt samples nothing
+            s_tokens[k] += 1
+            gen = s_tokens[k] - s_prompt[k]
+            if gen == 1:
+                first_tok[s_req[k]] = end
+            else:
+                itl = end - s_last[k]
+                if itl > s_max_itl[k]:
+                    s_max_itl[k] = itl
+                if s_measured[k]:
+                    if s_last[k] == now:
+                        n_common += 1
+                    else:
                         itl_hist[_itl_bin(itl, log_min, inv_log_step, E.ITL_BINS)] += 1
                         itl_count += 1.0
                         itl_sum += itl
                         itl_sumsq += itl * itl
-                last_tok[r] = end
-                if generated[r] >= output[r]:
-                    finish[r] = end
-                    status[r] = E.FINISHED
-                    free += blocks[r]
-                    blocks[r] = 0
-                    n_left -= 1
-                    any_done = True
-        if any_done:
-            k = 0
-            for i in range(n_running):
-                r = running[i]
-                if status[r] != E.FINISHED:
-                    running[k] = r
-                    k += 1
-            n_running = k
+            s_last[k] = end
+            if gen >= s_output[k]:
+                r = s_req[k]
+                finish[r] = end
+                status[r] = E.FINISHED
+                generated[r] = gen
+                max_itl[r] = s_max_itl[k]
+                free += s_blocks[k]
+                s_blocks[k] = -1  # marks the slot for removal
+                n_left -= 1
+                n_done += 1
+        if n_common > 0:
+            common_itl = end - now
+            itl_hist[_itl_bin(common_itl, log_min, inv_log_step, E.ITL_BINS)] += n_common
+            itl_count += n_common
+            itl_sum += n_common * common_itl
+            itl_sumsq += n_common * common_itl * common_itl
+        if n_done > 0:
+            m = 0
+            for k in range(n_running):
+                if s_blocks[k] >= 0:
+                    if m != k:
+                        _move_slot(k, m, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last,
+                                   s_max_itl, s_measured)
+                    m += 1
+            n_running = m
         now = end
 
+    # Requests still in a slot when the run stops: write their progress back.
+    for k in range(n_running):
+        r = s_req[k]
+        generated[r] = s_tokens[k] - s_prompt[k]
+        max_itl[r] = s_max_itl[k]
     for i in range(n):
         if status[i] == E.PENDING or status[i] == E.RUNNING:
             status[i] = E.UNFINISHED
@@ -303,3 +334,30 @@ def run_replica_nb(arrival_s, prompt, output, rejected, measured, p, tok_compute
     return (status, first_sched, first_tok, finish, generated, preempts, max_itl,
             itl_hist, itl_stats, timeline[:n_iter].copy() if record_timeline else timeline[:0].copy(),
             counters)
+
+
+@njit(cache=True, error_model="numpy")
+def _preempt(k, s_req, s_prompt, s_tokens, s_blocks, s_last, s_max_itl, generated, last_tok, max_itl, preempts):
+    """Recompute-preempt the request in slot k: keep its generated tokens, drop its KV.
+    Returns the blocks freed."""
+    r = s_req[k]
+    generated[r] = s_tokens[k] - s_prompt[k]
+    last_tok[r] = s_last[k]
+    max_itl[r] = s_max_itl[k]
+    preempts[r] += 1
+    freed = s_blocks[k]
+    s_blocks[k] = 0
+    return freed
+
+
+@njit(cache=True, error_model="numpy")
+def _move_slot(src, dst, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured):
+    s_req[dst] = s_req[src]
+    s_prompt[dst] = s_prompt[src]
+    s_tokens[dst] = s_tokens[src]
+    s_computed[dst] = s_computed[src]
+    s_output[dst] = s_output[src]
+    s_blocks[dst] = s_blocks[src]
+    s_last[dst] = s_last[src]
+    s_max_itl[dst] = s_max_itl[src]
+    s_measured[dst] = s_measured[src]
