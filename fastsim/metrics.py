@@ -95,7 +95,9 @@ def itl_stats_from_histogram(hist: np.ndarray, stats: np.ndarray) -> dict[str, f
 
 
 def summarize(table: pa.Table, itl: dict, sim: Simulation, slo: Slo, extra: dict) -> dict:
-    """vLLM `benchmark_serving` field names over the measured window, plus fastsim's own counts."""
+    """vLLM `benchmark_serving` field names over the measured window (requests arriving after the
+    warm-up and before the cool-down), plus fastsim's own counts; completed + rejected + unfinished
+    = measured_requests."""
     arrival = table.column("arrival_s").to_numpy()
     status = {name: pc.equal(table.column("status"), name).to_numpy(zero_copy_only=False)
               for name in ("finished", "rejected", "unfinished")}
@@ -131,7 +133,8 @@ def summarize(table: pa.Table, itl: dict, sim: Simulation, slo: Slo, extra: dict
     out |= _stats("e2el_ms", col["e2el_ms"][done])
     out |= {"mean_queue_ms": float(col["queue_ms"][done].mean()) if completed else math.nan}
     out |= {"num_requests": int(arrival.size), "measured_requests": int(window.sum()),
-            "rejected": int(status["rejected"].sum()), "unfinished": int(status["unfinished"].sum()),
+            "rejected": int((window & status["rejected"]).sum()),
+            "unfinished": int((window & status["unfinished"]).sum()),
             "slo": {k: v for k, v in slo.model_dump().items() if v is not None}}
     out |= extra
     return out

@@ -183,3 +183,26 @@ def test_cli_bad_yaml_file(tmp_path):
     p.write_text("engine: {max_num_seqs: [\n")
     proc = subprocess.run([sys.executable, "-m", "fastsim.cli", "validate", str(p)], capture_output=True, text=True)
     assert proc.returncode == 1 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_example_config_validates_and_runs(tmp_path):
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = load_config(path, ["workload.num_requests=40"] if "duration_s" not in path.read_text() else
+                          ["workload.duration_s=100"])
+        r = simulate(cfg)
+        for s in r.summaries.values():
+            assert s["num_requests"] > 0 and s["measured_requests"] > 0
+            assert s["completed"] + s["rejected"] + s["unfinished"] == s["measured_requests"]
+
+
+def test_default_config_file_matches_builtin_default():
+    from pathlib import Path
+
+    from fastsim.config import DEFAULT_CONFIG, Config
+
+    path = Path(__file__).parent.parent / "configs" / "chat_h100.yaml"
+    assert load_config(path) == Config(**DEFAULT_CONFIG)
