@@ -176,29 +176,31 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
         scheduled = []          # (request, new tokens)
         budget = max_num_batched_tokens
         preempted = False
-        if not v0:
+
+        def schedule_running(threshold):
+            """Running requests in order, each its next tokens, preempting the newest for blocks."""
+            nonlocal free, budget, preempted
             i = 0
             while i < len(running) and budget > 0:
                 r = running[i]
                 new = r.num_tokens - r.computed
-                if long_prefill_token_threshold and new > long_prefill_token_threshold:
-                    new = long_prefill_token_threshold
+                if threshold and new > threshold:
+                    new = threshold
                 new = min(new, budget)
-                ok = True
                 while blocks_needed(r, new) > free:
                     victim = preempt_last()
                     preempted = True
                     if victim is r:
-                        ok = False
-                        break
-                if not ok:
-                    break
+                        return
                 need = blocks_needed(r, new)
                 free -= need
                 r.blocks += need
                 scheduled.append((r, new))
                 budget -= new
                 i += 1
+
+        if not v0:
+            schedule_running(long_prefill_token_threshold)
         if v0 or not preempted:
             while waiting and budget > 0 and len(running) < max_num_seqs:
                 r = waiting[0]
@@ -220,22 +222,7 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                 scheduled.append((r, new))
                 budget -= new
         if v0 and not scheduled:
-            i = 0
-            while i < len(running):
-                r = running[i]
-                ok = True
-                while blocks_needed(r, 1) > free:
-                    victim = preempt_last()
-                    if victim is r:
-                        ok = False
-                        break
-                if not ok:
-                    break
-                need = blocks_needed(r, 1)
-                free -= need
-                r.blocks += need
-                scheduled.append((r, 1))
-                i += 1
+            schedule_running(0)  # V0: no prefill admitted, so every running request decodes
         if not scheduled:
             break
         history.append((now, num_blocks - free))

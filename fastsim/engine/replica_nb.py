@@ -147,30 +147,11 @@ def run_replica_nb(arrival_s, prompt, output, rejected, measured, p, tok_compute
         step_preempts = 0
         agg = (0, 0.0, 0, 0, 0.0, 0.0)
         # V1: running requests first. V0 runs them only when no prefill is admitted (below).
-        k = 0
-        while not v0 and k < n_running and budget > 0:
-            new = s_tokens[k] - s_computed[k]
-            if long_prefill_threshold > 0 and new > long_prefill_threshold:
-                new = long_prefill_threshold
-            new = min(new, budget)
-            need = _blocks_needed(s_computed[k], new, s_blocks[k], block_size)
-            while need > free and n_running > k:
-                n_running -= 1
-                free += _preempt(n_running, s_req, s_prompt, s_tokens, s_blocks, s_last, s_max_itl,
-                                 generated, last_tok, max_itl, preempts)
-                step_preempts += 1
-                pstack[n_pstack] = s_req[n_running]
-                n_pstack += 1
-                n_waiting += 1
-            if n_running == k:  # it was itself the newest, and is now preempted
-                break
-            free -= need
-            s_blocks[k] += need
-            agg = _add_to_batch(agg, new, s_computed[k], s_prompt[k], window)
-            s_new[k] = new
-            n_sched += 1
-            budget -= new
-            k += 1
+        if not v0:
+            n_running, free, n_pstack, n_waiting, step_preempts, n_sched, budget, agg = _schedule_running(
+                n_running, free, n_pstack, n_waiting, budget, long_prefill_threshold, block_size, window,
+                s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_new,
+                generated, last_tok, max_itl, preempts, pstack)
         if v0 or step_preempts == 0:
             if v0:
                 sched_lo = n_running  # V0 runs only the prefills it admits now
@@ -212,27 +193,12 @@ def run_replica_nb(arrival_s, prompt, output, rejected, measured, p, tok_compute
                 n_sched += 1
                 budget -= new
         if v0 and n_sched == 0:
-            # No prefill could be admitted: one decode step of every running request.
+            # No prefill could be admitted: one step of every running request (each a decode).
             sched_lo = 0
-            k = 0
-            while k < n_running:
-                need = _blocks_needed(s_computed[k], 1, s_blocks[k], block_size)
-                while need > free and n_running > k:
-                    n_running -= 1
-                    free += _preempt(n_running, s_req, s_prompt, s_tokens, s_blocks, s_last, s_max_itl,
-                                     generated, last_tok, max_itl, preempts)
-                    step_preempts += 1
-                    pstack[n_pstack] = s_req[n_running]
-                    n_pstack += 1
-                    n_waiting += 1
-                if n_running == k:
-                    break
-                free -= need
-                s_blocks[k] += need
-                agg = _add_to_batch(agg, 1, s_computed[k], s_prompt[k], window)
-                s_new[k] = 1
-                n_sched += 1
-                k += 1
+            n_running, free, n_pstack, n_waiting, step_preempts, n_sched, budget, agg = _schedule_running(
+                n_running, free, n_pstack, n_waiting, budget, 0, block_size, window,
+                s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_new,
+                generated, last_tok, max_itl, preempts, pstack)
 
         total_preempts += step_preempts
         if n_sched == 0:
@@ -334,6 +300,44 @@ def run_replica_nb(arrival_s, prompt, output, rejected, measured, p, tok_compute
     return (status, first_sched, first_tok, finish, generated, preempts, max_itl,
             itl_hist, itl_stats, timeline[:n_iter].copy() if record_timeline else timeline[:0].copy(),
             counters)
+
+
+@njit(cache=True, error_model="numpy")
+def _schedule_running(n_running, free, n_pstack, n_waiting, budget, long_prefill_threshold, block_size, window,
+                      s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_new,
+                      generated, last_tok, max_itl, preempts, pstack):
+    """Schedule running slots from the first while the budget lasts, each its next tokens; when a
+    slot's blocks cannot be allocated, preempt the newest running request until they can, or until
+    the slot itself was the one preempted. Scheduled slots are 0..n_sched-1.
+
+    Returns (n_running, free, n_pstack, n_waiting, preemptions, n_sched, budget, batch aggregates).
+    """
+    agg = (0, 0.0, 0, 0, 0.0, 0.0)
+    preempted = 0
+    k = 0
+    while k < n_running and budget > 0:
+        new = s_tokens[k] - s_computed[k]
+        if long_prefill_threshold > 0 and new > long_prefill_threshold:
+            new = long_prefill_threshold
+        new = min(new, budget)
+        need = _blocks_needed(s_computed[k], new, s_blocks[k], block_size)
+        while need > free and n_running > k:
+            n_running -= 1
+            free += _preempt(n_running, s_req, s_prompt, s_tokens, s_blocks, s_last, s_max_itl,
+                             generated, last_tok, max_itl, preempts)
+            preempted += 1
+            pstack[n_pstack] = s_req[n_running]
+            n_pstack += 1
+            n_waiting += 1
+        if n_running == k:  # it was itself the newest, and is now preempted
+            break
+        free -= need
+        s_blocks[k] += need
+        agg = _add_to_batch(agg, new, s_computed[k], s_prompt[k], window)
+        s_new[k] = new
+        budget -= new
+        k += 1
+    return n_running, free, n_pstack, n_waiting, preempted, k, budget, agg
 
 
 @njit(cache=True, error_model="numpy")
