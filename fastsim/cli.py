@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
 from fastsim.errors import FastsimError
@@ -76,11 +78,19 @@ def run_cmd(
     if fmt is not None:
         overrides.append(f"output.format={fmt}")
     cfg = load_config(config, overrides)
-    with err_console.status("starting", spinner="dots") as status:
-        result = simulate(cfg, progress=lambda stage: status.update(stage))
-        status.update("writing results")
-        folder = out or Path(cfg.output.dir)
-        written = write_result(result, folder, cfg.output.format)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int = 0, total: int = 0) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total or None)
+            bar.update(tasks[stage], completed=done, total=total or None)
+
+        result = simulate(cfg, progress=report)
+        report("writing results")
+        written = write_result(result, out or Path(cfg.output.dir), cfg.output.format)
     if not quiet:
         console.print(summary_table(result.summaries))
     console.print(f"wrote {', '.join(str(p) for p in written)}")

@@ -1,6 +1,7 @@
 """Orchestration: config -> catalogs -> cost tables + workload arrays -> engine kernel -> tables."""
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,30 +83,54 @@ def plan_engines(cfg: Config):
     return model, gpu, plans
 
 
+def run_polled(kernel, args: tuple, progress: np.ndarray, report, interval_s: float = 0.1):
+    """Run a GIL-releasing kernel in a worker thread, calling report() while it runs."""
+    out: list = []
+    errors: list = []
+
+    def work():
+        try:
+            out.append(kernel(*args))
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(interval_s)
+        report(int(progress[0]))
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
 def simulate(config: Config | str | Path | None = None, overrides: list[str] | None = None,
              progress=None) -> Result:
     """Run every engine of `config` (a Config, a YAML path, or None for the built-in default)
-    on one workload. `progress(stage: str)` is called between stages if given."""
+    on one workload. If given, `progress(stage: str, done: int, total: int)` is called as the
+    run advances (done/total: requests finished of those admitted, while simulating)."""
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
-    say = progress or (lambda stage: None)
+    say = progress or (lambda stage, done=0, total=0: None)
     model, gpu, plans = plan_engines(cfg)
     say("generating workload")
     workload = generate_workload(cfg.workload, cfg.simulation.seed)
     measured = measured_mask(workload, cfg)
     tables, summaries, timelines, memory = [], {}, {}, {}
     for eng, plan in plans:
-        say(f"simulating {eng.name}")
         cm = CostModel.create(model, gpu, tp=eng.tensor_parallel_size, dtype=eng.dtype,
                               profile=cfg.hardware.profile, kv_cache_dtype=kv_dtype(eng))
         cost_tables = cost_nb.build_tables_nb(cm.params, cm.ops, eng.max_num_batched_tokens, eng.max_num_seqs)
         reason = rejections(workload, eng, plan)
+        admitted = int((reason == 0).sum())
+        counter = np.zeros(1, np.int64)
+        args = (workload.arrival_s, workload.prompt_tokens, workload.output_tokens, reason > 0, measured,
+                cm.params, *cost_tables, eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size,
+                plan.num_gpu_blocks, eng.enable_chunked_prefill, eng.long_prefill_token_threshold,
+                eng.scheduler == "v0", eng.framework_overhead_ms * 1e-3,
+                cfg.simulation.max_sim_time_s or np.inf, model.sliding_window or 0, cfg.output.timeline, counter)
+        stage = f"simulating {eng.name}"
         wall0 = time.perf_counter()
-        out = run_replica_nb(
-            workload.arrival_s, workload.prompt_tokens, workload.output_tokens, reason > 0, measured,
-            cm.params, *cost_tables, eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size,
-            plan.num_gpu_blocks, eng.enable_chunked_prefill, eng.long_prefill_token_threshold,
-            eng.scheduler == "v0", eng.framework_overhead_ms * 1e-3,
-            cfg.simulation.max_sim_time_s or np.inf, model.sliding_window or 0, cfg.output.timeline)
+        out = run_polled(run_replica_nb, args, counter, lambda done: say(stage, done, admitted))
         wall = time.perf_counter() - wall0
         itl_hist, itl_stats, timeline, counters = out[7:]
         table = request_table(eng.name, workload, reason, out)

@@ -23,7 +23,7 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
     out = run_replica_nb(arrivals, np.asarray(prompts, dtype=np.int64), np.asarray(outputs, dtype=np.int64),
                          np.zeros(n, np.bool_), np.ones(n, np.bool_), cm.params, *tables, max_num_seqs,
                          max_num_batched_tokens, block_size, num_blocks, chunked, threshold, v0, overhead_s,
-                         max_time_s, cm.model.sliding_window or 0, timeline)
+                         max_time_s, cm.model.sliding_window or 0, timeline, np.zeros(1, np.int64))
     keys = ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "itl_hist",
             "itl_stats", "timeline", "counters")
     return dict(zip(keys, out))
@@ -106,7 +106,7 @@ def test_rejected_requests_are_never_scheduled():
     tables = nb.build_tables_nb(CM.params, CM.ops, 8192, 256)
     out = run_replica_nb(np.zeros(3), np.array([10, 10, 10]), np.array([2, 2, 2]), np.array([False, True, False]),
                          np.ones(3, np.bool_), CM.params, *tables, 256, 8192, 16, 1000, True, 0, False, 0.0,
-                         np.inf, 0, False)
+                         np.inf, 0, False, np.zeros(1, np.int64))
     assert out[0].tolist() == [E.FINISHED, E.REJECTED, E.FINISHED]
     assert np.isnan(out[1][1])
 

@@ -206,3 +206,11 @@ def test_default_config_file_matches_builtin_default():
 
     path = Path(__file__).parent.parent / "configs" / "chat_h100.yaml"
     assert load_config(path) == Config(**DEFAULT_CONFIG)
+
+
+def test_progress_reports_reach_the_finished_count(tmp_path):
+    seen = []
+    r = simulate(write_cfg(tmp_path), progress=lambda stage, done=0, total=0: seen.append((stage, done, total)))
+    sim = [(d, t) for stage, d, t in seen if stage.startswith("simulating")]
+    assert sim and sim[-1] == (60, 60) == (r.summary["completed"], r.summary["num_requests"])
+    assert all(a[0] <= b[0] for a, b in zip(sim, sim[1:]))  # never goes backwards

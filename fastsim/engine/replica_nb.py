@@ -59,12 +59,14 @@ def _itl_bin(itl_s, log_min, inv_log_step, nbins):
     return min(max(i, 0), nbins - 1)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)
 def run_replica_nb(arrival_s, prompt, output, rejected, measured, p, tok_compute, seq_compute, tok_comm, seq_comm,
                    max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked_prefill,
-                   long_prefill_threshold, v0, overhead_s, max_time_s, window, record_timeline):
+                   long_prefill_threshold, v0, overhead_s, max_time_s, window, record_timeline, progress):
     """Simulate one replica over requests sorted by arrival. `rejected` ones are never scheduled;
     only `measured` ones (inside the warm-up/cool-down window) feed the ITL histogram.
+    `progress[0]` is kept at the number of requests done, for a progress bar polled from another
+    thread (the kernel releases the GIL).
 
     Returns per-request (status, first_scheduled_s, first_token_s, finish_s, generated, preemptions,
     max_itl_s), then (itl_hist, itl_stats=[count, sum, sum of squares], timeline, counters=[iterations,
@@ -270,6 +272,7 @@ def run_replica_nb(arrival_s, prompt, output, rejected, measured, p, tok_compute
                 s_blocks[k] = -1  # marks the slot for removal
                 n_left -= 1
                 n_done += 1
+        progress[0] += n_done
         if n_common > 0:
             common_itl = end - now
             itl_hist[_itl_bin(common_itl, log_min, inv_log_step, E.ITL_BINS)] += n_common
