@@ -1,7 +1,8 @@
 """Fidelity against measured vLLM serving: whole-batch latency of offline batches.
 
-vLLM's CI (Llama-3-8B, a batch of 8 requests of 32 input / 128 output tokens, ignore_eos) measured
-997.5 ms on one H100, 1579 ms on one A100-SXM-80GB and 833 ms on one H200. fastsim runs the same
+vLLM's CI (a batch of 8 requests of 32 input / 128 output tokens, ignore_eos) measured Llama-3-8B at
+997.5 ms on one H100, 1579 ms on one A100-SXM-80GB and 833 ms on one H200, and Llama-3-70B with
+tensor parallelism 4 at 2444.5 ms on H100 and 3990.6 ms on A100-SXM-80GB. fastsim runs the same
 batch offline (all requests at t=0) and compares the time until the last request finishes.
 
 Usage: python bench/fidelity.py
@@ -9,12 +10,14 @@ Usage: python bench/fidelity.py
 from __future__ import annotations
 
 from fastsim.config import Config
-from fastsim.simulate import simulate
+from fastsim.simulation import simulate
 
 POINTS = [  # (model, gpu, tensor_parallel_size, measured whole-batch latency in ms)
     ("meta-llama/Meta-Llama-3-8B", "H100-SXM", 1, 997.5),
     ("meta-llama/Meta-Llama-3-8B", "A100-SXM-80GB", 1, 1579.0),
     ("meta-llama/Meta-Llama-3-8B", "H200-SXM", 1, 833.0),
+    ("meta-llama/Meta-Llama-3-70B", "H100-SXM", 4, 2444.5),
+    ("meta-llama/Meta-Llama-3-70B", "A100-SXM-80GB", 4, 3990.6),
 ]
 
 

@@ -31,7 +31,7 @@ BASE = {
 def one_run(n: int, rate: float, repeats: int) -> dict:
     """Best of `repeats` (shared machines are noisy; the minimum is the reproducible figure)."""
     from fastsim.config import Config
-    from fastsim.simulate import simulate
+    from fastsim.simulation import simulate
 
     cfg = json.loads(json.dumps(BASE))
     cfg["workload"]["num_requests"] = n
@@ -51,7 +51,7 @@ def one_run(n: int, rate: float, repeats: int) -> dict:
 def capacity() -> float:
     """Requests/s the replica sustains when every request is there at t=0."""
     from fastsim.config import Config
-    from fastsim.simulate import simulate
+    from fastsim.simulation import simulate
 
     cfg = json.loads(json.dumps(BASE))
     cfg["workload"] = {"num_requests": 5000, "clients": [{"arrival": {"process": "batch"},
@@ -60,7 +60,7 @@ def capacity() -> float:
 
 
 def compile_seconds(cache_dir: str) -> float:
-    code = ("import time, json; t=time.perf_counter(); import fastsim.simulate as s; from fastsim.config import Config;"
+    code = ("import time, json; t=time.perf_counter(); import fastsim.simulation as s; from fastsim.config import Config;"
             f"s.simulate(Config(**{BASE!r})); print(time.perf_counter()-t)")
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 def simulate(config=None, overrides=None):
     """Run a config (a fastsim.config.Config, a YAML path, or None for the built-in default);
     returns a Result with .requests (pyarrow.Table), .summary (dict) and .to_pandas()."""
-    from fastsim.simulate import simulate as _simulate
+    from fastsim.simulation import simulate as _simulate
 
     return _simulate(config, overrides)
 

@@ -72,7 +72,7 @@ def run_cmd(
     """Simulate a deployment under a workload; write per-request results and summary.json."""
     from fastsim.config import load_config
     from fastsim.output import write_result
-    from fastsim.simulate import simulate
+    from fastsim.simulation import simulate
 
     overrides = list(set_ or [])
     if fmt is not None:
@@ -103,26 +103,35 @@ def validate_cmd(
 ) -> None:
     """Check a config without simulating; show each engine's memory plan."""
     from fastsim.config import load_config
-    from fastsim.simulate import plan_engines
+    from fastsim.simulation import plan_engines
 
     cfg = load_config(config, list(set_ or []))
     model, gpu, plans = plan_engines(cfg)
-    t = Table(title=f"{model.name} on {gpu.name}: memory per GPU")
+    columns = [(f"{eng.name}" + (f" / {rp.pool}" if len(pools) > 1 else ""), rp) for eng, pools in plans
+               for rp in pools]
+    t = Table(title=f"{model.name}: memory per GPU")
     t.add_column("", no_wrap=True)
-    for eng, _ in plans:
-        t.add_column(eng.name, justify="right")
+    for name, _ in columns:
+        t.add_column(name, justify="right")
     gib = 2**30
-    rows = [("GPU memory (GiB)", lambda p: p.gpu_total_bytes / gib),
-            ("budget at gpu_memory_utilization (GiB)", lambda p: p.budget_bytes / gib),
-            ("weights (GiB)", lambda p: p.weight_bytes / gib),
-            ("activation workspace (GiB)", lambda p: p.activation_bytes / gib),
-            ("reserved: CUDA context, graphs (GiB)", lambda p: p.reserved_bytes / gib),
-            ("KV cache (GiB)", lambda p: p.kv_cache_bytes / gib),
-            ("KV per token (KiB)", lambda p: p.kv_bytes_per_token / 1024),
-            ("KV blocks", lambda p: p.num_gpu_blocks), ("KV tokens", lambda p: p.kv_tokens),
-            ("max_model_len", lambda p: p.max_model_len)]
+    rows = [("GPU", lambda rp: rp.gpu.name),
+            ("replicas x (TP x PP)", lambda rp: f"{rp.count} x ({rp.engine.tensor_parallel_size} x "
+                                                 f"{rp.engine.pipeline_parallel_size})"),
+            ("GPU memory (GiB)", lambda rp: rp.memory.gpu_total_bytes / gib),
+            ("budget at gpu_memory_utilization (GiB)", lambda rp: rp.memory.budget_bytes / gib),
+            ("weights (GiB)", lambda rp: rp.memory.weight_bytes / gib),
+            ("activation workspace (GiB)", lambda rp: rp.memory.activation_bytes / gib),
+            ("reserved: CUDA context, graphs (GiB)", lambda rp: rp.memory.reserved_bytes / gib),
+            ("KV cache (GiB)", lambda rp: rp.memory.kv_cache_bytes / gib),
+            ("KV per token (KiB)", lambda rp: rp.memory.kv_bytes_per_token / 1024),
+            ("KV blocks", lambda rp: rp.memory.num_gpu_blocks), ("KV tokens", lambda rp: rp.memory.kv_tokens),
+            ("max_model_len", lambda rp: rp.memory.max_model_len)]
+
+    def cell(v) -> str:
+        return f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+
     for label, f in rows:
-        t.add_row(label, *[f"{f(p):,.2f}" if isinstance(f(p), float) else f"{f(p):,}" for _, p in plans])
+        t.add_row(label, *[cell(f(rp)) for _, rp in columns])
     console.print(t)
     console.print(f"{config}: valid")
 

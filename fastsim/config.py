@@ -188,6 +188,8 @@ class Engine(_Strict):
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = Field(default=0, ge=0, description="0: no cap")
     tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="stages; as many micro-batches in flight")
+    data_parallel_size: int = Field(default=1, ge=1, description="identical replicas behind the router")
     max_model_len: int | None = Field(default=None, ge=1, description="default: the model's context")
     dtype: Dtype = "bf16"
     kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8"] = "auto"
@@ -204,6 +206,22 @@ class Hardware(_Strict):
     gpu: str = "H100-SXM"
     profile: str | None = Field(default=None, description="cost profile YAML from `fastsim calibrate`")
     gpus_file: str | None = Field(default=None, description="YAML catalog of your own GPUs")
+
+
+class Pool(_Strict):
+    """`count` identical replicas: a GPU and engine arguments over the run's `engine`."""
+    name: str | None = None
+    count: int = Field(default=1, ge=1)
+    gpu: str | None = Field(default=None, description="default: hardware.gpu")
+    engine: dict[str, Any] = Field(default_factory=dict, description="engine arguments to override")
+
+
+class Cluster(_Strict):
+    router: Literal["round_robin", "random", "least_requests", "least_kv", "session_affinity"] = Field(
+        default="round_robin", description="how arrivals pick a replica; least_requests = fewest outstanding")
+    pools: list[Pool] | None = Field(
+        default=None, description="replica pools with their own GPU / TP / PP; default: "
+        "engine.data_parallel_size replicas of hardware.gpu")
 
 
 class Simulation(_Strict):
@@ -236,6 +254,7 @@ class Config(_Strict):
     engine: Engine = Engine()
     engines: list[dict[str, Any]] | None = Field(
         default=None, description="variants: each a partial override of `engine` with a name")
+    cluster: Cluster = Cluster()
     workload: Workload
     slo: Slo = Slo()
     output: Output = Output()

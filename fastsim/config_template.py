@@ -6,6 +6,13 @@ from pydantic import BaseModel
 
 from fastsim import config as C
 
+_POOLS = """\
+# A cluster of unlike replicas: pools, each `count` replicas of one GPU and engine settings.
+#   pools:
+#     - {name: h100, count: 2, gpu: H100-SXM, engine: {tensor_parallel_size: 1}}
+#     - {name: a100, count: 4, gpu: A100-SXM-80GB, engine: {tensor_parallel_size: 2, max_num_seqs: 128}}
+"""
+
 _WORKLOAD = """\
 workload:
   # Give num_requests (split across clients by rate) or duration_s (arrivals until then).
@@ -64,7 +71,7 @@ def config_template() -> str:
             f"model: {C.Config.model_fields['model'].default}", ""]
     out += ["# GPU id from `fastsim gpus`, or your own from gpus_file"] + _section("hardware", C.Hardware) + [""]
     out += ["# vLLM engine arguments, same names and meanings"] + _section("engine", C.Engine) + [""]
-    out += [_ENGINES, _WORKLOAD]
+    out += [_ENGINES] + _section("cluster", C.Cluster) + [_POOLS, _WORKLOAD]
     out += ["# Goodput counts requests meeting every SLO given (vLLM's --goodput)"] + _section("slo", C.Slo) + [""]
     out += _section("output", C.Output)
     return "\n".join(out) + "\n"

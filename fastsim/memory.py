@@ -42,9 +42,25 @@ def kv_dtype(engine: Engine) -> str:
     return "bf16" if engine.dtype in ("int4", "int8") else engine.dtype
 
 
+def stage_layers(model: ModelSpec, pp: int) -> int:
+    """Decoder layers on the fullest pipeline stage (vLLM splits them as evenly as it can)."""
+    return -(-model.num_hidden_layers // pp)
+
+
 def _per_gpu(model: ModelSpec, engine: Engine, tp: int) -> tuple[float, float, float]:
-    """(weight bytes, activation workspace bytes, KV bytes per token) on one GPU at TP `tp`."""
-    weights = model.weight_bytes(engine.dtype) / tp
+    """(weight bytes, activation workspace bytes, KV bytes per token) on one GPU of the fullest
+    pipeline stage at TP `tp`."""
+    pp = engine.pipeline_parallel_size
+    layers = stage_layers(model, pp)
+    bpp = BYTES_PER_PARAM[engine.dtype]
+    weights = model.weight_bytes(engine.dtype)
+    if pp > 1:
+        # A stage holds its layers, plus the embedding (first stage) or the LM head (last stage),
+        # which are the same size; the LM head is the embedding itself when tied.
+        end = model.embedding_params * bpp
+        body = weights - end - model.lm_head_params * bpp
+        weights = body * layers / model.num_hidden_layers + end
+    weights /= tp
     h = model.hidden_size
     kv_heads = max(model.num_key_value_heads / tp, 1.0)
     tokens = engine.max_num_batched_tokens
@@ -55,7 +71,7 @@ def _per_gpu(model: ModelSpec, engine: Engine, tp: int) -> tuple[float, float, f
              else model.intermediate_size) / tp
     act = tokens * (4 * h + (model.q_size + 2 * kv_heads * model.head_dim) / tp + 3 * inter) * 2
     act += min(tokens, engine.max_num_seqs) * model.vocab_size * 4 * 2
-    kv_tok = 2 * kv_heads * model.head_dim * model.num_hidden_layers * BYTES_PER_PARAM[kv_dtype(engine)]
+    kv_tok = 2 * kv_heads * model.head_dim * layers * BYTES_PER_PARAM[kv_dtype(engine)]
     return weights, act, kv_tok
 
 
@@ -65,15 +81,19 @@ def memory_plan(model: ModelSpec, gpu: GpuSpec, engine: Engine) -> MemoryPlan:
     if model.num_attention_heads % tp:
         raise FastsimError(f"engine.tensor_parallel_size = {tp}: {model.name} has {model.num_attention_heads} "
                            "attention heads, which TP must divide; use a divisor of it")
+    if engine.pipeline_parallel_size > model.num_hidden_layers:
+        raise FastsimError(f"engine.pipeline_parallel_size = {engine.pipeline_parallel_size}: {model.name} has "
+                           f"only {model.num_hidden_layers} layers to split; use at most that")
     max_len = engine.max_model_len or model.max_position_embeddings
     total = gpu.memory_bytes
     budget = engine.gpu_memory_utilization * total
     weights, act, kv_tok = _per_gpu(model, engine, tp)
     free = budget - weights - act - RESERVED_BYTES
     if free <= 0:
+        split = tp * engine.pipeline_parallel_size
         raise FastsimError(
-            f"{model.name} in {engine.dtype} needs {weights * tp / GB:.1f} GB of weights"
-            f"{f' ({weights / GB:.1f} GB per GPU at tensor_parallel_size {tp})' if tp > 1 else ''}"
+            f"{model.name} in {engine.dtype} needs {model.weight_bytes(engine.dtype) / GB:.1f} GB of weights"
+            f"{f' ({weights / GB:.1f} GB per GPU at tensor_parallel_size {tp} x pipeline_parallel_size {engine.pipeline_parallel_size})' if split > 1 else ''}"
             f" plus {act / GB:.1f} GB of activations; one {gpu.name} has {total / GB:.1f} GB, "
             f"{budget / GB:.1f} GB at gpu_memory_utilization {engine.gpu_memory_utilization}"
             f"{smallest_tp_hint(model, gpu, engine)}")

@@ -32,7 +32,7 @@ def _dictionary(codes: np.ndarray, names: list[str]) -> pa.DictionaryArray:
 
 
 def request_table(engine: str, workload, rejected_reason: np.ndarray, out: tuple) -> pa.Table:
-    status, first_sched, first_tok, finish, generated, preempts, max_itl = out[:7]
+    status, first_sched, first_tok, finish, generated, preempts, max_itl, replica = out[:8]
     n = len(workload)
     # One contiguous array per column (a structured array's fields are strided and copy slowly).
     rec = {name: np.zeros(n, REQUEST_DTYPE[name]) for name in REQUEST_DTYPE.names}
@@ -45,6 +45,7 @@ def request_table(engine: str, workload, rejected_reason: np.ndarray, out: tuple
     rec["output_tokens"] = workload.output_tokens
     rec["generated_tokens"] = generated
     rec["preemptions"] = preempts
+    rec["replica"] = replica
     rec["ttft_ms"] = (first_tok - workload.arrival_s) * 1e3
     rec["e2el_ms"] = (finish - workload.arrival_s) * 1e3
     rec["queue_ms"] = (first_sched - workload.arrival_s) * 1e3

@@ -92,7 +92,7 @@ def forward_time(model, gpu, prof, decode_ctx, prefill_new, prefill_ctx, tp=1, d
     if tp > 1:
         link = gpu.link_gb_s * 1e9 * prof.link_efficiency
         lat = prof.link_latency_us * 1e-6
-        allreduce = 2 * (tp - 1) / tp * tokens * 2 * h / link + 2 * (tp - 1) * lat
+        allreduce = prof.allreduce_latency_us * 1e-6 + 2 * (tp - 1) * (tokens * 2 * h / tp / link + lat)
         comm = n_layers * 2 * allreduce + (tp - 1) / tp * seqs * model.vocab_size * 2 / link + (tp - 1) * lat
     return compute, comm
 

@@ -8,25 +8,43 @@ import reference as ref
 from fastsim.cost import CostModel
 from fastsim.engine import cost_nb as nb
 from fastsim.engine import enums as E
-from fastsim.engine.replica_nb import run_replica_nb
+from fastsim.engine.cluster_nb import run_cluster_nb
 
 CM = CostModel.create("meta-llama/Meta-Llama-3-8B", "H100-SXM")
 OVERHEAD = 0.3e-3
 
 
+def replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked, threshold, v0,
+                   overhead_s, stages=1):
+    """One replica's rows for run_cluster_nb, as fastsim.simulation builds them."""
+    params = cm.params.copy()
+    params[nb.FRAMEWORK_OVERHEAD_S] = overhead_s
+    tok_c, seq_c, tok_m, seq_m = nb.build_tables_nb(params, cm.ops, max_num_batched_tokens, max_num_seqs)
+    ints = np.zeros(E.N_RI, np.int64)
+    ints[[E.RI_MAX_SEQS, E.RI_MAX_TOKENS, E.RI_BLOCK_SIZE, E.RI_NUM_BLOCKS, E.RI_CHUNKED, E.RI_THRESHOLD, E.RI_V0,
+          E.RI_STAGES, E.RI_WINDOW]] = [max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked,
+                                        threshold, v0, stages, cm.model.sliding_window or 0]
+    return ints, params, tok_c + tok_m, seq_c + seq_m
+
+
 def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=8192, block_size=16,
         num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
-        timeline=True, cm=CM):
-    tables = nb.build_tables_nb(cm.params, cm.ops, max_num_batched_tokens, max_num_seqs)
+        timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None):
+    ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
+                                            chunked, threshold, v0, overhead_s, stages)
     arrivals = np.asarray(arrivals, dtype=np.float64)
     n = arrivals.size
-    out = run_replica_nb(arrivals, np.asarray(prompts, dtype=np.int64), np.asarray(outputs, dtype=np.int64),
-                         np.zeros(n, np.bool_), np.ones(n, np.bool_), cm.params, *tables, max_num_seqs,
-                         max_num_batched_tokens, block_size, num_blocks, chunked, threshold, v0, overhead_s,
-                         max_time_s, cm.model.sliding_window or 0, timeline, np.zeros(1, np.int64))
-    keys = ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "itl_hist",
-            "itl_stats", "timeline", "counters")
-    return dict(zip(keys, out))
+    rejected = np.zeros(n, np.bool_) if rejected is None else np.asarray(rejected)
+    session = np.full(n, -1, np.int64) if session is None else np.asarray(session, np.int64)
+    draw = np.random.default_rng(0).integers(0, replicas, n)
+    out = run_cluster_nb(arrivals, np.asarray(prompts, dtype=np.int64), np.asarray(outputs, dtype=np.int64),
+                         rejected, np.ones(n, np.bool_), session, draw, policy, np.array([ints] * replicas),
+                         np.array([params] * replicas), tok, seq, max_time_s, timeline, np.zeros(1, np.int64))
+    keys = ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",
+            "itl_hist", "itl_stats", "timeline", "counters")
+    res = dict(zip(keys, out))
+    res["counters"] = res["counters"][0] if replicas == 1 else res["counters"]
+    return res
 
 
 def fwd(dec=(), new=(), ctx=()):
@@ -103,12 +121,9 @@ def test_time_limit_marks_unfinished():
 
 
 def test_rejected_requests_are_never_scheduled():
-    tables = nb.build_tables_nb(CM.params, CM.ops, 8192, 256)
-    out = run_replica_nb(np.zeros(3), np.array([10, 10, 10]), np.array([2, 2, 2]), np.array([False, True, False]),
-                         np.ones(3, np.bool_), CM.params, *tables, 256, 8192, 16, 1000, True, 0, False, 0.0,
-                         np.inf, 0, False, np.zeros(1, np.int64))
-    assert out[0].tolist() == [E.FINISHED, E.REJECTED, E.FINISHED]
-    assert np.isnan(out[1][1])
+    r = run(np.zeros(3), [10, 10, 10], [2, 2, 2], rejected=np.array([False, True, False]))
+    assert r["status"].tolist() == [E.FINISHED, E.REJECTED, E.FINISHED]
+    assert np.isnan(r["first_sched"][1]) and r["replica"][1] == -1
 
 
 workloads = st.integers(1, 40).flatmap(lambda n: st.tuples(

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from fastsim.cli import app
 from fastsim.config import load_config
 from fastsim.errors import FastsimError
-from fastsim.simulate import simulate
+from fastsim.simulation import simulate
 
 SMALL = {
     "simulation": {"seed": 1},

@@ -165,6 +165,8 @@ def _build_arrays(spec: ModelSpec, hw: GpuSpec, prof: CostProfile, tp: int, dtyp
     p[nb.TP] = tp
     p[nb.LINK_BW] = hw.link_gb_s * 1e9 * prof.link_efficiency
     p[nb.LINK_LATENCY_S] = prof.link_latency_us * 1e-6
+    p[nb.ALLREDUCE_LATENCY_S] = prof.allreduce_latency_us * 1e-6
+    p[nb.PP_SEND_BYTES_PER_TOKEN] = ACT_BYTES * h
     p[nb.ALLREDUCES_PER_LAYER] = 2.0 if tp > 1 else 0.0
     if spec.is_moe:
         p[nb.MOE_EXPERTS] = spec.num_local_experts

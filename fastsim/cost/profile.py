@@ -58,7 +58,9 @@ class CostProfile(BaseModel):
     elementwise_kernels_per_layer: float = Field(default=24.0, ge=0, description="small kernels per decoder layer")
     elementwise_passes: ElementwisePasses = ElementwisePasses()
     link_efficiency: float = Field(default=0.8, gt=0, le=1, description="all-reduce bus bandwidth / link bandwidth")
-    link_latency_us: float = Field(default=6.0, ge=0, description="latency of one ring step")
+    allreduce_latency_us: float = Field(default=8.0, ge=0, description="fixed cost of one all-reduce: launch "
+                                        "and synchronisation (vLLM's one-shot custom all-reduce on NVLink)")
+    link_latency_us: float = Field(default=0.5, ge=0, description="latency of one ring step or point-to-point send")
 
     def to_yaml(self) -> str:
         head = ("# fastsim cost profile: achieved fractions of datasheet peaks and fixed per-kernel costs.\n"

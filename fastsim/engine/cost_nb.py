@@ -50,7 +50,10 @@ MOE_ACT_BYTES_PER_TOKEN = 30  # activation traffic of one token through one expe
 LM_GATHER_BYTES_PER_ROW = 31  # logits gathered across TP ranks, per sequence
 ATTN_HALF_FILL_TILES = 32  # prefill attention tiles (head x 128 queries) at which it runs at half rate
 Q_HEADS = 33            # query heads on this GPU
-N_PARAMS = 34
+FRAMEWORK_OVERHEAD_S = 34  # CPU time per engine iteration, outside the forward pass (set by the engine)
+PP_SEND_BYTES_PER_TOKEN = 35  # activation sent from one pipeline stage to the next, per token
+ALLREDUCE_LATENCY_S = 36  # fixed cost of one all-reduce (launch and synchronisation)
+N_PARAMS = 37
 ATTN_TILE = 128         # query rows per FlashAttention work tile
 
 # -- columns of the ops table -------------------------------------------------------------------
@@ -147,11 +150,18 @@ def attention_time_nb(p, num_decodes, decode_kv_tokens, num_prefills, prefill_pa
 
 @njit(cache=True, error_model="numpy")
 def allreduce_time_nb(p, nbytes):
-    """Ring all-reduce across TP ranks: 2(n-1)/n of the data over each link, 2(n-1) latency steps."""
+    """Ring all-reduce across TP ranks: a fixed cost per collective, then 2(n-1) steps that each move
+    1/n of the data over a link and pay the link's latency."""
     n = p[TP]
     if n <= 1.0 or nbytes <= 0.0:
         return 0.0
-    return 2.0 * (n - 1.0) / n * nbytes / p[LINK_BW] + 2.0 * (n - 1.0) * p[LINK_LATENCY_S]
+    return p[ALLREDUCE_LATENCY_S] + 2.0 * (n - 1.0) * (nbytes / n / p[LINK_BW] + p[LINK_LATENCY_S])
+
+
+@njit(cache=True, error_model="numpy")
+def pp_send_time_nb(p, tokens):
+    """Hidden states of `tokens` tokens from one pipeline stage to the next: one point-to-point send."""
+    return p[LINK_LATENCY_S] + tokens * p[PP_SEND_BYTES_PER_TOKEN] / p[LINK_BW]
 
 
 @njit(cache=True, error_model="numpy")

@@ -29,8 +29,32 @@ TL_KV_BLOCKS_USED = 6
 TL_NUM_WAITING = 7
 TL_NUM_RUNNING = 8
 TL_PREEMPTIONS = 9
+TL_REPLICA = 10
 TL_COLUMNS = ("start_s", "duration_s", "num_seqs", "num_tokens", "prefill_tokens", "num_decodes",
-              "kv_blocks_used", "num_waiting", "num_running", "preemptions")
+              "kv_blocks_used", "num_waiting", "num_running", "preemptions", "replica")
+
+# Columns of the per-replica integer configuration (rows of rep_int)
+RI_MAX_SEQS = 0
+RI_MAX_TOKENS = 1
+RI_BLOCK_SIZE = 2
+RI_NUM_BLOCKS = 3
+RI_CHUNKED = 4
+RI_THRESHOLD = 5
+RI_V0 = 6
+RI_STAGES = 7        # pipeline_parallel_size
+RI_WINDOW = 8        # sliding window of the model (0: none)
+RI_TOK_OFF = 9       # offset of this replica's table in the concatenated token-count table
+RI_SEQ_OFF = 10      # ... and in the sequence-count table
+N_RI = 11
+
+# Router policies
+ROUTE_ROUND_ROBIN = 0
+ROUTE_RANDOM = 1
+ROUTE_LEAST_REQUESTS = 2
+ROUTE_LEAST_KV = 3
+ROUTE_SESSION_AFFINITY = 4
+ROUTE_NAMES = {"round_robin": ROUTE_ROUND_ROBIN, "random": ROUTE_RANDOM, "least_requests": ROUTE_LEAST_REQUESTS,
+               "least_kv": ROUTE_LEAST_KV, "session_affinity": ROUTE_SESSION_AFFINITY}
 
 # ITL histogram: log-spaced bins over [ITL_MIN_S, ITL_MAX_S]; percentiles are exact to a bin (0.14%).
 ITL_MIN_S = 1e-6

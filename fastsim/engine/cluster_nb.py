@@ -1,0 +1,507 @@
+"""A cluster of vLLM replicas behind a router, advanced in one compiled event loop ordered by time.
+
+Each replica schedules as vLLM V1's `Scheduler.schedule()` does (scheduler="v1"):
+  1. running requests in admission order, each its next tokens (one decode token, or the next chunk
+     of an unfinished prefill) within the token budget; a request whose tokens are all in flight
+     (pipeline parallelism) is skipped. If a request's KV blocks cannot be allocated, the most
+     recently admitted running request is preempted (blocks freed, computed tokens dropped, put at
+     the front of the waiting queue) until they can, or it is itself the one preempted;
+  2. if nothing was preempted, waiting requests first-come-first-served while the budget, the
+     max_num_seqs limit and free blocks allow, the last prefill chunked to fit the budget.
+As in V1, a request's computed tokens advance when it is scheduled; it samples a token when the
+batch holding its last prompt chunk (or its decode) completes. A preempted request keeps its
+generated tokens and recomputes prompt + generated as a prefill. scheduler="v0" is V0's policy:
+whole prefills first (never mixed with decodes), otherwise a decode step of every running request,
+with a 1% free-block watermark on admission.
+
+Time: a batch scheduled at t enters the first pipeline stage at t + framework overhead; stage s
+starts when stage s-1 has finished it and stage s has finished the previous batch; tokens appear
+when the last stage finishes. With pipeline_parallel_size P, up to P batches are in flight
+(vLLM's virtual engines). Tensor parallelism lives inside the stage time (sharded GEMMs plus
+all-reduces). Arrivals are routed when they arrive, to a replica chosen by the router policy
+from the replicas' state at that moment.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from fastsim.engine import enums as E
+from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, LAYERS, attention_time_nb, chunk_pairs_nb, pp_send_time_nb
+
+INF = np.inf
+
+
+@njit(cache=True, error_model="numpy")
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+@njit(cache=True, error_model="numpy")
+def _blocks_needed(computed, new, blocks, block_size):
+    """New blocks for `computed + new` KV slots; the common case (room in the last block) skips the division."""
+    if computed + new <= blocks * block_size:
+        return 0
+    return _ceil_div(computed + new, block_size) - blocks
+
+
+@njit(cache=True, error_model="numpy")
+def _add_to_batch(agg, new, computed, prompt_len, window):
+    """Add one scheduled request to the batch aggregates the cost model needs:
+    agg = (num_decodes, decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs, prefill_kv_tokens)."""
+    n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
+    if new == 1 and computed >= prompt_len:
+        return (n_dec + 1, dec_keys + (min(computed + 1, window) if window > 0 else computed + 1),
+                n_pre, pre_tokens, pairs, pre_keys)
+    return (n_dec, dec_keys, n_pre + 1, pre_tokens + new, pairs + chunk_pairs_nb(new, computed, window),
+            pre_keys + (min(computed, window) if window > 0 else computed) + new)
+
+
+@njit(cache=True, error_model="numpy")
+def _itl_bin(itl_s, log_min, inv_log_step, nbins):
+    if itl_s <= 0.0:
+        return 0
+    i = int((math.log(itl_s) - log_min) * inv_log_step)
+    return min(max(i, 0), nbins - 1)
+
+
+# -- the replicas' next event times: a tournament tree, so the earliest is found in O(1) -----------
+@njit(cache=True, error_model="numpy")
+def _tree_update(tree, leaves, r, t):
+    i = leaves + r
+    tree[i] = t
+    i //= 2
+    while i >= 1:
+        tree[i] = min(tree[2 * i], tree[2 * i + 1])
+        i //= 2
+
+
+@njit(cache=True, error_model="numpy")
+def _tree_argmin(tree, leaves):
+    i = 1
+    while i < leaves:
+        i = 2 * i if tree[2 * i] <= tree[2 * i + 1] else 2 * i + 1
+    return i - leaves
+
+
+# -- router ----------------------------------------------------------------------------------------
+@njit(cache=True, error_model="numpy")
+def _route(policy, i, n_rep, rr_next, draw, session, session_replica, outstanding, used_frac):
+    if policy == E.ROUTE_ROUND_ROBIN:
+        return rr_next % n_rep
+    if policy == E.ROUTE_RANDOM:
+        return draw[i]
+    if policy == E.ROUTE_SESSION_AFFINITY and session[i] >= 0 and session_replica[session[i]] >= 0:
+        return session_replica[session[i]]
+    best = 0
+    for r in range(1, n_rep):
+        if policy == E.ROUTE_LEAST_KV:
+            if used_frac[r] < used_frac[best] or (used_frac[r] == used_frac[best]
+                                                 and outstanding[r] < outstanding[best]):
+                best = r
+        elif outstanding[r] < outstanding[best]:
+            best = r
+    return best
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw, policy,
+                   rep_int, rep_params, tok_table, seq_table, max_time_s, record_timeline, progress):
+    """Simulate replicas (rows of rep_int / rep_params, see enums.RI_* and cost_nb) over requests
+    sorted by arrival. `rejected` requests are never scheduled; `measured` ones feed the ITL
+    histogram; `session` (-1: none) and `draw` (a pre-drawn replica per request) serve the router.
+    tok_table / seq_table hold every replica's per-stage compute+comm by token count / sequence
+    count, at offsets rep_int[:, RI_TOK_OFF] / rep_int[:, RI_SEQ_OFF].
+
+    Returns per-request (status, first_scheduled_s, first_token_s, finish_s, generated, preemptions,
+    max_itl_s, replica), then (itl_hist, itl_stats=[count, sum, sum of squares], timeline,
+    per-replica counters [iterations, peak_blocks_used, free_blocks_at_end, preemptions, requests]).
+    `progress[0]` is kept at the number of requests done, for a progress bar polled from another
+    thread (the kernel releases the GIL).
+    """
+    n = arrival_s.size
+    n_rep = rep_int.shape[0]
+    max_seqs = 1
+    max_stages = 1
+    for r in range(n_rep):
+        max_seqs = max(max_seqs, rep_int[r, E.RI_MAX_SEQS])
+        max_stages = max(max_stages, rep_int[r, E.RI_STAGES])
+
+    status = np.zeros(n, np.int8)
+    first_sched = np.full(n, np.nan)
+    first_tok = np.full(n, np.nan)
+    finish = np.full(n, np.nan)
+    last_tok = np.zeros(n)
+    max_itl = np.zeros(n)
+    generated = np.zeros(n, np.int64)
+    preempts = np.zeros(n, np.int64)
+    replica = np.full(n, -1, np.int32)
+    q_next = np.full(n, -1, np.int64)  # waiting queues as linked lists through the requests
+
+    # Running requests live in slots 0..n_running-1 of their replica's row, in admission order,
+    # with their hot state in slot arrays: an iteration walks a few contiguous cache lines.
+    # A request's entries in the per-request arrays are written back when it leaves its slot.
+    s_req = np.empty((n_rep, max_seqs), np.int64)
+    s_prompt = np.empty((n_rep, max_seqs), np.int64)
+    s_tokens = np.empty((n_rep, max_seqs), np.int64)    # prompt + generated
+    s_computed = np.empty((n_rep, max_seqs), np.int64)  # KV computed or being computed
+    s_output = np.empty((n_rep, max_seqs), np.int64)
+    s_blocks = np.empty((n_rep, max_seqs), np.int64)
+    s_last = np.empty((n_rep, max_seqs))                # time of the last token
+    s_max_itl = np.empty((n_rep, max_seqs))
+    s_measured = np.empty((n_rep, max_seqs), np.bool_)
+    s_sample = np.empty((n_rep, max_seqs), np.int64)    # batch whose completion samples a token, or -1
+
+    n_running = np.zeros(n_rep, np.int64)
+    free = rep_int[:, E.RI_NUM_BLOCKS].copy()
+    q_head = np.full(n_rep, -1, np.int64)
+    q_tail = np.full(n_rep, -1, np.int64)
+    n_waiting = np.zeros(n_rep, np.int64)
+    outstanding = np.zeros(n_rep, np.int64)
+    used_frac = np.zeros(n_rep)
+    stage_free = np.zeros((n_rep, max_stages))
+    fl_end = np.empty((n_rep, max_stages))              # in-flight batches: a FIFO ring per replica
+    fl_id = np.empty((n_rep, max_stages), np.int64)
+    fl_head = np.zeros(n_rep, np.int64)
+    fl_count = np.zeros(n_rep, np.int64)
+    batch_seq = np.zeros(n_rep, np.int64)
+    rep_iters = np.zeros(n_rep, np.int64)
+    rep_peak = np.zeros(n_rep, np.int64)
+    rep_preempts = np.zeros(n_rep, np.int64)
+    rep_requests = np.zeros(n_rep, np.int64)
+
+    n_sessions = 0
+    for i in range(n):
+        n_sessions = max(n_sessions, session[i] + 1)
+    session_replica = np.full(max(n_sessions, 1), -1, np.int64)
+
+    leaves = 1
+    while leaves < n_rep:
+        leaves *= 2
+    tree = np.full(2 * leaves, INF)  # next decision time per replica; INF = idle
+
+    itl_hist = np.zeros(E.ITL_BINS, np.int64)
+    log_min = math.log(E.ITL_MIN_S)
+    inv_log_step = E.ITL_BINS / (math.log(E.ITL_MAX_S) - log_min)
+    itl = np.zeros(3)  # count, sum, sum of squares
+
+    tl_cap = 1024 if record_timeline else 1
+    timeline = np.empty((tl_cap, len(E.TL_COLUMNS)))
+    n_tl = 0
+
+    n_left = 0
+    for i in range(n):
+        if rejected[i]:
+            status[i] = E.REJECTED
+        else:
+            n_left += 1
+    a = 0
+    rr_next = 0
+    while n_left > 0:
+        t_arr = arrival_s[a] if a < n else INF
+        r = _tree_argmin(tree, leaves)
+        t_r = tree[leaves + r]
+        if t_arr == INF and t_r == INF:
+            break  # nothing can move: the rest stays unfinished
+        if t_arr <= t_r:  # an arrival at the very time of a decision is seen by it
+            if t_arr > max_time_s:
+                break
+            if not rejected[a]:
+                dst = _route(policy, a, n_rep, rr_next, draw, session, session_replica, outstanding, used_frac)
+                rr_next += 1
+                if session[a] >= 0 and session_replica[session[a]] < 0:
+                    session_replica[session[a]] = dst
+                replica[a] = dst
+                rep_requests[dst] += 1
+                outstanding[dst] += 1
+                if q_tail[dst] < 0:
+                    q_head[dst] = a
+                else:
+                    q_next[q_tail[dst]] = a
+                q_tail[dst] = a
+                n_waiting[dst] += 1
+                if tree[leaves + dst] == INF:
+                    _tree_update(tree, leaves, dst, t_arr)
+            a += 1
+            continue
+        if t_r > max_time_s:
+            break
+
+        # ---- replica r's decision at time t_r ------------------------------------------------
+        ri = rep_int[r]
+        p = rep_params[r]
+        stages = ri[E.RI_STAGES]
+        block_size = ri[E.RI_BLOCK_SIZE]
+        window = ri[E.RI_WINDOW]
+        v0 = ri[E.RI_V0] != 0
+        # 1. batches that have completed by now deliver their tokens
+        while fl_count[r] > 0 and fl_end[r, fl_head[r]] <= t_r:
+            end = fl_end[r, fl_head[r]]
+            done, freed = _complete(r, fl_id[r, fl_head[r]], end, n_running, s_req, s_prompt, s_tokens,
+                                    s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample,
+                                    status, finish, first_tok, generated, max_itl, itl_hist, itl,
+                                    log_min, inv_log_step)
+            free[r] += freed
+            outstanding[r] -= done
+            n_left -= done
+            progress[0] += done
+            fl_head[r] = (fl_head[r] + 1) % max_stages
+            fl_count[r] -= 1
+
+        # 2. a new batch, if a virtual engine is free
+        n_sched = 0
+        step_preempts = 0
+        agg = (0, 0.0, 0, 0, 0.0, 0.0)
+        bid = batch_seq[r]
+        if fl_count[r] < stages:
+            budget = ri[E.RI_MAX_TOKENS]
+            if not v0:
+                step_preempts, n_sched, budget, agg = _schedule_running(
+                    r, bid, budget, ri[E.RI_THRESHOLD], block_size, window, n_running, free, q_head, q_tail,
+                    q_next, n_waiting, s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl,
+                    s_sample, generated, last_tok, max_itl, preempts)
+            if v0 or step_preempts == 0:
+                watermark = int(0.01 * ri[E.RI_NUM_BLOCKS]) if v0 else 0
+                while n_waiting[r] > 0 and budget > 0 and n_running[r] < ri[E.RI_MAX_SEQS]:
+                    i = q_head[r]
+                    new = prompt[i] + generated[i]  # nothing of a waiting request is cached
+                    if not v0 and ri[E.RI_THRESHOLD] > 0 and new > ri[E.RI_THRESHOLD]:
+                        new = ri[E.RI_THRESHOLD]
+                    if (v0 or ri[E.RI_CHUNKED] == 0) and new > budget:
+                        break
+                    new = min(new, budget)
+                    need = _ceil_div(new, block_size)
+                    if need > free[r] - watermark:
+                        break
+                    q_head[r] = q_next[i]
+                    if q_head[r] < 0:
+                        q_tail[r] = -1
+                    n_waiting[r] -= 1
+                    free[r] -= need
+                    k = n_running[r]
+                    n_running[r] += 1
+                    s_req[r, k] = i
+                    s_prompt[r, k] = prompt[i]
+                    s_tokens[r, k] = prompt[i] + generated[i]
+                    s_computed[r, k] = new
+                    s_output[r, k] = output[i]
+                    s_blocks[r, k] = need
+                    s_last[r, k] = last_tok[i]
+                    s_max_itl[r, k] = max_itl[i]
+                    s_measured[r, k] = measured[i]
+                    s_sample[r, k] = bid if new == s_tokens[r, k] else -1
+                    status[i] = E.RUNNING
+                    if np.isnan(first_sched[i]):
+                        first_sched[i] = t_r
+                    agg = _add_to_batch(agg, new, 0, prompt[i], window)
+                    n_sched += 1
+                    budget -= new
+            if v0 and n_sched == 0:
+                # No prefill admitted: a step of every running request (each a decode).
+                step_preempts, n_sched, budget, agg = _schedule_running(
+                    r, bid, budget, 0, block_size, window, n_running, free, q_head, q_tail, q_next, n_waiting,
+                    s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_sample,
+                    generated, last_tok, max_itl, preempts)
+        rep_preempts[r] += step_preempts
+
+        if n_sched > 0:
+            n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
+            tokens = n_dec + pre_tokens
+            body = tok_table[ri[E.RI_TOK_OFF] + tokens] + p[LAYERS] * attention_time_nb(
+                p, n_dec, dec_keys, n_pre, pairs, pre_keys, pre_tokens)
+            head = seq_table[ri[E.RI_SEQ_OFF] + n_dec + n_pre]
+            send = pp_send_time_nb(p, tokens) if stages > 1 else 0.0
+            t = t_r + p[FRAMEWORK_OVERHEAD_S]
+            for s in range(stages):
+                start = max(t, stage_free[r, s])
+                t = start + body + (head if s == stages - 1 else send)
+                stage_free[r, s] = t
+            slot = (fl_head[r] + fl_count[r]) % max_stages
+            fl_end[r, slot] = t
+            fl_id[r, slot] = bid
+            fl_count[r] += 1
+            batch_seq[r] += 1
+            rep_iters[r] += 1
+            used = ri[E.RI_NUM_BLOCKS] - free[r]
+            if used > rep_peak[r]:
+                rep_peak[r] = used
+            if record_timeline and t <= max_time_s:
+                if n_tl >= timeline.shape[0]:
+                    grown = np.empty((timeline.shape[0] * 2, timeline.shape[1]))
+                    grown[: timeline.shape[0]] = timeline
+                    timeline = grown
+                row = timeline[n_tl]
+                row[E.TL_START_S] = t_r
+                row[E.TL_DURATION_S] = t - t_r
+                row[E.TL_NUM_SEQS] = n_dec + n_pre
+                row[E.TL_NUM_TOKENS] = tokens
+                row[E.TL_PREFILL_TOKENS] = pre_tokens
+                row[E.TL_NUM_DECODES] = n_dec
+                row[E.TL_KV_BLOCKS_USED] = used
+                row[E.TL_NUM_WAITING] = n_waiting[r]
+                row[E.TL_NUM_RUNNING] = n_running[r]
+                row[E.TL_PREEMPTIONS] = step_preempts
+                row[E.TL_REPLICA] = r
+                n_tl += 1
+        used_frac[r] = (ri[E.RI_NUM_BLOCKS] - free[r]) / ri[E.RI_NUM_BLOCKS]
+
+        # 3. when this replica decides next
+        if fl_count[r] == 0:
+            nxt = INF  # nothing in flight and nothing could be scheduled: idle until an arrival
+        elif fl_count[r] < stages and n_sched > 0:
+            nxt = max(stage_free[r, 0], t_r + p[FRAMEWORK_OVERHEAD_S])  # the next micro-batch
+        else:
+            nxt = fl_end[r, fl_head[r]]  # every virtual engine busy: wait for the oldest batch
+        _tree_update(tree, leaves, r, nxt)
+
+    # Requests still in a slot when the run stops: write their progress back.
+    for r in range(n_rep):
+        for k in range(n_running[r]):
+            i = s_req[r, k]
+            generated[i] = s_tokens[r, k] - s_prompt[r, k]
+            max_itl[i] = s_max_itl[r, k]
+    for i in range(n):
+        if status[i] == E.PENDING or status[i] == E.RUNNING:
+            status[i] = E.UNFINISHED
+    counters = np.empty((n_rep, 5), np.int64)
+    for r in range(n_rep):
+        counters[r, 0] = rep_iters[r]
+        counters[r, 1] = rep_peak[r]
+        counters[r, 2] = free[r]
+        counters[r, 3] = rep_preempts[r]
+        counters[r, 4] = rep_requests[r]
+    return (status, first_sched, first_tok, finish, generated, preempts, max_itl, replica,
+            itl_hist, itl, timeline[:n_tl].copy(), counters)
+
+
+@njit(cache=True, error_model="numpy", inline="always")  # a call with this many arrays costs ~20%
+def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, free, q_head, q_tail, q_next,
+                      n_waiting, s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_sample,
+                      generated, last_tok, max_itl, preempts):
+    """Schedule replica r's running slots from the first while the budget lasts, each its next tokens
+    (none while all of them are in flight); when a slot's blocks cannot be allocated, preempt the
+    newest running request until they can, or until the slot itself was the one preempted.
+
+    Returns (preemptions, scheduled, budget left, batch aggregates).
+    """
+    # Row views: one replica's slots, contiguous.
+    s_req, s_prompt, s_tokens, s_computed = s_req[r], s_prompt[r], s_tokens[r], s_computed[r]
+    s_blocks, s_last, s_max_itl, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_sample[r]
+    # Scalars in locals for the loop (array elements would be reloaded on every pass).
+    running, free_r, head, tail, waiting = n_running[r], free[r], q_head[r], q_tail[r], n_waiting[r]
+    agg = (0, 0.0, 0, 0, 0.0, 0.0)
+    preempted = 0
+    n_sched = 0
+    k = 0
+    while k < running and budget > 0:
+        new = s_tokens[k] - s_computed[k]
+        if new == 0:  # its last tokens are still in the pipeline
+            k += 1
+            continue
+        if threshold > 0 and new > threshold:
+            new = threshold
+        new = min(new, budget)
+        need = _blocks_needed(s_computed[k], new, s_blocks[k], block_size)
+        while need > free_r and running > k:
+            running -= 1
+            v = running
+            i = s_req[v]
+            generated[i] = s_tokens[v] - s_prompt[v]
+            last_tok[i] = s_last[v]
+            max_itl[i] = s_max_itl[v]
+            preempts[i] += 1
+            free_r += s_blocks[v]
+            preempted += 1
+            q_next[i] = head  # to the front of the waiting queue
+            head = i
+            if tail < 0:
+                tail = i
+            waiting += 1
+        if running == k:  # it was itself the newest, and is now preempted
+            break
+        free_r -= need
+        s_blocks[k] += need
+        agg = _add_to_batch(agg, new, s_computed[k], s_prompt[k], window)
+        s_computed[k] += new
+        if s_computed[k] == s_tokens[k]:
+            s_sample[k] = bid
+        n_sched += 1
+        budget -= new
+        k += 1
+    n_running[r], free[r], q_head[r], q_tail[r], n_waiting[r] = running, free_r, head, tail, waiting
+    return preempted, n_sched, budget, agg
+
+
+@njit(cache=True, error_model="numpy", inline="always")  # a call with this many arrays costs ~20%
+def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last,
+              s_max_itl, s_measured, s_sample, status, finish, first_tok, generated, max_itl, itl_hist, itl,
+              log_min, inv_log_step):
+    """Batch `bid` of replica r completed at `end`: each request it sampled for gets a token; finished
+    requests leave their slots. Returns (requests finished, blocks freed)."""
+    # Most tokens share one inter-token gap (their previous token came from the same batch): one
+    # bin and one multiply for all of them.
+    s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
+    s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
+    run_itl = -1.0
+    run_count = 0
+    done = 0
+    freed = 0
+    running = n_running[r]
+    for k in range(running):
+        if s_sample[k] != bid:
+            continue
+        s_sample[k] = -1
+        s_tokens[k] += 1
+        gen = s_tokens[k] - s_prompt[k]
+        i = s_req[k]
+        if gen == 1:
+            first_tok[i] = end
+        else:
+            gap = end - s_last[k]
+            if gap > s_max_itl[k]:
+                s_max_itl[k] = gap
+            if s_measured[k]:
+                if gap != run_itl:
+                    _flush_itl(itl_hist, itl, run_itl, run_count, log_min, inv_log_step)
+                    run_itl = gap
+                    run_count = 0
+                run_count += 1
+        s_last[k] = end
+        if gen >= s_output[k]:
+            finish[i] = end
+            status[i] = E.FINISHED
+            generated[i] = gen
+            max_itl[i] = s_max_itl[k]
+            freed += s_blocks[k]
+            s_blocks[k] = -1  # marks the slot for removal
+            done += 1
+    _flush_itl(itl_hist, itl, run_itl, run_count, log_min, inv_log_step)
+    if done > 0:
+        m = 0
+        for k in range(running):
+            if s_blocks[k] >= 0:
+                if m != k:
+                    s_req[m] = s_req[k]
+                    s_prompt[m] = s_prompt[k]
+                    s_tokens[m] = s_tokens[k]
+                    s_computed[m] = s_computed[k]
+                    s_output[m] = s_output[k]
+                    s_blocks[m] = s_blocks[k]
+                    s_last[m] = s_last[k]
+                    s_max_itl[m] = s_max_itl[k]
+                    s_measured[m] = s_measured[k]
+                    s_sample[m] = s_sample[k]
+                m += 1
+        n_running[r] = m
+    return done, freed
+
+
+@njit(cache=True, error_model="numpy")
+def _flush_itl(itl_hist, itl, gap, count, log_min, inv_log_step):
+    if count > 0:
+        itl_hist[_itl_bin(gap, log_min, inv_log_step, E.ITL_BINS)] += count
+        itl[0] += count
+        itl[1] += count * gap
+        itl[2] += count * gap * gap

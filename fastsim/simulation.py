@@ -1,0 +1,229 @@
+"""Orchestration: config -> catalogs -> cost tables + workload arrays -> engine kernel -> tables."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pydantic import ValidationError
+
+from fastsim.catalog import GpuSpec, ModelSpec, load_gpu, load_model
+from fastsim.catalog.gpus import load_gpu_file
+from fastsim.config import Config, Engine, Pool, format_validation_error, load_config
+from fastsim.cost import CostModel
+from fastsim.engine import cost_nb
+from fastsim.engine import enums as E
+from fastsim.engine.cluster_nb import run_cluster_nb
+from fastsim.errors import FastsimError
+from fastsim.memory import MemoryPlan, kv_dtype, memory_plan, stage_layers
+from fastsim.metrics import itl_stats_from_histogram, request_table, summarize
+from fastsim.workload import Workload, generate_workload
+
+
+@dataclass
+class Result:
+    """What a run produced: per-request table (all engines), summaries and timelines by engine."""
+
+    requests: pa.Table
+    summaries: dict[str, dict]
+    timelines: dict[str, pa.Table] = field(default_factory=dict)
+    memory: dict[str, MemoryPlan] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict:
+        """The summary of the only engine; with several, {'engines': {name: summary}}."""
+        if len(self.summaries) == 1:
+            return next(iter(self.summaries.values()))
+        return {"engines": self.summaries}
+
+    def to_pandas(self):
+        return self.requests.to_pandas()
+
+
+def measured_mask(workload: Workload, cfg: Config) -> np.ndarray:
+    t = workload.arrival_s
+    last = t.max() if t.size else 0.0
+    return (t >= cfg.simulation.warmup_s) & (t <= last - cfg.simulation.cooldown_s)
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """One pool of identical replicas: where they run, how they are configured, their memory."""
+
+    pool: str
+    count: int
+    gpu: GpuSpec
+    engine: Engine
+    memory: MemoryPlan
+
+
+def rejections(workload: Workload, pools: list[ReplicaPlan]) -> np.ndarray:
+    """Reason code per request: too long for the context, or for a replica's whole KV cache.
+    A request is checked against the most constrained pool, since the router may send it anywhere."""
+    total = workload.prompt_tokens + workload.output_tokens
+    reason = np.zeros(len(workload), np.int8)
+    kv_tokens = min(rp.memory.num_gpu_blocks * rp.engine.block_size for rp in pools)
+    max_len = min(rp.memory.max_model_len for rp in pools)
+    reason[total > kv_tokens] = E.REASON_KV
+    reason[total > max_len] = E.REASON_CONTEXT
+    return reason
+
+
+def validate_engine(engine: Engine, plan: MemoryPlan) -> None:
+    if not engine.enable_chunked_prefill and engine.max_num_batched_tokens < plan.max_model_len:
+        raise FastsimError(
+            f"engine.max_num_batched_tokens = {engine.max_num_batched_tokens} is smaller than max_model_len "
+            f"({plan.max_model_len}) with chunked prefill disabled, so long prompts could never be scheduled; "
+            "raise it, lower max_model_len, or set enable_chunked_prefill: true (vLLM rejects this too)")
+
+
+def _pools(cfg: Config, engine: Engine, model: ModelSpec, default_gpu: GpuSpec, custom) -> list[ReplicaPlan]:
+    pools = cfg.cluster.pools or [Pool(name=engine.name, count=engine.data_parallel_size)]
+    out = []
+    for j, pool in enumerate(pools):
+        where = f"cluster.pools.{j}" if cfg.cluster.pools else "engine"
+        try:
+            eng = Engine(**(engine.model_dump() | pool.engine))
+        except ValidationError as e:
+            raise FastsimError(format_validation_error(e, prefix=f"{where}.engine")) from None
+        gpu = load_gpu(pool.gpu, custom) if pool.gpu else default_gpu
+        if eng.max_model_len and eng.max_model_len > model.max_position_embeddings:
+            raise FastsimError(f"{where}.max_model_len = {eng.max_model_len} exceeds {model.name}'s context "
+                               f"({model.max_position_embeddings}); use at most that")
+        plan = memory_plan(model, gpu, eng)
+        validate_engine(eng, plan)
+        out.append(ReplicaPlan(pool.name or f"pool{j}", pool.count, gpu, eng, plan))
+    return out
+
+
+def plan_engines(cfg: Config):
+    """Model, GPU and, per engine variant, its replica pools with memory plans: everything that
+    can be checked before simulating."""
+    model = load_model(cfg.model)
+    custom = load_gpu_file(cfg.hardware.gpus_file) if cfg.hardware.gpus_file else None
+    gpu = load_gpu(cfg.hardware.gpu, custom)
+    if cfg.simulation.mode == "fast":
+        raise FastsimError("simulation.mode = 'fast' is not available yet; use mode: exact")
+    plans = [(eng, _pools(cfg, eng, model, gpu, custom)) for eng in cfg.engine_variants()]
+    return model, gpu, plans
+
+
+def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
+    """Per-replica integer settings and cost parameters, and every pool's cost tables concatenated."""
+    rows_int, rows_p, tok_parts, seq_parts = [], [], [], []
+    tok_off = seq_off = 0
+    for rp in pools:
+        eng = rp.engine
+        cm = CostModel.create(model, rp.gpu, tp=eng.tensor_parallel_size, dtype=eng.dtype, profile=profile,
+                              kv_cache_dtype=kv_dtype(eng), layers=stage_layers(model, eng.pipeline_parallel_size))
+        params = cm.params.copy()
+        params[cost_nb.FRAMEWORK_OVERHEAD_S] = eng.framework_overhead_ms * 1e-3
+        tok_c, seq_c, tok_m, seq_m = cost_nb.build_tables_nb(params, cm.ops, eng.max_num_batched_tokens,
+                                                             eng.max_num_seqs)
+        ints = np.zeros(E.N_RI, np.int64)
+        ints[E.RI_MAX_SEQS] = eng.max_num_seqs
+        ints[E.RI_MAX_TOKENS] = eng.max_num_batched_tokens
+        ints[E.RI_BLOCK_SIZE] = eng.block_size
+        ints[E.RI_NUM_BLOCKS] = rp.memory.num_gpu_blocks
+        ints[E.RI_CHUNKED] = eng.enable_chunked_prefill
+        ints[E.RI_THRESHOLD] = eng.long_prefill_token_threshold
+        ints[E.RI_V0] = eng.scheduler == "v0"
+        ints[E.RI_STAGES] = eng.pipeline_parallel_size
+        ints[E.RI_WINDOW] = model.sliding_window or 0
+        ints[E.RI_TOK_OFF] = tok_off
+        ints[E.RI_SEQ_OFF] = seq_off
+        tok_parts.append(tok_c + tok_m)
+        seq_parts.append(seq_c + seq_m)
+        tok_off += tok_c.size
+        seq_off += seq_c.size
+        rows_int += [ints] * rp.count
+        rows_p += [params] * rp.count
+    return (np.array(rows_int), np.array(rows_p), np.concatenate(tok_parts), np.concatenate(seq_parts))
+
+
+def run_polled(kernel, args: tuple, progress: np.ndarray, report, interval_s: float = 0.1):
+    """Run a GIL-releasing kernel in a worker thread, calling report() while it runs."""
+    out: list = []
+    errors: list = []
+
+    def work():
+        try:
+            out.append(kernel(*args))
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(interval_s)
+        report(int(progress[0]))
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
+def simulate(config: Config | str | Path | None = None, overrides: list[str] | None = None,
+             progress=None) -> Result:
+    """Run every engine of `config` (a Config, a YAML path, or None for the built-in default)
+    on one workload. If given, `progress(stage: str, done: int, total: int)` is called as the
+    run advances (done/total: requests finished of those admitted, while simulating)."""
+    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    say = progress or (lambda stage, done=0, total=0: None)
+    model, gpu, plans = plan_engines(cfg)
+    say("generating workload")
+    workload = generate_workload(cfg.workload, cfg.simulation.seed)
+    measured = measured_mask(workload, cfg)
+    session = np.full(len(workload), -1, np.int64)
+    tables, summaries, timelines, memory = [], {}, {}, {}
+    for eng, pools in plans:
+        rep_int, rep_params, tok_table, seq_table = replica_arrays(model, pools, cfg.hardware.profile)
+        n_rep = rep_int.shape[0]
+        # Random routing draws come from their own stream, so they never shift the workload's.
+        draw = np.random.default_rng([cfg.simulation.seed, 1 << 20]).integers(0, n_rep, len(workload))
+        reason = rejections(workload, pools)
+        admitted = int((reason == 0).sum())
+        counter = np.zeros(1, np.int64)
+        args = (workload.arrival_s, workload.prompt_tokens, workload.output_tokens, reason > 0, measured, session,
+                draw, E.ROUTE_NAMES[cfg.cluster.router], rep_int, rep_params, tok_table, seq_table,
+                cfg.simulation.max_sim_time_s or np.inf, cfg.output.timeline, counter)
+        stage = f"simulating {eng.name}"
+        wall0 = time.perf_counter()
+        out = run_polled(run_cluster_nb, args, counter, lambda done: say(stage, done, admitted))
+        wall = time.perf_counter() - wall0
+        itl_hist, itl_stats, timeline, counters = out[8:]
+        table = request_table(eng.name, workload, reason, out)
+        summaries[eng.name] = summarize(table, itl_stats_from_histogram(itl_hist, itl_stats), cfg.simulation,
+                                        cfg.slo, cluster_summary(eng, pools, counters, table, wall))
+        tables.append(table)
+        memory[eng.name] = pools[0].memory
+        if cfg.output.timeline:
+            timelines[eng.name] = pa.table({name: timeline[:, i] for i, name in enumerate(E.TL_COLUMNS)})
+    return Result(pa.concat_tables(tables), summaries, timelines, memory)
+
+
+def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray, table: pa.Table, wall: float) -> dict:
+    """fastsim's own figures: memory, iterations, preemptions, per replica and in total."""
+    replicas = []
+    for rp in pools:
+        for _ in range(rp.count):
+            c = counters[len(replicas)]
+            replicas.append({"replica": len(replicas), "pool": rp.pool, "gpu": rp.gpu.name,
+                             "tensor_parallel_size": rp.engine.tensor_parallel_size,
+                             "pipeline_parallel_size": rp.engine.pipeline_parallel_size,
+                             "num_gpu_blocks": rp.memory.num_gpu_blocks, "requests": int(c[4]),
+                             "iterations": int(c[0]), "preemptions": int(c[3]), "peak_kv_blocks_used": int(c[1])})
+    finished = table.column("finish_s").to_numpy()
+    return {"engine": eng.name, "num_replicas": len(replicas),
+            "num_gpus": sum(rp.count * rp.engine.tensor_parallel_size * rp.engine.pipeline_parallel_size
+                            for rp in pools),
+            "num_gpu_blocks": sum(r["num_gpu_blocks"] for r in replicas),
+            "kv_cache_gb": sum(rp.count * rp.memory.kv_cache_bytes for rp in pools) / 1e9,
+            "kv_cache_tokens": sum(rp.count * rp.memory.kv_tokens for rp in pools),
+            "peak_kv_blocks_used": max(r["peak_kv_blocks_used"] for r in replicas),
+            "iterations": int(counters[:, 0].sum()), "preemptions": int(counters[:, 3].sum()),
+            "simulated_time_s": float(np.nanmax(finished)) if np.isfinite(finished).any() else 0.0,
+            "wall_time_s": wall, "replicas": replicas}
