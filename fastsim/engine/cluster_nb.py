@@ -440,12 +440,12 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
               log_min, inv_log_step):
     """Batch `bid` of replica r completed at `end`: each request it sampled for gets a token; finished
     requests leave their slots. Returns (requests finished, blocks freed)."""
-    # Most tokens share one inter-token gap (their previous token came from the same batch): one
-    # bin and one multiply for all of them.
+    # Most tokens share one inter-token gap (their previous token came from the same batch): they
+    # are counted against the first one's previous-token time and binned together at the end.
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
-    run_itl = -1.0
-    run_count = 0
+    ref_last = -1.0
+    n_ref = 0
     done = 0
     freed = 0
     running = n_running[r]
@@ -463,11 +463,16 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
             if gap > s_max_itl[k]:
                 s_max_itl[k] = gap
             if s_measured[k]:
-                if gap != run_itl:
-                    _flush_itl(itl_hist, itl, run_itl, run_count, log_min, inv_log_step)
-                    run_itl = gap
-                    run_count = 0
-                run_count += 1
+                if s_last[k] == ref_last:
+                    n_ref += 1
+                elif n_ref == 0:
+                    ref_last = s_last[k]
+                    n_ref = 1
+                else:
+                    itl_hist[_itl_bin(gap, log_min, inv_log_step, E.ITL_BINS)] += 1
+                    itl[0] += 1.0
+                    itl[1] += gap
+                    itl[2] += gap * gap
         s_last[k] = end
         if gen >= s_output[k]:
             finish[i] = end
@@ -477,7 +482,12 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
             freed += s_blocks[k]
             s_blocks[k] = -1  # marks the slot for removal
             done += 1
-    _flush_itl(itl_hist, itl, run_itl, run_count, log_min, inv_log_step)
+    if n_ref > 0:
+        gap = end - ref_last
+        itl_hist[_itl_bin(gap, log_min, inv_log_step, E.ITL_BINS)] += n_ref
+        itl[0] += n_ref
+        itl[1] += n_ref * gap
+        itl[2] += n_ref * gap * gap
     if done > 0:
         m = 0
         for k in range(running):
@@ -496,12 +506,3 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
                 m += 1
         n_running[r] = m
     return done, freed
-
-
-@njit(cache=True, error_model="numpy")
-def _flush_itl(itl_hist, itl, gap, count, log_min, inv_log_step):
-    if count > 0:
-        itl_hist[_itl_bin(gap, log_min, inv_log_step, E.ITL_BINS)] += count
-        itl[0] += count
-        itl[1] += count * gap
-        itl[2] += count * gap * gap
