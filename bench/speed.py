@@ -2,7 +2,7 @@
 
 Llama-3-8B on H100-SXM, ShareGPT lengths, Poisson arrivals at ~80% of a replica's capacity
 (measured first with an offline batch run), stepping every iteration exactly: one replica at each
-size, then 64 data-parallel replicas (least_requests router, 64x the rate) at 1M requests.
+size, then 64 data-parallel replicas (round-robin router, 64x the rate) at 1M requests.
 
 Usage: python bench/speed.py [--sizes 10000,100000,1000000] [--replicas 1,64]
 Each size runs in its own process so its peak RSS is its own. Compile time is measured cold (an
@@ -38,7 +38,7 @@ def one_run(n: int, rate: float, repeats: int, replicas: int = 1) -> dict:
     cfg["workload"]["num_requests"] = n
     cfg["workload"]["clients"][0]["arrival"]["rate"] = rate * replicas
     cfg["engine"]["data_parallel_size"] = replicas
-    cfg["cluster"] = {"router": "least_requests"}
+    cfg["cluster"] = {"router": "round_robin"}
     best_engine, best_total = float("inf"), float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -225,5 +225,6 @@ def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray,
             "kv_cache_tokens": sum(rp.count * rp.memory.kv_tokens for rp in pools),
             "peak_kv_blocks_used": max(r["peak_kv_blocks_used"] for r in replicas),
             "iterations": int(counters[:, 0].sum()), "preemptions": int(counters[:, 3].sum()),
+            "decode_stretch_iterations": int(counters[:, 5].sum()),
             "simulated_time_s": float(np.nanmax(finished)) if np.isfinite(finished).any() else 0.0,
             "wall_time_s": wall, "replicas": replicas}

@@ -29,7 +29,8 @@ def replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blo
 
 def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=8192, block_size=16,
         num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
-        timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None):
+        timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None,
+        fast_decode=True):
     ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
                                             chunked, threshold, v0, overhead_s, stages)
     arrivals = np.asarray(arrivals, dtype=np.float64)
@@ -39,7 +40,8 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
     draw = np.random.default_rng(0).integers(0, replicas, n)
     out = run_cluster_nb(arrivals, np.asarray(prompts, dtype=np.int64), np.asarray(outputs, dtype=np.int64),
                          rejected, np.ones(n, np.bool_), session, draw, policy, np.array([ints] * replicas),
-                         np.array([params] * replicas), tok, seq, max_time_s, timeline, np.zeros(1, np.int64))
+                         np.array([params] * replicas), tok, seq, max_time_s, timeline, np.zeros(1, np.int64),
+                         fast_decode)
     keys = ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",
             "itl_hist", "itl_stats", "timeline", "counters")
     res = dict(zip(keys, out))
@@ -183,3 +185,40 @@ def test_kernel_matches_reference_scheduler(wl, e):
     assert (r["first_sched"] < r["first_tok"]).all() and (r["first_tok"] <= r["finish"]).all()
     assert tl[:, E.TL_NUM_TOKENS].max() <= e["max_num_batched_tokens"] or e["v0"]
     assert tl[:, E.TL_NUM_SEQS].max() <= e["max_num_seqs"] or e["v0"]
+
+
+@given(wl=workloads, e=engines, replicas=st.integers(1, 3), window=st.booleans(),
+       policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV]))
+def test_decode_stretches_change_nothing(wl, e, replicas, window, policy):
+    """Stepping steady decodes in O(1) each gives bit-identical results to the plain loop."""
+    arrivals, prompts, outputs = wl
+    kept = _fits(prompts, outputs, e)
+    if not kept:
+        return
+    arrivals = sorted(arrivals)[: len(kept)]
+    prompts, outputs = [k[0] for k in kept], [k[1] * 5 for k in kept]
+    kw = dict(max_num_seqs=e["max_num_seqs"], max_num_batched_tokens=e["max_num_batched_tokens"],
+              block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
+              threshold=e["threshold"], v0=e["v0"], timeline=False, replicas=replicas,
+              policy=policy, max_time_s=2.0 if window else np.inf)
+    a = run(arrivals, prompts, outputs, fast_decode=True, **kw)
+    b = run(arrivals, prompts, outputs, fast_decode=False, **kw)
+    for key in ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",
+                "itl_hist"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    np.testing.assert_array_equal(a["counters"][..., :5], b["counters"][..., :5])
+    np.testing.assert_allclose(a["itl_stats"], b["itl_stats"], rtol=1e-12)
+
+
+def test_decode_stretch_is_taken_and_exact_on_a_long_run():
+    rng = np.random.default_rng(5)
+    n = 300
+    arrivals = np.sort(rng.uniform(0, 60, n))
+    prompts, outputs = rng.integers(10, 2000, n), rng.integers(50, 800, n)
+    a = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast_decode=True)
+    b = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast_decode=False)
+    for key in ("first_tok", "finish", "preempts", "max_itl", "itl_hist"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    np.testing.assert_array_equal(a["counters"][:5], b["counters"][:5])
+    assert b["preempts"].sum() > 0  # the run includes preemptions around the stretches
+    assert b["counters"][5] == 0 and a["counters"][5] > 0.5 * a["counters"][0]  # most iterations stretched

@@ -108,7 +108,8 @@ def _route(policy, i, n_rep, rr_next, draw, session, session_replica, outstandin
 
 @njit(cache=True, error_model="numpy", nogil=True)
 def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw, policy,
-                   rep_int, rep_params, tok_table, seq_table, max_time_s, record_timeline, progress):
+                   rep_int, rep_params, tok_table, seq_table, max_time_s, record_timeline, progress,
+                   fast_decode=True):
     """Simulate replicas (rows of rep_int / rep_params, see enums.RI_* and cost_nb) over requests
     sorted by arrival. `rejected` requests are never scheduled; `measured` ones feed the ITL
     histogram; `session` (-1: none) and `draw` (a pre-drawn replica per request) serve the router.
@@ -117,10 +118,13 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
 
     Returns per-request (status, first_scheduled_s, first_token_s, finish_s, generated, preemptions,
     max_itl_s, replica), then (itl_hist, itl_stats=[count, sum, sum of squares], timeline,
-    per-replica counters [iterations, peak_blocks_used, free_blocks_at_end, preemptions, requests]).
+    per-replica counters [iterations, peak_blocks_used, free_blocks_at_end, preemptions, requests,
+    iterations stepped in decode stretches]).
     `progress[0]` is kept at the number of requests done, for a progress bar polled from another
-    thread (the kernel releases the GIL).
+    thread (the kernel releases the GIL). `fast_decode` lets steady decoding stretches advance in
+    O(1) per iteration (same iterations, same arithmetic; off only to test that it changes nothing).
     """
+    fast_decode = fast_decode and not record_timeline
     n = arrival_s.size
     n_rep = rep_int.shape[0]
     max_seqs = 1
@@ -171,6 +175,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     rep_peak = np.zeros(n_rep, np.int64)
     rep_preempts = np.zeros(n_rep, np.int64)
     rep_requests = np.zeros(n_rep, np.int64)
+    rep_stretched = np.zeros(n_rep, np.int64)
 
     n_sessions = 0
     for i in range(n):
@@ -199,6 +204,25 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             n_left += 1
     a = 0
     rr_next = 0
+    # Round-robin and random routing do not depend on the replicas' state: route every request up
+    # front, so a replica knows its own next arrival and can step steady decodes up to it.
+    stateless = policy == E.ROUTE_ROUND_ROBIN or policy == E.ROUTE_RANDOM
+    dest = np.full(n, -1, np.int64)
+    next_same = np.full(n, -1, np.int64)   # the next request routed to the same replica
+    own_next = np.full(n_rep, -1, np.int64)  # each replica's next request still to arrive
+    if stateless:
+        last_for = np.full(n_rep, -1, np.int64)
+        for i in range(n):
+            if rejected[i]:
+                continue
+            d = _route(policy, i, n_rep, rr_next, draw, session, session_replica, outstanding, used_frac)
+            rr_next += 1
+            dest[i] = d
+            if last_for[d] < 0:
+                own_next[d] = i
+            else:
+                next_same[last_for[d]] = i
+            last_for[d] = i
     while n_left > 0:
         t_arr = arrival_s[a] if a < n else INF
         r = _tree_argmin(tree, leaves)
@@ -209,8 +233,11 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             if t_arr > max_time_s:
                 break
             if not rejected[a]:
-                dst = _route(policy, a, n_rep, rr_next, draw, session, session_replica, outstanding, used_frac)
-                rr_next += 1
+                if stateless:
+                    dst = dest[a]
+                    own_next[dst] = next_same[a]
+                else:
+                    dst = _route(policy, a, n_rep, rr_next, draw, session, session_replica, outstanding, used_frac)
                 if session[a] >= 0 and session_replica[session[a]] < 0:
                     session_replica[session[a]] = dst
                 replica[a] = dst
@@ -249,6 +276,25 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             progress[0] += done
             fl_head[r] = (fl_head[r] + 1) % max_stages
             fl_count[r] -= 1
+
+        # 1b. steady decoding: step every iteration up to the next event in O(1) each
+        if fast_decode and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0:
+            k_iters, t_end = _decode_run(
+                r, t_r, (arrival_s[own_next[r]] if own_next[r] >= 0 else INF) if stateless else (
+                    arrival_s[a] if a < n else INF), max_time_s, ri, p, tok_table, seq_table, v0,
+                prompt, generated, n_running, free, q_head, n_waiting, s_prompt, s_tokens, s_computed,
+                s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample, stage_free, itl_hist, itl,
+                log_min, inv_log_step)
+            if k_iters > 0:
+                rep_iters[r] += k_iters
+                rep_stretched[r] += k_iters
+                batch_seq[r] += k_iters
+                used = ri[E.RI_NUM_BLOCKS] - free[r]
+                if used > rep_peak[r]:
+                    rep_peak[r] = used
+                used_frac[r] = used / ri[E.RI_NUM_BLOCKS]
+                _tree_update(tree, leaves, r, t_end)
+                continue
 
         # 2. a new batch, if a virtual engine is free
         n_sched = 0
@@ -309,9 +355,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         if n_sched > 0:
             n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
             tokens = n_dec + pre_tokens
-            body = tok_table[ri[E.RI_TOK_OFF] + tokens] + p[LAYERS] * attention_time_nb(
-                p, n_dec, dec_keys, n_pre, pairs, pre_keys, pre_tokens)
-            head = seq_table[ri[E.RI_SEQ_OFF] + n_dec + n_pre]
+            body, head = _stage_time(p, ri, tok_table, seq_table, agg)
             send = pp_send_time_nb(p, tokens) if stages > 1 else 0.0
             t = t_r + p[FRAMEWORK_OVERHEAD_S]
             for s in range(stages):
@@ -365,13 +409,14 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     for i in range(n):
         if status[i] == E.PENDING or status[i] == E.RUNNING:
             status[i] = E.UNFINISHED
-    counters = np.empty((n_rep, 5), np.int64)
+    counters = np.empty((n_rep, 6), np.int64)
     for r in range(n_rep):
         counters[r, 0] = rep_iters[r]
         counters[r, 1] = rep_peak[r]
         counters[r, 2] = free[r]
         counters[r, 3] = rep_preempts[r]
         counters[r, 4] = rep_requests[r]
+        counters[r, 5] = rep_stretched[r]
     return (status, first_sched, first_tok, finish, generated, preempts, max_itl, replica,
             itl_hist, itl, timeline[:n_tl].copy(), counters)
 
@@ -506,3 +551,107 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
                 m += 1
         n_running[r] = m
     return done, freed
+
+
+@njit(cache=True, error_model="numpy")
+def _stage_time(p, ri, tok_table, seq_table, agg):
+    """(layers' time, LM head's time) of one batch on one pipeline stage, from its aggregates."""
+    n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
+    body = tok_table[ri[E.RI_TOK_OFF] + n_dec + pre_tokens] + p[LAYERS] * attention_time_nb(
+        p, n_dec, dec_keys, n_pre, pairs, pre_keys, pre_tokens)
+    return body, seq_table[ri[E.RI_SEQ_OFF] + n_dec + n_pre]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _decode_run(r, t_r, t_arrival, max_time_s, ri, p, tok_table, seq_table, v0, prompt, generated, n_running,
+                free, q_head, n_waiting, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl,
+                s_measured, s_sample, stage_free, itl_hist, itl, log_min, inv_log_step):
+    """Replica r at t_r has every running request ready to decode, nothing in flight: step the
+    decode iterations that the normal path would run before anything else can happen (an arrival,
+    a request finishing, a preemption, an admission) in O(1) each, and apply them.
+
+    Each iteration is what the normal path computes: every slot decodes one token, the batch costs
+    the same tabulated arithmetic, KV blocks are allocated at the same iterations. Returns
+    (iterations run, end of the last), or (0, t_r) when the stretch does not apply.
+    """
+    s_prompt, s_tokens, s_computed, s_output = s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
+    s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
+    nrun = n_running[r]
+    bs = ri[E.RI_BLOCK_SIZE]
+    budget = ri[E.RI_MAX_TOKENS]
+    if nrun > budget:
+        return 0, t_r
+    # Every slot: one token ready to decode, sampled at this very completion.
+    keys = 0
+    n_meas = 0
+    k_max = 1 << 62
+    phase = np.zeros(bs, np.int64)  # slots needing a new block at iterations j with j % bs == index
+    for k in range(nrun):
+        if s_tokens[k] - s_computed[k] != 1 or s_last[k] != t_r or s_computed[k] < s_prompt[k]:
+            return 0, t_r
+        keys += s_computed[k] + 1
+        n_meas += s_measured[k]
+        # Stop before the iteration in which a request would finish (the normal path frees it).
+        k_max = min(k_max, s_output[k] - (s_tokens[k] - s_prompt[k]) - 1)
+        room = s_blocks[k] * bs - s_computed[k]
+        phase[(room + 1) % bs] += 1
+    if k_max <= 0:
+        return 0, t_r
+    # The waiting head: admissible after this iteration's allocations means no stretch (free
+    # blocks only shrink during a stretch, so blocked now is blocked throughout).
+    free_r = free[r]
+    first_need = phase[1 % bs]
+    if n_waiting[r] > 0 and nrun < ri[E.RI_MAX_SEQS] and budget - nrun > 0:
+        i = q_head[r]
+        new = prompt[i] + generated[i]
+        thr = ri[E.RI_THRESHOLD]
+        if not v0 and thr > 0 and new > thr:
+            new = thr
+        chunk_ok = not (v0 or ri[E.RI_CHUNKED] == 0) or new <= budget - nrun
+        new = min(new, budget - nrun)
+        watermark = int(0.01 * ri[E.RI_NUM_BLOCKS]) if v0 else 0
+        if v0:
+            return 0, t_r  # V0 tries a prefill before decoding; only V1 is stretched
+        if chunk_ok and _ceil_div(new, bs) <= free_r - first_need - watermark:
+            return 0, t_r
+    t = t_r
+    overhead = p[FRAMEWORK_OVERHEAD_S]
+    agg = (nrun, 0.0, 0, 0, 0.0, 0.0)
+    worst_gap = 0.0
+    j = 0
+    while j < k_max:
+        if j > 0 and t >= t_arrival:  # the next iteration would start at or after an arrival
+            break
+        need = phase[(j + 1) % bs]
+        if need > free_r:  # a preemption: the normal path decides it
+            break
+        agg = (nrun, float(keys + j * nrun), 0, 0, 0.0, 0.0)
+        body, head = _stage_time(p, ri, tok_table, seq_table, agg)
+        start = max(t + overhead, stage_free[r, 0])
+        end = start + body + head
+        if end > max_time_s:
+            break
+        free_r -= need
+        gap = end - t
+        if gap > worst_gap:
+            worst_gap = gap
+        if n_meas > 0:
+            itl_hist[_itl_bin(gap, log_min, inv_log_step, E.ITL_BINS)] += n_meas
+            itl[0] += n_meas
+            itl[1] += n_meas * gap
+            itl[2] += n_meas * gap * gap
+        stage_free[r, 0] = end
+        t = end
+        j += 1
+    if j == 0:
+        return 0, t_r
+    free[r] = free_r
+    for k in range(nrun):
+        s_computed[k] += j
+        s_tokens[k] += j
+        s_blocks[k] = max(s_blocks[k], _ceil_div(s_computed[k], bs))
+        s_last[k] = t
+        s_sample[k] = -1
+        if worst_gap > s_max_itl[k]:
+            s_max_itl[k] = worst_gap
+    return j, t
