@@ -43,7 +43,7 @@ _SUMMARY_ROWS = [
     ("mean_e2el_ms", "mean E2EL (ms)", "{:.2f}"), ("p99_e2el_ms", "p99 E2EL (ms)", "{:.2f}"),
     ("preemptions", "preemptions", "{:.0f}"), ("num_gpu_blocks", "KV blocks", "{:.0f}"),
     ("peak_kv_blocks_used", "peak KV blocks used", "{:.0f}"), ("iterations", "iterations", "{:.0f}"),
-    ("wall_time_s", "engine wall time (s)", "{:.3f}"),
+    ("comm_time_s", "TP communication (GPU-s)", "{:.2f}"), ("wall_time_s", "engine wall time (s)", "{:.3f}"),
 ]
 
 

@@ -136,13 +136,14 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
         ints[E.RI_WINDOW] = model.sliding_window or 0
         ints[E.RI_TOK_OFF] = tok_off
         ints[E.RI_SEQ_OFF] = seq_off
-        tok_parts.append(tok_c + tok_m)
-        seq_parts.append(seq_c + seq_m)
+        tok_parts.append(np.stack([tok_c + tok_m, tok_m]))
+        seq_parts.append(np.stack([seq_c + seq_m, seq_m]))
         tok_off += tok_c.size
         seq_off += seq_c.size
         rows_int += [ints] * rp.count
         rows_p += [params] * rp.count
-    return (np.array(rows_int), np.array(rows_p), np.concatenate(tok_parts), np.concatenate(seq_parts))
+    return (np.array(rows_int), np.array(rows_p), np.concatenate(tok_parts, axis=1),
+            np.concatenate(seq_parts, axis=1))
 
 
 def run_polled(kernel, args: tuple, progress: np.ndarray, report, interval_s: float = 0.1):
@@ -194,10 +195,10 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
         wall0 = time.perf_counter()
         out = run_polled(run_cluster_nb, args, counter, lambda done: say(stage, done, admitted))
         wall = time.perf_counter() - wall0
-        itl_hist, itl_stats, timeline, counters = out[8:]
+        itl_hist, itl_stats, timeline, counters, gpu_time = out[8:]
         table = request_table(eng.name, workload, reason, out)
         summaries[eng.name] = summarize(table, itl_stats_from_histogram(itl_hist, itl_stats), cfg.simulation,
-                                        cfg.slo, cluster_summary(eng, pools, counters, table, wall))
+                                        cfg.slo, cluster_summary(eng, pools, counters, gpu_time, table, wall))
         tables.append(table)
         memory[eng.name] = pools[0].memory
         if cfg.output.timeline:
@@ -205,7 +206,8 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
     return Result(pa.concat_tables(tables), summaries, timelines, memory)
 
 
-def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray, table: pa.Table, wall: float) -> dict:
+def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray, gpu_time: np.ndarray,
+                    table: pa.Table, wall: float) -> dict:
     """fastsim's own figures: memory, iterations, preemptions, per replica and in total."""
     replicas = []
     for rp in pools:
@@ -215,7 +217,9 @@ def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray,
                              "tensor_parallel_size": rp.engine.tensor_parallel_size,
                              "pipeline_parallel_size": rp.engine.pipeline_parallel_size,
                              "num_gpu_blocks": rp.memory.num_gpu_blocks, "requests": int(c[4]),
-                             "iterations": int(c[0]), "preemptions": int(c[3]), "peak_kv_blocks_used": int(c[1])})
+                             "iterations": int(c[0]), "preemptions": int(c[3]), "peak_kv_blocks_used": int(c[1]),
+                             "compute_time_s": float(gpu_time[len(replicas), 0]),
+                             "comm_time_s": float(gpu_time[len(replicas), 1])})
     finished = table.column("finish_s").to_numpy()
     return {"engine": eng.name, "num_replicas": len(replicas),
             "num_gpus": sum(rp.count * rp.engine.tensor_parallel_size * rp.engine.pipeline_parallel_size
@@ -226,5 +230,7 @@ def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray,
             "peak_kv_blocks_used": max(r["peak_kv_blocks_used"] for r in replicas),
             "iterations": int(counters[:, 0].sum()), "preemptions": int(counters[:, 3].sum()),
             "decode_stretch_iterations": int(counters[:, 5].sum()),
+            # Forward-pass time summed over iterations (and stages): TP communication apart.
+            "compute_time_s": float(gpu_time[:, 0].sum()), "comm_time_s": float(gpu_time[:, 1].sum()),
             "simulated_time_s": float(np.nanmax(finished)) if np.isfinite(finished).any() else 0.0,
             "wall_time_s": wall, "replicas": replicas}

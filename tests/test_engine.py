@@ -24,7 +24,7 @@ def replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blo
     ints[[E.RI_MAX_SEQS, E.RI_MAX_TOKENS, E.RI_BLOCK_SIZE, E.RI_NUM_BLOCKS, E.RI_CHUNKED, E.RI_THRESHOLD, E.RI_V0,
           E.RI_STAGES, E.RI_WINDOW]] = [max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked,
                                         threshold, v0, stages, cm.model.sliding_window or 0]
-    return ints, params, tok_c + tok_m, seq_c + seq_m
+    return ints, params, np.stack([tok_c + tok_m, tok_m]), np.stack([seq_c + seq_m, seq_m])
 
 
 def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=8192, block_size=16,
@@ -43,7 +43,7 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
                          np.array([params] * replicas), tok, seq, max_time_s, timeline, np.zeros(1, np.int64),
                          fast_decode)
     keys = ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",
-            "itl_hist", "itl_stats", "timeline", "counters")
+            "itl_hist", "itl_stats", "timeline", "counters", "gpu_time")
     res = dict(zip(keys, out))
     res["counters"] = res["counters"][0] if replicas == 1 else res["counters"]
     return res
@@ -207,6 +207,7 @@ def test_decode_stretches_change_nothing(wl, e, replicas, window, policy):
                 "itl_hist"):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     np.testing.assert_array_equal(a["counters"][..., :5], b["counters"][..., :5])
+    np.testing.assert_allclose(a["gpu_time"], b["gpu_time"], rtol=1e-12)
     np.testing.assert_allclose(a["itl_stats"], b["itl_stats"], rtol=1e-12)
 
 

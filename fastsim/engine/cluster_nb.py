@@ -113,13 +113,14 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     """Simulate replicas (rows of rep_int / rep_params, see enums.RI_* and cost_nb) over requests
     sorted by arrival. `rejected` requests are never scheduled; `measured` ones feed the ITL
     histogram; `session` (-1: none) and `draw` (a pre-drawn replica per request) serve the router.
-    tok_table / seq_table hold every replica's per-stage compute+comm by token count / sequence
-    count, at offsets rep_int[:, RI_TOK_OFF] / rep_int[:, RI_SEQ_OFF].
+    tok_table / seq_table hold every replica's per-stage time by token count / sequence count, at
+    offsets rep_int[:, RI_TOK_OFF] / rep_int[:, RI_SEQ_OFF]: row 0 compute + communication, row 1
+    communication alone (reported apart).
 
     Returns per-request (status, first_scheduled_s, first_token_s, finish_s, generated, preemptions,
     max_itl_s, replica), then (itl_hist, itl_stats=[count, sum, sum of squares], timeline,
     per-replica counters [iterations, peak_blocks_used, free_blocks_at_end, preemptions, requests,
-    iterations stepped in decode stretches]).
+    iterations stepped in decode stretches], per-replica GPU-seconds [compute, communication]).
     `progress[0]` is kept at the number of requests done, for a progress bar polled from another
     thread (the kernel releases the GIL). `fast_decode` lets steady decoding stretches advance in
     O(1) per iteration (same iterations, same arithmetic; off only to test that it changes nothing).
@@ -176,6 +177,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     rep_preempts = np.zeros(n_rep, np.int64)
     rep_requests = np.zeros(n_rep, np.int64)
     rep_stretched = np.zeros(n_rep, np.int64)
+    rep_time = np.zeros((n_rep, 2))  # GPU-seconds of forward passes: [compute, communication]
 
     n_sessions = 0
     for i in range(n):
@@ -284,7 +286,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                     arrival_s[a] if a < n else INF), max_time_s, ri, p, tok_table, seq_table, v0,
                 prompt, generated, n_running, free, q_head, n_waiting, s_prompt, s_tokens, s_computed,
                 s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample, stage_free, itl_hist, itl,
-                log_min, inv_log_step)
+                log_min, inv_log_step, rep_time)
             if k_iters > 0:
                 rep_iters[r] += k_iters
                 rep_stretched[r] += k_iters
@@ -356,6 +358,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
             tokens = n_dec + pre_tokens
             body, head = _stage_time(p, ri, tok_table, seq_table, agg)
+            _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages)
             send = pp_send_time_nb(p, tokens) if stages > 1 else 0.0
             t = t_r + p[FRAMEWORK_OVERHEAD_S]
             for s in range(stages):
@@ -418,7 +421,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         counters[r, 4] = rep_requests[r]
         counters[r, 5] = rep_stretched[r]
     return (status, first_sched, first_tok, finish, generated, preempts, max_itl, replica,
-            itl_hist, itl, timeline[:n_tl].copy(), counters)
+            itl_hist, itl, timeline[:n_tl].copy(), counters, rep_time)
 
 
 @njit(cache=True, error_model="numpy", inline="always")  # a call with this many arrays costs ~20%
@@ -557,15 +560,24 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
 def _stage_time(p, ri, tok_table, seq_table, agg):
     """(layers' time, LM head's time) of one batch on one pipeline stage, from its aggregates."""
     n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
-    body = tok_table[ri[E.RI_TOK_OFF] + n_dec + pre_tokens] + p[LAYERS] * attention_time_nb(
+    body = tok_table[0, ri[E.RI_TOK_OFF] + n_dec + pre_tokens] + p[LAYERS] * attention_time_nb(
         p, n_dec, dec_keys, n_pre, pairs, pre_keys, pre_tokens)
-    return body, seq_table[ri[E.RI_SEQ_OFF] + n_dec + n_pre]
+    return body, seq_table[0, ri[E.RI_SEQ_OFF] + n_dec + n_pre]
+
+
+@njit(cache=True, error_model="numpy")
+def _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages):
+    """Add one batch's GPU time, split into compute and communication (TP all-reduces, logits)."""
+    comm_layers = tok_table[1, ri[E.RI_TOK_OFF] + agg[0] + agg[3]]
+    comm_head = seq_table[1, ri[E.RI_SEQ_OFF] + agg[0] + agg[2]]
+    rep_time[r, 0] += stages * (body - comm_layers) + head - comm_head
+    rep_time[r, 1] += stages * comm_layers + comm_head
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _decode_run(r, t_r, t_arrival, max_time_s, ri, p, tok_table, seq_table, v0, prompt, generated, n_running,
                 free, q_head, n_waiting, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl,
-                s_measured, s_sample, stage_free, itl_hist, itl, log_min, inv_log_step):
+                s_measured, s_sample, stage_free, itl_hist, itl, log_min, inv_log_step, rep_time):
     """Replica r at t_r has every running request ready to decode, nothing in flight: step the
     decode iterations that the normal path would run before anything else can happen (an arrival,
     a request finishing, a preemption, an admission) in O(1) each, and apply them.
@@ -631,6 +643,7 @@ def _decode_run(r, t_r, t_arrival, max_time_s, ri, p, tok_table, seq_table, v0, 
         end = start + body + head
         if end > max_time_s:
             break
+        _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, 1)
         free_r -= need
         gap = end - t
         if gap > worst_gap:
