@@ -140,19 +140,46 @@ class Batch(_Strict):
 Arrival = Annotated[Union[Poisson, GammaArrivals, ConstantRate, Batch], Field(discriminator="process")]
 
 
+class Trace(_Strict):
+    """Requests replayed from a file: Azure LLM inference CSV (TIMESTAMP,ContextTokens,GeneratedTokens),
+    Mooncake JSONL (timestamp ms, input_length, output_length, hash_ids), Vidur/etalon CSV
+    (arrived_at,num_prefill_tokens,num_decode_tokens; without arrived_at the client's arrival
+    process times them) or a request table fastsim wrote."""
+    format: Literal["azure", "mooncake", "vidur", "fastsim"]
+    file: str
+    start_s: float = Field(default=0.0, ge=0, description="window start, seconds of trace time")
+    end_s: float | None = Field(default=None, gt=0, description="window end, seconds of trace time")
+    speedup: float = Field(default=1.0, gt=0, description="replay this many times faster (2 = twice the rate)")
+    rate: float | None = Field(default=None, gt=0, description="rescale arrivals to this mean rate, req/s")
+    sample: float = Field(default=1.0, gt=0, le=1, description="fraction of requests kept (seeded)")
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.end_s is not None and self.end_s <= self.start_s:
+            raise ValueError(f"end_s ({self.end_s}) must be after start_s ({self.start_s})")
+        return self
+
+
 class Client(_Strict):
     name: str = "default"
-    arrival: Arrival = Poisson(process="poisson", rate=1.0)
+    arrival: Arrival | None = None
     num_requests: int | None = Field(default=None, ge=1, description="this client's share; default: "
                                      "workload.num_requests split by rate")
     prompt_tokens: LengthDist | None = None
     output_tokens: LengthDist | None = None
     dataset: Dataset | None = None
+    trace: Trace | None = None
 
     @model_validator(mode="after")
     def _lengths(self):
+        if self.trace is not None:
+            if self.dataset is not None or self.prompt_tokens is not None or self.output_tokens is not None:
+                raise ValueError("a trace brings its own lengths: drop dataset/prompt_tokens/output_tokens")
+            return self
+        if self.arrival is None:
+            raise ValueError("give an arrival process, e.g. arrival: {process: poisson, rate: 5.0}")
         if self.dataset is None and (self.prompt_tokens is None or self.output_tokens is None):
-            raise ValueError("give prompt_tokens and output_tokens distributions, or a dataset")
+            raise ValueError("give prompt_tokens and output_tokens distributions, a dataset, or a trace")
         if self.dataset is not None and (self.prompt_tokens is not None or self.output_tokens is not None):
             raise ValueError("give either a dataset or prompt_tokens/output_tokens, not both")
         return self
@@ -165,8 +192,10 @@ class Workload(_Strict):
 
     @model_validator(mode="after")
     def _size(self):
-        if (self.num_requests is None) == (self.duration_s is None) and not all(
-                c.num_requests for c in self.clients):
+        if self.num_requests is not None and self.duration_s is not None:
+            raise ValueError("give one of num_requests or duration_s, not both")
+        sized = all(c.num_requests or c.trace for c in self.clients)
+        if self.num_requests is None and self.duration_s is None and not sized:
             raise ValueError("give exactly one of num_requests or duration_s")
         if self.duration_s is not None and any(isinstance(c.arrival, Batch) for c in self.clients) \
                 and not all(c.num_requests for c in self.clients if isinstance(c.arrival, Batch)):

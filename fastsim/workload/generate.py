@@ -6,7 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastsim import config as C
+from fastsim.errors import FastsimError
 from fastsim.workload.distributions import builtin_dataset_path, read_column, sample_lengths
+from fastsim.workload.traces import read_trace
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ def split_requests(total: int, clients: list[C.Client]) -> list[int]:
     left = max(total - sum(f for f in fixed if f), 0)
     if not rest:
         return [int(f) for f in fixed]
-    rates = [_rate(clients[i].arrival) for i in rest]
+    rates = [_rate(clients[i].arrival) if clients[i].arrival is not None else None for i in rest]
     known = [r for r in rates if r]
     fill = float(np.mean(known)) if known else 1.0
     w = np.array([r or fill for r in rates], dtype=float)
@@ -75,15 +77,47 @@ def arrivals(spec, n: int | None, duration_s: float | None, rng: np.random.Gener
         t0 = t[-1]
 
 
+def replay(client: C.Client, limit: int | None, duration_s: float | None, rng: np.random.Generator, field: str):
+    """A trace client's (arrival_s, prompt, output): windowed, sampled, time-scaled, limited."""
+    tr = client.trace
+    rows = read_trace(tr.format, tr.file)
+    if rows.arrival_s is not None:
+        t = rows.arrival_s
+        keep = (t >= tr.start_s) & ((t < tr.end_s) if tr.end_s is not None else True)
+        rows = rows.take(np.flatnonzero(keep))
+    if tr.sample < 1.0:
+        rows = rows.take(np.flatnonzero(rng.random(len(rows)) < tr.sample))
+    if rows.arrival_s is None:
+        if client.arrival is None:
+            raise FastsimError(f"{field}.trace: {tr.file} has lengths but no arrival times; give the client "
+                               "an arrival process, e.g. arrival: {process: poisson, rate: 5.0}")
+        n = len(rows) if limit is None else min(limit, len(rows))
+        t = arrivals(client.arrival, n, None, rng)
+        return t, rows.prompt_tokens[:n], rows.output_tokens[:n]
+    t = rows.arrival_s - (rows.arrival_s.min() if len(rows) else 0.0)
+    t = t / tr.speedup
+    if tr.rate is not None and len(rows) > 1 and t.max() > 0:
+        t = t * ((len(rows) - 1) / tr.rate / t.max())
+    n = len(rows) if limit is None else min(limit, len(rows))
+    if duration_s is not None:
+        n = min(n, int(np.searchsorted(t, duration_s, side="left")))
+    return t[:n], rows.prompt_tokens[:n], rows.output_tokens[:n]
+
+
 def generate_workload(wl: C.Workload, seed: int) -> Workload:
     counts = split_requests(wl.num_requests, wl.clients) if wl.num_requests else [c.num_requests for c in wl.clients]
     parts = []
     for i, client in enumerate(wl.clients):
         # One independent stream per client: adding a client leaves the others' samples unchanged.
         rng = np.random.default_rng([seed, i])
+        field = f"workload.clients.{i}"
+        if client.trace is not None:
+            limit = client.num_requests or (counts[i] if wl.num_requests else None)
+            t, prompt, output = replay(client, limit, wl.duration_s, rng, field)
+            parts.append((t, prompt, output, np.full(t.size, i, dtype=np.int32)))
+            continue
         t = arrivals(client.arrival, counts[i], None if counts[i] is not None else wl.duration_s, rng)
         n = t.size
-        field = f"workload.clients.{i}"
         if client.dataset is not None:
             path = client.dataset.file or str(builtin_dataset_path(client.dataset.name))
             p = read_column(path, client.dataset.prompt_column, f"{field}.dataset")

@@ -1,0 +1,110 @@
+"""Trace replay: each format, its transformations, and clean errors for malformed files."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fastsim.config import load_config
+from fastsim.errors import FastsimError
+from fastsim.simulation import simulate
+from fastsim.workload import generate_workload
+from fastsim.workload.traces import read_trace
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def trace_cfg(tmp_path, trace: dict, **client):
+    d = {"model": "meta-llama/Meta-Llama-3-8B", "hardware": {"gpu": "H100-SXM"},
+         "workload": {"clients": [{"name": "replay", "trace": trace, **client}]}}
+    p = tmp_path / "t.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def test_azure_times_and_lengths():
+    rows = read_trace("azure", FIX / "azure_conv_200.csv")
+    assert len(rows) == 200
+    # First two rows: 18:15:46.6805900 and 18:15:50.9951690 -> 4.314579 s apart; 374 / 44 tokens.
+    assert rows.arrival_s[0] == 0 and rows.arrival_s[1] == pytest.approx(4.314579, abs=1e-9)
+    assert rows.prompt_tokens[:2].tolist() == [374, 396] and rows.output_tokens[:2].tolist() == [44, 109]
+
+
+def test_mooncake_times_lengths_and_block_ids():
+    rows = read_trace("mooncake", FIX / "mooncake_conversation_300.jsonl")
+    assert len(rows) == 300 and rows.hash_block_tokens == 512
+    assert rows.prompt_tokens[0] == 6758 and rows.output_tokens[0] == 500
+    first = rows.hash_ids[rows.hash_offsets[0]:rows.hash_offsets[1]]
+    assert first.tolist() == list(range(14))  # 6758 tokens = 14 blocks of 512
+    assert (np.diff(rows.arrival_s) >= 0).all()
+
+
+def test_lengths_only_trace_takes_the_client_arrivals(tmp_path):
+    p = trace_cfg(tmp_path, {"format": "vidur", "file": str(FIX / "etalon_sharegpt_200.csv")},
+                  arrival={"process": "constant", "rate": 10.0})
+    w = generate_workload(load_config(p).workload, 0)
+    assert len(w) == 200 and w.arrival_s[1] == pytest.approx(0.1)
+    assert w.prompt_tokens[:2].tolist() == [74, 290]
+    with pytest.raises(FastsimError, match="no arrival times"):
+        generate_workload(load_config(trace_cfg(tmp_path, {"format": "vidur",
+                                                           "file": str(FIX / "etalon_sharegpt_200.csv")})).workload, 0)
+
+
+def test_vidur_with_arrivals(tmp_path):
+    f = tmp_path / "v.csv"
+    f.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n1.5,10,3\n2.0,20,4\n")
+    rows = read_trace("vidur", f)
+    assert rows.arrival_s.tolist() == [0.0, 0.5] and rows.prompt_tokens.tolist() == [10, 20]
+
+
+def test_window_speedup_rate_and_sample(tmp_path):
+    full = read_trace("azure", FIX / "azure_conv_200.csv")
+    base = {"format": "azure", "file": str(FIX / "azure_conv_200.csv")}
+    w = generate_workload(load_config(trace_cfg(tmp_path, base | {"speedup": 2.0})).workload, 0)
+    assert np.allclose(w.arrival_s, full.arrival_s / 2)
+    w = generate_workload(load_config(trace_cfg(tmp_path, base | {"rate": 50.0})).workload, 0)
+    assert (len(w) - 1) / w.arrival_s.max() == pytest.approx(50.0)
+    w = generate_workload(load_config(trace_cfg(tmp_path, base | {"start_s": 10, "end_s": 20})).workload, 0)
+    inside = (full.arrival_s >= 10) & (full.arrival_s < 20)
+    assert len(w) == inside.sum() and w.arrival_s[0] == 0
+    assert w.prompt_tokens.tolist() == full.prompt_tokens[inside].tolist()
+    a = generate_workload(load_config(trace_cfg(tmp_path, base | {"sample": 0.5})).workload, 0)
+    b = generate_workload(load_config(trace_cfg(tmp_path, base | {"sample": 0.5})).workload, 0)
+    assert 70 < len(a) < 130 and np.array_equal(a.prompt_tokens, b.prompt_tokens)
+
+
+def test_replaying_a_past_run(tmp_path):
+    p = trace_cfg(tmp_path, {"format": "azure", "file": str(FIX / "azure_conv_200.csv")})
+    first = simulate(p)
+    out = tmp_path / "req.parquet"
+    import pyarrow.parquet as pq
+    pq.write_table(first.requests, out)
+    again = simulate(trace_cfg(tmp_path, {"format": "fastsim", "file": str(out)}))
+    assert np.array_equal(again.requests.column("arrival_s").to_numpy(), first.requests.column("arrival_s").to_numpy())
+    assert np.array_equal(again.requests.column("finish_s").to_numpy(), first.requests.column("finish_s").to_numpy())
+
+
+@pytest.mark.parametrize("fmt,text,needle", [
+    ("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,374,44\nyesterday,1,2\n",
+     ":3: TIMESTAMP = 'yesterday'"),
+    ("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,-5,44\n", ":2: ContextTokens = '-5'"),
+    ("azure", "TIMESTAMP,Context\n", ":1: not a Azure trace: no column 'ContextTokens'"),
+    ("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,3\n", ":2: wrong number of fields"),
+    ("mooncake", '{"timestamp": 0, "input_length": 5, "output_length": 2, "hash_ids": [0]}\n{"timestamp": 1,',
+     ":2: not valid JSON"),
+    ("mooncake", '{"timestamp": 0, "input_length": 5}\n', ":1: no 'output_length' field"),
+    ("mooncake", '{"timestamp": 0, "input_length": 5, "output_length": 2, "hash_ids": ["a"]}\n',
+     ":1: hash_ids must be a list of integers"),
+    ("vidur", "arrived_at,num_prefill_tokens,num_decode_tokens\n0,abc,3\n", ":2: num_prefill_tokens = 'abc'"),
+])
+def test_malformed_lines_name_file_and_line(tmp_path, fmt, text, needle):
+    f = tmp_path / "bad.txt"
+    f.write_text(text)
+    with pytest.raises(FastsimError) as e:
+        read_trace(fmt, f)
+    assert needle in str(e.value) and str(f) in str(e.value)
+
+
+def test_missing_trace_file(tmp_path):
+    with pytest.raises(FastsimError, match="cannot open"):
+        read_trace("azure", tmp_path / "none.csv")
