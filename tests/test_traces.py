@@ -108,3 +108,12 @@ def test_malformed_lines_name_file_and_line(tmp_path, fmt, text, needle):
 def test_missing_trace_file(tmp_path):
     with pytest.raises(FastsimError, match="cannot open"):
         read_trace("azure", tmp_path / "none.csv")
+
+
+def test_take_keeps_each_rows_block_ids():
+    rows = read_trace("mooncake", FIX / "mooncake_conversation_300.jsonl")
+    idx = np.array([1, 5, 7])
+    sub = rows.take(idx)
+    for j, i in enumerate(idx):
+        assert sub.hash_ids[sub.hash_offsets[j]:sub.hash_offsets[j + 1]].tolist() == \
+            rows.hash_ids[rows.hash_offsets[i]:rows.hash_offsets[i + 1]].tolist()

@@ -33,8 +33,9 @@ class TraceRows:
         if self.hash_offsets is not None:
             lens = np.diff(self.hash_offsets)[idx]
             offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-            ids = np.concatenate([self.hash_ids[self.hash_offsets[i]:self.hash_offsets[i + 1]] for i in idx]) \
-                if idx.size else np.zeros(0, np.int64)
+            # Position of every kept id: each row's start, then 0, 1, 2, ... within the row.
+            within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lens)
+            ids = self.hash_ids[np.repeat(self.hash_offsets[idx], lens) + within]
         return TraceRows(None if self.arrival_s is None else self.arrival_s[idx], self.prompt_tokens[idx],
                          self.output_tokens[idx], offsets, ids, self.hash_block_tokens)
 
@@ -143,6 +144,7 @@ def read_fastsim(path: Path) -> TraceRows:
     """A request table fastsim wrote (Parquet, Arrow or CSV): replays arrival_s, prompt_tokens,
     output_tokens. Rejected requests are replayed too: they were part of the offered load."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.csv as pacsv
     import pyarrow.ipc as ipc
     import pyarrow.parquet as pq
@@ -161,9 +163,9 @@ def read_fastsim(path: Path) -> TraceRows:
     missing = [c for c in cols if c not in table.column_names]
     if missing:
         raise FastsimError(f"{path}: not a fastsim request table: no column {missing[0]!r}")
-    if "engine" in table.column_names:  # a multi-engine run holds the same workload once per engine
-        first = table.column("engine")[0].as_py() if table.num_rows else None
-        table = table.filter(np.asarray(table.column("engine").to_pylist()) == first)
+    if "engine" in table.column_names and table.num_rows:  # a multi-engine run: the workload once per engine
+        engines = table.column("engine").cast(pa.string())
+        table = table.filter(pc.equal(engines, engines[0].as_py()))
     arrival = table.column("arrival_s").to_numpy(zero_copy_only=False).astype(np.float64)
     prompt = table.column("prompt_tokens").to_numpy(zero_copy_only=False)
     output = table.column("output_tokens").to_numpy(zero_copy_only=False)
