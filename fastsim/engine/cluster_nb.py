@@ -281,20 +281,29 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
 
         # 1b. steady decoding: step every iteration up to the next event in O(1) each
         if fast_decode and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0:
-            k_iters, t_end = _decode_run(
-                r, t_r, (arrival_s[own_next[r]] if own_next[r] >= 0 else INF) if stateless else (
-                    arrival_s[a] if a < n else INF), max_time_s, ri, p, tok_table, seq_table, v0,
-                prompt, generated, n_running, free, q_head, n_waiting, s_prompt, s_tokens, s_computed,
+            # Only this replica's own next arrival can change what it does. A router that reads the
+            # replicas' state must not see a request finish before the time it does.
+            if stateless:
+                t_next_arrival = arrival_s[own_next[r]] if own_next[r] >= 0 else INF
+                finish_by = INF
+            else:
+                t_next_arrival = arrival_s[a] if a < n else INF
+                finish_by = t_next_arrival
+            k_iters, t_end, done, peak = _decode_run(
+                r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tok_table, seq_table, v0,
+                prompt, generated, n_running, free, q_head, n_waiting, s_req, s_prompt, s_tokens, s_computed,
                 s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample, stage_free, itl_hist, itl,
-                log_min, inv_log_step, rep_time)
+                log_min, inv_log_step, rep_time, status, finish, max_itl)
             if k_iters > 0:
                 rep_iters[r] += k_iters
                 rep_stretched[r] += k_iters
                 batch_seq[r] += k_iters
-                used = ri[E.RI_NUM_BLOCKS] - free[r]
-                if used > rep_peak[r]:
-                    rep_peak[r] = used
-                used_frac[r] = used / ri[E.RI_NUM_BLOCKS]
+                outstanding[r] -= done
+                n_left -= done
+                progress[0] += done
+                rep_peak[r] = max(rep_peak[r], peak)
+                used_frac[r] = (ri[E.RI_NUM_BLOCKS] - free[r]) / ri[E.RI_NUM_BLOCKS]
+                # Busy until the last stepped iteration ends, even if every request has left.
                 _tree_update(tree, leaves, r, t_end)
                 continue
 
@@ -574,77 +583,80 @@ def _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages):
     rep_time[r, 1] += stages * comm_layers + comm_head
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _decode_run(r, t_r, t_arrival, max_time_s, ri, p, tok_table, seq_table, v0, prompt, generated, n_running,
-                free, q_head, n_waiting, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl,
-                s_measured, s_sample, stage_free, itl_hist, itl, log_min, inv_log_step, rep_time):
+@njit(cache=True, error_model="numpy")
+def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_table, v0, prompt, generated, n_running,
+                free, q_head, n_waiting, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last,
+                s_max_itl, s_measured, s_sample, stage_free, itl_hist, itl, log_min, inv_log_step, rep_time,
+                status, finish, max_itl):
     """Replica r at t_r has every running request ready to decode, nothing in flight: step the
     decode iterations that the normal path would run before anything else can happen (an arrival,
-    a request finishing, a preemption, an admission) in O(1) each, and apply them.
+    a preemption, an admission; a request finishing too, unless nothing waits) in O(1) each, and
+    apply them. Requests that finish on the way leave as the normal path would let them, but not
+    after `finish_by` (the next arrival, when the router reads the replicas' state).
 
     Each iteration is what the normal path computes: every slot decodes one token, the batch costs
     the same tabulated arithmetic, KV blocks are allocated at the same iterations. Returns
-    (iterations run, end of the last), or (0, t_r) when the stretch does not apply.
+    (iterations run, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0) when
+    the stretch does not apply.
     """
-    s_prompt, s_tokens, s_computed, s_output = s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
+    s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
     nrun = n_running[r]
     bs = ri[E.RI_BLOCK_SIZE]
     budget = ri[E.RI_MAX_TOKENS]
-    if nrun > budget:
-        return 0, t_r
+    if nrun > budget or v0:  # V0 tries a prefill before decoding; only V1 is stretched
+        return 0, t_r, 0, 0
     # Every slot: one token ready to decode, sampled at this very completion.
-    keys = 0
+    base = 0       # sum of the active slots' computed tokens at the start
     n_meas = 0
-    k_max = 1 << 62
+    next_fin = 1 << 62  # iteration (1-based) at which the next request finishes
     phase = np.zeros(bs, np.int64)  # slots needing a new block at iterations j with j % bs == index
     for k in range(nrun):
         if s_tokens[k] - s_computed[k] != 1 or s_last[k] != t_r or s_computed[k] < s_prompt[k]:
-            return 0, t_r
-        keys += s_computed[k] + 1
+            return 0, t_r, 0, 0
+        base += s_computed[k]
         n_meas += s_measured[k]
-        # Stop before the iteration in which a request would finish (the normal path frees it).
-        k_max = min(k_max, s_output[k] - (s_tokens[k] - s_prompt[k]) - 1)
-        room = s_blocks[k] * bs - s_computed[k]
-        phase[(room + 1) % bs] += 1
-    if k_max <= 0:
-        return 0, t_r
-    # The waiting head: admissible after this iteration's allocations means no stretch (free
-    # blocks only shrink during a stretch, so blocked now is blocked throughout).
+        next_fin = min(next_fin, s_output[k] - (s_tokens[k] - s_prompt[k]))
+        phase[(s_blocks[k] * bs - s_computed[k] + 1) % bs] += 1
     free_r = free[r]
-    first_need = phase[1 % bs]
-    if n_waiting[r] > 0 and nrun < ri[E.RI_MAX_SEQS] and budget - nrun > 0:
-        i = q_head[r]
-        new = prompt[i] + generated[i]
-        thr = ri[E.RI_THRESHOLD]
-        if not v0 and thr > 0 and new > thr:
-            new = thr
-        chunk_ok = not (v0 or ri[E.RI_CHUNKED] == 0) or new <= budget - nrun
-        new = min(new, budget - nrun)
-        watermark = int(0.01 * ri[E.RI_NUM_BLOCKS]) if v0 else 0
-        if v0:
-            return 0, t_r  # V0 tries a prefill before decoding; only V1 is stretched
-        if chunk_ok and _ceil_div(new, bs) <= free_r - first_need - watermark:
-            return 0, t_r
+    # With requests waiting, a finish frees room the normal path would admit into: stop before it.
+    # (Free blocks only shrink otherwise, so a head blocked now stays blocked.)
+    last_iter = 1 << 62
+    if n_waiting[r] > 0:
+        last_iter = next_fin - 1
+        if last_iter <= 0:
+            return 0, t_r, 0, 0
+        if nrun < ri[E.RI_MAX_SEQS] and budget - nrun > 0:
+            i = q_head[r]
+            new = prompt[i] + generated[i]
+            thr = ri[E.RI_THRESHOLD]
+            if thr > 0 and new > thr:
+                new = thr
+            chunk_ok = ri[E.RI_CHUNKED] != 0 or new <= budget - nrun
+            new = min(new, budget - nrun)
+            if chunk_ok and _ceil_div(new, bs) <= free_r - phase[1 % bs]:
+                return 0, t_r, 0, 0
     t = t_r
     overhead = p[FRAMEWORK_OVERHEAD_S]
-    agg = (nrun, 0.0, 0, 0, 0.0, 0.0)
+    n_act = nrun
     worst_gap = 0.0
-    j = 0
-    while j < k_max:
+    done = 0
+    peak = 0
+    j = 0  # iterations done
+    while j < last_iter and n_act > 0:
         if j > 0 and t >= t_arrival:  # the next iteration would start at or after an arrival
             break
         need = phase[(j + 1) % bs]
         if need > free_r:  # a preemption: the normal path decides it
             break
-        agg = (nrun, float(keys + j * nrun), 0, 0, 0.0, 0.0)
+        agg = (n_act, float(base + (j + 1) * n_act), 0, 0, 0.0, 0.0)
         body, head = _stage_time(p, ri, tok_table, seq_table, agg)
-        start = max(t + overhead, stage_free[r, 0])
-        end = start + body + head
-        if end > max_time_s:
+        end = max(t + overhead, stage_free[r, 0]) + body + head
+        if end > max_time_s or (j + 1 == next_fin and end > finish_by):
             break
         _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, 1)
         free_r -= need
+        peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
         gap = end - t
         if gap > worst_gap:
             worst_gap = gap
@@ -656,15 +668,45 @@ def _decode_run(r, t_r, t_arrival, max_time_s, ri, p, tok_table, seq_table, v0, 
         stage_free[r, 0] = end
         t = end
         j += 1
+        if j == next_fin:  # requests whose last token this was leave, as after a normal completion
+            next_fin = 1 << 62
+            for k in range(nrun):
+                if s_blocks[k] < 0:
+                    continue
+                left = s_output[k] - (s_tokens[k] - s_prompt[k])
+                if left == j:
+                    i = s_req[k]
+                    blocks = max(s_blocks[k], _ceil_div(s_computed[k] + j, bs))
+                    free_r += blocks
+                    base -= s_computed[k]
+                    n_act -= 1
+                    n_meas -= s_measured[k]
+                    phase[(s_blocks[k] * bs - s_computed[k] + 1) % bs] -= 1
+                    finish[i] = end
+                    status[i] = E.FINISHED
+                    generated[i] = s_output[k]
+                    max_itl[i] = max(s_max_itl[k], worst_gap)
+                    s_blocks[k] = -1  # marks the slot for removal
+                    done += 1
+                elif left > j:
+                    next_fin = min(next_fin, left)
     if j == 0:
-        return 0, t_r
+        return 0, t_r, 0, 0
     free[r] = free_r
+    m = 0
     for k in range(nrun):
-        s_computed[k] += j
-        s_tokens[k] += j
-        s_blocks[k] = max(s_blocks[k], _ceil_div(s_computed[k], bs))
-        s_last[k] = t
-        s_sample[k] = -1
-        if worst_gap > s_max_itl[k]:
-            s_max_itl[k] = worst_gap
-    return j, t
+        if s_blocks[k] < 0:
+            continue
+        s_req[m] = s_req[k]
+        s_prompt[m] = s_prompt[k]
+        s_output[m] = s_output[k]
+        s_measured[m] = s_measured[k]
+        s_computed[m] = s_computed[k] + j
+        s_tokens[m] = s_tokens[k] + j
+        s_blocks[m] = max(s_blocks[k], _ceil_div(s_computed[m], bs))
+        s_last[m] = t
+        s_sample[m] = -1
+        s_max_itl[m] = max(s_max_itl[k], worst_gap)
+        m += 1
+    n_running[r] = m
+    return j, t, done, peak
