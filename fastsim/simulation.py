@@ -24,26 +24,6 @@ from fastsim.metrics import itl_stats_from_histogram, request_table, summarize
 from fastsim.workload import Workload, generate_workload
 
 
-@dataclass
-class Result:
-    """What a run produced: per-request table (all engines), summaries and timelines by engine."""
-
-    requests: pa.Table
-    summaries: dict[str, dict]
-    timelines: dict[str, pa.Table] = field(default_factory=dict)
-    memory: dict[str, MemoryPlan] = field(default_factory=dict)
-
-    @property
-    def summary(self) -> dict:
-        """The summary of the only engine; with several, {'engines': {name: summary}}."""
-        if len(self.summaries) == 1:
-            return next(iter(self.summaries.values()))
-        return {"engines": self.summaries}
-
-    def to_pandas(self):
-        return self.requests.to_pandas()
-
-
 def measured_mask(workload: Workload, cfg: Config) -> np.ndarray:
     t = workload.arrival_s
     last = t.max() if t.size else 0.0
@@ -61,6 +41,26 @@ class ReplicaPlan:
     memory: MemoryPlan
 
 
+@dataclass
+class Result:
+    """What a run produced: per-request table (all engines), summaries and timelines by engine."""
+
+    requests: pa.Table
+    summaries: dict[str, dict]
+    timelines: dict[str, pa.Table] = field(default_factory=dict)
+    pools: dict[str, list[ReplicaPlan]] = field(default_factory=dict)  # per engine: replicas and memory
+
+    @property
+    def summary(self) -> dict:
+        """The summary of the only engine; with several, {'engines': {name: summary}}."""
+        if len(self.summaries) == 1:
+            return next(iter(self.summaries.values()))
+        return {"engines": self.summaries}
+
+    def to_pandas(self):
+        return self.requests.to_pandas()
+
+
 def rejections(workload: Workload, pools: list[ReplicaPlan]) -> np.ndarray:
     """Reason code per request: too long for the context, or for a replica's whole KV cache.
     A request is checked against the most constrained pool, since the router may send it anywhere."""
@@ -74,11 +74,13 @@ def rejections(workload: Workload, pools: list[ReplicaPlan]) -> np.ndarray:
 
 
 def validate_engine(engine: Engine, plan: MemoryPlan) -> None:
-    if not engine.enable_chunked_prefill and engine.max_num_batched_tokens < plan.max_model_len:
+    whole = not engine.enable_chunked_prefill or engine.scheduler == "v0"
+    if whole and engine.max_num_batched_tokens < plan.max_model_len:
+        why = "with chunked prefill disabled" if engine.scheduler == "v1" else "under scheduler v0 (whole prefills)"
         raise FastsimError(
             f"engine.max_num_batched_tokens = {engine.max_num_batched_tokens} is smaller than max_model_len "
-            f"({plan.max_model_len}) with chunked prefill disabled, so long prompts could never be scheduled; "
-            "raise it, lower max_model_len, or set enable_chunked_prefill: true (vLLM rejects this too)")
+            f"({plan.max_model_len}) {why}, so long prompts could never be scheduled; raise it, lower "
+            "max_model_len, or use scheduler v1 with enable_chunked_prefill: true (vLLM rejects this too)")
 
 
 def _pools(cfg: Config, engine: Engine, model: ModelSpec, default_gpu: GpuSpec, custom) -> list[ReplicaPlan]:
@@ -179,7 +181,7 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
     workload = generate_workload(cfg.workload, cfg.simulation.seed)
     measured = measured_mask(workload, cfg)
     session = np.full(len(workload), -1, np.int64)
-    tables, summaries, timelines, memory = [], {}, {}, {}
+    tables, summaries, timelines, pool_plans = [], {}, {}, {}
     for eng, pools in plans:
         rep_int, rep_params, tok_table, seq_table = replica_arrays(model, pools, cfg.hardware.profile)
         n_rep = rep_int.shape[0]
@@ -200,10 +202,10 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
         summaries[eng.name] = summarize(table, itl_stats_from_histogram(itl_hist, itl_stats), cfg.simulation,
                                         cfg.slo, cluster_summary(eng, pools, counters, gpu_time, table, wall))
         tables.append(table)
-        memory[eng.name] = pools[0].memory
+        pool_plans[eng.name] = pools
         if cfg.output.timeline:
             timelines[eng.name] = pa.table({name: timeline[:, i] for i, name in enumerate(E.TL_COLUMNS)})
-    return Result(pa.concat_tables(tables), summaries, timelines, memory)
+    return Result(pa.concat_tables(tables), summaries, timelines, pool_plans)
 
 
 def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray, gpu_time: np.ndarray,

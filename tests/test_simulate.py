@@ -167,6 +167,9 @@ def test_cli_validate_and_generate_config(tmp_path):
     (["--set", "engine.enable_chunked_prefill=false", "--set", "engine.max_num_batched_tokens=2048"],
      "max_num_batched_tokens = 2048 is smaller than max_model_len"),
     (["--set", "nonsense"], "expected key=value"),
+    (["--set", "engine.scheduler=v0", "--set", "engine.max_num_batched_tokens=2048"], "under scheduler v0"),
+    (["--set", "engine.tensor_parallel_size=3"], "tensor_parallel_size = 3"),
+    (["--set", "cluster.router=fastest"], "cluster.router = 'fastest'"),
 ])
 def test_cli_bad_input_is_one_clean_line(tmp_path, args, needle):
     out = tmp_path / "o"
