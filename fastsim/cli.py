@@ -209,9 +209,10 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click's usage errors carry their own exit code and message
-        import click
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        # Usage errors (bad option, missing argument) come from Typer's click layer with their own
+        # message and exit code; anything else is a bug and keeps its traceback.
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
         raise

@@ -11,7 +11,7 @@ from fastsim.errors import FastsimError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # -- length distributions (tokens) ---------------------------------------------------------------
@@ -212,7 +212,7 @@ class Engine(_Strict):
     name: str = "vllm"
     max_num_seqs: int = Field(default=256, ge=1)
     max_num_batched_tokens: int = Field(default=8192, ge=1)
-    block_size: int = Field(default=16, ge=1)
+    block_size: Literal[1, 8, 16, 32, 64, 128, 256] = Field(default=16, description="tokens per KV block (vLLM's choices)")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = Field(default=0, ge=0, description="0: no cap")

@@ -100,6 +100,10 @@ def memory_plan(model: ModelSpec, gpu: GpuSpec, engine: Engine) -> MemoryPlan:
     block = engine.block_size * kv_tok
     blocks = engine.num_gpu_blocks_override or int(free // block)
     plan = MemoryPlan(total, budget, weights, act, RESERVED_BYTES, blocks * block, kv_tok, block, blocks, max_len)
+    if blocks * engine.block_size < max_len and engine.num_gpu_blocks_override:
+        raise FastsimError(f"engine.num_gpu_blocks_override = {blocks} blocks of {engine.block_size} tokens hold "
+                           f"{blocks * engine.block_size} tokens, less than max_model_len {max_len}; raise it "
+                           "or lower engine.max_model_len")
     if blocks * engine.block_size < max_len:
         raise FastsimError(
             f"max_model_len {max_len} does not fit the KV cache: {free / GB:.2f} GB free for KV after "

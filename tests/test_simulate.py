@@ -170,6 +170,9 @@ def test_cli_validate_and_generate_config(tmp_path):
     (["--set", "engine.scheduler=v0", "--set", "engine.max_num_batched_tokens=2048"], "under scheduler v0"),
     (["--set", "engine.tensor_parallel_size=3"], "tensor_parallel_size = 3"),
     (["--set", "cluster.router=fastest"], "cluster.router = 'fastest'"),
+    (["--set", "workload.clients.0.arrival.rate=.inf"], "should be a finite number"),
+    (["--set", "model=./missing/config.json"], "no config.json at"),
+    (["--bogus"], "No such option: --bogus"),
 ])
 def test_cli_bad_input_is_one_clean_line(tmp_path, args, needle):
     out = tmp_path / "o"

@@ -16,7 +16,7 @@ from fastsim.errors import FastsimError, unknown
 class GpuSpec(BaseModel):
     """Datasheet figures of one accelerator. Rates are dense (not 2:4-sparse) peaks."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
     memory_gib: float = Field(gt=0, description="memory capacity, GiB (datasheet 'GB' of HBM/GDDR)")

@@ -24,7 +24,7 @@ _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 class ModelSpec(BaseModel):
     """A decoder-only transformer, in Hugging Face `config.json` terms."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
     hidden_size: int = Field(gt=0)
@@ -204,6 +204,9 @@ def load_model(name_or_path: str) -> ModelSpec:
         return from_config_dict(cfg, str(name_or_path))
     files = _builtin_files()
     if name_or_path not in files:
+        if name_or_path.endswith(".json") or name_or_path.startswith((".", "/", "~")):
+            raise FastsimError(f"model: no config.json at {name_or_path!r}; give a catalog id "
+                               "(`fastsim models`) or the path of a Hugging Face config.json or its folder")
         raise unknown("model", name_or_path, files, "fastsim models")
     text = (resources.files(_DATA) / "data" / "models" / files[name_or_path]).read_text()
     return from_config_dict(json.loads(text), name_or_path)

@@ -21,7 +21,7 @@ class ElementwisePasses(BaseModel):
     intermediate-size passes.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     hidden: float = Field(default=10.0, ge=0)
     q: float = Field(default=11.0, ge=0)
@@ -38,7 +38,7 @@ class CostProfile(BaseModel):
     a fit from micro-benchmarks alone cannot see (attention, small kernels).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     fitted_on: str = Field(default="", description="what the numbers were fitted to (informational)")
     compute_efficiency: float = Field(default=0.73, gt=0, le=1, description="large-GEMM FLOP/s / dense peak")
