@@ -254,7 +254,7 @@ class Cluster(_Strict):
 
 
 class Simulation(_Strict):
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     mode: Literal["exact", "fast"] = "exact"
     max_sim_time_s: float | None = Field(default=None, gt=0,
                                          description="stop here; requests not done are 'unfinished'")
@@ -323,6 +323,7 @@ DEFAULT_CONFIG: dict = {
 }
 
 
+_UNION_KEYS = ("process", "dist", "format")
 _UNION_TAGS = {"constant", "uniform", "normal", "lognormal", "gamma", "weibull", "pareto", "empirical",
                "mixture", "poisson", "batch"}
 
@@ -340,7 +341,9 @@ def format_validation_error(e: ValidationError, prefix: str = "") -> str:
         return f"config: {path} is required but missing{more}"
     if err["type"] == "extra_forbidden":
         return f"config: {path} is not a known option; check its spelling (`fastsim generate-config` lists all){more}"
-    return f"config: {path} = {err.get('input')!r}: {msg}{more}"
+    value = repr(err.get("input"))
+    value = value if len(value) <= 80 else value[:77] + "..."
+    return f"config: {path} = {value}: {msg}{more}"
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -377,6 +380,8 @@ def deep_merge(base, over):
         return out
     if not (isinstance(base, dict) and isinstance(over, dict)):
         return over
+    if any(k in over and k in base and over[k] != base[k] for k in _UNION_KEYS):
+        return over  # another kind of distribution or process: its fields replace the old ones
     out = dict(base)
     for k, v in over.items():
         out[k] = deep_merge(out[k], v) if k in out else v
