@@ -117,3 +117,30 @@ def test_take_keeps_each_rows_block_ids():
     for j, i in enumerate(idx):
         assert sub.hash_ids[sub.hash_offsets[j]:sub.hash_offsets[j + 1]].tolist() == \
             rows.hash_ids[rows.hash_offsets[i]:rows.hash_offsets[i + 1]].tolist()
+
+
+def test_unbounded_prefix_hits_by_hand(tmp_path):
+    from fastsim.workload.sharing import unbounded_prefix_hit_rate, unbounded_prefix_hits
+
+    f = tmp_path / "m.jsonl"
+    f.write_text('{"timestamp": 0, "input_length": 1000, "output_length": 5, "hash_ids": [0, 1]}\n'
+                 '{"timestamp": 1, "input_length": 1500, "output_length": 5, "hash_ids": [0, 1, 2]}\n'
+                 '{"timestamp": 2, "input_length": 700, "output_length": 5, "hash_ids": [0, 3]}\n'
+                 '{"timestamp": 3, "input_length": 300, "output_length": 5, "hash_ids": [0]}\n'
+                 '{"timestamp": 4, "input_length": 600, "output_length": 5, "hash_ids": [5, 1]}\n')
+    rows = read_trace("mooncake", f)
+    # 1st: nothing seen. 2nd: [0, 1] seen -> 1024. 3rd: [0] -> 512. 4th: [0] -> 512 capped at 300.
+    # 5th: 5 unseen, so the run stops at once even though 1 was seen.
+    assert unbounded_prefix_hits(rows).tolist() == [0, 1024, 512, 300, 0]
+    assert unbounded_prefix_hit_rate(rows) == pytest.approx(1836 / 4100)
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[2] / "shared/data/traces/conversation_trace.jsonl").exists(),
+                    reason="CI-only check: needs ../shared beside the checkout")
+def test_mooncake_reference_hit_rates_from_shared_traces():
+    """The issue's reference figures: 37.4% (conversation) and 65.1% (synthetic)."""
+    from fastsim.workload.sharing import unbounded_prefix_hit_rate
+
+    traces = Path(__file__).parents[2] / "shared/data/traces"
+    assert round(100 * unbounded_prefix_hit_rate(read_trace("mooncake", traces / "conversation_trace.jsonl")), 1) == 37.4
+    assert round(100 * unbounded_prefix_hit_rate(read_trace("mooncake", traces / "synthetic_trace.jsonl")), 1) == 65.1
