@@ -41,7 +41,7 @@ _SUMMARY_ROWS = [
     ("median_tpot_ms", "median TPOT (ms)", "{:.2f}"), ("p99_tpot_ms", "p99 TPOT (ms)", "{:.2f}"),
     ("mean_itl_ms", "mean ITL (ms)", "{:.2f}"), ("p99_itl_ms", "p99 ITL (ms)", "{:.2f}"),
     ("mean_e2el_ms", "mean E2EL (ms)", "{:.2f}"), ("p99_e2el_ms", "p99 E2EL (ms)", "{:.2f}"),
-    ("preemptions", "preemptions", "{:.0f}"), ("num_gpu_blocks", "KV blocks", "{:.0f}"),
+    ("preemptions", "preemptions", "{:.0f}"), ("prefix_cache_hit_rate", "prefix cache hit rate", "{:.3f}"), ("num_gpu_blocks", "KV blocks", "{:.0f}"),
     ("peak_kv_blocks_used", "peak KV blocks used", "{:.0f}"), ("iterations", "iterations", "{:.0f}"),
     ("comm_time_s", "TP communication (GPU-s)", "{:.2f}"), ("wall_time_s", "engine wall time (s)", "{:.3f}"),
 ]

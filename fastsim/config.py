@@ -215,6 +215,9 @@ class Engine(_Strict):
     block_size: Literal[1, 8, 16, 32, 64, 128, 256] = Field(default=16, description="tokens per KV block (vLLM's choices)")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = Field(
+        default=False, description="vLLM's automatic prefix caching (vLLM V1 turns it on by default; "
+        "fastsim leaves it off unless asked, since runs without shared prefixes are faster without it)")
     long_prefill_token_threshold: int = Field(default=0, ge=0, description="0: no cap")
     tensor_parallel_size: int = Field(default=1, ge=1)
     pipeline_parallel_size: int = Field(default=1, ge=1, description="stages; as many micro-batches in flight")

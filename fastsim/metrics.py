@@ -15,7 +15,7 @@ REQUEST_DTYPE = np.dtype([
     ("request_id", np.int64), ("replica", np.int32), ("arrival_s", np.float64),
     ("first_scheduled_s", np.float64), ("first_token_s", np.float64), ("finish_s", np.float64),
     ("prompt_tokens", np.int64), ("output_tokens", np.int64), ("generated_tokens", np.int64),
-    ("preemptions", np.int64), ("ttft_ms", np.float64), ("tpot_ms", np.float64), ("e2el_ms", np.float64),
+    ("preemptions", np.int64), ("cached_tokens", np.int64), ("ttft_ms", np.float64), ("tpot_ms", np.float64), ("e2el_ms", np.float64),
     ("queue_ms", np.float64), ("mean_itl_ms", np.float64), ("max_itl_ms", np.float64),
 ])
 STRING_COLUMNS = ("engine", "client", "status", "reject_reason")
@@ -46,6 +46,7 @@ def request_table(engine: str, workload, rejected_reason: np.ndarray, out: tuple
     rec["generated_tokens"] = generated
     rec["preemptions"] = preempts
     rec["replica"] = replica
+    rec["cached_tokens"] = out[13]
     rec["ttft_ms"] = (first_tok - workload.arrival_s) * 1e3
     rec["e2el_ms"] = (finish - workload.arrival_s) * 1e3
     rec["queue_ms"] = (first_sched - workload.arrival_s) * 1e3
@@ -106,7 +107,8 @@ def summarize(table: pa.Table, itl: dict, sim: Simulation, slo: Slo, extra: dict
     window = (arrival >= sim.warmup_s) & (arrival <= last_arrival - sim.cooldown_s)
     done = window & status["finished"]
     col = {c: table.column(c).to_numpy(zero_copy_only=False) for c in
-           ("prompt_tokens", "generated_tokens", "ttft_ms", "tpot_ms", "e2el_ms", "finish_s", "queue_ms")}
+           ("prompt_tokens", "generated_tokens", "ttft_ms", "tpot_ms", "e2el_ms", "finish_s", "queue_ms",
+            "cached_tokens")}
     finish = col["finish_s"][done]
     start = sim.warmup_s if sim.warmup_s > 0 else 0.0
     duration = float(finish.max() - start) if finish.size else 0.0
@@ -132,7 +134,9 @@ def summarize(table: pa.Table, itl: dict, sim: Simulation, slo: Slo, extra: dict
     out |= _stats("tpot_ms", tpot[~np.isnan(tpot)])
     out |= itl
     out |= _stats("e2el_ms", col["e2el_ms"][done])
-    out |= {"mean_queue_ms": float(col["queue_ms"][done].mean()) if completed else math.nan}
+    out |= {"mean_queue_ms": float(col["queue_ms"][done].mean()) if completed else math.nan,
+            # Share of the measured requests' prompt tokens found in the prefix cache when first scheduled.
+            "prefix_cache_hit_rate": float(col["cached_tokens"][window].sum() / max(col["prompt_tokens"][window].sum(), 1))}
     out |= {"num_requests": int(arrival.size), "measured_requests": int(window.sum()),
             "rejected": int((window & status["rejected"]).sum()),
             "unfinished": int((window & status["unfinished"]).sum()),

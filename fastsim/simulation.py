@@ -17,6 +17,7 @@ from fastsim.config import Config, Engine, Pool, format_validation_error, load_c
 from fastsim.cost import CostModel
 from fastsim.engine import cost_nb
 from fastsim.engine import enums as E
+from fastsim.engine import prefix_nb as px
 from fastsim.engine.cluster_nb import run_cluster_nb
 from fastsim.errors import FastsimError
 from fastsim.memory import MemoryPlan, kv_dtype, memory_plan, stage_layers
@@ -108,6 +109,10 @@ def plan_engines(cfg: Config):
     model = load_model(cfg.model)
     custom = load_gpu_file(cfg.hardware.gpus_file) if cfg.hardware.gpus_file else None
     gpu = load_gpu(cfg.hardware.gpu, custom)
+    for eng in cfg.engine_variants():
+        if eng.enable_prefix_caching and eng.scheduler == "v0":
+            raise FastsimError(f"engines.{eng.name}: enable_prefix_caching is modelled for scheduler v1 only; "
+                               "use scheduler: v1 or turn prefix caching off")
     if cfg.simulation.mode == "fast":
         raise FastsimError("simulation.mode = 'fast' is not available yet; use mode: exact")
     plans = [(eng, _pools(cfg, eng, model, gpu, custom)) for eng in cfg.engine_variants()]
@@ -138,6 +143,7 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
         ints[E.RI_WINDOW] = model.sliding_window or 0
         ints[E.RI_TOK_OFF] = tok_off
         ints[E.RI_SEQ_OFF] = seq_off
+        ints[E.RI_APC] = eng.enable_prefix_caching
         tok_parts.append(np.stack([tok_c + tok_m, tok_m]))
         seq_parts.append(np.stack([seq_c + seq_m, seq_m]))
         tok_off += tok_c.size
@@ -146,6 +152,33 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
         rows_p += [params] * rp.count
     return (np.array(rows_int), np.array(rows_p), np.concatenate(tok_parts, axis=1),
             np.concatenate(seq_parts, axis=1))
+
+
+def prefix_cache_arrays(rep_int: np.ndarray, workload: Workload) -> tuple:
+    """The `apc` tuple run_cluster_nb takes: room for the blocks and hash tables of the replicas
+    that enable prefix caching (a token of it for the others), and the requests' block identities."""
+    n_rep = rep_int.shape[0]
+    rep = np.zeros((n_rep, px.N_REP_COLS), np.int64)
+    blk = ht = 0
+    for r in range(n_rep):
+        rep[r, px.SOURCE_TOKENS] = workload.block_tokens
+        if rep_int[r, E.RI_APC]:
+            rep[r, px.BLK_BASE] = blk
+            rep[r, px.HT_BASE] = ht
+            size = 1 << int(2 * rep_int[r, E.RI_NUM_BLOCKS] + 1).bit_length()  # load factor < 1/2
+            rep[r, px.HT_SIZE] = size
+            blk += rep_int[r, E.RI_NUM_BLOCKS]
+            ht += size
+    seqs = int(rep_int[:, E.RI_MAX_SEQS].max()) if blk else 1
+    # A block table holds the longest request's blocks (not max_model_len's: rows cost memory).
+    longest = int((workload.prompt_tokens + workload.output_tokens).max()) if len(workload) else 1
+    width = -(-longest // int(rep_int[:, E.RI_BLOCK_SIZE].min())) if blk else 1
+    pool = np.full((px.N_POOL_ROWS, max(blk, 1)), px.EMPTY, np.int64)
+    table = np.full((2, max(ht, 1)), px.EMPTY, np.int64)
+    slots = np.full((n_rep, px.N_SLOT_COLS, seqs), px.EMPTY, np.int64)
+    rows = np.full((n_rep if blk else 1, seqs, width), px.EMPTY, np.int64)
+    free_rows = np.zeros((n_rep, seqs), np.int64)
+    return (pool, table, rep, slots, workload.block_offsets, workload.block_ids, rows, free_rows)
 
 
 def run_polled(kernel, args: tuple, progress: np.ndarray, report, interval_s: float = 0.1):
@@ -192,12 +225,13 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
         counter = np.zeros(1, np.int64)
         args = (workload.arrival_s, workload.prompt_tokens, workload.output_tokens, reason > 0, measured, session,
                 draw, E.ROUTE_NAMES[cfg.cluster.router], rep_int, rep_params, tok_table, seq_table,
-                cfg.simulation.max_sim_time_s or np.inf, cfg.output.timeline, counter)
+                cfg.simulation.max_sim_time_s or np.inf, cfg.output.timeline, counter,
+                prefix_cache_arrays(rep_int, workload))
         stage = f"simulating {eng.name}"
         wall0 = time.perf_counter()
         out = run_polled(run_cluster_nb, args, counter, lambda done: say(stage, done, admitted))
         wall = time.perf_counter() - wall0
-        itl_hist, itl_stats, timeline, counters, gpu_time = out[8:]
+        itl_hist, itl_stats, timeline, counters, gpu_time, _ = out[8:]
         table = request_table(eng.name, workload, reason, out)
         summaries[eng.name] = summarize(table, itl_stats_from_histogram(itl_hist, itl_stats), cfg.simulation,
                                         cfg.slo, cluster_summary(eng, pools, counters, gpu_time, table, wall))
@@ -232,6 +266,7 @@ def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray,
             "peak_kv_blocks_used": max(r["peak_kv_blocks_used"] for r in replicas),
             "iterations": int(counters[:, 0].sum()), "preemptions": int(counters[:, 3].sum()),
             "decode_stretch_iterations": int(counters[:, 5].sum()),
+            "prefix_cache_evictions": int(counters[:, 6].sum()),
             # Forward-pass time summed over iterations (and stages): TP communication apart.
             "compute_time_s": float(gpu_time[:, 0].sum()), "comm_time_s": float(gpu_time[:, 1].sum()),
             "simulated_time_s": float(np.nanmax(finished)) if np.isfinite(finished).any() else 0.0,

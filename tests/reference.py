@@ -6,6 +6,10 @@ so a wrong entry in those arrays shows up as a disagreement.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+
+from fastsim.engine.prefix_nb import ROOT_KEY
+from fastsim.engine.prefix_nb import mix_nb as mix
 
 
 def soft_max(a: float, b: float, p: float) -> float:
@@ -130,16 +134,80 @@ class Req:
         self.finish = None
         self.max_itl = 0.0
         self.itls = []
+        self.cached = 0         # prompt tokens found in the prefix cache when first scheduled
+        self.block_ids = []     # with prefix caching: the blocks it holds, in order
+        self.hashed = 0
+        self.key = 0
 
     @property
     def num_tokens(self):
         return self.prompt + self.generated
 
 
+class PrefixCache:
+    """vLLM's automatic prefix caching, written plainly: blocks with reference counts, a dict from
+    chained block keys to cached blocks, and an LRU list of free blocks (evicted from the front)."""
+
+    def __init__(self, num_blocks, block_size, content):
+        self.free = OrderedDict((b, None) for b in range(num_blocks))
+        self.ref = [0] * num_blocks
+        self.key_of = {}
+        self.table = {}
+        self.bs = block_size
+        self.content = content  # (request id, block index) -> content id
+        self.evictions = 0
+
+    def lookup(self, r):
+        key, hits = ROOT_KEY, []
+        for m in range((r.num_tokens - 1) // self.bs):
+            k = int(mix(key, self.content(r.id, m)))
+            if k not in self.table:
+                break
+            hits.append(self.table[k])
+            key = k
+        return hits, key
+
+    def start(self, r, hits, key):
+        for b in hits:
+            if self.ref[b] == 0:
+                del self.free[b]
+            self.ref[b] += 1
+        r.block_ids, r.hashed, r.key = list(hits), len(hits), key
+
+    def allocate(self, r, count):
+        for _ in range(count):
+            b, _ = self.free.popitem(last=False)
+            if b in self.key_of:
+                del self.table[self.key_of.pop(b)]
+                self.evictions += 1
+            self.ref[b] = 1
+            r.block_ids.append(b)
+
+    def hash_full(self, r):
+        while (r.hashed + 1) * self.bs <= r.computed:
+            b = r.block_ids[r.hashed]
+            k = int(mix(r.key, self.content(r.id, r.hashed)))
+            if k not in self.table:
+                self.table[k] = b
+                self.key_of[b] = k
+            r.key, r.hashed = k, r.hashed + 1
+
+    def release(self, r):
+        freed = 0
+        for b in reversed(r.block_ids):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                self.free[b] = None
+                freed += 1
+        r.block_ids = []
+        return freed
+
+
 def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, max_num_batched_tokens,
                        block_size, num_blocks, chunked_prefill=True, long_prefill_token_threshold=0,
-                       v0=False, overhead_s=0.0, max_time_s=float("inf")):
+                       v0=False, overhead_s=0.0, max_time_s=float("inf"), content=None):
     """Per-request results (list of Req, by id) and the list of (start, used_blocks) per iteration.
+    `content(request, block)`: with it, prefix caching is on, blocks named by that content.
 
     Requests that could never fit (more blocks than the cache) must be left out by the caller.
     """
@@ -150,14 +218,22 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
     now = 0.0
     history = []
     watermark = int(0.01 * num_blocks) if v0 else 0
+    cache = PrefixCache(num_blocks, block_size, content) if content else None
 
     def blocks_needed(r, new):
         return -(-(r.computed + new) // block_size) - r.blocks
 
+    def take_blocks(r, need):
+        nonlocal free
+        free -= need
+        r.blocks += need
+        if cache:
+            cache.allocate(r, need)
+
     def preempt_last():
         nonlocal free
         victim = running.pop()
-        free += victim.blocks
+        free += cache.release(victim) if cache else victim.blocks
         victim.blocks = 0
         victim.computed = 0
         victim.preemptions += 1
@@ -192,10 +268,11 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                     preempted = True
                     if victim is r:
                         return
-                need = blocks_needed(r, new)
-                free -= need
-                r.blocks += need
-                scheduled.append((r, new))
+                take_blocks(r, blocks_needed(r, new))
+                scheduled.append((r, new, r.computed))
+                r.computed += new
+                if cache:
+                    cache.hash_full(r)
                 budget -= new
                 i += 1
 
@@ -204,22 +281,33 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
         if v0 or not preempted:
             while waiting and budget > 0 and len(running) < max_num_seqs:
                 r = waiting[0]
-                new = r.num_tokens - r.computed
+                hits, key = cache.lookup(r) if cache else ([], 0)
+                done = len(hits) * block_size
+                idle = sum(cache.ref[b] == 0 for b in hits) if cache else 0
+                new = r.num_tokens - done
                 if not v0 and long_prefill_token_threshold and new > long_prefill_token_threshold:
                     new = long_prefill_token_threshold
                 if (v0 or not chunked_prefill) and new > budget:
                     break
                 new = min(new, budget)
-                need = blocks_needed(r, new)
-                if need > free - watermark:
+                need = -(-(done + new) // block_size) - len(hits)
+                if need + idle > free - watermark:
                     break
                 waiting.pop(0)
-                free -= need
-                r.blocks += need
+                if cache:
+                    cache.start(r, hits, key)
+                    free -= idle
+                r.blocks = len(hits)
+                r.computed = done
+                take_blocks(r, need)
                 running.append(r)
                 if r.first_scheduled is None:
                     r.first_scheduled = now
-                scheduled.append((r, new))
+                    r.cached = done
+                scheduled.append((r, new, r.computed))
+                r.computed += new
+                if cache:
+                    cache.hash_full(r)
                 budget -= new
         if v0 and not scheduled:
             schedule_running(0)  # V0: no prefill admitted, so every running request decodes
@@ -227,15 +315,14 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
             break
         history.append((now, num_blocks - free))
 
-        dec = [r.computed for r, new in scheduled if new == 1 and r.computed >= r.prompt]
-        pre = [(new, r.computed) for r, new in scheduled if not (new == 1 and r.computed >= r.prompt)]
+        dec = [c for r, new, c in scheduled if new == 1 and c >= r.prompt]
+        pre = [(new, c) for r, new, c in scheduled if not (new == 1 and c >= r.prompt)]
         t = cost_model.forward_time(np.array(dec, dtype=np.int64), np.array([n for n, _ in pre], dtype=np.int64),
                                     np.array([c for _, c in pre], dtype=np.int64)).total_s
         end = now + t + overhead_s
         if end > max_time_s:
             break
-        for r, new in scheduled:
-            r.computed += new
+        for r, new, _ in scheduled:
             if r.computed == r.num_tokens:
                 r.generated += 1
                 if r.first_token is None:
@@ -246,7 +333,7 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                 r.last_token = end
                 if r.generated >= r.output:
                     r.finish = end
-                    free += r.blocks
+                    free += cache.release(r) if cache else r.blocks
                     r.blocks = 0
         running = [r for r in running if r.finish is None]
         now = end

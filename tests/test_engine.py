@@ -9,6 +9,8 @@ from fastsim.cost import CostModel
 from fastsim.engine import cost_nb as nb
 from fastsim.engine import enums as E
 from fastsim.engine.cluster_nb import run_cluster_nb
+from fastsim.simulation import prefix_cache_arrays
+from fastsim.workload import Workload
 
 CM = CostModel.create("meta-llama/Meta-Llama-3-8B", "H100-SXM")
 OVERHEAD = 0.3e-3
@@ -30,7 +32,7 @@ def replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blo
 def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=8192, block_size=16,
         num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
         timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None,
-        fast_decode=True):
+        fast_decode=True, prefix_caching=False, block_ids=None):
     ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
                                             chunked, threshold, v0, overhead_s, stages)
     arrivals = np.asarray(arrivals, dtype=np.float64)
@@ -38,12 +40,16 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
     rejected = np.zeros(n, np.bool_) if rejected is None else np.asarray(rejected)
     session = np.full(n, -1, np.int64) if session is None else np.asarray(session, np.int64)
     draw = np.random.default_rng(0).integers(0, replicas, n)
-    out = run_cluster_nb(arrivals, np.asarray(prompts, dtype=np.int64), np.asarray(outputs, dtype=np.int64),
-                         rejected, np.ones(n, np.bool_), session, draw, policy, np.array([ints] * replicas),
+    ints[E.RI_APC] = prefix_caching
+    rep_int = np.array([ints] * replicas)
+    wl = Workload(arrivals, np.asarray(prompts, np.int64), np.asarray(outputs, np.int64), np.zeros(n, np.int32), ("c",),
+                  *(block_ids if block_ids is not None else (np.zeros(n + 1, np.int64), np.zeros(0, np.int64), 0)))
+    out = run_cluster_nb(arrivals, wl.prompt_tokens, wl.output_tokens,
+                         rejected, np.ones(n, np.bool_), session, draw, policy, rep_int,
                          np.array([params] * replicas), tok, seq, max_time_s, timeline, np.zeros(1, np.int64),
-                         fast_decode)
+                         prefix_cache_arrays(rep_int, wl), fast_decode)
     keys = ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",
-            "itl_hist", "itl_stats", "timeline", "counters", "gpu_time")
+            "itl_hist", "itl_stats", "timeline", "counters", "gpu_time", "cached")
     res = dict(zip(keys, out))
     res["counters"] = res["counters"][0] if replicas == 1 else res["counters"]
     return res

@@ -144,3 +144,28 @@ def test_mooncake_reference_hit_rates_from_shared_traces():
     traces = Path(__file__).parents[2] / "shared/data/traces"
     assert round(100 * unbounded_prefix_hit_rate(read_trace("mooncake", traces / "conversation_trace.jsonl")), 1) == 37.4
     assert round(100 * unbounded_prefix_hit_rate(read_trace("mooncake", traces / "synthetic_trace.jsonl")), 1) == 65.1
+
+
+def test_mooncake_replay_with_prefix_caching_approaches_the_unbounded_rate(tmp_path):
+    """With a cache that never evicts and requests that do not overlap in time, the simulated hits
+    are the unbounded ones less what vLLM's rules cost: whole 16-token blocks, never a prompt's last
+    token. With the real cache and real timing they can only be fewer (evictions, parents still
+    queued)."""
+    from fastsim.workload.sharing import unbounded_prefix_hits
+
+    rows = read_trace("mooncake", FIX / "mooncake_conversation_300.jsonl")
+    want = unbounded_prefix_hits(rows)
+    base = ["engine.enable_prefix_caching=true", "hardware.gpu=H200-SXM", "model=meta-llama/Llama-3.1-8B",
+            "engine.max_model_len=131072"]
+    trace = {"format": "mooncake", "file": str(FIX / "mooncake_conversation_300.jsonl")}
+    ideal = simulate(load_config(trace_cfg(tmp_path, trace | {"speedup": 0.001}),
+                                 base + ["engine.num_gpu_blocks_override=1000000"])).to_pandas()
+    got = ideal.cached_tokens.to_numpy()
+    assert (got <= want).all() and (got >= want - 16).all()
+
+    real = simulate(load_config(trace_cfg(tmp_path, trace), base))
+    s = real.summary
+    assert (real.to_pandas().cached_tokens.to_numpy() <= want).all()
+    assert 0 < s["prefix_cache_hit_rate"] <= want.sum() / rows.prompt_tokens.sum()
+    off = simulate(load_config(trace_cfg(tmp_path, trace), base[1:])).summary
+    assert off["prefix_cache_hit_rate"] == 0 and s["mean_ttft_ms"] < off["mean_ttft_ms"]

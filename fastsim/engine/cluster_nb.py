@@ -29,6 +29,7 @@ import numpy as np
 from numba import njit
 
 from fastsim.engine import enums as E
+from fastsim.engine import prefix_nb as px
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, LAYERS, attention_time_nb, chunk_pairs_nb, pp_send_time_nb
 
 INF = np.inf
@@ -109,7 +110,7 @@ def _route(policy, i, n_rep, rr_next, draw, session, session_replica, outstandin
 @njit(cache=True, error_model="numpy", nogil=True)
 def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw, policy,
                    rep_int, rep_params, tok_table, seq_table, max_time_s, record_timeline, progress,
-                   fast_decode=True):
+                   apc, fast_decode=True):
     """Simulate replicas (rows of rep_int / rep_params, see enums.RI_* and cost_nb) over requests
     sorted by arrival. `rejected` requests are never scheduled; `measured` ones feed the ITL
     histogram; `session` (-1: none) and `draw` (a pre-drawn replica per request) serve the router.
@@ -120,9 +121,11 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     Returns per-request (status, first_scheduled_s, first_token_s, finish_s, generated, preemptions,
     max_itl_s, replica), then (itl_hist, itl_stats=[count, sum, sum of squares], timeline,
     per-replica counters [iterations, peak_blocks_used, free_blocks_at_end, preemptions, requests,
-    iterations stepped in decode stretches], per-replica GPU-seconds [compute, communication]).
+    iterations stepped in decode stretches, prefix-cache evictions, prompt tokens served from the
+    cache], per-replica GPU-seconds [compute, communication], per-request cached prompt tokens).
     `progress[0]` is kept at the number of requests done, for a progress bar polled from another
-    thread (the kernel releases the GIL). `fast_decode` lets steady decoding stretches advance in
+    thread (the kernel releases the GIL). `apc` is the prefix cache of the replicas that enable it
+    (fastsim.engine.prefix_nb; rep_int[:, RI_APC]). `fast_decode` lets steady decoding stretches advance in
     O(1) per iteration (same iterations, same arithmetic; off only to test that it changes nothing).
     """
     fast_decode = fast_decode and not record_timeline
@@ -143,6 +146,14 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     generated = np.zeros(n, np.int64)
     preempts = np.zeros(n, np.int64)
     replica = np.full(n, -1, np.int32)
+    cached = np.zeros(n, np.int64)      # prompt tokens found in the prefix cache when first scheduled
+    max_blocks = 1
+    for r in range(n_rep):
+        max_blocks = max(max_blocks, rep_int[r, E.RI_NUM_BLOCKS])
+    blk_buf = np.empty(max_blocks, np.int64)
+    for r in range(n_rep):
+        if rep_int[r, E.RI_APC]:
+            px.apc_init_nb(apc, r, rep_int[r, E.RI_NUM_BLOCKS])
     q_next = np.full(n, -1, np.int64)  # waiting queues as linked lists through the requests
 
     # Running requests live in slots 0..n_running-1 of their replica's row, in admission order,
@@ -271,7 +282,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             done, freed = _complete(r, fl_id[r, fl_head[r]], end, n_running, s_req, s_prompt, s_tokens,
                                     s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample,
                                     status, finish, first_tok, generated, max_itl, itl_hist, itl,
-                                    log_min, inv_log_step)
+                                    log_min, inv_log_step, (apc, blk_buf, ri[E.RI_APC] != 0))
             free[r] += freed
             outstanding[r] -= done
             n_left -= done
@@ -280,7 +291,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             fl_count[r] -= 1
 
         # 1b. steady decoding: step every iteration up to the next event in O(1) each
-        if fast_decode and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0:
+        if fast_decode and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0 and not ri[E.RI_APC]:
             # Only this replica's own next arrival can change what it does. A router that reads the
             # replicas' state must not see a request finish before the time it does.
             if stateless:
@@ -318,41 +329,53 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                 step_preempts, n_sched, budget, agg = _schedule_running(
                     r, bid, budget, ri[E.RI_THRESHOLD], block_size, window, n_running, free, q_head, q_tail,
                     q_next, n_waiting, s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl,
-                    s_sample, generated, last_tok, max_itl, preempts)
+                    s_sample, generated, last_tok, max_itl, preempts, (apc, blk_buf, ri[E.RI_APC] != 0))
             if v0 or step_preempts == 0:
                 watermark = int(0.01 * ri[E.RI_NUM_BLOCKS]) if v0 else 0
                 while n_waiting[r] > 0 and budget > 0 and n_running[r] < ri[E.RI_MAX_SEQS]:
                     i = q_head[r]
-                    new = prompt[i] + generated[i]  # nothing of a waiting request is cached
+                    hits, hit_key, idle_hits = 0, px.ROOT_KEY, 0
+                    if ri[E.RI_APC]:  # the longest cached prefix is not computed again
+                        hits, hit_key, idle_hits = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i],
+                                                                    block_size, blk_buf)
+                    done_tok = hits * block_size
+                    new = prompt[i] + generated[i] - done_tok
                     if not v0 and ri[E.RI_THRESHOLD] > 0 and new > ri[E.RI_THRESHOLD]:
                         new = ri[E.RI_THRESHOLD]
                     if (v0 or ri[E.RI_CHUNKED] == 0) and new > budget:
                         break
                     new = min(new, budget)
-                    need = _ceil_div(new, block_size)
-                    if need > free[r] - watermark:
+                    need = _ceil_div(done_tok + new, block_size) - hits
+                    if need + idle_hits > free[r] - watermark:
                         break
                     q_head[r] = q_next[i]
                     if q_head[r] < 0:
                         q_tail[r] = -1
                     n_waiting[r] -= 1
-                    free[r] -= need
                     k = n_running[r]
                     n_running[r] += 1
+                    if ri[E.RI_APC]:
+                        free[r] -= px.apc_start_nb(apc, r, k, blk_buf, hits, hit_key) + need
+                        px.apc_allocate_nb(apc, r, k, need)
+                        px.apc_hash_full_nb(apc, r, k, i, done_tok + new, block_size)
+                        apc[2][r, px.HIT_TOKENS] += done_tok
+                    else:
+                        free[r] -= need
                     s_req[r, k] = i
                     s_prompt[r, k] = prompt[i]
                     s_tokens[r, k] = prompt[i] + generated[i]
-                    s_computed[r, k] = new
+                    s_computed[r, k] = done_tok + new
                     s_output[r, k] = output[i]
-                    s_blocks[r, k] = need
+                    s_blocks[r, k] = hits + need
                     s_last[r, k] = last_tok[i]
                     s_max_itl[r, k] = max_itl[i]
                     s_measured[r, k] = measured[i]
-                    s_sample[r, k] = bid if new == s_tokens[r, k] else -1
+                    s_sample[r, k] = bid if s_computed[r, k] == s_tokens[r, k] else -1
                     status[i] = E.RUNNING
                     if np.isnan(first_sched[i]):
                         first_sched[i] = t_r
-                    agg = _add_to_batch(agg, new, 0, prompt[i], window)
+                        cached[i] = done_tok
+                    agg = _add_to_batch(agg, new, done_tok, prompt[i], window)
                     n_sched += 1
                     budget -= new
             if v0 and n_sched == 0:
@@ -360,7 +383,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                 step_preempts, n_sched, budget, agg = _schedule_running(
                     r, bid, budget, 0, block_size, window, n_running, free, q_head, q_tail, q_next, n_waiting,
                     s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_sample,
-                    generated, last_tok, max_itl, preempts)
+                    generated, last_tok, max_itl, preempts, (apc, blk_buf, ri[E.RI_APC] != 0))
         rep_preempts[r] += step_preempts
 
         if n_sched > 0:
@@ -421,7 +444,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     for i in range(n):
         if status[i] == E.PENDING or status[i] == E.RUNNING:
             status[i] = E.UNFINISHED
-    counters = np.empty((n_rep, 6), np.int64)
+    counters = np.empty((n_rep, 8), np.int64)
     for r in range(n_rep):
         counters[r, 0] = rep_iters[r]
         counters[r, 1] = rep_peak[r]
@@ -429,20 +452,23 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         counters[r, 3] = rep_preempts[r]
         counters[r, 4] = rep_requests[r]
         counters[r, 5] = rep_stretched[r]
+        counters[r, 6] = apc[2][r, px.EVICTIONS] if rep_int[r, E.RI_APC] else 0
+        counters[r, 7] = apc[2][r, px.HIT_TOKENS] if rep_int[r, E.RI_APC] else 0
     return (status, first_sched, first_tok, finish, generated, preempts, max_itl, replica,
-            itl_hist, itl, timeline[:n_tl].copy(), counters, rep_time)
+            itl_hist, itl, timeline[:n_tl].copy(), counters, rep_time, cached)
 
 
 @njit(cache=True, error_model="numpy", inline="always")  # a call with this many arrays costs ~20%
 def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, free, q_head, q_tail, q_next,
                       n_waiting, s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_sample,
-                      generated, last_tok, max_itl, preempts):
+                      generated, last_tok, max_itl, preempts, cache):
     """Schedule replica r's running slots from the first while the budget lasts, each its next tokens
     (none while all of them are in flight); when a slot's blocks cannot be allocated, preempt the
     newest running request until they can, or until the slot itself was the one preempted.
 
     Returns (preemptions, scheduled, budget left, batch aggregates).
     """
+    apc, blk_buf, on = cache  # the prefix cache, a scratch buffer, and whether this replica uses it
     # Row views: one replica's slots, contiguous.
     s_req, s_prompt, s_tokens, s_computed = s_req[r], s_prompt[r], s_tokens[r], s_computed[r]
     s_blocks, s_last, s_max_itl, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_sample[r]
@@ -469,7 +495,7 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
             last_tok[i] = s_last[v]
             max_itl[i] = s_max_itl[v]
             preempts[i] += 1
-            free_r += s_blocks[v]
+            free_r += px.apc_release_nb(apc, r, v) if on else s_blocks[v]
             preempted += 1
             q_next[i] = head  # to the front of the waiting queue
             head = i
@@ -482,6 +508,9 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
         s_blocks[k] += need
         agg = _add_to_batch(agg, new, s_computed[k], s_prompt[k], window)
         s_computed[k] += new
+        if on:
+            px.apc_allocate_nb(apc, r, k, need)
+            px.apc_hash_full_nb(apc, r, k, s_req[k], s_computed[k], block_size)
         if s_computed[k] == s_tokens[k]:
             s_sample[k] = bid
         n_sched += 1
@@ -494,11 +523,12 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
 @njit(cache=True, error_model="numpy", inline="always")  # a call with this many arrays costs ~20%
 def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last,
               s_max_itl, s_measured, s_sample, status, finish, first_tok, generated, max_itl, itl_hist, itl,
-              log_min, inv_log_step):
+              log_min, inv_log_step, cache):
     """Batch `bid` of replica r completed at `end`: each request it sampled for gets a token; finished
     requests leave their slots. Returns (requests finished, blocks freed)."""
     # Most tokens share one inter-token gap (their previous token came from the same batch): they
     # are counted against the first one's previous-token time and binned together at the end.
+    apc, blk_buf, on = cache
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
     ref_last = -1.0
@@ -536,7 +566,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
             status[i] = E.FINISHED
             generated[i] = gen
             max_itl[i] = s_max_itl[k]
-            freed += s_blocks[k]
+            freed += px.apc_release_nb(apc, r, k) if on else s_blocks[k]
             s_blocks[k] = -1  # marks the slot for removal
             done += 1
     if n_ref > 0:
@@ -560,6 +590,8 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
                     s_max_itl[m] = s_max_itl[k]
                     s_measured[m] = s_measured[k]
                     s_sample[m] = s_sample[k]
+                    if on:
+                        px.apc_move_slot_nb(apc, r, k, m)
                 m += 1
         n_running[r] = m
     return done, freed

@@ -45,7 +45,8 @@ RI_STAGES = 7        # pipeline_parallel_size
 RI_WINDOW = 8        # sliding window of the model (0: none)
 RI_TOK_OFF = 9       # offset of this replica's table in the concatenated token-count table
 RI_SEQ_OFF = 10      # ... and in the sequence-count table
-N_RI = 11
+RI_APC = 11          # enable_prefix_caching
+N_RI = 12
 
 # Router policies
 ROUTE_ROUND_ROBIN = 0

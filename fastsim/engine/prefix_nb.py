@@ -138,3 +138,155 @@ def fl_pop_head_nb(prev, nxt, ends):
     if b != EMPTY:
         fl_remove_nb(prev, nxt, ends, b)
     return b
+
+
+# -- a replica's prefix cache, as the engine holds it --------------------------------------------
+# The engine passes one tuple `apc = (pool, table, rep, slots, req_offsets, req_ids, rows, free_rows)`:
+#   pool[row, block]   for every replica's blocks (global ids): KEY (EMPTY = not cached), REF,
+#                      PREV/FNEXT (free-list links)
+#   table[0|1, h]      hash table keys / blocks, one power-of-two region per replica
+#   rep[r, col]        BLK_BASE, HT_BASE, HT_SIZE, FL_HEAD, FL_TAIL, EVICTIONS, HIT_TOKENS,
+#                      SOURCE_TOKENS, ROWS_FREE
+#   slots[r, col, k]   per running slot: ROW of its block table, NBLK blocks in it, HASHED full
+#                      blocks named so far, SKEY the key of the last named one
+#   rows[r, row, j]    block tables (a request's blocks in order; shared blocks appear in several)
+#   free_rows[r, i]    a stack of unused block-table rows
+KEY, REF, PREV, FNEXT = 0, 1, 2, 3
+N_POOL_ROWS = 4
+BLK_BASE, HT_BASE, HT_SIZE, FL_HEAD, FL_TAIL, EVICTIONS, HIT_TOKENS, SOURCE_TOKENS, ROWS_FREE = range(9)
+N_REP_COLS = 9
+ROW, NBLK, HASHED, SKEY = 0, 1, 2, 3
+N_SLOT_COLS = 4
+
+
+@njit(cache=True, error_model="numpy")
+def apc_init_nb(apc, r, num_blocks):
+    """Replica r's blocks: all free, in order, none cached; every block-table row unused."""
+    pool, rep, free_rows = apc[0], apc[2], apc[7]
+    base = rep[r, BLK_BASE]
+    for j in range(num_blocks):
+        b = base + j
+        pool[KEY, b] = EMPTY
+        pool[REF, b] = 0
+        pool[PREV, b] = b - 1 if j > 0 else EMPTY
+        pool[FNEXT, b] = b + 1 if j < num_blocks - 1 else EMPTY
+    rep[r, FL_HEAD] = base if num_blocks > 0 else EMPTY
+    rep[r, FL_TAIL] = base + num_blocks - 1 if num_blocks > 0 else EMPTY
+    n_rows = free_rows.shape[1]
+    for i in range(n_rows):
+        free_rows[r, i] = n_rows - 1 - i
+    rep[r, ROWS_FREE] = n_rows
+
+
+@njit(cache=True, error_model="numpy")
+def _table(apc, r):
+    table, rep = apc[1], apc[2]
+    lo = rep[r, HT_BASE]
+    hi = lo + rep[r, HT_SIZE]
+    return table[0, lo:hi], table[1, lo:hi]
+
+
+@njit(cache=True, error_model="numpy")
+def apc_lookup_nb(apc, r, req, num_tokens, block_size, hit_buf):
+    """vLLM's longest cached prefix of request `req`: full blocks only, and never all of its tokens
+    (the last one is always computed). Returns (blocks hit, key of the last, hits nobody holds)."""
+    pool, rep, offsets, ids = apc[0], apc[2], apc[4], apc[5]
+    keys, vals = _table(apc, r)
+    key = ROOT_KEY
+    hits = 0
+    idle = 0
+    while hits < (num_tokens - 1) // block_size:
+        k = mix_nb(key, block_content_nb(req, hits, block_size, offsets, ids, rep[r, SOURCE_TOKENS]))
+        b = ht_find_nb(keys, vals, k)
+        if b == EMPTY:
+            break
+        hit_buf[hits] = b
+        idle += pool[REF, b] == 0
+        key = k
+        hits += 1
+    return hits, key, idle
+
+
+@njit(cache=True, error_model="numpy")
+def apc_start_nb(apc, r, k, hit_buf, hits, key):
+    """Slot k takes a block-table row and the cached blocks of its prefix. Returns how many of
+    those left the free list."""
+    pool, rep, slots, rows, free_rows = apc[0], apc[2], apc[3], apc[6], apc[7]
+    prev, nxt, ends = pool[PREV], pool[FNEXT], rep[r, FL_HEAD:FL_TAIL + 1]
+    rep[r, ROWS_FREE] -= 1
+    row = free_rows[r, rep[r, ROWS_FREE]]
+    slots[r, ROW, k] = row
+    slots[r, NBLK, k] = hits
+    slots[r, HASHED, k] = hits
+    slots[r, SKEY, k] = key
+    taken = 0
+    for j in range(hits):
+        b = hit_buf[j]
+        if pool[REF, b] == 0:
+            fl_remove_nb(prev, nxt, ends, b)
+            taken += 1
+        pool[REF, b] += 1
+        rows[r, row, j] = b
+    return taken
+
+
+@njit(cache=True, error_model="numpy")
+def apc_allocate_nb(apc, r, k, count):
+    """`count` fresh blocks for slot k from the head of the free list, evicting cached ones."""
+    pool, rep, slots, rows = apc[0], apc[2], apc[3], apc[6]
+    prev, nxt, ends = pool[PREV], pool[FNEXT], rep[r, FL_HEAD:FL_TAIL + 1]
+    keys, vals = _table(apc, r)
+    row = slots[r, ROW, k]
+    for _ in range(count):
+        b = fl_pop_head_nb(prev, nxt, ends)
+        if pool[KEY, b] != EMPTY:
+            ht_delete_nb(keys, vals, pool[KEY, b])
+            pool[KEY, b] = EMPTY
+            rep[r, EVICTIONS] += 1
+        pool[REF, b] = 1
+        rows[r, row, slots[r, NBLK, k]] = b
+        slots[r, NBLK, k] += 1
+
+
+@njit(cache=True, error_model="numpy")
+def apc_hash_full_nb(apc, r, k, req, computed, block_size):
+    """Name and cache slot k's blocks that `computed` tokens have filled."""
+    pool, rep, slots, offsets, ids, rows = apc[0], apc[2], apc[3], apc[4], apc[5], apc[6]
+    keys, vals = _table(apc, r)
+    row = slots[r, ROW, k]
+    while (slots[r, HASHED, k] + 1) * block_size <= computed:
+        m = slots[r, HASHED, k]
+        b = rows[r, row, m]
+        key = mix_nb(slots[r, SKEY, k], block_content_nb(req, m, block_size, offsets, ids, rep[r, SOURCE_TOKENS]))
+        if ht_find_nb(keys, vals, key) == EMPTY:  # an equal block cached already keeps the name
+            ht_insert_nb(keys, vals, key, b)
+            pool[KEY, b] = key
+        slots[r, SKEY, k] = key
+        slots[r, HASHED, k] = m + 1
+
+
+@njit(cache=True, error_model="numpy")
+def apc_release_nb(apc, r, k):
+    """Slot k's request lets go of its blocks, last first (so its tail is evicted first); blocks
+    nobody holds go to the free list, still cached. Returns how many became free."""
+    pool, rep, slots, rows, free_rows = apc[0], apc[2], apc[3], apc[6], apc[7]
+    prev, nxt, ends = pool[PREV], pool[FNEXT], rep[r, FL_HEAD:FL_TAIL + 1]
+    row = slots[r, ROW, k]
+    freed = 0
+    for j in range(slots[r, NBLK, k] - 1, -1, -1):
+        b = rows[r, row, j]
+        pool[REF, b] -= 1
+        if pool[REF, b] == 0:
+            fl_push_tail_nb(prev, nxt, ends, b)
+            freed += 1
+    free_rows[r, rep[r, ROWS_FREE]] = row
+    rep[r, ROWS_FREE] += 1
+    slots[r, NBLK, k] = 0
+    return freed
+
+
+@njit(cache=True, error_model="numpy")
+def apc_move_slot_nb(apc, r, src, dst):
+    slots = apc[3]
+    for c in range(N_SLOT_COLS):
+        slots[r, c, dst] = slots[r, c, src]

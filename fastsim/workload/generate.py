@@ -1,7 +1,7 @@
 """From the workload section of a config to request arrays sorted by arrival."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,6 +20,11 @@ class Workload:
     output_tokens: np.ndarray  # int64
     client: np.ndarray         # int32 index into client_names
     client_names: tuple[str, ...]
+    # Prompt content as ids of consecutive `block_tokens`-token blocks (equal ids = equal content),
+    # ragged: request i's are block_ids[block_offsets[i]:block_offsets[i + 1]]. Empty = unique.
+    block_offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    block_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    block_tokens: int = 0
 
     def __len__(self) -> int:
         return self.arrival_s.size
@@ -93,7 +98,7 @@ def replay(client: C.Client, limit: int | None, duration_s: float | None, rng: n
                                "an arrival process, e.g. arrival: {process: poisson, rate: 5.0}")
         n = len(rows) if limit is None else min(limit, len(rows))
         t = arrivals(client.arrival, n, None, rng)
-        return t, rows.prompt_tokens[:n], rows.output_tokens[:n]
+        return t, rows.take(np.arange(n))
     t = rows.arrival_s - (rows.arrival_s.min() if len(rows) else 0.0)
     t = t / tr.speedup
     if tr.rate is not None and len(rows) > 1 and t.max() > 0:
@@ -101,20 +106,23 @@ def replay(client: C.Client, limit: int | None, duration_s: float | None, rng: n
     n = len(rows) if limit is None else min(limit, len(rows))
     if duration_s is not None:
         n = min(n, int(np.searchsorted(t, duration_s, side="left")))
-    return t[:n], rows.prompt_tokens[:n], rows.output_tokens[:n]
+    return t[:n], rows.take(np.arange(n))
 
 
 def generate_workload(wl: C.Workload, seed: int) -> Workload:
     counts = split_requests(wl.num_requests, wl.clients) if wl.num_requests else [c.num_requests for c in wl.clients]
     parts = []
+    blocks: dict[int, tuple] = {}  # client -> (offsets, ids, tokens per block) of its prompts
     for i, client in enumerate(wl.clients):
         # One independent stream per client: adding a client leaves the others' samples unchanged.
         rng = np.random.default_rng([seed, i])
         field = f"workload.clients.{i}"
         if client.trace is not None:
             limit = client.num_requests or (counts[i] if wl.num_requests else None)
-            t, prompt, output = replay(client, limit, wl.duration_s, rng, field)
-            parts.append((t, prompt, output, np.full(t.size, i, dtype=np.int32)))
+            t, rows = replay(client, limit, wl.duration_s, rng, field)
+            parts.append((t, rows.prompt_tokens, rows.output_tokens, np.full(t.size, i, dtype=np.int32)))
+            if rows.hash_offsets is not None:
+                blocks[i] = (rows.hash_offsets, rows.hash_ids, rows.hash_block_tokens)
             continue
         t = arrivals(client.arrival, counts[i], None if counts[i] is not None else wl.duration_s, rng)
         n = t.size
@@ -130,6 +138,29 @@ def generate_workload(wl: C.Workload, seed: int) -> Workload:
         parts.append((t, prompt, output, np.full(n, i, dtype=np.int32)))
     t = np.concatenate([p[0] for p in parts]).astype(np.float64)
     order = np.argsort(t, kind="stable")
+    offsets, ids, block_tokens = _merge_blocks(parts, blocks, order)
     return Workload(t[order], np.concatenate([p[1] for p in parts])[order].astype(np.int64),
                     np.concatenate([p[2] for p in parts])[order].astype(np.int64),
-                    np.concatenate([p[3] for p in parts])[order], tuple(c.name for c in wl.clients))
+                    np.concatenate([p[3] for p in parts])[order], tuple(c.name for c in wl.clients),
+                    offsets, ids, block_tokens)
+
+
+def _merge_blocks(parts: list, blocks: dict, order: np.ndarray):
+    """Every request's block ids in arrival order (none for clients without), one block size."""
+    sizes = {b[2] for b in blocks.values()}
+    if len(sizes) > 1:
+        raise FastsimError(f"workload: traces with different block sizes ({sorted(sizes)}) cannot share a cache")
+    lens, chunks = [], []
+    for i, p in enumerate(parts):
+        n = p[0].size
+        if i in blocks:
+            off, ids, _ = blocks[i]
+            lens.append(np.diff(off))
+            chunks += [ids[off[j]:off[j + 1]] for j in range(n)]
+        else:
+            lens.append(np.zeros(n, np.int64))
+            chunks += [np.zeros(0, np.int64)] * n
+    lens = np.concatenate(lens)[order] if lens else np.zeros(0, np.int64)
+    ids = np.concatenate([chunks[j] for j in order] + [np.zeros(0, np.int64)]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    return offsets, ids, (sizes.pop() if sizes else 0)
