@@ -109,3 +109,21 @@ def test_workload_config_errors():
         load_config(None, ["workload.duration_s=10"])
     with pytest.raises(FastsimError, match=r"clients.0.*prompt_tokens"):
         load_config(None, ["workload.clients.0.dataset=null"])
+
+
+def test_block_ids_follow_their_requests_through_the_arrival_sort(tmp_path):
+    from pathlib import Path
+    fix = Path(__file__).parent / "fixtures" / "mooncake_conversation_300.jsonl"
+    cfg = load_config(None, ["workload.num_requests=null", f"workload.clients=[{{name: m, trace: {{format: mooncake, file: {fix}}}}}, "
+                             "{name: s, num_requests: 50, arrival: {process: poisson, rate: 1.0}, "
+                             "prompt_tokens: {dist: constant, value: 10}, output_tokens: {dist: constant, value: 5}}]"])
+    w = generate_workload(cfg.workload, 0)
+    from fastsim.workload.traces import read_trace
+    rows = read_trace("mooncake", fix)
+    assert len(w) == 350 and w.block_tokens == 512
+    mooncake = np.flatnonzero(w.client == 0)
+    for j, i in enumerate(mooncake[:40]):  # the trace's rows, in their own order, keep their ids
+        assert w.block_ids[w.block_offsets[i]:w.block_offsets[i + 1]].tolist() == \
+            rows.hash_ids[rows.hash_offsets[j]:rows.hash_offsets[j + 1]].tolist()
+    synthetic = np.flatnonzero(w.client == 1)
+    assert (w.block_offsets[synthetic + 1] == w.block_offsets[synthetic]).all()

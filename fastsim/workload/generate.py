@@ -150,17 +150,14 @@ def _merge_blocks(parts: list, blocks: dict, order: np.ndarray):
     sizes = {b[2] for b in blocks.values()}
     if len(sizes) > 1:
         raise FastsimError(f"workload: traces with different block sizes ({sorted(sizes)}) cannot share a cache")
-    lens, chunks = [], []
-    for i, p in enumerate(parts):
-        n = p[0].size
-        if i in blocks:
-            off, ids, _ = blocks[i]
-            lens.append(np.diff(off))
-            chunks += [ids[off[j]:off[j + 1]] for j in range(n)]
-        else:
-            lens.append(np.zeros(n, np.int64))
-            chunks += [np.zeros(0, np.int64)] * n
-    lens = np.concatenate(lens)[order] if lens else np.zeros(0, np.int64)
-    ids = np.concatenate([chunks[j] for j in order] + [np.zeros(0, np.int64)]).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    return offsets, ids, (sizes.pop() if sizes else 0)
+    n = order.size
+    if not blocks:
+        return np.zeros(n + 1, np.int64), np.zeros(0, np.int64), 0
+    lens = np.concatenate([np.diff(blocks[i][0]) if i in blocks else np.zeros(p[0].size, np.int64)
+                           for i, p in enumerate(parts)])
+    ids = np.concatenate([blocks[i][1] for i in sorted(blocks)]).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])  # where each request's ids start, client order
+    new_lens = lens[order]
+    offsets = np.concatenate([[0], np.cumsum(new_lens)]).astype(np.int64)
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], new_lens)
+    return offsets, ids[np.repeat(starts[order], new_lens) + within], sizes.pop()
