@@ -42,28 +42,30 @@ def block_content_nb(req, m, block_size, offsets, ids, source_tokens):
         last = ((m + 1) * block_size - 1) // source_tokens
         if last < n_ids:
             return mix_nb(mix_nb(ids[lo + first], ids[lo + last]), (m * block_size) % source_tokens)
-    return mix_nb(mix_nb(0x5BD1E995, req), m) ^ 1  # ^1: never equal to a shared block's form
+    return mix_nb(mix_nb(0x5BD1E995, req), m)
 
 
 # -- hash table: key -> block ------------------------------------------------------------------
 @njit(cache=True, error_model="numpy")
-def ht_find_nb(keys, vals, key):
+def _probe(keys, key):
+    """The slot holding `key`, or the empty slot that ends its probe run."""
     mask = keys.size - 1
     h = key & mask
-    while keys[h] != EMPTY:
-        if keys[h] == key:
-            return vals[h]
+    while keys[h] != EMPTY and keys[h] != key:
         h = (h + 1) & mask
-    return EMPTY
+    return h
+
+
+@njit(cache=True, error_model="numpy")
+def ht_find_nb(keys, vals, key):
+    h = _probe(keys, key)
+    return vals[h] if keys[h] == key else EMPTY
 
 
 @njit(cache=True, error_model="numpy")
 def ht_insert_nb(keys, vals, key, val):
     """Insert or overwrite. The table must keep a free slot (size > number of keys)."""
-    mask = keys.size - 1
-    h = key & mask
-    while keys[h] != EMPTY and keys[h] != key:
-        h = (h + 1) & mask
+    h = _probe(keys, key)
     keys[h] = key
     vals[h] = val
 
@@ -71,12 +73,10 @@ def ht_insert_nb(keys, vals, key, val):
 @njit(cache=True, error_model="numpy")
 def ht_delete_nb(keys, vals, key):
     """Remove `key` if present, shifting later entries of its probe run back (no tombstones)."""
+    h = _probe(keys, key)
+    if keys[h] != key:
+        return False
     mask = keys.size - 1
-    h = key & mask
-    while keys[h] != key:
-        if keys[h] == EMPTY:
-            return False
-        h = (h + 1) & mask
     hole = h
     j = h
     while True:
