@@ -149,8 +149,9 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     cached = np.zeros(n, np.int64)      # prompt tokens found in the prefix cache when first scheduled
     max_blocks = 1
     for r in range(n_rep):
-        max_blocks = max(max_blocks, rep_int[r, E.RI_NUM_BLOCKS])
-    blk_buf = np.empty(max_blocks, np.int64)
+        if rep_int[r, E.RI_APC]:
+            max_blocks = max(max_blocks, rep_int[r, E.RI_NUM_BLOCKS])
+    hit_bufs = np.empty((n_rep, max_blocks), np.int64)  # each replica's last prefix lookup
     for r in range(n_rep):
         if rep_int[r, E.RI_APC]:
             px.apc_init_nb(apc, r, rep_int[r, E.RI_NUM_BLOCKS])
@@ -282,7 +283,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             done, freed = _complete(r, fl_id[r, fl_head[r]], end, n_running, s_req, s_prompt, s_tokens,
                                     s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample,
                                     status, finish, first_tok, generated, max_itl, itl_hist, itl,
-                                    log_min, inv_log_step, (apc, blk_buf, ri[E.RI_APC] != 0))
+                                    log_min, inv_log_step, (apc, ri[E.RI_APC] != 0))
             free[r] += freed
             outstanding[r] -= done
             n_left -= done
@@ -329,7 +330,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                 step_preempts, n_sched, budget, agg = _schedule_running(
                     r, bid, budget, ri[E.RI_THRESHOLD], block_size, window, n_running, free, q_head, q_tail,
                     q_next, n_waiting, s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl,
-                    s_sample, generated, last_tok, max_itl, preempts, (apc, blk_buf, ri[E.RI_APC] != 0))
+                    s_sample, generated, last_tok, max_itl, preempts, (apc, ri[E.RI_APC] != 0))
             if v0 or step_preempts == 0:
                 watermark = int(0.01 * ri[E.RI_NUM_BLOCKS]) if v0 else 0
                 while n_waiting[r] > 0 and budget > 0 and n_running[r] < ri[E.RI_MAX_SEQS]:
@@ -337,7 +338,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                     hits, hit_key, idle_hits = 0, px.ROOT_KEY, 0
                     if ri[E.RI_APC]:  # the longest cached prefix is not computed again
                         hits, hit_key, idle_hits = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i],
-                                                                    block_size, blk_buf)
+                                                                    block_size, hit_bufs[r])
                     done_tok = hits * block_size
                     new = prompt[i] + generated[i] - done_tok
                     if not v0 and ri[E.RI_THRESHOLD] > 0 and new > ri[E.RI_THRESHOLD]:
@@ -355,7 +356,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                     k = n_running[r]
                     n_running[r] += 1
                     if ri[E.RI_APC]:
-                        free[r] -= px.apc_start_nb(apc, r, k, blk_buf, hits, hit_key) + need
+                        free[r] -= px.apc_start_nb(apc, r, k, hit_bufs[r], hits, hit_key) + need
                         px.apc_allocate_nb(apc, r, k, need)
                         px.apc_hash_full_nb(apc, r, k, i, done_tok + new, block_size)
                         apc[2][r, px.HIT_TOKENS] += done_tok
@@ -383,7 +384,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                 step_preempts, n_sched, budget, agg = _schedule_running(
                     r, bid, budget, 0, block_size, window, n_running, free, q_head, q_tail, q_next, n_waiting,
                     s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_sample,
-                    generated, last_tok, max_itl, preempts, (apc, blk_buf, ri[E.RI_APC] != 0))
+                    generated, last_tok, max_itl, preempts, (apc, ri[E.RI_APC] != 0))
         rep_preempts[r] += step_preempts
 
         if n_sched > 0:
@@ -468,7 +469,7 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
 
     Returns (preemptions, scheduled, budget left, batch aggregates).
     """
-    apc, blk_buf, on = cache  # the prefix cache, a scratch buffer, and whether this replica uses it
+    apc, on = cache  # the prefix cache, and whether this replica uses it
     # Row views: one replica's slots, contiguous.
     s_req, s_prompt, s_tokens, s_computed = s_req[r], s_prompt[r], s_tokens[r], s_computed[r]
     s_blocks, s_last, s_max_itl, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_sample[r]
@@ -508,9 +509,11 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
         s_blocks[k] += need
         agg = _add_to_batch(agg, new, s_computed[k], s_prompt[k], window)
         s_computed[k] += new
-        if on:
-            px.apc_allocate_nb(apc, r, k, need)
-            px.apc_hash_full_nb(apc, r, k, s_req[k], s_computed[k], block_size)
+        if on:  # calls only when blocks are taken or filled: most decode steps do neither
+            if need > 0:
+                px.apc_allocate_nb(apc, r, k, need)
+            if s_computed[k] // block_size > (s_computed[k] - new) // block_size:
+                px.apc_hash_full_nb(apc, r, k, s_req[k], s_computed[k], block_size)
         if s_computed[k] == s_tokens[k]:
             s_sample[k] = bid
         n_sched += 1
@@ -528,7 +531,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
     requests leave their slots. Returns (requests finished, blocks freed)."""
     # Most tokens share one inter-token gap (their previous token came from the same batch): they
     # are counted against the first one's previous-token time and binned together at the end.
-    apc, blk_buf, on = cache
+    apc, on = cache
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
     ref_last = -1.0

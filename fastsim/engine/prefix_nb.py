@@ -143,18 +143,19 @@ def fl_pop_head_nb(prev, nxt, ends):
 # -- a replica's prefix cache, as the engine holds it --------------------------------------------
 # The engine passes one tuple `apc = (pool, table, rep, slots, req_offsets, req_ids, rows, free_rows)`:
 #   pool[row, block]   for every replica's blocks (global ids): KEY (EMPTY = not cached), REF,
-#                      PREV/FNEXT (free-list links)
+#                      PREV/FNEXT (free-list links), MARK (stamp of the last lookup that hit it)
 #   table[0|1, h]      hash table keys / blocks, one power-of-two region per replica
 #   rep[r, col]        BLK_BASE, HT_BASE, HT_SIZE, FL_HEAD, FL_TAIL, EVICTIONS, HIT_TOKENS,
-#                      SOURCE_TOKENS, ROWS_FREE
+#                      SOURCE_TOKENS, ROWS_FREE, and the MEMO_* of the last lookup
 #   slots[r, col, k]   per running slot: ROW of its block table, NBLK blocks in it, HASHED full
 #                      blocks named so far, SKEY the key of the last named one
 #   rows[r, row, j]    block tables (a request's blocks in order; shared blocks appear in several)
 #   free_rows[r, i]    a stack of unused block-table rows
-KEY, REF, PREV, FNEXT = 0, 1, 2, 3
-N_POOL_ROWS = 4
+KEY, REF, PREV, FNEXT, MARK = 0, 1, 2, 3, 4
+N_POOL_ROWS = 5
 BLK_BASE, HT_BASE, HT_SIZE, FL_HEAD, FL_TAIL, EVICTIONS, HIT_TOKENS, SOURCE_TOKENS, ROWS_FREE = range(9)
-N_REP_COLS = 9
+MEMO_REQ, MEMO_HITS, MEMO_KEY, MEMO_STAMP = range(9, 13)  # the last lookup, to extend next time
+N_REP_COLS = 13
 ROW, NBLK, HASHED, SKEY = 0, 1, 2, 3
 N_SLOT_COLS = 4
 
@@ -170,12 +171,14 @@ def apc_init_nb(apc, r, num_blocks):
         pool[REF, b] = 0
         pool[PREV, b] = b - 1 if j > 0 else EMPTY
         pool[FNEXT, b] = b + 1 if j < num_blocks - 1 else EMPTY
+        pool[MARK, b] = EMPTY
     rep[r, FL_HEAD] = base if num_blocks > 0 else EMPTY
     rep[r, FL_TAIL] = base + num_blocks - 1 if num_blocks > 0 else EMPTY
     n_rows = free_rows.shape[1]
     for i in range(n_rows):
         free_rows[r, i] = n_rows - 1 - i
     rep[r, ROWS_FREE] = n_rows
+    rep[r, MEMO_REQ] = EMPTY
 
 
 @njit(cache=True, error_model="numpy")
@@ -189,21 +192,35 @@ def _table(apc, r):
 @njit(cache=True, error_model="numpy")
 def apc_lookup_nb(apc, r, req, num_tokens, block_size, hit_buf):
     """vLLM's longest cached prefix of request `req`: full blocks only, and never all of its tokens
-    (the last one is always computed). Returns (blocks hit, key of the last, hits nobody holds)."""
+    (the last one is always computed). Returns (blocks hit, key of the last, hits nobody holds).
+
+    A queue head that cannot be admitted is looked up again every iteration; unless one of the
+    blocks it hit was evicted since (the only way a cached key disappears; eviction clears the
+    memo then), that prefix still holds and the lookup resumes where it stopped. `hit_buf` is
+    replica r's own.
+    """
     pool, rep, offsets, ids = apc[0], apc[2], apc[4], apc[5]
     keys, vals = _table(apc, r)
     key = ROOT_KEY
     hits = 0
-    idle = 0
+    if rep[r, MEMO_REQ] == req:
+        hits, key = rep[r, MEMO_HITS], rep[r, MEMO_KEY]
+    else:
+        rep[r, MEMO_STAMP] += 1
+    stamp = rep[r, MEMO_STAMP]
     while hits < (num_tokens - 1) // block_size:
         k = mix_nb(key, block_content_nb(req, hits, block_size, offsets, ids, rep[r, SOURCE_TOKENS]))
         b = ht_find_nb(keys, vals, k)
         if b == EMPTY:
             break
         hit_buf[hits] = b
-        idle += pool[REF, b] == 0
+        pool[MARK, b] = stamp
         key = k
         hits += 1
+    rep[r, MEMO_REQ], rep[r, MEMO_HITS], rep[r, MEMO_KEY] = req, hits, key
+    idle = 0
+    for j in range(hits):
+        idle += pool[REF, hit_buf[j]] == 0
     return hits, key, idle
 
 
@@ -243,6 +260,8 @@ def apc_allocate_nb(apc, r, k, count):
             ht_delete_nb(keys, vals, pool[KEY, b])
             pool[KEY, b] = EMPTY
             rep[r, EVICTIONS] += 1
+            if pool[MARK, b] == rep[r, MEMO_STAMP]:
+                rep[r, MEMO_REQ] = EMPTY  # the remembered prefix lost a block: look it up afresh
         pool[REF, b] = 1
         rows[r, row, slots[r, NBLK, k]] = b
         slots[r, NBLK, k] += 1
