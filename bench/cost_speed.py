@@ -14,14 +14,12 @@ from fastsim.engine import cost_nb as nb
 
 
 @njit(cache=True)
-def _many_tabled_nb(p, tables, n, dec_counts, dec_keys):
+def _many_tabled_nb(p, tok, seq, n, dec_counts, dec_keys):
     acc = 0.0
-    tc, sc, tm, sm = tables
     for i in range(n):
         j = i % dec_counts.size
-        c, m = nb.forward_time_tabled_nb(p, tc, sc, tm, sm, dec_counts[j], dec_keys[j], 1, 512,
-                                         131328.0, 512.0)
-        acc += c + m
+        body, head = nb.stage_time_nb(p, tok, seq, 0, 0, (dec_counts[j], dec_keys[j], 1, 512, 131328.0, 512.0))
+        acc += body + head
     return acc
 
 
@@ -55,12 +53,12 @@ def main() -> None:
     _many_iterations_nb(cm.params, cm.ops, n, counts, keys)
     nb_ns = (time.perf_counter() - t0) / n * 1e9
     print(f"forward_time_nb inside Numba (mixed batch, closed form): {nb_ns:.0f} ns per iteration")
-    tables = nb.build_tables_nb(cm.params, cm.ops, 8192 + 256, 256)
-    _many_tabled_nb(cm.params, tables, 10, counts, keys)
+    tok, seq = nb.build_tables_nb(cm.params, cm.ops, 8192 + 256, 256)
+    _many_tabled_nb(cm.params, tok, seq, 10, counts, keys)
     t0 = time.perf_counter()
-    _many_tabled_nb(cm.params, tables, n, counts, keys)
+    _many_tabled_nb(cm.params, tok, seq, n, counts, keys)
     tab_ns = (time.perf_counter() - t0) / n * 1e9
-    print(f"forward_time_tabled_nb inside Numba (what the engine calls): {tab_ns:.0f} ns per iteration")
+    print(f"stage_time_nb inside Numba (what the engine calls, mixed batch): {tab_ns:.0f} ns per iteration")
 
 
 if __name__ == "__main__":

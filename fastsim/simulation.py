@@ -129,8 +129,7 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
                               kv_cache_dtype=kv_dtype(eng), layers=stage_layers(model, eng.pipeline_parallel_size))
         params = cm.params.copy()
         params[cost_nb.FRAMEWORK_OVERHEAD_S] = eng.framework_overhead_ms * 1e-3
-        tok_c, seq_c, tok_m, seq_m = cost_nb.build_tables_nb(params, cm.ops, eng.max_num_batched_tokens,
-                                                             eng.max_num_seqs)
+        tok, seq = cost_nb.build_tables_nb(params, cm.ops, eng.max_num_batched_tokens, eng.max_num_seqs)
         ints = np.zeros(E.N_RI, np.int64)
         ints[E.RI_MAX_SEQS] = eng.max_num_seqs
         ints[E.RI_MAX_TOKENS] = eng.max_num_batched_tokens
@@ -144,10 +143,10 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
         ints[E.RI_TOK_OFF] = tok_off
         ints[E.RI_SEQ_OFF] = seq_off
         ints[E.RI_APC] = eng.enable_prefix_caching
-        tok_parts.append(np.stack([tok_c + tok_m, tok_m]))
-        seq_parts.append(np.stack([seq_c + seq_m, seq_m]))
-        tok_off += tok_c.size
-        seq_off += seq_c.size
+        tok_parts.append(tok)
+        seq_parts.append(seq)
+        tok_off += tok.shape[1]
+        seq_off += seq.shape[1]
         rows_int += [ints] * rp.count
         rows_p += [params] * rp.count
     return (np.array(rows_int), np.array(rows_p), np.concatenate(tok_parts, axis=1),

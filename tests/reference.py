@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import numpy as np
+
 from fastsim.engine.prefix_nb import ROOT_KEY
 from fastsim.engine.prefix_nb import mix_nb as mix
 
@@ -339,5 +341,3 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
         now = end
     return reqs, history
 
-
-import numpy as np  # noqa: E402  (used by simulate_reference; kept beside it)

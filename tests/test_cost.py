@@ -154,11 +154,14 @@ def test_default_profile_is_the_shipped_fit():
 
 @given(dec=st.lists(st.integers(0, 5000), max_size=40),
        pre=st.lists(st.tuples(st.integers(1, 500), st.integers(0, 3000)), max_size=3))
-def test_tabled_forward_equals_closed_form(dec, pre):
+def test_tabled_stage_time_equals_closed_form(dec, pre):
     cm = CostModel.create(LLAMA3, "A100-SXM-80GB", tp=2)
-    tables = nb.build_tables_nb(cm.params, cm.ops, 2000, 50)
+    tok, seq = nb.build_tables_nb(cm.params, cm.ops, 2000, 50)
     agg = cm.batch_aggregates(np.array(dec, dtype=np.int64), np.array([n for n, _ in pre], dtype=np.int64),
                               np.array([c for _, c in pre], dtype=np.int64))
     agg = (agg[0], agg[1], agg[2], int(agg[3]), agg[4], agg[5])
-    assert nb.forward_time_tabled_nb(cm.params, *tables, *agg) == pytest.approx(
-        nb.forward_time_nb(cm.params, cm.ops, *agg), rel=1e-12)
+    body, head = nb.stage_time_nb(cm.params, tok, seq, 0, 0, agg)
+    compute, comm = nb.forward_time_nb(cm.params, cm.ops, *agg)
+    assert body + head == pytest.approx(compute + comm, rel=1e-12)
+    n, s_ = agg[0] + agg[3], agg[0] + agg[2]
+    assert tok[1, n] + seq[1, s_] == pytest.approx(comm, rel=1e-12)  # the communication row

@@ -21,12 +21,12 @@ def replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blo
     """One replica's rows for run_cluster_nb, as fastsim.simulation builds them."""
     params = cm.params.copy()
     params[nb.FRAMEWORK_OVERHEAD_S] = overhead_s
-    tok_c, seq_c, tok_m, seq_m = nb.build_tables_nb(params, cm.ops, max_num_batched_tokens, max_num_seqs)
+    tok, seq = nb.build_tables_nb(params, cm.ops, max_num_batched_tokens, max_num_seqs)
     ints = np.zeros(E.N_RI, np.int64)
     ints[[E.RI_MAX_SEQS, E.RI_MAX_TOKENS, E.RI_BLOCK_SIZE, E.RI_NUM_BLOCKS, E.RI_CHUNKED, E.RI_THRESHOLD, E.RI_V0,
           E.RI_STAGES, E.RI_WINDOW]] = [max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked,
                                         threshold, v0, stages, cm.model.sliding_window or 0]
-    return ints, params, np.stack([tok_c + tok_m, tok_m]), np.stack([seq_c + seq_m, seq_m])
+    return ints, params, tok, seq
 
 
 def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=8192, block_size=16,

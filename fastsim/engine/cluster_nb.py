@@ -30,7 +30,7 @@ from numba import njit
 
 from fastsim.engine import enums as E
 from fastsim.engine import prefix_nb as px
-from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, LAYERS, attention_time_nb, chunk_pairs_nb, pp_send_time_nb
+from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, chunk_pairs_nb, pp_send_time_nb, stage_time_nb
 
 INF = np.inf
 
@@ -390,7 +390,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         if n_sched > 0:
             n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
             tokens = n_dec + pre_tokens
-            body, head = _stage_time(p, ri, tok_table, seq_table, agg)
+            body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
             _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages)
             send = pp_send_time_nb(p, tokens) if stages > 1 else 0.0
             t = t_r + p[FRAMEWORK_OVERHEAD_S]
@@ -601,15 +601,6 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
 
 
 @njit(cache=True, error_model="numpy")
-def _stage_time(p, ri, tok_table, seq_table, agg):
-    """(layers' time, LM head's time) of one batch on one pipeline stage, from its aggregates."""
-    n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
-    body = tok_table[0, ri[E.RI_TOK_OFF] + n_dec + pre_tokens] + p[LAYERS] * attention_time_nb(
-        p, n_dec, dec_keys, n_pre, pairs, pre_keys, pre_tokens)
-    return body, seq_table[0, ri[E.RI_SEQ_OFF] + n_dec + n_pre]
-
-
-@njit(cache=True, error_model="numpy")
 def _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages):
     """Add one batch's GPU time, split into compute and communication (TP all-reduces, logits)."""
     comm_layers = tok_table[1, ri[E.RI_TOK_OFF] + agg[0] + agg[3]]
@@ -685,7 +676,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_
         if need > free_r:  # a preemption: the normal path decides it
             break
         agg = (n_act, float(base + (j + 1) * n_act), 0, 0, 0.0, 0.0)
-        body, head = _stage_time(p, ri, tok_table, seq_table, agg)
+        body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
         end = max(t + overhead, stage_free[r, 0]) + body + head
         if end > max_time_s or (j + 1 == next_fin and end > finish_by):
             break

@@ -209,30 +209,30 @@ def forward_time_nb(p, ops, num_decodes, decode_kv_tokens, num_prefills, prefill
 
 @njit(cache=True, error_model="numpy")
 def build_tables_nb(p, ops, max_tokens, max_seqs):
-    """The parts of forward_time_nb that depend on one integer, tabulated once per run:
-    (compute by tokens, compute by sequences, comm by tokens, comm by sequences)."""
-    tok_compute = np.empty(max_tokens + 1)
-    tok_comm = np.empty(max_tokens + 1)
+    """The parts of forward_time_nb that depend on one integer, tabulated once per run: by token
+    count (the layers' dense work and all-reduces) and by sequence count (the LM head and its
+    gather). Row 0 holds compute + communication, row 1 communication alone (reported apart)."""
+    tok = np.empty((2, max_tokens + 1))
     for t in range(max_tokens + 1):
-        tok_compute[t] = token_compute_nb(p, ops, t)
-        tok_comm[t] = token_comm_nb(p, t)
-    seq_compute = np.empty(max_seqs + 1)
-    seq_comm = np.empty(max_seqs + 1)
+        tok[1, t] = token_comm_nb(p, t)
+        tok[0, t] = token_compute_nb(p, ops, t) + tok[1, t]
+    seq = np.empty((2, max_seqs + 1))
     for n in range(max_seqs + 1):
-        seq_compute[n] = seq_compute_nb(p, n)
-        seq_comm[n] = seq_comm_nb(p, n)
-    return tok_compute, seq_compute, tok_comm, seq_comm
+        seq[1, n] = seq_comm_nb(p, n)
+        seq[0, n] = seq_compute_nb(p, n) + seq[1, n]
+    return tok, seq
 
 
 @njit(cache=True, error_model="numpy")
-def forward_time_tabled_nb(p, tok_compute, seq_compute, tok_comm, seq_comm, num_decodes,
-                           decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs, prefill_kv_tokens):
-    """forward_time_nb with the token- and sequence-count parts looked up: what engine loops call."""
-    tokens = num_decodes + prefill_tokens
-    num_seqs = num_decodes + num_prefills
-    attn = p[LAYERS] * attention_time_nb(p, num_decodes, decode_kv_tokens, num_prefills, prefill_pairs,
-                                         prefill_kv_tokens, prefill_tokens)
-    return (tok_compute[tokens] + seq_compute[num_seqs] + attn, tok_comm[tokens] + seq_comm[num_seqs])
+def stage_time_nb(p, tok_table, seq_table, tok_off, seq_off, agg):
+    """(layers' time, LM head's time) of one batch on one pipeline stage, from its aggregates
+    agg = (num_decodes, decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs,
+    prefill_kv_tokens), with the tables of build_tables_nb placed at offsets tok_off / seq_off:
+    what engine loops call. body + head equals forward_time_nb's compute + comm for one stage."""
+    n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
+    body = tok_table[0, tok_off + n_dec + pre_tokens] + p[LAYERS] * attention_time_nb(
+        p, n_dec, dec_keys, n_pre, pairs, pre_keys, pre_tokens)
+    return body, seq_table[0, seq_off + n_dec + n_pre]
 
 
 @njit(cache=True, error_model="numpy")
