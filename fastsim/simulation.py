@@ -97,6 +97,9 @@ def _pools(cfg: Config, engine: Engine, model: ModelSpec, default_gpu: GpuSpec, 
         if eng.max_model_len and eng.max_model_len > model.max_position_embeddings:
             raise FastsimError(f"{where}.max_model_len = {eng.max_model_len} exceeds {model.name}'s context "
                                f"({model.max_position_embeddings}); use at most that")
+        if eng.enable_prefix_caching and eng.scheduler == "v0":
+            raise FastsimError(f"{where}.enable_prefix_caching is modelled for scheduler v1 only; "
+                               "use scheduler: v1 or turn prefix caching off")
         plan = memory_plan(model, gpu, eng)
         validate_engine(eng, plan)
         out.append(ReplicaPlan(pool.name or f"pool{j}", pool.count, gpu, eng, plan))
@@ -109,10 +112,6 @@ def plan_engines(cfg: Config):
     model = load_model(cfg.model)
     custom = load_gpu_file(cfg.hardware.gpus_file) if cfg.hardware.gpus_file else None
     gpu = load_gpu(cfg.hardware.gpu, custom)
-    for eng in cfg.engine_variants():
-        if eng.enable_prefix_caching and eng.scheduler == "v0":
-            raise FastsimError(f"engines.{eng.name}: enable_prefix_caching is modelled for scheduler v1 only; "
-                               "use scheduler: v1 or turn prefix caching off")
     if cfg.simulation.mode == "fast":
         raise FastsimError("simulation.mode = 'fast' is not available yet; use mode: exact")
     plans = [(eng, _pools(cfg, eng, model, gpu, custom)) for eng in cfg.engine_variants()]

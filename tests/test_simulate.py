@@ -173,6 +173,7 @@ def test_cli_validate_and_generate_config(tmp_path):
     (["--set", "workload.clients.0.arrival.rate=.inf"], "should be a finite number"),
     (["--set", "model=./missing/config.json"], "no config.json at"),
     (["--bogus"], "No such option: --bogus"),
+    (["--set", "engine.scheduler=v0", "--set", "engine.enable_prefix_caching=true"], "scheduler v1 only"),
 ])
 def test_cli_bad_input_is_one_clean_line(tmp_path, args, needle):
     out = tmp_path / "o"
