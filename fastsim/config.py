@@ -160,6 +160,48 @@ class Trace(_Strict):
         return self
 
 
+# -- times (seconds) -------------------------------------------------------------------------------
+class ConstantTime(_Strict):
+    dist: Literal["constant"]
+    value: float = Field(ge=0, description="seconds")
+
+
+class ExponentialTime(_Strict):
+    dist: Literal["exponential"]
+    mean: float = Field(gt=0, description="seconds")
+
+
+class UniformTime(_Strict):
+    dist: Literal["uniform"]
+    low: float = Field(ge=0, description="seconds")
+    high: float = Field(ge=0, description="seconds")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        return self
+
+
+class LognormalTime(_Strict):
+    """Lognormal given by the mean and standard deviation of the times themselves."""
+    dist: Literal["lognormal"]
+    mean: float = Field(gt=0, description="seconds")
+    std: float = Field(gt=0, description="seconds")
+
+
+TimeDist = Annotated[Union[ConstantTime, ExponentialTime, UniformTime, LognormalTime], Field(discriminator="dist")]
+
+
+class Conversation(_Strict):
+    """Multi-turn sessions. The client's arrival process starts sessions; turn k+1 arrives when
+    turn k's answer is complete plus a think time, with a prompt made of turn k's prompt, its
+    answer and new user tokens (the client's prompt_tokens / dataset prompt). A turn that never
+    finishes ends its session."""
+    turns: LengthDist = Field(description="turns per session (a count distribution)")
+    think_time_s: TimeDist = Field(description="from an answer to the next user message, seconds")
+
+
 class Client(_Strict):
     name: str = "default"
     arrival: Arrival | None = None
@@ -169,12 +211,18 @@ class Client(_Strict):
     output_tokens: LengthDist | None = None
     dataset: Dataset | None = None
     trace: Trace | None = None
+    system_prompt_tokens: int = Field(default=0, ge=0, description="a prefix shared by every request of "
+                                      "this client, added to its prompt lengths")
+    conversation: Conversation | None = Field(default=None, description="multi-turn sessions; num_requests "
+                                              "counts turns and the arrival process starts sessions")
 
     @model_validator(mode="after")
     def _lengths(self):
         if self.trace is not None:
             if self.dataset is not None or self.prompt_tokens is not None or self.output_tokens is not None:
                 raise ValueError("a trace brings its own lengths: drop dataset/prompt_tokens/output_tokens")
+            if self.conversation is not None or self.system_prompt_tokens:
+                raise ValueError("a trace brings its own requests: drop conversation/system_prompt_tokens")
             return self
         if self.arrival is None:
             raise ValueError("give an arrival process, e.g. arrival: {process: poisson, rate: 5.0}")
@@ -328,7 +376,7 @@ DEFAULT_CONFIG: dict = {
 
 _UNION_KEYS = ("process", "dist", "format")
 _UNION_TAGS = {"constant", "uniform", "normal", "lognormal", "gamma", "weibull", "pareto", "empirical",
-               "mixture", "poisson", "batch"}
+               "mixture", "poisson", "batch", "exponential"}
 
 
 def format_validation_error(e: ValidationError, prefix: str = "") -> str:

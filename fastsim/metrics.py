@@ -12,7 +12,8 @@ from fastsim.engine import enums as E
 
 # The numeric columns of the per-request table, defined once: the Arrow schema derives from it.
 REQUEST_DTYPE = np.dtype([
-    ("request_id", np.int64), ("replica", np.int32), ("arrival_s", np.float64),
+    ("request_id", np.int64), ("replica", np.int32), ("session", np.int64), ("turn", np.int64),
+    ("arrival_s", np.float64),
     ("first_scheduled_s", np.float64), ("first_token_s", np.float64), ("finish_s", np.float64),
     ("prompt_tokens", np.int64), ("output_tokens", np.int64), ("generated_tokens", np.int64),
     ("preemptions", np.int64), ("cached_tokens", np.int64), ("ttft_ms", np.float64), ("tpot_ms", np.float64), ("e2el_ms", np.float64),
@@ -33,11 +34,14 @@ def _dictionary(codes: np.ndarray, names: list[str]) -> pa.DictionaryArray:
 
 def request_table(engine: str, workload, rejected_reason: np.ndarray, out: tuple) -> pa.Table:
     status, first_sched, first_tok, finish, generated, preempts, max_itl, replica = out[:8]
+    arrival = out[14]  # later turns of conversations arrive when the simulation says
     n = len(workload)
     # One contiguous array per column (a structured array's fields are strided and copy slowly).
     rec = {name: np.zeros(n, REQUEST_DTYPE[name]) for name in REQUEST_DTYPE.names}
     rec["request_id"] = np.arange(n)
-    rec["arrival_s"] = workload.arrival_s
+    rec["session"] = workload.session
+    rec["turn"] = workload.turn
+    rec["arrival_s"] = arrival
     rec["first_scheduled_s"] = first_sched
     rec["first_token_s"] = first_tok
     rec["finish_s"] = finish
@@ -47,9 +51,9 @@ def request_table(engine: str, workload, rejected_reason: np.ndarray, out: tuple
     rec["preemptions"] = preempts
     rec["replica"] = replica
     rec["cached_tokens"] = out[13]
-    rec["ttft_ms"] = (first_tok - workload.arrival_s) * 1e3
-    rec["e2el_ms"] = (finish - workload.arrival_s) * 1e3
-    rec["queue_ms"] = (first_sched - workload.arrival_s) * 1e3
+    rec["ttft_ms"] = (first_tok - arrival) * 1e3
+    rec["e2el_ms"] = (finish - arrival) * 1e3
+    rec["queue_ms"] = (first_sched - arrival) * 1e3
     with np.errstate(invalid="ignore", divide="ignore"):
         # vLLM's TPOT: time after the first token over the remaining tokens; undefined for one token.
         tpot = np.where(generated > 1, (finish - first_tok) / (generated - 1) * 1e3, np.nan)
@@ -103,8 +107,11 @@ def summarize(table: pa.Table, itl: dict, sim: Simulation, slo: Slo, extra: dict
     arrival = table.column("arrival_s").to_numpy()
     status = {name: pc.equal(table.column("status"), name).to_numpy(zero_copy_only=False)
               for name in ("finished", "rejected", "unfinished")}
-    last_arrival = arrival.max() if arrival.size else 0.0
+    arrived = ~np.isnan(arrival)
+    last_arrival = arrival[arrived].max() if arrived.any() else 0.0
     window = (arrival >= sim.warmup_s) & (arrival <= last_arrival - sim.cooldown_s)
+    if sim.cooldown_s == 0:
+        window |= ~arrived  # a later turn whose conversation stopped short counts as unfinished
     done = window & status["finished"]
     col = {c: table.column(c).to_numpy(zero_copy_only=False) for c in
            ("prompt_tokens", "generated_tokens", "ttft_ms", "tpot_ms", "e2el_ms", "finish_s", "queue_ms",

@@ -176,7 +176,7 @@ def prefix_cache_arrays(rep_int: np.ndarray, workload: Workload) -> tuple:
     slots = np.full((n_rep, px.N_SLOT_COLS, seqs), px.EMPTY, np.int64)
     rows = np.full((n_rep if blk else 1, seqs, width), px.EMPTY, np.int64)
     free_rows = np.zeros((n_rep, seqs), np.int64)
-    return (pool, table, rep, slots, workload.block_offsets, workload.block_ids, rows, free_rows)
+    return (pool, table, rep, slots, workload.content(), rows, free_rows)
 
 
 def run_polled(kernel, args: tuple, progress: np.ndarray, report, interval_s: float = 0.1):
@@ -211,7 +211,6 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
     say("generating workload")
     workload = generate_workload(cfg.workload, cfg.simulation.seed)
     measured = measured_mask(workload, cfg)
-    session = np.full(len(workload), -1, np.int64)
     tables, summaries, timelines, pool_plans = [], {}, {}, {}
     for eng, pools in plans:
         rep_int, rep_params, tok_table, seq_table = replica_arrays(model, pools, cfg.hardware.profile)
@@ -221,15 +220,15 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
         reason = rejections(workload, pools)
         admitted = int((reason == 0).sum())
         counter = np.zeros(1, np.int64)
-        args = (workload.arrival_s, workload.prompt_tokens, workload.output_tokens, reason > 0, measured, session,
-                draw, E.ROUTE_NAMES[cfg.cluster.router], rep_int, rep_params, tok_table, seq_table,
+        args = (workload.arrival_s, workload.prompt_tokens, workload.output_tokens, reason > 0, measured,
+                workload.session, draw, E.ROUTE_NAMES[cfg.cluster.router], rep_int, rep_params, tok_table, seq_table,
                 cfg.simulation.max_sim_time_s or np.inf, cfg.output.timeline, counter,
-                prefix_cache_arrays(rep_int, workload))
+                prefix_cache_arrays(rep_int, workload), (workload.next_turn, workload.think_s))
         stage = f"simulating {eng.name}"
         wall0 = time.perf_counter()
         out = run_polled(run_cluster_nb, args, counter, lambda done: say(stage, done, admitted))
         wall = time.perf_counter() - wall0
-        itl_hist, itl_stats, timeline, counters, gpu_time, _ = out[8:]
+        itl_hist, itl_stats, timeline, counters, gpu_time = out[8:13]
         table = request_table(eng.name, workload, reason, out)
         summaries[eng.name] = summarize(table, itl_stats_from_histogram(itl_hist, itl_stats), cfg.simulation,
                                         cfg.slo, cluster_summary(eng, pools, counters, gpu_time, table, wall))

@@ -207,14 +207,19 @@ class PrefixCache:
 
 def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, max_num_batched_tokens,
                        block_size, num_blocks, chunked_prefill=True, long_prefill_token_threshold=0,
-                       v0=False, overhead_s=0.0, max_time_s=float("inf"), content=None):
+                       v0=False, overhead_s=0.0, max_time_s=float("inf"), content=None, turns=None):
     """Per-request results (list of Req, by id) and the list of (start, used_blocks) per iteration.
     `content(request, block)`: with it, prefix caching is on, blocks named by that content.
+
+    `turns = (next_turn, think_s)`: a request with think_s >= 0 arrives think_s after the one whose
+    next_turn it is has finished (first turns of the same instant go first).
 
     Requests that could never fit (more blocks than the cache) must be left out by the caller.
     """
     reqs = [Req(i, a, p, o) for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs))]
-    pending = sorted(reqs, key=lambda r: (r.arrival, r.id))
+    next_turn, think = turns if turns else ([-1] * len(reqs), [-1.0] * len(reqs))
+    order = lambda r: (r.arrival, think[r.id] >= 0, r.id)  # noqa: E731
+    pending = sorted((r for r in reqs if think[r.id] < 0), key=order)
     waiting, running = [], []
     free = num_blocks
     now = 0.0
@@ -337,6 +342,10 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                     r.finish = end
                     free += cache.release(r) if cache else r.blocks
                     r.blocks = 0
+                    if next_turn[r.id] >= 0:
+                        child = reqs[next_turn[r.id]]
+                        child.arrival = end + think[child.id]
+                        pending = sorted(pending + [child], key=order)
         running = [r for r in running if r.finish is None]
         now = end
     return reqs, history

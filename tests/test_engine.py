@@ -32,7 +32,7 @@ def replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blo
 def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=8192, block_size=16,
         num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
         timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None,
-        fast_decode=True, prefix_caching=False, block_ids=None):
+        fast_decode=True, prefix_caching=False, block_ids=None, turns=None, content=None):
     ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
                                             chunked, threshold, v0, overhead_s, stages)
     arrivals = np.asarray(arrivals, dtype=np.float64)
@@ -42,14 +42,17 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
     draw = np.random.default_rng(0).integers(0, replicas, n)
     ints[E.RI_APC] = prefix_caching
     rep_int = np.array([ints] * replicas)
+    # turns = (next_turn, think_s); content = dict of Workload content fields (seq_id, shared_tokens, ...)
     wl = Workload(arrivals, np.asarray(prompts, np.int64), np.asarray(outputs, np.int64), np.zeros(n, np.int32), ("c",),
-                  *(block_ids if block_ids is not None else (np.zeros(n + 1, np.int64), np.zeros(0, np.int64), 0)))
+                  *(block_ids if block_ids is not None else (None, None, 0)),
+                  **({"next_turn": np.asarray(turns[0], np.int64), "think_s": np.asarray(turns[1], float)} if turns else {}),
+                  **(content or {}))
     out = run_cluster_nb(arrivals, wl.prompt_tokens, wl.output_tokens,
                          rejected, np.ones(n, np.bool_), session, draw, policy, rep_int,
                          np.array([params] * replicas), tok, seq, max_time_s, timeline, np.zeros(1, np.int64),
-                         prefix_cache_arrays(rep_int, wl), fast_decode)
+                         prefix_cache_arrays(rep_int, wl), (wl.next_turn, wl.think_s), fast_decode)
     keys = ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",
-            "itl_hist", "itl_stats", "timeline", "counters", "gpu_time", "cached")
+            "itl_hist", "itl_stats", "timeline", "counters", "gpu_time", "cached", "arrival")
     res = dict(zip(keys, out))
     res["counters"] = res["counters"][0] if replicas == 1 else res["counters"]
     return res

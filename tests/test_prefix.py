@@ -56,16 +56,38 @@ def test_block_content_follows_source_blocks():
     # Two requests sharing their first 512-token block (id 7), differing in the second.
     offsets = np.array([0, 2, 4])
     ids = np.array([7, 8, 7, 9])
-    c = lambda req, m, bs=16: px.block_content_nb(req, m, bs, offsets, ids, 512)  # noqa: E731
+    prompt = np.array([1024, 1024])
+    content = (offsets, ids, prompt, np.arange(2), np.zeros(2, np.int64), np.zeros(2, np.int64))
+    c = lambda req, m, bs=16: px.block_content_nb(req, m, bs, content, 512)  # noqa: E731
     assert all(c(0, m) == c(1, m) for m in range(32))      # tokens 0..511: the shared block
     assert all(c(0, m) != c(1, m) for m in range(32, 64))  # tokens 512..1023: different blocks
     assert c(0, 64) != c(1, 64)                            # past the ids: unique per request
     assert len({c(0, m) for m in range(64)}) == 64         # offsets inside a source block differ
     # An engine block straddling two source blocks depends on both.
-    assert px.block_content_nb(0, 1, 384, offsets, ids, 512) != px.block_content_nb(1, 1, 384, offsets, ids, 512)
-    assert px.block_content_nb(0, 0, 384, offsets, ids, 512) == px.block_content_nb(1, 0, 384, offsets, ids, 512)
+    assert px.block_content_nb(0, 1, 384, content, 512) != px.block_content_nb(1, 1, 384, content, 512)
+    assert px.block_content_nb(0, 0, 384, content, 512) == px.block_content_nb(1, 0, 384, content, 512)
+    # Past the prompt (generated tokens) a block is the request's own, whatever the ids say.
+    short = (offsets, ids, np.array([1000, 1000]), np.arange(2), np.zeros(2, np.int64), np.zeros(2, np.int64))
+    assert px.block_content_nb(0, 61, 16, short, 512) != px.block_content_nb(1, 61, 16, short, 512)
+    assert px.block_content_nb(0, 62, 16, short, 512) != px.block_content_nb(1, 62, 16, short, 512)
+    assert px.block_content_nb(0, 0, 16, short, 512) == px.block_content_nb(1, 0, 16, short, 512)
+
+
+def test_block_content_of_system_prompts_and_conversations():
+    # Requests 0 and 1: one client's 40-token system prompt, own sequences; 2 and 3: turns of one
+    # conversation (seq 2); 4: another client with the same system prompt length.
+    n = 5
+    content = (np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.array([100, 100, 60, 200, 100]),
+               np.array([0, 1, 2, 2, 4]), np.array([40, 40, 40, 40, 40]), np.array([0, 0, 0, 0, 1]))
+    c = lambda req, m: px.block_content_nb(req, m, 16, content, 0)  # noqa: E731
+    assert c(0, 0) == c(1, 0) == c(2, 0) and c(0, 1) == c(1, 1)  # tokens 0..31: inside the system prompt
+    assert c(0, 2) != c(1, 2)        # tokens 32..47 straddle its end: each request's own
+    assert c(0, 0) != c(4, 0)        # another client's system prompt
+    assert all(c(2, m) == c(3, m) for m in range(2, 12))  # one conversation: same tokens at each position
+    assert c(2, 2) != c(0, 2)
 
 
 def test_mix_is_never_empty_and_spreads():
     vals = {int(px.mix_nb(a, b)) for a in range(50) for b in range(50)}
     assert len(vals) == 2500 and min(vals) >= 0
+

@@ -10,8 +10,11 @@ from fastsim.engine import prefix_nb as px
 from test_engine import CM, OVERHEAD, fwd, run
 
 
-def content_fn(offsets, ids, bs, source):
-    return lambda req, m: int(px.block_content_nb(req, m, bs, offsets, ids, source))
+def content_fn(offsets, ids, bs, source, prompts):
+    n = len(prompts)
+    content = (offsets, ids, np.asarray(prompts, np.int64), np.arange(n, dtype=np.int64), np.zeros(n, np.int64),
+               np.zeros(n, np.int64))
+    return lambda req, m: int(px.block_content_nb(req, m, bs, content, source))
 
 
 # Requests whose prompts are made of a few shared 32-token "source blocks": ids from a small
@@ -55,7 +58,7 @@ def test_prefix_caching_matches_reference(wl, bs, num_blocks, max_seqs, budget, 
     reqs, history = ref.simulate_reference(
         CM, arr, pr, out, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
         num_blocks=num_blocks, long_prefill_token_threshold=threshold, overhead_s=OVERHEAD,
-        content=content_fn(sub_off, sub_ids, bs, 32))
+        content=content_fn(sub_off, sub_ids, bs, 32, pr))
     for i, q in enumerate(reqs):
         assert r["cached"][i] == q.cached, i
         assert r["preempts"][i] == q.preemptions, i
@@ -86,6 +89,6 @@ def test_preempted_request_recomputes_from_its_own_cached_blocks():
     reqs, _ = ref.simulate_reference(CM, [0.0, 0.0], [64, 64], [40, 40], max_num_seqs=256,
                                      max_num_batched_tokens=8192, block_size=16, num_blocks=9,
                                      overhead_s=OVERHEAD, content=content_fn(np.zeros(3, np.int64),
-                                                                            np.zeros(0, np.int64), 16, 0))
+                                                                            np.zeros(0, np.int64), 16, 0, [64, 64]))
     assert r["preempts"].tolist() == [q.preemptions for q in reqs] and r["preempts"].sum() > 0
     assert r["finish"].tolist() == pytest.approx([q.finish for q in reqs], rel=1e-9)

@@ -127,3 +127,41 @@ def test_block_ids_follow_their_requests_through_the_arrival_sort(tmp_path):
             rows.hash_ids[rows.hash_offsets[j]:rows.hash_offsets[j + 1]].tolist()
     synthetic = np.flatnonzero(w.client == 1)
     assert (w.block_offsets[synthetic + 1] == w.block_offsets[synthetic]).all()
+
+
+def test_conversation_turns_extend_the_previous_prompt_and_answer():
+    wl = C.Workload(num_requests=500, clients=[C.Client(
+        arrival=C.Poisson(process="poisson", rate=2.0), system_prompt_tokens=300,
+        prompt_tokens=C.Uniform(dist="uniform", low=10, high=100),
+        output_tokens=C.Uniform(dist="uniform", low=5, high=50),
+        conversation=C.Conversation(turns=C.Uniform(dist="uniform", low=1, high=6),
+                                    think_time_s=C.ConstantTime(dist="constant", value=3.0)))])
+    w = generate_workload(wl, seed=3)
+    assert len(w) == 500
+    assert (np.diff(w.arrival_s) >= 0).all()
+    for i in range(len(w)):
+        j = w.next_turn[i]
+        if j < 0:
+            continue
+        assert w.session[j] == w.session[i] and w.turn[j] == w.turn[i] + 1
+        assert w.think_s[j] == 3.0 and w.arrival_s[j] >= w.arrival_s[i] + 3.0
+        user = w.prompt_tokens[j] - w.prompt_tokens[i] - w.output_tokens[i]
+        assert 10 <= user <= 100  # previous prompt + previous answer + new user tokens
+        assert w.seq_id[j] == w.seq_id[i]
+    first = w.turn == 0
+    assert (w.think_s[first] == -1.0).all() and (w.think_s[~first] == 3.0).all()
+    assert ((w.prompt_tokens[first] - 300 >= 10) & (w.prompt_tokens[first] - 300 <= 100)).all()
+    assert (w.seq_id[first] == np.flatnonzero(first)).all()  # a session's sequence is its first row
+    assert (w.shared_tokens == 300).all()
+    sessions, counts = np.unique(w.session, return_counts=True)
+    assert counts.max() <= 6 and sessions.size == (w.next_turn < 0).sum()
+
+
+def test_conversation_workload_by_duration_keeps_every_turn_of_its_sessions():
+    wl = C.Workload(duration_s=50.0, clients=[C.Client(
+        arrival=C.ConstantRate(process="constant", rate=1.0), prompt_tokens=C.Constant(dist="constant", value=10),
+        output_tokens=C.Constant(dist="constant", value=5),
+        conversation=C.Conversation(turns=C.Constant(dist="constant", value=3),
+                                    think_time_s=C.ExponentialTime(dist="exponential", mean=2.0)))])
+    w = generate_workload(wl, seed=0)
+    assert len(w) == 150 and sorted(set(w.prompt_tokens.tolist())) == [10, 25, 40]

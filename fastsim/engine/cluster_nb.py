@@ -29,6 +29,7 @@ import numpy as np
 from numba import njit
 
 from fastsim.engine import enums as E
+from fastsim.engine import heap_nb as hp
 from fastsim.engine import prefix_nb as px
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, chunk_pairs_nb, pp_send_time_nb, stage_time_nb
 
@@ -110,7 +111,7 @@ def _route(policy, i, n_rep, rr_next, draw, session, session_replica, outstandin
 @njit(cache=True, error_model="numpy", nogil=True)
 def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw, policy,
                    rep_int, rep_params, tok_table, seq_table, max_time_s, record_timeline, progress,
-                   apc, fast_decode=True):
+                   apc, conv, fast_decode=True):
     """Simulate replicas (rows of rep_int / rep_params, see enums.RI_* and cost_nb) over requests
     sorted by arrival. `rejected` requests are never scheduled; `measured` ones feed the ITL
     histogram; `session` (-1: none) and `draw` (a pre-drawn replica per request) serve the router.
@@ -125,11 +126,26 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     cache], per-replica GPU-seconds [compute, communication], per-request cached prompt tokens).
     `progress[0]` is kept at the number of requests done, for a progress bar polled from another
     thread (the kernel releases the GIL). `apc` is the prefix cache of the replicas that enable it
-    (fastsim.engine.prefix_nb; rep_int[:, RI_APC]). `fast_decode` lets steady decoding stretches advance in
+    (fastsim.engine.prefix_nb; rep_int[:, RI_APC]). `conv = (next_turn, think_s)`: a request with
+    think_s >= 0 is a later turn of a conversation; it arrives think_s after the request whose
+    next_turn it is finishes (its arrival_s is ignored), or never if that one does not finish.
+    The arrival times are returned last. `fast_decode` lets steady decoding stretches advance in
     O(1) per iteration (same iterations, same arithmetic; off only to test that it changes nothing).
     """
     fast_decode = fast_decode and not record_timeline
     n = arrival_s.size
+    next_turn, think_s = conv
+    arrival = arrival_s.copy()
+    has_turns = False
+    for i in range(n):
+        if think_s[i] >= 0:
+            arrival[i] = np.nan
+            has_turns = True
+    # Later turns wait in a heap from the moment their previous turn finishes.
+    h_t = np.empty(n)
+    h_i = np.empty(n, np.int64)
+    h_n = np.zeros(1, np.int64)
+    turns = (next_turn, think_s, arrival, h_t, h_i, h_n, rejected)
     n_rep = rep_int.shape[0]
     max_seqs = 1
     max_stages = 1
@@ -216,18 +232,21 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             status[i] = E.REJECTED
         else:
             n_left += 1
-    a = 0
+    a = 0  # the next arrival known in advance (first turns), in order
+    while a < n and think_s[a] >= 0:
+        a += 1
     rr_next = 0
     # Round-robin and random routing do not depend on the replicas' state: route every request up
-    # front, so a replica knows its own next arrival and can step steady decodes up to it.
-    stateless = policy == E.ROUTE_ROUND_ROBIN or policy == E.ROUTE_RANDOM
+    # front, so a replica knows its own next arrival and can step steady decodes up to it (unless
+    # conversations create arrivals as they go).
+    stateless = (policy == E.ROUTE_ROUND_ROBIN or policy == E.ROUTE_RANDOM) and not has_turns
     dest = np.full(n, -1, np.int64)
     next_same = np.full(n, -1, np.int64)   # the next request routed to the same replica
     own_next = np.full(n_rep, -1, np.int64)  # each replica's next request still to arrive
     if stateless:
         last_for = np.full(n_rep, -1, np.int64)
         for i in range(n):
-            if rejected[i]:
+            if rejected[i] or think_s[i] >= 0:
                 continue
             d = _route(policy, i, n_rep, rr_next, draw, session, session_replica, outstanding, used_frac)
             rr_next += 1
@@ -238,7 +257,11 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                 next_same[last_for[d]] = i
             last_for[d] = i
     while n_left > 0:
-        t_arr = arrival_s[a] if a < n else INF
+        t_arr = arrival[a] if a < n else INF
+        ai = a
+        if h_n[0] > 0 and h_t[0] < t_arr:
+            t_arr = h_t[0]
+            ai = h_i[0]
         r = _tree_argmin(tree, leaves)
         t_r = tree[leaves + r]
         if t_arr == INF and t_r == INF:
@@ -246,26 +269,31 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         if t_arr <= t_r:  # an arrival at the very time of a decision is seen by it
             if t_arr > max_time_s:
                 break
-            if not rejected[a]:
+            if ai == a:
+                a += 1
+                while a < n and think_s[a] >= 0:
+                    a += 1
+            else:
+                hp.heap_pop_nb(h_t, h_i, h_n)
+            if not rejected[ai]:
                 if stateless:
-                    dst = dest[a]
-                    own_next[dst] = next_same[a]
+                    dst = dest[ai]
+                    own_next[dst] = next_same[ai]
                 else:
-                    dst = _route(policy, a, n_rep, rr_next, draw, session, session_replica, outstanding, used_frac)
-                if session[a] >= 0 and session_replica[session[a]] < 0:
-                    session_replica[session[a]] = dst
-                replica[a] = dst
+                    dst = _route(policy, ai, n_rep, rr_next, draw, session, session_replica, outstanding, used_frac)
+                if session[ai] >= 0 and session_replica[session[ai]] < 0:
+                    session_replica[session[ai]] = dst
+                replica[ai] = dst
                 rep_requests[dst] += 1
                 outstanding[dst] += 1
                 if q_tail[dst] < 0:
-                    q_head[dst] = a
+                    q_head[dst] = ai
                 else:
-                    q_next[q_tail[dst]] = a
-                q_tail[dst] = a
+                    q_next[q_tail[dst]] = ai
+                q_tail[dst] = ai
                 n_waiting[dst] += 1
                 if tree[leaves + dst] == INF:
                     _tree_update(tree, leaves, dst, t_arr)
-            a += 1
             continue
         if t_r > max_time_s:
             break
@@ -283,29 +311,35 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             done, freed = _complete(r, fl_id[r, fl_head[r]], end, n_running, s_req, s_prompt, s_tokens,
                                     s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample,
                                     status, finish, first_tok, generated, max_itl, itl_hist, itl,
-                                    log_min, inv_log_step, (apc, ri[E.RI_APC] != 0))
+                                    log_min, inv_log_step, (apc, ri[E.RI_APC] != 0), turns)
             free[r] += freed
             outstanding[r] -= done
             n_left -= done
             progress[0] += done
             fl_head[r] = (fl_head[r] + 1) % max_stages
             fl_count[r] -= 1
+        if h_n[0] > 0 and h_t[0] <= t_r:
+            # A next turn due now (no think time) is an arrival at this decision: let it arrive first.
+            _tree_update(tree, leaves, r, t_r)
+            continue
 
         # 1b. steady decoding: step every iteration up to the next event in O(1) each
         if fast_decode and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0 and not ri[E.RI_APC]:
             # Only this replica's own next arrival can change what it does. A router that reads the
             # replicas' state must not see a request finish before the time it does.
             if stateless:
-                t_next_arrival = arrival_s[own_next[r]] if own_next[r] >= 0 else INF
+                t_next_arrival = arrival[own_next[r]] if own_next[r] >= 0 else INF
                 finish_by = INF
             else:
-                t_next_arrival = arrival_s[a] if a < n else INF
+                t_next_arrival = arrival[a] if a < n else INF
+                if h_n[0] > 0:
+                    t_next_arrival = min(t_next_arrival, h_t[0])
                 finish_by = t_next_arrival
             k_iters, t_end, done, peak = _decode_run(
                 r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tok_table, seq_table, v0,
                 prompt, generated, n_running, free, q_head, n_waiting, s_req, s_prompt, s_tokens, s_computed,
                 s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample, stage_free, itl_hist, itl,
-                log_min, inv_log_step, rep_time, status, finish, max_itl)
+                log_min, inv_log_step, rep_time, status, finish, max_itl, turns)
             if k_iters > 0:
                 rep_iters[r] += k_iters
                 rep_stretched[r] += k_iters
@@ -456,7 +490,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         counters[r, 6] = apc[2][r, px.EVICTIONS] if rep_int[r, E.RI_APC] else 0
         counters[r, 7] = apc[2][r, px.HIT_TOKENS] if rep_int[r, E.RI_APC] else 0
     return (status, first_sched, first_tok, finish, generated, preempts, max_itl, replica,
-            itl_hist, itl, timeline[:n_tl].copy(), counters, rep_time, cached)
+            itl_hist, itl, timeline[:n_tl].copy(), counters, rep_time, cached, arrival)
 
 
 @njit(cache=True, error_model="numpy", inline="always")  # a call with this many arrays costs ~20%
@@ -526,9 +560,10 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
 @njit(cache=True, error_model="numpy", inline="always")  # a call with this many arrays costs ~20%
 def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last,
               s_max_itl, s_measured, s_sample, status, finish, first_tok, generated, max_itl, itl_hist, itl,
-              log_min, inv_log_step, cache):
+              log_min, inv_log_step, cache, turns):
     """Batch `bid` of replica r completed at `end`: each request it sampled for gets a token; finished
-    requests leave their slots. Returns (requests finished, blocks freed)."""
+    requests leave their slots (and their conversation's next turn is due). Returns (requests
+    finished, blocks freed)."""
     # Most tokens share one inter-token gap (their previous token came from the same batch): they
     # are counted against the first one's previous-token time and binned together at the end.
     apc, on = cache
@@ -572,6 +607,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
             freed += px.apc_release_nb(apc, r, k) if on else s_blocks[k]
             s_blocks[k] = -1  # marks the slot for removal
             done += 1
+            _next_turn_due(turns, i, end)
     if n_ref > 0:
         gap = end - ref_last
         itl_hist[_itl_bin(gap, log_min, inv_log_step, E.ITL_BINS)] += n_ref
@@ -601,6 +637,18 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
 
 
 @njit(cache=True, error_model="numpy")
+def _next_turn_due(turns, i, end):
+    """Request i finished at `end`: the next turn of its conversation arrives after its think time."""
+    next_turn, think_s, arrival, h_t, h_i, h_n, rejected = turns
+    j = next_turn[i]
+    if j < 0 or rejected[j]:
+        return INF
+    arrival[j] = end + think_s[j]
+    hp.heap_push_nb(h_t, h_i, h_n, arrival[j], j)
+    return arrival[j]
+
+
+@njit(cache=True, error_model="numpy")
 def _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages):
     """Add one batch's GPU time, split into compute and communication (TP all-reduces, logits)."""
     comm_layers = tok_table[1, ri[E.RI_TOK_OFF] + agg[0] + agg[3]]
@@ -613,12 +661,13 @@ def _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages):
 def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_table, v0, prompt, generated, n_running,
                 free, q_head, n_waiting, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last,
                 s_max_itl, s_measured, s_sample, stage_free, itl_hist, itl, log_min, inv_log_step, rep_time,
-                status, finish, max_itl):
+                status, finish, max_itl, turns):
     """Replica r at t_r has every running request ready to decode, nothing in flight: step the
     decode iterations that the normal path would run before anything else can happen (an arrival,
     a preemption, an admission; a request finishing too, unless nothing waits) in O(1) each, and
     apply them. Requests that finish on the way leave as the normal path would let them, but not
-    after `finish_by` (the next arrival, when the router reads the replicas' state).
+    after `finish_by` (the next arrival, when the router reads the replicas' state); a next turn
+    they make due is such an arrival.
 
     Each iteration is what the normal path computes: every slot decodes one token, the batch costs
     the same tabulated arithmetic, KV blocks are allocated at the same iterations. Returns
@@ -714,6 +763,9 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_
                     max_itl[i] = max(s_max_itl[k], worst_gap)
                     s_blocks[k] = -1  # marks the slot for removal
                     done += 1
+                    due = _next_turn_due(turns, i, end)
+                    t_arrival = min(t_arrival, due)
+                    finish_by = min(finish_by, due)
                 elif left > j:
                     next_fin = min(next_fin, left)
     if j == 0:

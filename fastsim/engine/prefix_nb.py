@@ -27,22 +27,29 @@ def mix_nb(a, b):
 
 
 @njit(cache=True, error_model="numpy")
-def block_content_nb(req, m, block_size, offsets, ids, source_tokens):
-    """Content id of engine block m (tokens [m*bs, (m+1)*bs)) of request `req`.
+def block_content_nb(req, m, block_size, content, source_tokens):
+    """Content id of engine block m (tokens [m*bs, (m+1)*bs)) of request `req`; equal ids mean
+    equal tokens. `content = (offsets, ids, prompt, seq, shared_len, shared_id)`, per request:
 
-    Requests may carry ids of consecutive `source_tokens`-token blocks (Mooncake's hash_ids, 512
-    tokens): an engine block is named by the source blocks it lies in and its offset, so equal
-    source ids give equal engine blocks at any block size. Tokens the ids do not cover (and
-    requests without ids) get content unique to the request.
+    - ids of consecutive `source_tokens`-token blocks of its prompt (Mooncake's hash_ids, 512
+      tokens), ragged (offsets): an engine block inside the prompt is named by the source blocks it
+      lies in and its offset, so equal source ids give equal engine blocks at any block size;
+    - else, a block inside its first `shared_len` tokens (a client's system prompt) is the same for
+      every request with its `shared_id`;
+    - else the block belongs to its token sequence `seq`: the turns of one conversation share it
+      (each turn's prompt extends the previous one's prompt and answer), other requests do not.
     """
-    lo = offsets[req]
-    n_ids = offsets[req + 1] - lo
-    if source_tokens > 0:
+    offsets, ids, prompt, seq, shared_len, shared_id = content
+    end = (m + 1) * block_size
+    if source_tokens > 0 and end <= prompt[req]:
+        lo = offsets[req]
         first = (m * block_size) // source_tokens
-        last = ((m + 1) * block_size - 1) // source_tokens
-        if last < n_ids:
+        last = (end - 1) // source_tokens
+        if last < offsets[req + 1] - lo:
             return mix_nb(mix_nb(ids[lo + first], ids[lo + last]), (m * block_size) % source_tokens)
-    return mix_nb(mix_nb(0x5BD1E995, req), m)
+    if end <= shared_len[req]:
+        return mix_nb(mix_nb(0x27D4EB2F165667C5, shared_id[req]), m)
+    return mix_nb(mix_nb(0x5BD1E995, seq[req]), m)
 
 
 # -- hash table: key -> block ------------------------------------------------------------------
@@ -141,7 +148,7 @@ def fl_pop_head_nb(prev, nxt, ends):
 
 
 # -- a replica's prefix cache, as the engine holds it --------------------------------------------
-# The engine passes one tuple `apc = (pool, table, rep, slots, req_offsets, req_ids, rows, free_rows)`:
+# The engine passes one tuple `apc = (pool, table, rep, slots, content, rows, free_rows)`:
 #   pool[row, block]   for every replica's blocks (global ids): KEY (EMPTY = not cached), REF,
 #                      PREV/FNEXT (free-list links), MARK (stamp of the last lookup that hit it)
 #   table[0|1, h]      hash table keys / blocks, one power-of-two region per replica
@@ -149,6 +156,7 @@ def fl_pop_head_nb(prev, nxt, ends):
 #                      SOURCE_TOKENS, ROWS_FREE, and the MEMO_* of the last lookup
 #   slots[r, col, k]   per running slot: ROW of its block table, NBLK blocks in it, HASHED full
 #                      blocks named so far, SKEY the key of the last named one
+#   content           the requests' block contents (see block_content_nb)
 #   rows[r, row, j]    block tables (a request's blocks in order; shared blocks appear in several)
 #   free_rows[r, i]    a stack of unused block-table rows
 KEY, REF, PREV, FNEXT, MARK = 0, 1, 2, 3, 4
@@ -163,7 +171,7 @@ N_SLOT_COLS = 4
 @njit(cache=True, error_model="numpy")
 def apc_init_nb(apc, r, num_blocks):
     """Replica r's blocks: all free, in order, none cached; every block-table row unused."""
-    pool, rep, free_rows = apc[0], apc[2], apc[7]
+    pool, rep, free_rows = apc[0], apc[2], apc[6]
     base = rep[r, BLK_BASE]
     for j in range(num_blocks):
         b = base + j
@@ -199,7 +207,7 @@ def apc_lookup_nb(apc, r, req, num_tokens, block_size, hit_buf):
     memo then), that prefix still holds and the lookup resumes where it stopped. `hit_buf` is
     replica r's own.
     """
-    pool, rep, offsets, ids = apc[0], apc[2], apc[4], apc[5]
+    pool, rep, content = apc[0], apc[2], apc[4]
     keys, vals = _table(apc, r)
     key = ROOT_KEY
     hits = 0
@@ -209,7 +217,7 @@ def apc_lookup_nb(apc, r, req, num_tokens, block_size, hit_buf):
         rep[r, MEMO_STAMP] += 1
     stamp = rep[r, MEMO_STAMP]
     while hits < (num_tokens - 1) // block_size:
-        k = mix_nb(key, block_content_nb(req, hits, block_size, offsets, ids, rep[r, SOURCE_TOKENS]))
+        k = mix_nb(key, block_content_nb(req, hits, block_size, content, rep[r, SOURCE_TOKENS]))
         b = ht_find_nb(keys, vals, k)
         if b == EMPTY:
             break
@@ -228,7 +236,7 @@ def apc_lookup_nb(apc, r, req, num_tokens, block_size, hit_buf):
 def apc_start_nb(apc, r, k, hit_buf, hits, key):
     """Slot k takes a block-table row and the cached blocks of its prefix. Returns how many of
     those left the free list."""
-    pool, rep, slots, rows, free_rows = apc[0], apc[2], apc[3], apc[6], apc[7]
+    pool, rep, slots, rows, free_rows = apc[0], apc[2], apc[3], apc[5], apc[6]
     prev, nxt, ends = pool[PREV], pool[FNEXT], rep[r, FL_HEAD:FL_TAIL + 1]
     rep[r, ROWS_FREE] -= 1
     row = free_rows[r, rep[r, ROWS_FREE]]
@@ -250,7 +258,7 @@ def apc_start_nb(apc, r, k, hit_buf, hits, key):
 @njit(cache=True, error_model="numpy")
 def apc_allocate_nb(apc, r, k, count):
     """`count` fresh blocks for slot k from the head of the free list, evicting cached ones."""
-    pool, rep, slots, rows = apc[0], apc[2], apc[3], apc[6]
+    pool, rep, slots, rows = apc[0], apc[2], apc[3], apc[5]
     prev, nxt, ends = pool[PREV], pool[FNEXT], rep[r, FL_HEAD:FL_TAIL + 1]
     keys, vals = _table(apc, r)
     row = slots[r, ROW, k]
@@ -270,13 +278,13 @@ def apc_allocate_nb(apc, r, k, count):
 @njit(cache=True, error_model="numpy")
 def apc_hash_full_nb(apc, r, k, req, computed, block_size):
     """Name and cache slot k's blocks that `computed` tokens have filled."""
-    pool, rep, slots, offsets, ids, rows = apc[0], apc[2], apc[3], apc[4], apc[5], apc[6]
+    pool, rep, slots, content, rows = apc[0], apc[2], apc[3], apc[4], apc[5]
     keys, vals = _table(apc, r)
     row = slots[r, ROW, k]
     while (slots[r, HASHED, k] + 1) * block_size <= computed:
         m = slots[r, HASHED, k]
         b = rows[r, row, m]
-        key = mix_nb(slots[r, SKEY, k], block_content_nb(req, m, block_size, offsets, ids, rep[r, SOURCE_TOKENS]))
+        key = mix_nb(slots[r, SKEY, k], block_content_nb(req, m, block_size, content, rep[r, SOURCE_TOKENS]))
         if ht_find_nb(keys, vals, key) == EMPTY:  # an equal block cached already keeps the name
             ht_insert_nb(keys, vals, key, b)
             pool[KEY, b] = key
@@ -288,7 +296,7 @@ def apc_hash_full_nb(apc, r, k, req, computed, block_size):
 def apc_release_nb(apc, r, k):
     """Slot k's request lets go of its blocks, last first (so its tail is evicted first); blocks
     nobody holds go to the free list, still cached. Returns how many became free."""
-    pool, rep, slots, rows, free_rows = apc[0], apc[2], apc[3], apc[6], apc[7]
+    pool, rep, slots, rows, free_rows = apc[0], apc[2], apc[3], apc[5], apc[6]
     prev, nxt, ends = pool[PREV], pool[FNEXT], rep[r, FL_HEAD:FL_TAIL + 1]
     row = slots[r, ROW, k]
     freed = 0

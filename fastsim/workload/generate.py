@@ -1,7 +1,7 @@
 """From the workload section of a config to request arrays sorted by arrival."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -13,7 +13,10 @@ from fastsim.workload.traces import read_trace
 
 @dataclass(frozen=True)
 class Workload:
-    """One row per request, sorted by arrival time (ties keep client order)."""
+    """One row per request, sorted by arrival time (ties keep client order). A later turn of a
+    conversation arrives when the previous turn finishes plus its think time, which only the
+    simulation knows: its `arrival_s` is the time it would arrive if answers took no time (it
+    orders the rows and places warm-up/cool-down windows) and `think_s` >= 0 marks it."""
 
     arrival_s: np.ndarray      # float64
     prompt_tokens: np.ndarray  # int64
@@ -22,12 +25,40 @@ class Workload:
     client_names: tuple[str, ...]
     # Prompt content as ids of consecutive `block_tokens`-token blocks (equal ids = equal content),
     # ragged: request i's are block_ids[block_offsets[i]:block_offsets[i + 1]]. Empty = unique.
-    block_offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
-    block_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    block_offsets: np.ndarray = None
+    block_ids: np.ndarray = None
     block_tokens: int = 0
+    # Conversations: session (-1: none), turn number (0-based), the next turn's row (-1: none),
+    # and for later turns the think time after the previous answer (-1.0 for first turns).
+    session: np.ndarray = None
+    turn: np.ndarray = None
+    next_turn: np.ndarray = None
+    think_s: np.ndarray = None
+    # Shared content: the first shared_tokens[i] tokens are the same for every request with the
+    # same shared_id (a client's system prompt); beyond that, requests with one seq_id (turns of
+    # a conversation) share their tokens position by position, others share nothing.
+    seq_id: np.ndarray = None
+    shared_tokens: np.ndarray = None
+    shared_id: np.ndarray = None
+
+    def __post_init__(self):
+        n = self.arrival_s.size
+        defaults = {"block_offsets": lambda: np.zeros(n + 1, np.int64), "block_ids": lambda: np.zeros(0, np.int64),
+                    "session": lambda: np.full(n, -1, np.int64), "turn": lambda: np.zeros(n, np.int64),
+                    "next_turn": lambda: np.full(n, -1, np.int64), "think_s": lambda: np.full(n, -1.0),
+                    "seq_id": lambda: np.arange(n, dtype=np.int64), "shared_tokens": lambda: np.zeros(n, np.int64),
+                    "shared_id": lambda: np.zeros(n, np.int64)}
+        for name, make in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, make())
 
     def __len__(self) -> int:
         return self.arrival_s.size
+
+    def content(self) -> tuple:
+        """What prefix_nb.block_content_nb names blocks from."""
+        return (self.block_offsets, self.block_ids, self.prompt_tokens, self.seq_id, self.shared_tokens,
+                self.shared_id)
 
 
 def _rate(arrival) -> float | None:
@@ -109,6 +140,60 @@ def replay(client: C.Client, limit: int | None, duration_s: float | None, rng: n
     return t[:n], rows.take(np.arange(n))
 
 
+def _lengths(client: C.Client, n: int, rng: np.random.Generator, field: str):
+    """n (prompt, output) token counts from the client's dataset or distributions."""
+    if client.dataset is not None:
+        path = client.dataset.file or str(builtin_dataset_path(client.dataset.name))
+        p = read_column(path, client.dataset.prompt_column, f"{field}.dataset")
+        o = read_column(path, client.dataset.output_column, f"{field}.dataset")
+        rows = rng.integers(0, p.size, size=n)
+        return p[rows], o[rows]
+    return (sample_lengths(client.prompt_tokens, n, rng, f"{field}.prompt_tokens"),
+            sample_lengths(client.output_tokens, n, rng, f"{field}.output_tokens"))
+
+
+def sample_times(spec, n: int, rng: np.random.Generator) -> np.ndarray:
+    if isinstance(spec, C.ConstantTime):
+        return np.full(n, float(spec.value))
+    if isinstance(spec, C.ExponentialTime):
+        return rng.exponential(spec.mean, size=n)
+    if isinstance(spec, C.UniformTime):
+        return rng.uniform(spec.low, spec.high, size=n)
+    sigma2 = np.log1p((spec.std / spec.mean) ** 2)  # as for lognormal lengths
+    return rng.lognormal(np.log(spec.mean) - sigma2 / 2, np.sqrt(sigma2), size=n)
+
+
+def conversations(client: C.Client, count: int | None, duration_s: float | None, rng: np.random.Generator,
+                  field: str) -> dict:
+    """A conversation client's turns, session by session: `count` turns in all (the last session
+    cut short), or every turn of the sessions starting before duration_s."""
+    conv = client.conversation
+    if count is not None:
+        turns = sample_lengths(conv.turns, count, rng, f"{field}.conversation.turns")
+        n_sessions = int(np.searchsorted(np.cumsum(turns), count)) + 1
+        turns = turns[:n_sessions].copy()
+        turns[-1] -= turns.sum() - count
+        start = arrivals(client.arrival, n_sessions, None, rng)
+    else:
+        start = arrivals(client.arrival, None, duration_s, rng)
+        turns = sample_lengths(conv.turns, start.size, rng, f"{field}.conversation.turns")
+    n = int(turns.sum())
+    first = np.concatenate([[0], np.cumsum(turns)[:-1]]).astype(np.int64)  # each session's first row
+    session = np.repeat(np.arange(turns.size), turns)
+    turn = np.arange(n) - first[session]
+    user, output = _lengths(client, n, rng, field)
+    think = sample_times(conv.think_time_s, n, rng)
+    think[first] = -1.0
+    # Turn k's prompt: the system prompt, every earlier turn's user tokens and answer, its own user tokens.
+    grown = np.cumsum(user + output) - output
+    prompt = client.system_prompt_tokens + grown - np.repeat(grown[first] - user[first], turns)
+    wait = np.cumsum(np.maximum(think, 0.0))
+    nominal = start[session] + wait - np.repeat(wait[first], turns)
+    next_turn = np.where(turn + 1 < turns[session], np.arange(n) + 1, -1)
+    return {"t": nominal, "prompt": prompt, "output": output, "session": session, "turn": turn,
+            "next_turn": next_turn, "think_s": think, "seq_id": first[session]}
+
+
 def generate_workload(wl: C.Workload, seed: int) -> Workload:
     counts = split_requests(wl.num_requests, wl.clients) if wl.num_requests else [c.num_requests for c in wl.clients]
     parts = []
@@ -120,29 +205,60 @@ def generate_workload(wl: C.Workload, seed: int) -> Workload:
         if client.trace is not None:
             limit = client.num_requests or (counts[i] if wl.num_requests else None)
             t, rows = replay(client, limit, wl.duration_s, rng, field)
-            parts.append((t, rows.prompt_tokens, rows.output_tokens, np.full(t.size, i, dtype=np.int32)))
+            parts.append({"t": t, "prompt": rows.prompt_tokens, "output": rows.output_tokens})
             if rows.hash_offsets is not None:
                 blocks[i] = (rows.hash_offsets, rows.hash_ids, rows.hash_block_tokens)
-            continue
-        t = arrivals(client.arrival, counts[i], None if counts[i] is not None else wl.duration_s, rng)
-        n = t.size
-        if client.dataset is not None:
-            path = client.dataset.file or str(builtin_dataset_path(client.dataset.name))
-            p = read_column(path, client.dataset.prompt_column, f"{field}.dataset")
-            o = read_column(path, client.dataset.output_column, f"{field}.dataset")
-            rows = rng.integers(0, p.size, size=n)
-            prompt, output = p[rows], o[rows]
+        elif client.conversation is not None:
+            parts.append(conversations(client, counts[i], None if counts[i] is not None else wl.duration_s,
+                                       rng, field))
         else:
-            prompt = sample_lengths(client.prompt_tokens, n, rng, f"{field}.prompt_tokens")
-            output = sample_lengths(client.output_tokens, n, rng, f"{field}.output_tokens")
-        parts.append((t, prompt, output, np.full(n, i, dtype=np.int32)))
-    t = np.concatenate([p[0] for p in parts]).astype(np.float64)
+            t = arrivals(client.arrival, counts[i], None if counts[i] is not None else wl.duration_s, rng)
+            prompt, output = _lengths(client, t.size, rng, field)
+            parts.append({"t": t, "prompt": prompt + client.system_prompt_tokens, "output": output})
+        parts[-1]["client"] = np.full(parts[-1]["t"].size, i, dtype=np.int32)
+        parts[-1]["shared_tokens"] = np.full(parts[-1]["t"].size, client.system_prompt_tokens, dtype=np.int64)
+    return _assemble(wl, parts, blocks)
+
+
+def _assemble(wl: C.Workload, parts: list[dict], blocks: dict) -> Workload:
+    """Every client's rows in one arrival order, with row references (sessions, next turns,
+    sequences) renumbered to it."""
+    sizes = [p["t"].size for p in parts]
+    base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    t = np.concatenate([p["t"] for p in parts]).astype(np.float64)
     order = np.argsort(t, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+
+    def column(name, fill, dtype, shift=None):
+        """One column in arrival order; `shift` renumbers row references (-1 stays -1)."""
+        cols = []
+        for j, p in enumerate(parts):
+            v = np.asarray(p.get(name, np.full(sizes[j], fill)), dtype)
+            if shift == "rows":
+                v = np.where(v >= 0, v + base[j], -1)
+            cols.append(v)
+        out = np.concatenate(cols) if cols else np.zeros(0, dtype)
+        if shift == "rows":
+            out = np.where(out >= 0, rank[np.maximum(out, 0)], -1)
+        return out[order]
+
+    # Sessions numbered across clients; a request without one is its own token sequence.
+    session_parts, n_sess = [], 0
+    for j, p in enumerate(parts):
+        s = np.asarray(p.get("session", np.full(sizes[j], -1)), np.int64)
+        session_parts.append(np.where(s >= 0, s + n_sess, -1))
+        n_sess += int(s.max()) + 1 if s.size and s.max() >= 0 else 0
+    session = np.concatenate(session_parts)[order] if session_parts else np.zeros(0, np.int64)
+    seq = column("seq_id", -1, np.int64, "rows")
+    seq = np.where(seq >= 0, seq, np.arange(order.size))
     offsets, ids, block_tokens = _merge_blocks(parts, blocks, order)
-    return Workload(t[order], np.concatenate([p[1] for p in parts])[order].astype(np.int64),
-                    np.concatenate([p[2] for p in parts])[order].astype(np.int64),
-                    np.concatenate([p[3] for p in parts])[order], tuple(c.name for c in wl.clients),
-                    offsets, ids, block_tokens)
+    client = column("client", 0, np.int32)
+    return Workload(t[order], column("prompt", 0, np.int64), column("output", 0, np.int64), client,
+                    tuple(c.name for c in wl.clients), offsets, ids, block_tokens,
+                    session=session, turn=column("turn", 0, np.int64), next_turn=column("next_turn", -1, np.int64, "rows"),
+                    think_s=column("think_s", -1.0, np.float64), seq_id=seq,
+                    shared_tokens=column("shared_tokens", 0, np.int64), shared_id=client.astype(np.int64))
 
 
 def _merge_blocks(parts: list, blocks: dict, order: np.ndarray):
@@ -153,7 +269,7 @@ def _merge_blocks(parts: list, blocks: dict, order: np.ndarray):
     n = order.size
     if not blocks:
         return np.zeros(n + 1, np.int64), np.zeros(0, np.int64), 0
-    lens = np.concatenate([np.diff(blocks[i][0]) if i in blocks else np.zeros(p[0].size, np.int64)
+    lens = np.concatenate([np.diff(blocks[i][0]) if i in blocks else np.zeros(p["t"].size, np.int64)
                            for i, p in enumerate(parts)])
     ids = np.concatenate([blocks[i][1] for i in sorted(blocks)]).astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])  # where each request's ids start, client order

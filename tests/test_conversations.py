@@ -1,0 +1,104 @@
+"""Conversations in the engine: later turns arrive after the previous answer plus a think time,
+their prompts extend the previous turn's tokens, and prefix caching serves what they share."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference as ref
+from fastsim.engine import enums as E
+from fastsim.engine import prefix_nb as px
+from test_engine import CM, OVERHEAD, fwd, run
+
+
+def build(sessions, system_prompt=0):
+    """Rows of conversations as the workload lays them out (session by session): arrival (NaN for
+    later turns), prompt, output, next turn, think time, and each row's token sequence (its
+    session's first row)."""
+    arrivals, prompts, outputs, next_turn, think, seq = [], [], [], [], [], []
+    for start, turns in sorted(sessions, key=lambda s: s[0]):  # first turns in arrival order
+        first = len(prompts)
+        context = system_prompt
+        for k, (user, out, gap) in enumerate(turns):
+            context += user
+            arrivals.append(start if k == 0 else np.nan)
+            prompts.append(context)
+            outputs.append(out)
+            think.append(-1.0 if k == 0 else gap)
+            next_turn.append(len(prompts) if k + 1 < len(turns) else -1)
+            seq.append(first)
+            context += out
+    n = len(prompts)
+    content = {"seq_id": np.array(seq, np.int64), "shared_tokens": np.full(n, system_prompt, np.int64),
+               "shared_id": np.zeros(n, np.int64)}
+    return arrivals, prompts, outputs, (next_turn, think), content
+
+
+def content_fn(prompts, content, bs):
+    n = len(prompts)
+    c = (np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.asarray(prompts, np.int64), content["seq_id"],
+         content["shared_tokens"], content["shared_id"])
+    return lambda req, m: int(px.block_content_nb(req, m, bs, c, 0))
+
+
+conversations = st.lists(st.tuples(
+    st.floats(0, 2, allow_nan=False),
+    st.lists(st.tuples(st.integers(1, 60), st.integers(1, 30), st.sampled_from([0.0, 0.01, 0.3])),
+             min_size=1, max_size=4)), min_size=1, max_size=8)
+
+
+@given(sessions=conversations, bs=st.sampled_from([4, 16]), max_seqs=st.integers(1, 6),
+       budget=st.integers(40, 300), apc=st.booleans(), system_prompt=st.sampled_from([0, 20]))
+def test_conversations_match_reference(sessions, bs, max_seqs, budget, apc, system_prompt):
+    arrivals, prompts, outputs, turns, content = build(sessions, system_prompt)
+    num_blocks = max(-(-(p + o) // bs) for p, o in zip(prompts, outputs)) + 8
+    r = run(arrivals, prompts, outputs, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
+            num_blocks=num_blocks, turns=turns, content=content, prefix_caching=apc, timeline=False)
+    reqs, _ = ref.simulate_reference(
+        CM, arrivals, prompts, outputs, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
+        num_blocks=num_blocks, overhead_s=OVERHEAD, turns=turns,
+        content=content_fn(prompts, content, bs) if apc else None)
+    for i, q in enumerate(reqs):
+        assert r["preempts"][i] == q.preemptions, i
+        assert r["cached"][i] == q.cached, i
+        for got, want in ((r["arrival"][i], q.arrival), (r["first_tok"][i], q.first_token),
+                          (r["finish"][i], q.finish)):
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-12), i
+    assert (r["status"] == E.FINISHED).all()
+    # A later turn arrives exactly its think time after the previous answer.
+    nxt, think = turns
+    for i, j in enumerate(nxt):
+        if j >= 0:
+            assert r["arrival"][j] == r["finish"][i] + think[j]
+
+
+def test_multi_turn_ttft_with_and_without_prefix_caching_by_hand():
+    # One conversation of two turns, alone on the GPU. Turn 1: 64-token prompt, 16-token answer.
+    # Turn 2 (1 s later): 64 + 16 + 32 = 112 tokens. Turn 1 computed KV for its prompt and its first
+    # 15 answer tokens (the last one is sampled, never fed back): 79 tokens = 4 full 16-token blocks
+    # cached, so turn 2 prefills 112 - 64 = 48 tokens over a 64-token cached prefix.
+    arrivals, prompts, outputs, turns, content = build([(0.0, [(64, 16, 1.0), (32, 8, 1.0)])])
+    assert prompts == [64, 112]
+    plain = run(arrivals, prompts, outputs, turns=turns, content=content, timeline=False)
+    cached = run(arrivals, prompts, outputs, turns=turns, content=content, timeline=False, prefix_caching=True)
+    ttft = lambda r: r["first_tok"] - r["arrival"]  # noqa: E731
+    assert cached["cached"].tolist() == [0, 64]
+    # Turn 1 is the same either way; turn 2's prefill shrinks from 112 tokens to 48 after 64.
+    assert ttft(plain)[0] == pytest.approx(OVERHEAD + fwd(new=[64], ctx=[0]), rel=1e-9)
+    assert ttft(cached)[0] == pytest.approx(ttft(plain)[0], rel=1e-12)
+    want_plain = OVERHEAD + fwd(new=[112], ctx=[0])
+    want_cached = OVERHEAD + fwd(new=[48], ctx=[64])
+    assert ttft(plain)[1] == pytest.approx(want_plain, rel=1e-9)
+    assert ttft(cached)[1] == pytest.approx(want_cached, rel=1e-9)
+    # Mean TTFT over the two turns falls by half the difference of turn 2's prefills.
+    drop = ttft(plain).mean() - ttft(cached).mean()
+    assert drop == pytest.approx((want_plain - want_cached) / 2, rel=1e-9) and drop > 0
+    # The second turn arrives when the first answer is complete, plus the 1 s think time.
+    assert cached["arrival"][1] == cached["finish"][0] + 1.0
+
+
+def test_a_turn_whose_previous_turn_never_finishes_never_arrives():
+    arrivals, prompts, outputs, turns, content = build([(0.0, [(64, 500, 0.0), (32, 8, 0.0)])])
+    r = run(arrivals, prompts, outputs, turns=turns, content=content, timeline=False, max_time_s=0.5)
+    assert r["status"].tolist() == [E.UNFINISHED, E.UNFINISHED]
+    assert np.isnan(r["arrival"][1])

@@ -1,0 +1,24 @@
+"""The arrival heap against heapq on random pushes and pops."""
+import heapq
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastsim.engine import heap_nb as hp
+
+
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.5, 1.0, 2.5]), st.booleans()), max_size=60))
+def test_heap_pops_in_time_then_index_order_like_heapq(ops):
+    n = len(ops)
+    h_t, h_i, h_n = np.empty(max(n, 1)), np.empty(max(n, 1), np.int64), np.zeros(1, np.int64)
+    ref = []
+    for i, (t, pop) in enumerate(ops):
+        if pop and ref:
+            assert hp.heap_pop_nb(h_t, h_i, h_n) == heapq.heappop(ref)
+        else:
+            hp.heap_push_nb(h_t, h_i, h_n, t, i)
+            heapq.heappush(ref, (t, i))
+        assert h_n[0] == len(ref)
+    while ref:
+        assert hp.heap_pop_nb(h_t, h_i, h_n) == heapq.heappop(ref)
