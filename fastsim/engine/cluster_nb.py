@@ -320,11 +320,12 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             fl_count[r] -= 1
         if h_n[0] > 0 and h_t[0] <= t_r:
             # A next turn due now (no think time) is an arrival at this decision: let it arrive first.
+            used_frac[r] = (ri[E.RI_NUM_BLOCKS] - free[r]) / ri[E.RI_NUM_BLOCKS]
             _tree_update(tree, leaves, r, t_r)
             continue
 
         # 1b. steady decoding: step every iteration up to the next event in O(1) each
-        if fast_decode and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0 and not ri[E.RI_APC]:
+        if fast_decode and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0:
             # Only this replica's own next arrival can change what it does. A router that reads the
             # replicas' state must not see a request finish before the time it does.
             if stateless:
@@ -334,12 +335,18 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                 t_next_arrival = arrival[a] if a < n else INF
                 if h_n[0] > 0:
                     t_next_arrival = min(t_next_arrival, h_t[0])
+                if has_turns and n_rep > 1 and policy != E.ROUTE_SESSION_AFFINITY:
+                    # Another replica's next decision may finish a turn whose next turn comes here
+                    # (session affinity keeps every turn where its conversation started).
+                    _tree_update(tree, leaves, r, INF)
+                    t_next_arrival = min(t_next_arrival, tree[1])
+                    _tree_update(tree, leaves, r, t_r)
                 finish_by = t_next_arrival
             k_iters, t_end, done, peak = _decode_run(
                 r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tok_table, seq_table, v0,
                 prompt, generated, n_running, free, q_head, n_waiting, s_req, s_prompt, s_tokens, s_computed,
                 s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample, stage_free, itl_hist, itl,
-                log_min, inv_log_step, rep_time, status, finish, max_itl, turns)
+                log_min, inv_log_step, rep_time, status, finish, max_itl, turns, (apc, ri[E.RI_APC] != 0), hit_bufs[r])
             if k_iters > 0:
                 rep_iters[r] += k_iters
                 rep_stretched[r] += k_iters
@@ -369,10 +376,9 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                 watermark = int(0.01 * ri[E.RI_NUM_BLOCKS]) if v0 else 0
                 while n_waiting[r] > 0 and budget > 0 and n_running[r] < ri[E.RI_MAX_SEQS]:
                     i = q_head[r]
-                    hits, hit_key, idle_hits = 0, px.ROOT_KEY, 0
+                    hits, hit_key = 0, px.ROOT_KEY
                     if ri[E.RI_APC]:  # the longest cached prefix is not computed again
-                        hits, hit_key, idle_hits = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i],
-                                                                    block_size, hit_bufs[r])
+                        hits, hit_key = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], block_size, hit_bufs[r])
                     done_tok = hits * block_size
                     new = prompt[i] + generated[i] - done_tok
                     if not v0 and ri[E.RI_THRESHOLD] > 0 and new > ri[E.RI_THRESHOLD]:
@@ -381,6 +387,9 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                         break
                     new = min(new, budget)
                     need = _ceil_div(done_tok + new, block_size) - hits
+                    if need > free[r] - watermark:
+                        break
+                    idle_hits = px.apc_idle_nb(apc, hit_bufs[r], hits) if ri[E.RI_APC] else 0
                     if need + idle_hits > free[r] - watermark:
                         break
                     q_head[r] = q_next[i]
@@ -658,10 +667,35 @@ def _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages):
 
 
 @njit(cache=True, error_model="numpy")
+def _stretch_blocks(apc, r, it, bs, by_phase, start, s_req, s_computed, s_blocks):
+    """Iteration `it` of a decode stretch with prefix caching: in slot order, as the plain path
+    goes, slots at phase it-1 take a new block and slots at phase it name the block they fill."""
+    fa, fh = (it - 1) % bs, it % bs
+    a, a_end = start[fa], start[fa + 1]
+    h, h_end = start[fh], start[fh + 1]
+    if bs == 1:  # one phase: every slot takes a block and fills it
+        h = h_end
+    while a < a_end or h < h_end:
+        if h >= h_end or (a < a_end and by_phase[a] < by_phase[h]):
+            k = by_phase[a]
+            a += 1
+            if s_blocks[k] >= 0:
+                px.apc_allocate_nb(apc, r, k, 1)
+                s_blocks[k] += 1
+                if bs == 1:
+                    px.apc_hash_full_nb(apc, r, k, s_req[k], s_computed[k] + it, bs)
+        else:
+            k = by_phase[h]
+            h += 1
+            if s_blocks[k] >= 0:
+                px.apc_hash_full_nb(apc, r, k, s_req[k], s_computed[k] + it, bs)
+
+
+@njit(cache=True, error_model="numpy")
 def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_table, v0, prompt, generated, n_running,
                 free, q_head, n_waiting, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last,
                 s_max_itl, s_measured, s_sample, stage_free, itl_hist, itl, log_min, inv_log_step, rep_time,
-                status, finish, max_itl, turns):
+                status, finish, max_itl, turns, cache, hit_buf):
     """Replica r at t_r has every running request ready to decode, nothing in flight: step the
     decode iterations that the normal path would run before anything else can happen (an arrival,
     a preemption, an admission; a request finishing too, unless nothing waits) in O(1) each, and
@@ -670,10 +704,13 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_
     they make due is such an arrival.
 
     Each iteration is what the normal path computes: every slot decodes one token, the batch costs
-    the same tabulated arithmetic, KV blocks are allocated at the same iterations. Returns
+    the same tabulated arithmetic, KV blocks are allocated at the same iterations (with prefix
+    caching: taken from the cache's free list and named when full, slot by slot in the same order,
+    touching only the slots whose turn it is). Returns
     (iterations run, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0) when
     the stretch does not apply.
     """
+    apc, on = cache
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
     nrun = n_running[r]
@@ -703,14 +740,32 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_
             return 0, t_r, 0, 0
         if nrun < ri[E.RI_MAX_SEQS] and budget - nrun > 0:
             i = q_head[r]
-            new = prompt[i] + generated[i]
+            hits, idle = 0, 0
+            if on:  # (iteration 1's allocations can only evict its hits: this errs toward the plain path)
+                hits, _ = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], bs, hit_buf)
+                idle = px.apc_idle_nb(apc, hit_buf, hits)
+            new = prompt[i] + generated[i] - hits * bs
             thr = ri[E.RI_THRESHOLD]
             if thr > 0 and new > thr:
                 new = thr
             chunk_ok = ri[E.RI_CHUNKED] != 0 or new <= budget - nrun
             new = min(new, budget - nrun)
-            if chunk_ok and _ceil_div(new, bs) <= free_r - phase[1 % bs]:
+            if chunk_ok and _ceil_div(hits * bs + new, bs) - hits + idle <= free_r - phase[1 % bs]:
                 return 0, t_r, 0, 0
+    if on:
+        # Slots by the iteration phase at which they fill a block (computed % bs == 0): a slot
+        # fills one at phase f and takes a new one at f + 1. Counting sort keeps slot order.
+        by_phase = np.empty(nrun, np.int64)
+        start = np.zeros(bs + 1, np.int64)
+        for k in range(nrun):
+            start[(-s_computed[k]) % bs + 1] += 1
+        for f in range(bs):
+            start[f + 1] += start[f]
+        fill = start[:bs].copy()
+        for k in range(nrun):
+            f = (-s_computed[k]) % bs
+            by_phase[fill[f]] = k
+            fill[f] += 1
     t = t_r
     overhead = p[FRAMEWORK_OVERHEAD_S]
     n_act = nrun
@@ -727,10 +782,12 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_
         agg = (n_act, float(base + (j + 1) * n_act), 0, 0, 0.0, 0.0)
         body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
         end = max(t + overhead, stage_free[r, 0]) + body + head
-        if end > max_time_s or (j + 1 == next_fin and end > finish_by):
+        if end > max_time_s or (j + 1 == next_fin and end >= finish_by):  # ties: the arrival first
             break
         _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, 1)
         free_r -= need
+        if on:
+            _stretch_blocks(apc, r, j + 1, bs, by_phase, start, s_req, s_computed, s_blocks)
         peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
         gap = end - t
         if gap > worst_gap:
@@ -751,8 +808,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_
                 left = s_output[k] - (s_tokens[k] - s_prompt[k])
                 if left == j:
                     i = s_req[k]
-                    blocks = max(s_blocks[k], _ceil_div(s_computed[k] + j, bs))
-                    free_r += blocks
+                    free_r += px.apc_release_nb(apc, r, k) if on else max(s_blocks[k], _ceil_div(s_computed[k] + j, bs))
                     base -= s_computed[k]
                     n_act -= 1
                     n_meas -= s_measured[k]
@@ -775,6 +831,8 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_
     for k in range(nrun):
         if s_blocks[k] < 0:
             continue
+        if on and m != k:
+            px.apc_move_slot_nb(apc, r, k, m)
         s_req[m] = s_req[k]
         s_prompt[m] = s_prompt[k]
         s_output[m] = s_output[k]

@@ -26,7 +26,7 @@ def mix_nb(a, b):
     return np.int64(x & np.uint64(_MASK63))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")  # a call passing the arrays costs ~4x the work
 def block_content_nb(req, m, block_size, content, source_tokens):
     """Content id of engine block m (tokens [m*bs, (m+1)*bs)) of request `req`; equal ids mean
     equal tokens. `content = (offsets, ids, prompt, seq, shared_len, shared_id)`, per request:
@@ -46,14 +46,17 @@ def block_content_nb(req, m, block_size, content, source_tokens):
         first = (m * block_size) // source_tokens
         last = (end - 1) // source_tokens
         if last < offsets[req + 1] - lo:
-            return mix_nb(mix_nb(ids[lo + first], ids[lo + last]), (m * block_size) % source_tokens)
+            within = (m * block_size) % source_tokens
+            if first == last:  # (the usual case: one mix less on the hot path)
+                return mix_nb(ids[lo + first], within)
+            return mix_nb(mix_nb(ids[lo + first], ids[lo + last]), within)
     if end <= shared_len[req]:
         return mix_nb(mix_nb(0x27D4EB2F165667C5, shared_id[req]), m)
     return mix_nb(mix_nb(0x5BD1E995, seq[req]), m)
 
 
 # -- hash table: key -> block ------------------------------------------------------------------
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _probe(keys, key):
     """The slot holding `key`, or the empty slot that ends its probe run."""
     mask = keys.size - 1
@@ -63,13 +66,13 @@ def _probe(keys, key):
     return h
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def ht_find_nb(keys, vals, key):
     h = _probe(keys, key)
     return vals[h] if keys[h] == key else EMPTY
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def ht_insert_nb(keys, vals, key, val):
     """Insert or overwrite. The table must keep a free slot (size > number of keys)."""
     h = _probe(keys, key)
@@ -77,7 +80,7 @@ def ht_insert_nb(keys, vals, key, val):
     vals[h] = val
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def ht_delete_nb(keys, vals, key):
     """Remove `key` if present, shifting later entries of its probe run back (no tombstones)."""
     h = _probe(keys, key)
@@ -113,7 +116,7 @@ def fl_init_nb(n):
     return prev, nxt, ends
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def fl_remove_nb(prev, nxt, ends, b):
     p, q = prev[b], nxt[b]
     if p == EMPTY:
@@ -128,7 +131,7 @@ def fl_remove_nb(prev, nxt, ends, b):
     nxt[b] = EMPTY
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def fl_push_tail_nb(prev, nxt, ends, b):
     prev[b] = ends[1]
     nxt[b] = EMPTY
@@ -139,7 +142,7 @@ def fl_push_tail_nb(prev, nxt, ends, b):
     ends[1] = b
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def fl_pop_head_nb(prev, nxt, ends):
     b = ends[0]
     if b != EMPTY:
@@ -189,7 +192,7 @@ def apc_init_nb(apc, r, num_blocks):
     rep[r, MEMO_REQ] = EMPTY
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _table(apc, r):
     table, rep = apc[1], apc[2]
     lo = rep[r, HT_BASE]
@@ -200,7 +203,7 @@ def _table(apc, r):
 @njit(cache=True, error_model="numpy")
 def apc_lookup_nb(apc, r, req, num_tokens, block_size, hit_buf):
     """vLLM's longest cached prefix of request `req`: full blocks only, and never all of its tokens
-    (the last one is always computed). Returns (blocks hit, key of the last, hits nobody holds).
+    (the last one is always computed). Returns (blocks hit, key of the last).
 
     A queue head that cannot be admitted is looked up again every iteration; unless one of the
     blocks it hit was evicted since (the only way a cached key disappears; eviction clears the
@@ -226,10 +229,18 @@ def apc_lookup_nb(apc, r, req, num_tokens, block_size, hit_buf):
         key = k
         hits += 1
     rep[r, MEMO_REQ], rep[r, MEMO_HITS], rep[r, MEMO_KEY] = req, hits, key
+    return hits, key
+
+
+@njit(cache=True, error_model="numpy")
+def apc_idle_nb(apc, hit_buf, hits):
+    """How many of the blocks a lookup hit nobody holds: taking them shrinks the free list. (Apart
+    from the lookup: an admission that fails without them never pays for the count.)"""
+    pool = apc[0]
     idle = 0
     for j in range(hits):
         idle += pool[REF, hit_buf[j]] == 0
-    return hits, key, idle
+    return idle
 
 
 @njit(cache=True, error_model="numpy")
@@ -255,44 +266,52 @@ def apc_start_nb(apc, r, k, hit_buf, hits, key):
     return taken
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def apc_allocate_nb(apc, r, k, count):
     """`count` fresh blocks for slot k from the head of the free list, evicting cached ones."""
     pool, rep, slots, rows = apc[0], apc[2], apc[3], apc[5]
     prev, nxt, ends = pool[PREV], pool[FNEXT], rep[r, FL_HEAD:FL_TAIL + 1]
     keys, vals = _table(apc, r)
-    row = slots[r, ROW, k]
+    table_row = rows[r, slots[r, ROW, k]]
+    nblk = slots[r, NBLK, k]
+    stamp = rep[r, MEMO_STAMP]
     for _ in range(count):
         b = fl_pop_head_nb(prev, nxt, ends)
         if pool[KEY, b] != EMPTY:
             ht_delete_nb(keys, vals, pool[KEY, b])
             pool[KEY, b] = EMPTY
             rep[r, EVICTIONS] += 1
-            if pool[MARK, b] == rep[r, MEMO_STAMP]:
+            if pool[MARK, b] == stamp:
                 rep[r, MEMO_REQ] = EMPTY  # the remembered prefix lost a block: look it up afresh
         pool[REF, b] = 1
-        rows[r, row, slots[r, NBLK, k]] = b
-        slots[r, NBLK, k] += 1
+        table_row[nblk] = b
+        nblk += 1
+    slots[r, NBLK, k] = nblk
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def apc_hash_full_nb(apc, r, k, req, computed, block_size):
     """Name and cache slot k's blocks that `computed` tokens have filled."""
     pool, rep, slots, content, rows = apc[0], apc[2], apc[3], apc[4], apc[5]
     keys, vals = _table(apc, r)
-    row = slots[r, ROW, k]
-    while (slots[r, HASHED, k] + 1) * block_size <= computed:
-        m = slots[r, HASHED, k]
-        b = rows[r, row, m]
-        key = mix_nb(slots[r, SKEY, k], block_content_nb(req, m, block_size, content, rep[r, SOURCE_TOKENS]))
-        if ht_find_nb(keys, vals, key) == EMPTY:  # an equal block cached already keeps the name
-            ht_insert_nb(keys, vals, key, b)
+    table_row = rows[r, slots[r, ROW, k]]
+    source_tokens = rep[r, SOURCE_TOKENS]
+    m = slots[r, HASHED, k]
+    key = slots[r, SKEY, k]
+    while (m + 1) * block_size <= computed:
+        b = table_row[m]
+        key = mix_nb(key, block_content_nb(req, m, block_size, content, source_tokens))
+        h = _probe(keys, key)
+        if keys[h] == EMPTY:  # (an equal block cached already keeps the name)
+            keys[h] = key
+            vals[h] = b
             pool[KEY, b] = key
-        slots[r, SKEY, k] = key
-        slots[r, HASHED, k] = m + 1
+        m += 1
+    slots[r, SKEY, k] = key
+    slots[r, HASHED, k] = m
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def apc_release_nb(apc, r, k):
     """Slot k's request lets go of its blocks, last first (so its tail is evicted first); blocks
     nobody holds go to the free list, still cached. Returns how many became free."""
@@ -312,7 +331,7 @@ def apc_release_nb(apc, r, k):
     return freed
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def apc_move_slot_nb(apc, r, src, dst):
     slots = apc[3]
     for c in range(N_SLOT_COLS):
