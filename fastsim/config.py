@@ -297,8 +297,16 @@ class Pool(_Strict):
 
 
 class Cluster(_Strict):
-    router: Literal["round_robin", "random", "least_requests", "least_kv", "session_affinity"] = Field(
-        default="round_robin", description="how arrivals pick a replica; least_requests = fewest outstanding")
+    router: Literal["round_robin", "random", "least_requests", "least_kv", "session_affinity", "prefix_aware"] = Field(
+        default="round_robin", description="how arrivals pick a replica; least_requests = fewest outstanding; "
+        "prefix_aware = the replica caching the longest prefix of the prompt, unless the load is unbalanced "
+        "(SGLang router's cache-aware policy, over the replicas' real caches)")
+    cache_threshold: float = Field(default=0.5, ge=0, le=1, description="prefix_aware: the longest cached "
+                                   "prefix must cover this share of the prompt, else the least loaded replica")
+    balance_abs_threshold: int = Field(default=32, ge=0, description="prefix_aware: route by load alone when "
+                                       "the most loaded replica has more than this many requests above the least...")
+    balance_rel_threshold: float = Field(default=1.0001, ge=1, description="prefix_aware: ... and more than "
+                                         "this many times as many")
     pools: list[Pool] | None = Field(
         default=None, description="replica pools with their own GPU / TP / PP; default: "
         "engine.data_parallel_size replicas of hardware.gpu")

@@ -115,6 +115,11 @@ def plan_engines(cfg: Config):
     if cfg.simulation.mode == "fast":
         raise FastsimError("simulation.mode = 'fast' is not available yet; use mode: exact")
     plans = [(eng, _pools(cfg, eng, model, gpu, custom)) for eng in cfg.engine_variants()]
+    for eng, pools in plans:
+        if cfg.cluster.router == "prefix_aware" and not any(rp.engine.enable_prefix_caching for rp in pools):
+            raise FastsimError(f"cluster.router = 'prefix_aware' routes by what replicas cache, but engine "
+                               f"{eng.name!r} has enable_prefix_caching off everywhere; turn it on or pick "
+                               "another router")
     return model, gpu, plans
 
 
@@ -179,6 +184,14 @@ def prefix_cache_arrays(rep_int: np.ndarray, workload: Workload) -> tuple:
     return (pool, table, rep, slots, workload.content(), rows, free_rows)
 
 
+def route_params(cfg: Config) -> np.ndarray:
+    out = np.zeros(E.N_RP)
+    out[E.RP_CACHE_THRESHOLD] = cfg.cluster.cache_threshold
+    out[E.RP_BALANCE_ABS] = cfg.cluster.balance_abs_threshold
+    out[E.RP_BALANCE_REL] = cfg.cluster.balance_rel_threshold
+    return out
+
+
 def run_polled(kernel, args: tuple, progress: np.ndarray, report, interval_s: float = 0.1):
     """Run a GIL-releasing kernel in a worker thread, calling report() while it runs."""
     out: list = []
@@ -221,7 +234,8 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
         admitted = int((reason == 0).sum())
         counter = np.zeros(1, np.int64)
         args = (workload.arrival_s, workload.prompt_tokens, workload.output_tokens, reason > 0, measured,
-                workload.session, draw, E.ROUTE_NAMES[cfg.cluster.router], rep_int, rep_params, tok_table, seq_table,
+                workload.session, draw, E.ROUTE_NAMES[cfg.cluster.router], route_params(cfg), rep_int, rep_params,
+                tok_table, seq_table,
                 cfg.simulation.max_sim_time_s or np.inf, cfg.output.timeline, counter,
                 prefix_cache_arrays(rep_int, workload), (workload.next_turn, workload.think_s))
         stage = f"simulating {eng.name}"

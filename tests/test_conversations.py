@@ -106,7 +106,8 @@ def test_a_turn_whose_previous_turn_never_finishes_never_arrives():
 
 @given(sessions=conversations, bs=st.sampled_from([1, 4, 16]), max_seqs=st.integers(1, 8),
        budget=st.integers(40, 300), replicas=st.integers(1, 3), apc=st.booleans(), spare=st.integers(0, 30),
-       policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_LEAST_KV, E.ROUTE_SESSION_AFFINITY]))
+       policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_LEAST_KV, E.ROUTE_SESSION_AFFINITY,
+                              E.ROUTE_PREFIX_AWARE]))
 def test_decode_stretches_change_nothing_with_conversations_and_prefix_caching(
         sessions, bs, max_seqs, budget, replicas, apc, spare, policy):
     arrivals, prompts, outputs, turns, content = build(sessions, system_prompt=24)
@@ -122,3 +123,30 @@ def test_decode_stretches_change_nothing_with_conversations_and_prefix_caching(
                 "replica", "cached", "itl_hist"):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     np.testing.assert_array_equal(a["counters"][..., [0, 1, 2, 3, 4, 6, 7]], b["counters"][..., [0, 1, 2, 3, 4, 6, 7]])
+
+
+@pytest.mark.parametrize("route_params, to", [((0.5, 32, 1.0001), 0),   # balanced: the replica caching 64 of 100
+                                              ((0.9, 32, 1.0001), 1),   # 64/100 < 0.9: the least loaded
+                                              ((0.5, 0, 1.0001), 1)])   # 2 vs 1 requests is unbalanced at 0
+def test_prefix_aware_router_by_hand(route_params, to):
+    # A (system prompt of 64 tokens, 4 blocks) and unrelated Y go to replica 0, unrelated X to
+    # replica 1 (least loaded, ties to the lower index). B shares A's system prompt and arrives while
+    # all three still decode: replica 0 holds 2 requests and caches B's first 64 tokens, replica 1 holds 1.
+    arrivals = [0.0, 0.001, 0.002, 0.5]
+    prompts, outputs = [100, 100, 100, 100], [200, 200, 200, 10]
+    content = {"shared_tokens": np.array([64, 0, 0, 64]), "shared_id": np.zeros(4, np.int64)}
+    r = run(arrivals, prompts, outputs, replicas=2, policy=E.ROUTE_PREFIX_AWARE, prefix_caching=True,
+            content=content, route_params=route_params, timeline=False)
+    assert r["replica"][:3].tolist() == [0, 1, 0]
+    assert r["replica"][3] == to
+    assert r["cached"][3] == (64 if to == 0 else 0)
+
+
+def test_round_robin_takes_turns_when_conversations_decide_the_arrival_order():
+    # Two conversations of two turns each, 4 replicas: the four requests in the order they arrive
+    # (first turns at 0 and 0.01 s, second turns after each answer plus 1 s) go to replicas 0..3.
+    arrivals, prompts, outputs, turns, content = build([(0.0, [(50, 5, 1.0), (50, 5, 1.0)]),
+                                                        (0.01, [(50, 5, 1.0), (50, 5, 1.0)])])
+    r = run(arrivals, prompts, outputs, replicas=4, turns=turns, content=content, timeline=False)
+    order = np.argsort(r["arrival"], kind="stable")
+    assert r["replica"][order].tolist() == [0, 1, 2, 3]

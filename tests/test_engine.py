@@ -32,7 +32,8 @@ def replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blo
 def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=8192, block_size=16,
         num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
         timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None,
-        fast_decode=True, prefix_caching=False, block_ids=None, turns=None, content=None):
+        fast_decode=True, prefix_caching=False, block_ids=None, turns=None, content=None,
+        route_params=(0.5, 32, 1.0001)):
     ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
                                             chunked, threshold, v0, overhead_s, stages)
     arrivals = np.asarray(arrivals, dtype=np.float64)
@@ -48,7 +49,7 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
                   **({"next_turn": np.asarray(turns[0], np.int64), "think_s": np.asarray(turns[1], float)} if turns else {}),
                   **(content or {}))
     out = run_cluster_nb(arrivals, wl.prompt_tokens, wl.output_tokens,
-                         rejected, np.ones(n, np.bool_), session, draw, policy, rep_int,
+                         rejected, np.ones(n, np.bool_), session, draw, policy, np.asarray(route_params, float), rep_int,
                          np.array([params] * replicas), tok, seq, max_time_s, timeline, np.zeros(1, np.int64),
                          prefix_cache_arrays(rep_int, wl), (wl.next_turn, wl.think_s), fast_decode)
     keys = ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",

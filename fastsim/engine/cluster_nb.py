@@ -90,13 +90,16 @@ def _tree_argmin(tree, leaves):
 
 # -- router ----------------------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy")
-def _route(policy, i, n_rep, rr_next, draw, session, session_replica, outstanding, used_frac):
+def _route(policy, route_params, i, n_rep, rr_next, draw, session, session_replica, outstanding, used_frac,
+           apc, rep_int, prompt):
     if policy == E.ROUTE_ROUND_ROBIN:
         return rr_next % n_rep
     if policy == E.ROUTE_RANDOM:
         return draw[i]
     if policy == E.ROUTE_SESSION_AFFINITY and session[i] >= 0 and session_replica[session[i]] >= 0:
         return session_replica[session[i]]
+    if policy == E.ROUTE_PREFIX_AWARE:
+        return _route_prefix_aware(route_params, i, n_rep, outstanding, apc, rep_int, prompt)
     best = 0
     for r in range(1, n_rep):
         if policy == E.ROUTE_LEAST_KV:
@@ -108,13 +111,41 @@ def _route(policy, i, n_rep, rr_next, draw, session, session_replica, outstandin
     return best
 
 
+@njit(cache=True, error_model="numpy")
+def _route_prefix_aware(route_params, i, n_rep, outstanding, apc, rep_int, prompt):
+    """SGLang router's cache-aware policy over the replicas' real caches: while the load is balanced,
+    the replica caching the longest prefix of the prompt, if it covers at least cache_threshold of
+    it; otherwise (or when the most loaded replica has more than balance_abs_threshold requests
+    above the least, and more than balance_rel_threshold times as many) the least loaded."""
+    least, most = 0, 0
+    for r in range(1, n_rep):
+        if outstanding[r] < outstanding[least]:
+            least = r
+        if outstanding[r] > outstanding[most]:
+            most = r
+    hi, lo = outstanding[most], outstanding[least]
+    if hi - lo > route_params[E.RP_BALANCE_ABS] and hi > route_params[E.RP_BALANCE_REL] * lo:
+        return least
+    best, best_tokens = least, 0
+    for r in range(n_rep):
+        if rep_int[r, E.RI_APC]:
+            bs = rep_int[r, E.RI_BLOCK_SIZE]
+            tokens = px.apc_match_nb(apc, r, i, prompt[i], bs) * bs
+            if tokens > best_tokens or (tokens == best_tokens and outstanding[r] < outstanding[best]):
+                best, best_tokens = r, tokens
+    if best_tokens > 0 and best_tokens >= route_params[E.RP_CACHE_THRESHOLD] * prompt[i]:
+        return best
+    return least
+
+
 @njit(cache=True, error_model="numpy", nogil=True)
-def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw, policy,
+def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw, policy, route_params,
                    rep_int, rep_params, tok_table, seq_table, max_time_s, record_timeline, progress,
                    apc, conv, fast_decode=True):
     """Simulate replicas (rows of rep_int / rep_params, see enums.RI_* and cost_nb) over requests
     sorted by arrival. `rejected` requests are never scheduled; `measured` ones feed the ITL
-    histogram; `session` (-1: none) and `draw` (a pre-drawn replica per request) serve the router.
+    histogram; `session` (-1: none) and `draw` (a pre-drawn replica per request) serve the router
+    `policy` (enums.ROUTE_*; prefix_aware's thresholds in route_params, enums.RP_*).
     tok_table / seq_table hold every replica's per-stage time by token count / sequence count, at
     offsets rep_int[:, RI_TOK_OFF] / rep_int[:, RI_SEQ_OFF]: row 0 compute + communication, row 1
     communication alone (reported apart).
@@ -248,7 +279,8 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         for i in range(n):
             if rejected[i] or think_s[i] >= 0:
                 continue
-            d = _route(policy, i, n_rep, rr_next, draw, session, session_replica, outstanding, used_frac)
+            d = _route(policy, route_params, i, n_rep, rr_next, draw, session, session_replica, outstanding,
+                       used_frac, apc, rep_int, prompt)
             rr_next += 1
             dest[i] = d
             if last_for[d] < 0:
@@ -280,7 +312,9 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                     dst = dest[ai]
                     own_next[dst] = next_same[ai]
                 else:
-                    dst = _route(policy, ai, n_rep, rr_next, draw, session, session_replica, outstanding, used_frac)
+                    dst = _route(policy, route_params, ai, n_rep, rr_next, draw, session, session_replica,
+                                 outstanding, used_frac, apc, rep_int, prompt)
+                    rr_next += 1
                 if session[ai] >= 0 and session_replica[session[ai]] < 0:
                     session_replica[session[ai]] = dst
                 replica[ai] = dst

@@ -54,8 +54,15 @@ ROUTE_RANDOM = 1
 ROUTE_LEAST_REQUESTS = 2
 ROUTE_LEAST_KV = 3
 ROUTE_SESSION_AFFINITY = 4
+ROUTE_PREFIX_AWARE = 5
 ROUTE_NAMES = {"round_robin": ROUTE_ROUND_ROBIN, "random": ROUTE_RANDOM, "least_requests": ROUTE_LEAST_REQUESTS,
-               "least_kv": ROUTE_LEAST_KV, "session_affinity": ROUTE_SESSION_AFFINITY}
+               "least_kv": ROUTE_LEAST_KV, "session_affinity": ROUTE_SESSION_AFFINITY,
+               "prefix_aware": ROUTE_PREFIX_AWARE}
+# prefix_aware's parameters (route_params), named as SGLang's router names them
+RP_CACHE_THRESHOLD = 0
+RP_BALANCE_ABS = 1
+RP_BALANCE_REL = 2
+N_RP = 3
 
 # ITL histogram: log-spaced bins over [ITL_MIN_S, ITL_MAX_S]; percentiles are exact to a bin (0.14%).
 ITL_MIN_S = 1e-6

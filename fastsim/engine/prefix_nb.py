@@ -233,6 +233,22 @@ def apc_lookup_nb(apc, r, req, num_tokens, block_size, hit_buf):
 
 
 @njit(cache=True, error_model="numpy")
+def apc_match_nb(apc, r, req, num_tokens, block_size):
+    """How many leading blocks of request `req` replica r's cache holds, as a lookup would find them
+    (but leaving no trace: a router asks every replica)."""
+    rep, content = apc[2], apc[4]
+    keys, vals = _table(apc, r)
+    key = ROOT_KEY
+    hits = 0
+    while hits < (num_tokens - 1) // block_size:
+        key = mix_nb(key, block_content_nb(req, hits, block_size, content, rep[r, SOURCE_TOKENS]))
+        if keys[_probe(keys, key)] != key:
+            break
+        hits += 1
+    return hits
+
+
+@njit(cache=True, error_model="numpy")
 def apc_idle_nb(apc, hit_buf, hits):
     """How many of the blocks a lookup hit nobody holds: taking them shrinks the free list. (Apart
     from the lookup: an admission that fails without them never pays for the count.)"""
