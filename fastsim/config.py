@@ -256,8 +256,18 @@ Dtype = Literal["bf16", "fp16", "fp8", "int8", "int4"]
 
 
 class Engine(_Strict):
-    """vLLM engine arguments (same names and meanings) plus fastsim's overhead term."""
+    """vLLM engine arguments (same names and meanings) plus fastsim's overhead term; with
+    framework: sglang, SGLang's scheduler (its arguments under their vLLM names where they mean the
+    same: max_num_seqs = --max-running-requests, max_num_batched_tokens = --chunked-prefill-size,
+    block_size = --page-size, enable_prefix_caching = not --disable-radix-cache)."""
     name: str = "vllm"
+    framework: Literal["vllm", "sglang"] = Field(
+        default="vllm", description="vllm: V1 scheduling (mixed prefill/decode batches, FCFS); sglang: "
+        "prefill batches apart from decode batches, admission that reserves room for running requests' "
+        "output, radix cache at token granularity (block_size 1) and longest-prefix-first queueing")
+    schedule_policy: Literal["fcfs", "lpm"] | None = Field(
+        default=None, description="SGLang's --schedule-policy; lpm = longest cached prefix first (SGLang "
+        "serves a queue of more than 128 first-come-first-served). Default: lpm with prefix caching")
     max_num_seqs: int = Field(default=256, ge=1)
     max_num_batched_tokens: int = Field(default=8192, ge=1)
     block_size: Literal[1, 8, 16, 32, 64, 128, 256] = Field(default=16, description="tokens per KV block (vLLM's choices)")
@@ -274,12 +284,34 @@ class Engine(_Strict):
     dtype: Dtype = "bf16"
     kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8"] = "auto"
     num_gpu_blocks_override: int | None = Field(default=None, ge=1)
-    scheduler: Literal["v1", "v0"] = "v1"
+    scheduler: Literal["v1", "v0"] = Field(default="v1", description="vLLM's scheduler generation")
     framework_overhead_ms: float = Field(
         default=0.33, ge=0,
         description="CPU time per iteration outside the forward pass (scheduling, input preparation, "
                     "sampling, output processing). Default: least squares over vLLM CI batch latencies of "
                     "Llama-3-8B on H100, A100-80GB and H200 (0.22-0.46 ms each)")
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _framework_defaults(cls, data):
+        """SGLang's own defaults where they differ from vLLM's: page size 1, radix cache on, lpm."""
+        if isinstance(data, dict) and data.get("framework") == "sglang":
+            data = {"block_size": 1, "enable_prefix_caching": True, **data}
+            data.setdefault("schedule_policy", "lpm" if data["enable_prefix_caching"] else "fcfs")
+        return data
+
+    @model_validator(mode="after")
+    def _framework_options(self):
+        if self.framework == "vllm" and self.schedule_policy == "lpm":
+            raise ValueError("schedule_policy: lpm is SGLang's (vLLM serves first-come-first-served); "
+                             "set framework: sglang or drop it")
+        if self.framework == "sglang" and self.scheduler == "v0":
+            raise ValueError("scheduler: v0 is vLLM's; SGLang has its own scheduler (drop scheduler)")
+        if self.framework == "sglang" and self.long_prefill_token_threshold:
+            raise ValueError("long_prefill_token_threshold is vLLM's; SGLang chunks by "
+                             "max_num_batched_tokens (--chunked-prefill-size) alone")
+        return self
 
 
 class Hardware(_Strict):
@@ -355,7 +387,7 @@ class Config(_Strict):
         for i, override in enumerate(self.engines):
             if not isinstance(override, dict):
                 raise FastsimError(f"engines.{i}: must be a mapping of engine arguments, got {override!r}")
-            merged = {**self.engine.model_dump(), **override}
+            merged = {**self.engine.model_dump(exclude_unset=True), **override}
             merged.setdefault("name", f"engine{i}")
             if "name" not in override:
                 merged["name"] = f"engine{i}"

@@ -67,7 +67,9 @@ def rejections(workload: Workload, pools: list[ReplicaPlan]) -> np.ndarray:
     A request is checked against the most constrained pool, since the router may send it anywhere."""
     total = workload.prompt_tokens + workload.output_tokens
     reason = np.zeros(len(workload), np.int8)
-    kv_tokens = min(rp.memory.num_gpu_blocks * rp.engine.block_size for rp in pools)
+    # SGLang admits a request only while its tokens fit strictly inside the free room.
+    kv_tokens = min(rp.memory.num_gpu_blocks * rp.engine.block_size - (rp.engine.framework == "sglang")
+                    for rp in pools)
     max_len = min(rp.memory.max_model_len for rp in pools)
     reason[total > kv_tokens] = E.REASON_KV
     reason[total > max_len] = E.REASON_CONTEXT
@@ -90,7 +92,7 @@ def _pools(cfg: Config, engine: Engine, model: ModelSpec, default_gpu: GpuSpec, 
     for j, pool in enumerate(pools):
         where = f"cluster.pools.{j}" if cfg.cluster.pools else "engine"
         try:
-            eng = Engine(**(engine.model_dump() | pool.engine))
+            eng = Engine(**(engine.model_dump(exclude_unset=True) | pool.engine))
         except ValidationError as e:
             raise FastsimError(format_validation_error(e, prefix=f"{where}.engine")) from None
         gpu = load_gpu(pool.gpu, custom) if pool.gpu else default_gpu
@@ -147,6 +149,8 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
         ints[E.RI_TOK_OFF] = tok_off
         ints[E.RI_SEQ_OFF] = seq_off
         ints[E.RI_APC] = eng.enable_prefix_caching
+        ints[E.RI_SGLANG] = eng.framework == "sglang"
+        ints[E.RI_LPM] = eng.schedule_policy == "lpm"
         tok_parts.append(tok)
         seq_parts.append(seq)
         tok_off += tok.shape[1]

@@ -207,9 +207,14 @@ class PrefixCache:
 
 def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, max_num_batched_tokens,
                        block_size, num_blocks, chunked_prefill=True, long_prefill_token_threshold=0,
-                       v0=False, overhead_s=0.0, max_time_s=float("inf"), content=None, turns=None):
+                       v0=False, overhead_s=0.0, max_time_s=float("inf"), content=None, turns=None,
+                       sglang=False, lpm=False):
     """Per-request results (list of Req, by id) and the list of (start, used_blocks) per iteration.
     `content(request, block)`: with it, prefix caching is on, blocks named by that content.
+
+    sglang=True: SGLang's scheduler — a prefill batch (the request being chunked, then new ones while
+    their prompt and clipped output fit beside the running requests' reserve) when one can be formed,
+    else a decode batch of every running request; lpm=True orders the queue by cached prefix.
 
     `turns = (next_turn, think_s)`: a request with think_s >= 0 arrives think_s after the one whose
     next_turn it is has finished (first turns of the same instant go first).
@@ -226,6 +231,7 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
     history = []
     watermark = int(0.01 * num_blocks) if v0 else 0
     cache = PrefixCache(num_blocks, block_size, content) if content else None
+    ratio = 0.7  # SGLang's new_token_ratio
 
     def blocks_needed(r, new):
         return -(-(r.computed + new) // block_size) - r.blocks
@@ -260,13 +266,16 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
         budget = max_num_batched_tokens
         preempted = False
 
-        def schedule_running(threshold):
+        def schedule_running(threshold, prefill_only=False):
             """Running requests in order, each its next tokens, preempting the newest for blocks."""
             nonlocal free, budget, preempted
             i = 0
             while i < len(running) and budget > 0:
                 r = running[i]
                 new = r.num_tokens - r.computed
+                if prefill_only and new == 1 and r.computed >= r.prompt:
+                    i += 1
+                    continue
                 if threshold and new > threshold:
                     new = threshold
                 new = min(new, budget)
@@ -283,16 +292,24 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                 budget -= new
                 i += 1
 
-        if not v0:
+        reserve = 0.0
+        if sglang:
+            schedule_running(0, prefill_only=True)
+            reserve = ratio * sum(min(r.output - r.generated, 4096) for r in running)
+        elif not v0:
             schedule_running(long_prefill_token_threshold)
-        if v0 or not preempted:
+        if v0 or sglang or not preempted:
             while waiting and budget > 0 and len(running) < max_num_seqs:
-                r = waiting[0]
+                pick = 0
+                if lpm and cache and len(waiting) <= 128:  # longest cached prefix first, the first of equals
+                    matched = [len(cache.lookup(r)[0]) for r in waiting]
+                    pick = matched.index(max(matched))
+                r = waiting[pick]
                 hits, key = cache.lookup(r) if cache else ([], 0)
                 done = len(hits) * block_size
                 idle = sum(cache.ref[b] == 0 for b in hits) if cache else 0
-                new = r.num_tokens - done
-                if not v0 and long_prefill_token_threshold and new > long_prefill_token_threshold:
+                new = full = r.num_tokens - done
+                if not v0 and not sglang and long_prefill_token_threshold and new > long_prefill_token_threshold:
                     new = long_prefill_token_threshold
                 if (v0 or not chunked_prefill) and new > budget:
                     break
@@ -300,7 +317,12 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                 need = -(-(done + new) // block_size) - len(hits)
                 if need + idle > free - watermark:
                     break
-                waiting.pop(0)
+                if sglang:
+                    claim = full + min(r.output - r.generated, 4096)
+                    if claim >= (free - idle) * block_size - reserve:
+                        break
+                    reserve += claim
+                waiting.pop(pick)
                 if cache:
                     cache.start(r, hits, key)
                     free -= idle
@@ -316,8 +338,10 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                 if cache:
                     cache.hash_full(r)
                 budget -= new
-        if v0 and not scheduled:
-            schedule_running(0)  # V0: no prefill admitted, so every running request decodes
+        if (v0 or sglang) and not scheduled:
+            schedule_running(0)  # no prefill admitted, so every running request decodes
+            if sglang and scheduled:
+                ratio = 0.7 if preempted else max(ratio - (0.7 - 0.1) / 600, 0.1)
         if not scheduled:
             break
         history.append((now, num_blocks - free))

@@ -150,3 +150,45 @@ def test_round_robin_takes_turns_when_conversations_decide_the_arrival_order():
     r = run(arrivals, prompts, outputs, replicas=4, turns=turns, content=content, timeline=False)
     order = np.argsort(r["arrival"], kind="stable")
     assert r["replica"][order].tolist() == [0, 1, 2, 3]
+
+
+@given(sessions=conversations, bs=st.sampled_from([1, 4]), max_seqs=st.integers(1, 6), budget=st.integers(40, 300),
+       apc=st.booleans(), lpm=st.booleans(), spare=st.integers(0, 40), system_prompt=st.sampled_from([0, 20]),
+       chunked=st.booleans())
+def test_sglang_scheduler_matches_reference(sessions, bs, max_seqs, budget, apc, lpm, spare, system_prompt, chunked):
+    arrivals, prompts, outputs, turns, content = build(sessions, system_prompt)
+    keep = [p + o <= budget or chunked for p, o in zip(prompts, outputs)]
+    if not all(keep):
+        return  # (unchunked prompts longer than the budget are refused before simulation)
+    num_blocks = max(-(-(p + o) // bs) for p, o in zip(prompts, outputs)) + spare
+    r = run(arrivals, prompts, outputs, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
+            num_blocks=num_blocks, turns=turns, content=content, prefix_caching=apc, timeline=True,
+            sglang=True, lpm=lpm, chunked=chunked)
+    reqs, history = ref.simulate_reference(
+        CM, arrivals, prompts, outputs, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
+        num_blocks=num_blocks, overhead_s=OVERHEAD, turns=turns, chunked_prefill=chunked,
+        content=content_fn(prompts, content, bs) if apc else None, sglang=True, lpm=lpm)
+    for i, q in enumerate(reqs):
+        assert r["preempts"][i] == q.preemptions, i
+        assert r["cached"][i] == q.cached, i
+        for got, want in ((r["first_sched"][i], q.first_scheduled), (r["first_tok"][i], q.first_token),
+                          (r["finish"][i], q.finish)):
+            assert (np.isnan(got) and want is None) or got == pytest.approx(want, rel=1e-9, abs=1e-12), i
+    assert r["counters"][0] == len(history)
+
+
+def test_sglang_runs_prefills_apart_from_decodes_by_hand():
+    # A decodes alone; B (500 tokens) arrives at 0.1 s. vLLM puts B's prefill beside A's decode in
+    # one batch; SGLang runs B's prefill alone.
+    kw = dict(timeline=True, max_num_seqs=8)
+    v = run([0.0, 0.1], [100, 500], [50, 5], **kw)
+    g = run([0.0, 0.1], [100, 500], [50, 5], sglang=True, **kw)
+    row_v, row_g = (r["timeline"][r["timeline"][:, E.TL_PREFILL_TOKENS] == 500][0] for r in (v, g))
+    assert row_v[E.TL_NUM_DECODES] == 1 and row_g[E.TL_NUM_DECODES] == 0
+    t0 = row_v[E.TL_START_S]
+    assert row_g[E.TL_START_S] == t0  # the same iteration boundary admits B in both
+    # A's KV before that step: its 100-token prompt and one token per decode iteration after the first.
+    iterations_before = int((v["timeline"][:, E.TL_START_S] < t0).sum())
+    a_kv = 100 + iterations_before - 1
+    assert v["first_tok"][1] == pytest.approx(t0 + OVERHEAD + fwd(dec=[a_kv], new=[500], ctx=[0]), rel=1e-9)
+    assert g["first_tok"][1] == pytest.approx(t0 + OVERHEAD + fwd(new=[500], ctx=[0]), rel=1e-9)

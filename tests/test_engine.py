@@ -33,7 +33,7 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
         num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
         timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None,
         fast_decode=True, prefix_caching=False, block_ids=None, turns=None, content=None,
-        route_params=(0.5, 32, 1.0001)):
+        route_params=(0.5, 32, 1.0001), sglang=False, lpm=False):
     ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
                                             chunked, threshold, v0, overhead_s, stages)
     arrivals = np.asarray(arrivals, dtype=np.float64)
@@ -42,6 +42,8 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
     session = np.full(n, -1, np.int64) if session is None else np.asarray(session, np.int64)
     draw = np.random.default_rng(0).integers(0, replicas, n)
     ints[E.RI_APC] = prefix_caching
+    ints[E.RI_SGLANG] = sglang
+    ints[E.RI_LPM] = lpm
     rep_int = np.array([ints] * replicas)
     # turns = (next_turn, think_s); content = dict of Workload content fields (seq_id, shared_tokens, ...)
     wl = Workload(arrivals, np.asarray(prompts, np.int64), np.asarray(outputs, np.int64), np.zeros(n, np.int32), ("c",),

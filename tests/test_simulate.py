@@ -174,6 +174,10 @@ def test_cli_validate_and_generate_config(tmp_path):
     (["--set", "model=./missing/config.json"], "no config.json at"),
     (["--bogus"], "No such option: --bogus"),
     (["--set", "engine.scheduler=v0", "--set", "engine.enable_prefix_caching=true"], "scheduler v1 only"),
+    (["--set", "engine.schedule_policy=lpm"], "lpm is SGLang's"),
+    (["--set", "engine.framework=sglang", "--set", "engine.scheduler=v0"], "scheduler: v0 is vLLM's"),
+    (["--set", "cluster.router=prefix_aware", "--set", "engine.data_parallel_size=2"], "prefix_aware"),
+    (["--set", "workload.clients.0.conversation.turns.dist=constant"], "workload.clients.0.conversation"),
 ])
 def test_cli_bad_input_is_one_clean_line(tmp_path, args, needle):
     out = tmp_path / "o"

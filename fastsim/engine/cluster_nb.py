@@ -130,7 +130,7 @@ def _route_prefix_aware(route_params, i, n_rep, outstanding, apc, rep_int, promp
     for r in range(n_rep):
         if rep_int[r, E.RI_APC]:
             bs = rep_int[r, E.RI_BLOCK_SIZE]
-            tokens = px.apc_match_nb(apc, r, i, prompt[i], bs) * bs
+            tokens = px.apc_match_nb(apc, r, i, prompt[i], bs)[0] * bs
             if tokens > best_tokens or (tokens == best_tokens and outstanding[r] < outstanding[best]):
                 best, best_tokens = r, tokens
     if best_tokens > 0 and best_tokens >= route_params[E.RP_CACHE_THRESHOLD] * prompt[i]:
@@ -203,6 +203,10 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         if rep_int[r, E.RI_APC]:
             px.apc_init_nb(apc, r, rep_int[r, E.RI_NUM_BLOCKS])
     q_next = np.full(n, -1, np.int64)  # waiting queues as linked lists through the requests
+    nt_ratio = np.full(n_rep, E.SGL_INIT_NEW_TOKEN_RATIO)  # SGLang replicas' new_token_ratio
+    # SGLang's longest-prefix-first ordering: each waiting request's last match, resumed while
+    # nothing was evicted since ([hits, key, evictions then]).
+    lpm_memo = np.full((n, 3), -1, np.int64)
 
     # Running requests live in slots 0..n_running-1 of their replica's row, in admission order,
     # with their hot state in slot arrays: an iteration walks a few contiguous cache lines.
@@ -359,7 +363,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             continue
 
         # 1b. steady decoding: step every iteration up to the next event in O(1) each
-        if fast_decode and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0:
+        if fast_decode and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0 and not ri[E.RI_SGLANG]:
             # Only this replica's own next arrival can change what it does. A router that reads the
             # replicas' state must not see a request finish before the time it does.
             if stateless:
@@ -401,21 +405,35 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         bid = batch_seq[r]
         if fl_count[r] < stages:
             budget = ri[E.RI_MAX_TOKENS]
-            if not v0:
+            sg = ri[E.RI_SGLANG] != 0
+            reserve = 0.0  # SGLang: tokens held back for the running requests' coming output
+            if sg:  # a prefill batch: first the request whose prompt is being chunked
+                step_preempts, n_sched, budget, agg = _schedule_running(
+                    r, bid, budget, 0, block_size, window, n_running, free, q_head, q_tail, q_next, n_waiting,
+                    s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_sample, generated,
+                    last_tok, max_itl, preempts, (apc, ri[E.RI_APC] != 0), True)
+                for k in range(n_running[r]):
+                    reserve += min(s_output[r, k] - (s_tokens[r, k] - s_prompt[r, k]), E.SGL_CLIP_MAX_NEW_TOKENS)
+                reserve *= nt_ratio[r]
+            elif not v0:
                 step_preempts, n_sched, budget, agg = _schedule_running(
                     r, bid, budget, ri[E.RI_THRESHOLD], block_size, window, n_running, free, q_head, q_tail,
                     q_next, n_waiting, s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl,
-                    s_sample, generated, last_tok, max_itl, preempts, (apc, ri[E.RI_APC] != 0))
-            if v0 or step_preempts == 0:
+                    s_sample, generated, last_tok, max_itl, preempts, (apc, ri[E.RI_APC] != 0), False)
+            if v0 or sg or step_preempts == 0:
                 watermark = int(0.01 * ri[E.RI_NUM_BLOCKS]) if v0 else 0
                 while n_waiting[r] > 0 and budget > 0 and n_running[r] < ri[E.RI_MAX_SEQS]:
-                    i = q_head[r]
+                    i, before = q_head[r], -1
+                    if ri[E.RI_LPM] and ri[E.RI_APC] and n_waiting[r] <= E.SGL_LPM_MAX_QUEUE:
+                        i, before = _longest_prefix_first(apc, r, q_head[r], q_next, prompt, generated, block_size,
+                                                          lpm_memo)
                     hits, hit_key = 0, px.ROOT_KEY
                     if ri[E.RI_APC]:  # the longest cached prefix is not computed again
                         hits, hit_key = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], block_size, hit_bufs[r])
                     done_tok = hits * block_size
                     new = prompt[i] + generated[i] - done_tok
-                    if not v0 and ri[E.RI_THRESHOLD] > 0 and new > ri[E.RI_THRESHOLD]:
+                    full = new
+                    if not v0 and not sg and ri[E.RI_THRESHOLD] > 0 and new > ri[E.RI_THRESHOLD]:
                         new = ri[E.RI_THRESHOLD]
                     if (v0 or ri[E.RI_CHUNKED] == 0) and new > budget:
                         break
@@ -426,9 +444,19 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                     idle_hits = px.apc_idle_nb(apc, hit_bufs[r], hits) if ri[E.RI_APC] else 0
                     if need + idle_hits > free[r] - watermark:
                         break
-                    q_head[r] = q_next[i]
-                    if q_head[r] < 0:
-                        q_tail[r] = -1
+                    if sg:
+                        # SGLang admits only while its whole prompt and its (clipped) output fit
+                        # beside what the running requests are expected to need.
+                        claim = full + min(output[i] - generated[i], E.SGL_CLIP_MAX_NEW_TOKENS)
+                        if claim >= (free[r] - idle_hits) * block_size - reserve:
+                            break
+                        reserve += claim
+                    if before < 0:
+                        q_head[r] = q_next[i]
+                    else:
+                        q_next[before] = q_next[i]
+                    if q_tail[r] == i:
+                        q_tail[r] = before
                     n_waiting[r] -= 1
                     k = n_running[r]
                     n_running[r] += 1
@@ -456,12 +484,18 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                     agg = _add_to_batch(agg, new, done_tok, prompt[i], window)
                     n_sched += 1
                     budget -= new
-            if v0 and n_sched == 0:
+            if (v0 or sg) and n_sched == 0:
                 # No prefill admitted: a step of every running request (each a decode).
-                step_preempts, n_sched, budget, agg = _schedule_running(
+                more_preempts, n_sched, budget, agg = _schedule_running(
                     r, bid, budget, 0, block_size, window, n_running, free, q_head, q_tail, q_next, n_waiting,
                     s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_sample,
-                    generated, last_tok, max_itl, preempts, (apc, ri[E.RI_APC] != 0))
+                    generated, last_tok, max_itl, preempts, (apc, ri[E.RI_APC] != 0), False)
+                step_preempts += more_preempts
+                if sg and n_sched > 0:
+                    if step_preempts > 0:  # a retraction: expect more output again
+                        nt_ratio[r] = E.SGL_INIT_NEW_TOKEN_RATIO
+                    else:
+                        nt_ratio[r] = max(nt_ratio[r] - E.SGL_NEW_TOKEN_RATIO_DECAY, E.SGL_MIN_NEW_TOKEN_RATIO)
         rep_preempts[r] += step_preempts
 
         if n_sched > 0:
@@ -539,10 +573,11 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
 @njit(cache=True, error_model="numpy", inline="always")  # a call with this many arrays costs ~20%
 def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, free, q_head, q_tail, q_next,
                       n_waiting, s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_sample,
-                      generated, last_tok, max_itl, preempts, cache):
+                      generated, last_tok, max_itl, preempts, cache, prefill_only):
     """Schedule replica r's running slots from the first while the budget lasts, each its next tokens
-    (none while all of them are in flight); when a slot's blocks cannot be allocated, preempt the
-    newest running request until they can, or until the slot itself was the one preempted.
+    (none while all of them are in flight; with prefill_only, none for a slot that would decode);
+    when a slot's blocks cannot be allocated, preempt the newest running request until they can, or
+    until the slot itself was the one preempted.
 
     Returns (preemptions, scheduled, budget left, batch aggregates).
     """
@@ -558,8 +593,8 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
     k = 0
     while k < running and budget > 0:
         new = s_tokens[k] - s_computed[k]
-        if new == 0:  # its last tokens are still in the pipeline
-            k += 1
+        if new == 0 or (prefill_only and new == 1 and s_computed[k] >= s_prompt[k]):
+            k += 1  # its last tokens are still in the pipeline, or it would decode
             continue
         if threshold > 0 and new > threshold:
             new = threshold
@@ -677,6 +712,27 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
                 m += 1
         n_running[r] = m
     return done, freed
+
+
+@njit(cache=True, error_model="numpy")
+def _longest_prefix_first(apc, r, head, q_next, prompt, generated, block_size, lpm_memo):
+    """SGLang's lpm policy: the waiting request with the longest cached prefix (the first of equals),
+    and the one before it in the queue (-1: it is the head)."""
+    evictions = apc[2][r, px.EVICTIONS]
+    best, best_before, best_hits = head, -1, -1
+    before = -1
+    i = head
+    while i >= 0:
+        hits, key = 0, px.ROOT_KEY
+        if lpm_memo[i, 2] == evictions:  # nothing evicted since its last match: it can only have grown
+            hits, key = lpm_memo[i, 0], lpm_memo[i, 1]
+        hits, key = px.apc_match_nb(apc, r, i, prompt[i] + generated[i], block_size, hits, key)
+        lpm_memo[i, 0], lpm_memo[i, 1], lpm_memo[i, 2] = hits, key, evictions
+        if hits > best_hits:
+            best, best_before, best_hits = i, before, hits
+        before = i
+        i = q_next[i]
+    return best, best_before
 
 
 @njit(cache=True, error_model="numpy")

@@ -46,7 +46,17 @@ RI_WINDOW = 8        # sliding window of the model (0: none)
 RI_TOK_OFF = 9       # offset of this replica's table in the concatenated token-count table
 RI_SEQ_OFF = 10      # ... and in the sequence-count table
 RI_APC = 11          # enable_prefix_caching
-N_RI = 12
+RI_SGLANG = 12       # framework: sglang (prefill batches apart from decode batches, reserved decode room)
+RI_LPM = 13          # schedule_policy: lpm (SGLang: the waiting request with the longest cached prefix first)
+N_RI = 14
+
+# SGLang's admission reserve: each running request's remaining output (clipped) times a ratio that
+# starts at 0.7, decays to 0.1 over 600 decode steps and is reset by a retraction
+SGL_CLIP_MAX_NEW_TOKENS = 4096
+SGL_INIT_NEW_TOKEN_RATIO = 0.7
+SGL_MIN_NEW_TOKEN_RATIO = 0.1
+SGL_NEW_TOKEN_RATIO_DECAY = (0.7 - 0.1) / 600
+SGL_LPM_MAX_QUEUE = 128  # a longer queue is served first-come-first-served
 
 # Router policies
 ROUTE_ROUND_ROBIN = 0

@@ -233,19 +233,19 @@ def apc_lookup_nb(apc, r, req, num_tokens, block_size, hit_buf):
 
 
 @njit(cache=True, error_model="numpy")
-def apc_match_nb(apc, r, req, num_tokens, block_size):
-    """How many leading blocks of request `req` replica r's cache holds, as a lookup would find them
-    (but leaving no trace: a router asks every replica)."""
+def apc_match_nb(apc, r, req, num_tokens, block_size, hits=0, key=ROOT_KEY):
+    """How many leading blocks of request `req` replica r's cache holds, as a lookup would find them,
+    leaving no trace (a router asks every replica; SGLang's queue ordering every waiting request).
+    Resumes from (hits, key) of an earlier match if no block was evicted since. Returns (hits, key)."""
     rep, content = apc[2], apc[4]
     keys, vals = _table(apc, r)
-    key = ROOT_KEY
-    hits = 0
     while hits < (num_tokens - 1) // block_size:
-        key = mix_nb(key, block_content_nb(req, hits, block_size, content, rep[r, SOURCE_TOKENS]))
-        if keys[_probe(keys, key)] != key:
+        k = mix_nb(key, block_content_nb(req, hits, block_size, content, rep[r, SOURCE_TOKENS]))
+        if keys[_probe(keys, k)] != k:
             break
+        key = k
         hits += 1
-    return hits
+    return hits, key
 
 
 @njit(cache=True, error_model="numpy")
