@@ -113,6 +113,7 @@ def summarize(table: pa.Table, itl: dict, sim: Simulation, slo: Slo, extra: dict
     if sim.cooldown_s == 0:
         window |= ~arrived  # a later turn whose conversation stopped short counts as unfinished
     done = window & status["finished"]
+    served = window & ~status["rejected"]
     col = {c: table.column(c).to_numpy(zero_copy_only=False) for c in
            ("prompt_tokens", "generated_tokens", "ttft_ms", "tpot_ms", "e2el_ms", "finish_s", "queue_ms",
             "cached_tokens")}
@@ -142,8 +143,9 @@ def summarize(table: pa.Table, itl: dict, sim: Simulation, slo: Slo, extra: dict
     out |= itl
     out |= _stats("e2el_ms", col["e2el_ms"][done])
     out |= {"mean_queue_ms": float(col["queue_ms"][done].mean()) if completed else math.nan,
-            # Share of the measured requests' prompt tokens found in the prefix cache when first scheduled.
-            "prefix_cache_hit_rate": float(col["cached_tokens"][window].sum() / max(col["prompt_tokens"][window].sum(), 1))}
+            # Share of the prompt tokens found in the prefix cache when first scheduled, over the
+            # measured requests that reached a replica (a rejected request asks no cache).
+            "prefix_cache_hit_rate": float(col["cached_tokens"][served].sum() / max(col["prompt_tokens"][served].sum(), 1))}
     out |= {"num_requests": int(arrival.size), "measured_requests": int(window.sum()),
             "rejected": int((window & status["rejected"]).sum()),
             "unfinished": int((window & status["unfinished"]).sum()),

@@ -834,13 +834,18 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_
             if on:  # (iteration 1's allocations can only evict its hits: this errs toward the plain path)
                 hits, _ = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], bs, hit_buf)
                 idle = px.apc_idle_nb(apc, hit_buf, hits)
-            new = prompt[i] + generated[i] - hits * bs
+            full = prompt[i] + generated[i] - hits * bs
+            new = full
             thr = ri[E.RI_THRESHOLD]
             if thr > 0 and new > thr:
                 new = thr
             chunk_ok = ri[E.RI_CHUNKED] != 0 or new <= budget - nrun
             new = min(new, budget - nrun)
             if chunk_ok and _ceil_div(hits * bs + new, bs) - hits + idle <= free_r - phase[1 % bs]:
+                return 0, t_r, 0, 0
+            if idle > 0 and new < full:
+                # Its chunk is cut to the budget, so evicting its idle hits would lower what it
+                # needs: it could become admissible. The plain path decides.
                 return 0, t_r, 0, 0
     if on:
         # Slots by the iteration phase at which they fill a block (computed % bs == 0): a slot
