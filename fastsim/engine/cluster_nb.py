@@ -843,9 +843,10 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_
             new = min(new, budget - nrun)
             if chunk_ok and _ceil_div(hits * bs + new, bs) - hits + idle <= free_r - phase[1 % bs]:
                 return 0, t_r, 0, 0
-            if idle > 0 and new < full:
-                # Its chunk is cut to the budget, so evicting its idle hits would lower what it
-                # needs: it could become admissible. The plain path decides.
+            cap = budget - nrun if thr <= 0 else min(thr, budget - nrun)
+            if idle > 0 and prompt[i] + generated[i] > cap:
+                # Evicting its idle hits could leave a chunk cut to the budget, needing less than
+                # now: it could become admissible. The plain path decides.
                 return 0, t_r, 0, 0
     if on:
         # Slots by the iteration phase at which they fill a block (computed % bs == 0): a slot
