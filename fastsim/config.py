@@ -270,7 +270,9 @@ class Engine(_Strict):
         "serves a queue of more than 128 first-come-first-served). Default: lpm with prefix caching")
     max_num_seqs: int = Field(default=256, ge=1)
     max_num_batched_tokens: int = Field(default=8192, ge=1)
-    block_size: Literal[1, 8, 16, 32, 64, 128, 256] = Field(default=16, description="tokens per KV block (vLLM's choices)")
+    block_size: Literal[1, 8, 16, 32, 64, 128, 256] = Field(
+        default=16, description="tokens per KV block (vLLM's choices; SGLang's --page-size, 1 by default "
+        "under framework: sglang)")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = Field(

@@ -407,19 +407,16 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             budget = ri[E.RI_MAX_TOKENS]
             sg = ri[E.RI_SGLANG] != 0
             reserve = 0.0  # SGLang: tokens held back for the running requests' coming output
-            if sg:  # a prefill batch: first the request whose prompt is being chunked
+            if not v0:
+                # V1: every running request; SGLang: a prefill batch, first the request being chunked.
                 step_preempts, n_sched, budget, agg = _schedule_running(
-                    r, bid, budget, 0, block_size, window, n_running, free, q_head, q_tail, q_next, n_waiting,
-                    s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_sample, generated,
-                    last_tok, max_itl, preempts, (apc, ri[E.RI_APC] != 0), True)
+                    r, bid, budget, 0 if sg else ri[E.RI_THRESHOLD], block_size, window, n_running, free, q_head,
+                    q_tail, q_next, n_waiting, s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl,
+                    s_sample, generated, last_tok, max_itl, preempts, (apc, ri[E.RI_APC] != 0), sg)
+            if sg:
                 for k in range(n_running[r]):
                     reserve += min(s_output[r, k] - (s_tokens[r, k] - s_prompt[r, k]), E.SGL_CLIP_MAX_NEW_TOKENS)
                 reserve *= nt_ratio[r]
-            elif not v0:
-                step_preempts, n_sched, budget, agg = _schedule_running(
-                    r, bid, budget, ri[E.RI_THRESHOLD], block_size, window, n_running, free, q_head, q_tail,
-                    q_next, n_waiting, s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl,
-                    s_sample, generated, last_tok, max_itl, preempts, (apc, ri[E.RI_APC] != 0), False)
             if v0 or sg or step_preempts == 0:
                 watermark = int(0.01 * ri[E.RI_NUM_BLOCKS]) if v0 else 0
                 while n_waiting[r] > 0 and budget > 0 and n_running[r] < ri[E.RI_MAX_SEQS]:

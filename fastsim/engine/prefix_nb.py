@@ -327,7 +327,7 @@ def apc_hash_full_nb(apc, r, k, req, computed, block_size):
     slots[r, HASHED, k] = m
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def apc_release_nb(apc, r, k):
     """Slot k's request lets go of its blocks, last first (so its tail is evicted first); blocks
     nobody holds go to the free list, still cached. Returns how many became free."""
@@ -347,7 +347,7 @@ def apc_release_nb(apc, r, k):
     return freed
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def apc_move_slot_nb(apc, r, src, dst):
     slots = apc[3]
     for c in range(N_SLOT_COLS):
