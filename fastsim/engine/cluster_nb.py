@@ -1,4 +1,5 @@
-"""A cluster of vLLM replicas behind a router, advanced in one compiled event loop ordered by time.
+"""A cluster of vLLM (or SGLang) replicas behind a router, advanced in one compiled event loop ordered
+by time.
 
 Each replica schedules as vLLM V1's `Scheduler.schedule()` does (scheduler="v1"):
   1. running requests in admission order, each its next tokens (one decode token, or the next chunk
@@ -12,7 +13,13 @@ As in V1, a request's computed tokens advance when it is scheduled; it samples a
 batch holding its last prompt chunk (or its decode) completes. A preempted request keeps its
 generated tokens and recomputes prompt + generated as a prefill. scheduler="v0" is V0's policy:
 whole prefills first (never mixed with decodes), otherwise a decode step of every running request,
-with a 1% free-block watermark on admission.
+with a 1% free-block watermark on admission. framework="sglang" (RI_SGLANG) is SGLang's policy: a
+prefill batch (the request being chunked, then waiting requests, longest cached prefix first with
+RI_LPM, admitted while their prompt and clipped output fit beside a reserve for the running
+requests' output) whenever one can be formed, otherwise a decode batch of every running request.
+
+Later turns of conversations arrive when their previous turn finishes plus a think time: the loop
+creates those arrivals as it goes (a heap beside the arrivals known in advance).
 
 Time: a batch scheduled at t enters the first pipeline stage at t + framework overhead; stage s
 starts when stage s-1 has finished it and stage s has finished the previous batch; tokens appear
@@ -173,8 +180,8 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             arrival[i] = np.nan
             has_turns = True
     # Later turns wait in a heap from the moment their previous turn finishes.
-    h_t = np.empty(n)
-    h_i = np.empty(n, np.int64)
+    h_t = np.empty(n if has_turns else 1)
+    h_i = np.empty(n if has_turns else 1, np.int64)
     h_n = np.zeros(1, np.int64)
     turns = (next_turn, think_s, arrival, h_t, h_i, h_n, rejected)
     n_rep = rep_int.shape[0]
@@ -206,7 +213,10 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     nt_ratio = np.full(n_rep, E.SGL_INIT_NEW_TOKEN_RATIO)  # SGLang replicas' new_token_ratio
     # SGLang's longest-prefix-first ordering: each waiting request's last match, resumed while
     # nothing was evicted since ([hits, key, evictions then]).
-    lpm_memo = np.full((n, 3), -1, np.int64)
+    any_lpm = False
+    for r in range(n_rep):
+        any_lpm = any_lpm or (rep_int[r, E.RI_LPM] != 0 and rep_int[r, E.RI_APC] != 0)
+    lpm_memo = np.full((n if any_lpm else 1, 3), -1, np.int64)
 
     # Running requests live in slots 0..n_running-1 of their replica's row, in admission order,
     # with their hot state in slot arrays: an iteration walks a few contiguous cache lines.
@@ -381,10 +391,11 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                     _tree_update(tree, leaves, r, t_r)
                 finish_by = t_next_arrival
             k_iters, t_end, done, peak = _decode_run(
-                r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tok_table, seq_table, v0,
-                prompt, generated, n_running, free, q_head, n_waiting, s_req, s_prompt, s_tokens, s_computed,
-                s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample, stage_free, itl_hist, itl,
-                log_min, inv_log_step, rep_time, status, finish, max_itl, turns, (apc, ri[E.RI_APC] != 0), hit_bufs[r])
+                r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, (tok_table, seq_table), v0,
+                (prompt, generated, status, finish, max_itl),
+                (s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample),
+                (n_running, free, q_head, n_waiting, stage_free, rep_time), (itl_hist, itl, log_min, inv_log_step),
+                turns, (apc, ri[E.RI_APC] != 0), hit_bufs[r])
             if k_iters > 0:
                 rep_iters[r] += k_iters
                 rep_stretched[r] += k_iters
@@ -682,7 +693,8 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
             freed += px.apc_release_nb(apc, r, k) if on else s_blocks[k]
             s_blocks[k] = -1  # marks the slot for removal
             done += 1
-            _next_turn_due(turns, i, end)
+            if turns[0][i] >= 0:
+                _next_turn_due(turns, i, end)
     if n_ref > 0:
         gap = end - ref_last
         itl_hist[_itl_bin(gap, log_min, inv_log_step, E.ITL_BINS)] += n_ref
@@ -732,7 +744,7 @@ def _longest_prefix_first(apc, r, head, q_next, prompt, generated, block_size, l
     return best, best_before
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")  # a call in the completion loop slows it
 def _next_turn_due(turns, i, end):
     """Request i finished at `end`: the next turn of its conversation arrives after its think time."""
     next_turn, think_s, arrival, h_t, h_i, h_n, rejected = turns
@@ -778,11 +790,9 @@ def _stretch_blocks(apc, r, it, bs, by_phase, start, s_req, s_computed, s_blocks
                 px.apc_hash_full_nb(apc, r, k, s_req[k], s_computed[k] + it, bs)
 
 
-@njit(cache=True, error_model="numpy")
-def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_table, v0, prompt, generated, n_running,
-                free, q_head, n_waiting, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last,
-                s_max_itl, s_measured, s_sample, stage_free, itl_hist, itl, log_min, inv_log_step, rep_time,
-                status, finish, max_itl, turns, cache, hit_buf):
+@njit(cache=True, error_model="numpy", inline="always")  # one call site; a call would copy ~40 arrays
+def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas, itl_acc,
+                turns, cache, hit_buf):
     """Replica r at t_r has every running request ready to decode, nothing in flight: step the
     decode iterations that the normal path would run before anything else can happen (an arrival,
     a preemption, an admission; a request finishing too, unless nothing waits) in O(1) each, and
@@ -797,7 +807,13 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_
     (iterations run, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0) when
     the stretch does not apply.
     """
+    # (Arguments come in tuples: a function of more than 30 cannot be inlined.)
     apc, on = cache
+    tok_table, seq_table = tables
+    prompt, generated, status, finish, max_itl = requests
+    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    n_running, free, q_head, n_waiting, stage_free, rep_time = replicas
+    itl_hist, itl, log_min, inv_log_step = itl_acc
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
     nrun = n_running[r]
@@ -912,9 +928,10 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tok_table, seq_
                     max_itl[i] = max(s_max_itl[k], worst_gap)
                     s_blocks[k] = -1  # marks the slot for removal
                     done += 1
-                    due = _next_turn_due(turns, i, end)
-                    t_arrival = min(t_arrival, due)
-                    finish_by = min(finish_by, due)
+                    if turns[0][i] >= 0:
+                        due = _next_turn_due(turns, i, end)
+                        t_arrival = min(t_arrival, due)
+                        finish_by = min(finish_by, due)
                 elif left > j:
                     next_fin = min(next_fin, left)
     if j == 0:
