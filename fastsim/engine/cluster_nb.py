@@ -302,6 +302,13 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             else:
                 next_same[last_for[d]] = i
             last_for[d] = i
+    # The decode stretch's arguments, bundled once (building a tuple of arrays costs a reference
+    # count per array each time; a function of more than 30 arguments cannot be inlined).
+    tables = (tok_table, seq_table)
+    requests = (prompt, generated, status, finish, max_itl)
+    slots = (s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
+    replicas = (n_running, free, q_head, n_waiting, stage_free, rep_time)
+    itl_acc = (itl_hist, itl, log_min, inv_log_step)
     while n_left > 0:
         t_arr = arrival[a] if a < n else INF
         ai = a
@@ -359,7 +366,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             done, freed = _complete(r, fl_id[r, fl_head[r]], end, n_running, s_req, s_prompt, s_tokens,
                                     s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample,
                                     status, finish, first_tok, generated, max_itl, itl_hist, itl,
-                                    log_min, inv_log_step, (apc, ri[E.RI_APC] != 0), turns)
+                                    log_min, inv_log_step, apc, ri[E.RI_APC] != 0, turns)
             free[r] += freed
             outstanding[r] -= done
             n_left -= done
@@ -391,11 +398,8 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                     _tree_update(tree, leaves, r, t_r)
                 finish_by = t_next_arrival
             k_iters, t_end, done, peak = _decode_run(
-                r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, (tok_table, seq_table), v0,
-                (prompt, generated, status, finish, max_itl),
-                (s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample),
-                (n_running, free, q_head, n_waiting, stage_free, rep_time), (itl_hist, itl, log_min, inv_log_step),
-                turns, (apc, ri[E.RI_APC] != 0), hit_bufs[r])
+                r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas, itl_acc,
+                turns, apc, ri[E.RI_APC] != 0, hit_bufs)
             if k_iters > 0:
                 rep_iters[r] += k_iters
                 rep_stretched[r] += k_iters
@@ -423,7 +427,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                 step_preempts, n_sched, budget, agg = _schedule_running(
                     r, bid, budget, 0 if sg else ri[E.RI_THRESHOLD], block_size, window, n_running, free, q_head,
                     q_tail, q_next, n_waiting, s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl,
-                    s_sample, generated, last_tok, max_itl, preempts, (apc, ri[E.RI_APC] != 0), sg)
+                    s_sample, generated, last_tok, max_itl, preempts, apc, ri[E.RI_APC] != 0, sg)
             if sg:
                 for k in range(n_running[r]):
                     reserve += min(s_output[r, k] - (s_tokens[r, k] - s_prompt[r, k]), E.SGL_CLIP_MAX_NEW_TOKENS)
@@ -497,7 +501,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                 more_preempts, n_sched, budget, agg = _schedule_running(
                     r, bid, budget, 0, block_size, window, n_running, free, q_head, q_tail, q_next, n_waiting,
                     s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_sample,
-                    generated, last_tok, max_itl, preempts, (apc, ri[E.RI_APC] != 0), False)
+                    generated, last_tok, max_itl, preempts, apc, ri[E.RI_APC] != 0, False)
                 step_preempts += more_preempts
                 if sg and n_sched > 0:
                     if step_preempts > 0:  # a retraction: expect more output again
@@ -581,7 +585,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
 @njit(cache=True, error_model="numpy", inline="always")  # a call with this many arrays costs ~20%
 def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, free, q_head, q_tail, q_next,
                       n_waiting, s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_sample,
-                      generated, last_tok, max_itl, preempts, cache, prefill_only):
+                      generated, last_tok, max_itl, preempts, apc, on, prefill_only):
     """Schedule replica r's running slots from the first while the budget lasts, each its next tokens
     (none while all of them are in flight; with prefill_only, none for a slot that would decode);
     when a slot's blocks cannot be allocated, preempt the newest running request until they can, or
@@ -589,7 +593,7 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
 
     Returns (preemptions, scheduled, budget left, batch aggregates).
     """
-    apc, on = cache  # the prefix cache, and whether this replica uses it
+    # apc: the prefix cache; on: whether this replica uses it
     # Row views: one replica's slots, contiguous.
     s_req, s_prompt, s_tokens, s_computed = s_req[r], s_prompt[r], s_tokens[r], s_computed[r]
     s_blocks, s_last, s_max_itl, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_sample[r]
@@ -646,13 +650,12 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
 @njit(cache=True, error_model="numpy", inline="always")  # a call with this many arrays costs ~20%
 def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last,
               s_max_itl, s_measured, s_sample, status, finish, first_tok, generated, max_itl, itl_hist, itl,
-              log_min, inv_log_step, cache, turns):
+              log_min, inv_log_step, apc, on, turns):
     """Batch `bid` of replica r completed at `end`: each request it sampled for gets a token; finished
     requests leave their slots (and their conversation's next turn is due). Returns (requests
     finished, blocks freed)."""
     # Most tokens share one inter-token gap (their previous token came from the same batch): they
     # are counted against the first one's previous-token time and binned together at the end.
-    apc, on = cache
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
     ref_last = -1.0
@@ -792,7 +795,7 @@ def _stretch_blocks(apc, r, it, bs, by_phase, start, s_req, s_computed, s_blocks
 
 @njit(cache=True, error_model="numpy", inline="always")  # one call site; a call would copy ~40 arrays
 def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas, itl_acc,
-                turns, cache, hit_buf):
+                turns, apc, on, hit_bufs):
     """Replica r at t_r has every running request ready to decode, nothing in flight: step the
     decode iterations that the normal path would run before anything else can happen (an arrival,
     a preemption, an admission; a request finishing too, unless nothing waits) in O(1) each, and
@@ -807,9 +810,8 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     (iterations run, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0) when
     the stretch does not apply.
     """
-    # (Arguments come in tuples: a function of more than 30 cannot be inlined.)
-    apc, on = cache
     tok_table, seq_table = tables
+    hit_buf = hit_bufs[r]
     prompt, generated, status, finish, max_itl = requests
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
     n_running, free, q_head, n_waiting, stage_free, rep_time = replicas
