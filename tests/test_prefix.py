@@ -18,8 +18,8 @@ def test_hash_table_matches_a_dict(ops, size_log2):
         # Keys colliding on purpose: multiples of the table size share a home slot.
         key = int(px.mix_nb(k, 7)) if k % 3 else k * keys.size
         if op == "ins":
-            px.ht_insert_nb(keys, vals, key, k)
-            ref[key] = k
+            assert px.ht_add_nb(keys, vals, key, k) == (key not in ref)
+            ref.setdefault(key, k)
         elif op == "del":
             assert px.ht_delete_nb(keys, vals, key) == (key in ref)
             ref.pop(key, None)

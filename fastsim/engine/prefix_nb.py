@@ -73,11 +73,15 @@ def ht_find_nb(keys, vals, key):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def ht_insert_nb(keys, vals, key, val):
-    """Insert or overwrite. The table must keep a free slot (size > number of keys)."""
+def ht_add_nb(keys, vals, key, val):
+    """Insert `key` unless present (then its value stays). Returns whether it was inserted. The
+    table must keep a free slot (size > number of keys)."""
     h = _probe(keys, key)
+    if keys[h] == key:
+        return False
     keys[h] = key
     vals[h] = val
+    return True
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -317,10 +321,7 @@ def apc_hash_full_nb(apc, r, k, req, computed, block_size):
     while (m + 1) * block_size <= computed:
         b = table_row[m]
         key = mix_nb(key, block_content_nb(req, m, block_size, content, source_tokens))
-        h = _probe(keys, key)
-        if keys[h] == EMPTY:  # (an equal block cached already keeps the name)
-            keys[h] = key
-            vals[h] = b
+        if ht_add_nb(keys, vals, key, b):  # (an equal block cached already keeps the name)
             pool[KEY, b] = key
         m += 1
     slots[r, SKEY, k] = key
