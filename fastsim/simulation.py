@@ -114,8 +114,6 @@ def plan_engines(cfg: Config):
     model = load_model(cfg.model)
     custom = load_gpu_file(cfg.hardware.gpus_file) if cfg.hardware.gpus_file else None
     gpu = load_gpu(cfg.hardware.gpu, custom)
-    if cfg.simulation.mode == "fast":
-        raise FastsimError("simulation.mode = 'fast' is not available yet; use mode: exact")
     plans = [(eng, _pools(cfg, eng, model, gpu, custom)) for eng in cfg.engine_variants()]
     for eng, pools in plans:
         if cfg.cluster.router == "prefix_aware" and not any(rp.engine.enable_prefix_caching for rp in pools):
@@ -241,7 +239,8 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
                 workload.session, draw, E.ROUTE_NAMES[cfg.cluster.router], route_params(cfg), rep_int, rep_params,
                 tok_table, seq_table,
                 cfg.simulation.max_sim_time_s or np.inf, cfg.output.timeline, counter,
-                prefix_cache_arrays(rep_int, workload), (workload.next_turn, workload.think_s))
+                prefix_cache_arrays(rep_int, workload), (workload.next_turn, workload.think_s), True,
+                cfg.simulation.mode == "fast")
         stage = f"simulating {eng.name}"
         wall0 = time.perf_counter()
         out = run_polled(run_cluster_nb, args, counter, lambda done: say(stage, done, admitted))

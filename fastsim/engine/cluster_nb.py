@@ -38,42 +38,11 @@ from numba import njit
 from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
 from fastsim.engine import prefix_nb as px
-from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, chunk_pairs_nb, pp_send_time_nb, stage_time_nb
+from fastsim.engine import lazy_nb as lz_nb
+from fastsim.engine.batch_nb import add_to_batch_nb, blocks_needed_nb, ceil_div_nb, itl_add_nb, itl_bin_nb
+from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, pp_send_time_nb, stage_time_nb
 
 INF = np.inf
-
-
-@njit(cache=True, error_model="numpy")
-def _ceil_div(a, b):
-    return (a + b - 1) // b
-
-
-@njit(cache=True, error_model="numpy")
-def _blocks_needed(computed, new, blocks, block_size):
-    """New blocks for `computed + new` KV slots; the common case (room in the last block) skips the division."""
-    if computed + new <= blocks * block_size:
-        return 0
-    return _ceil_div(computed + new, block_size) - blocks
-
-
-@njit(cache=True, error_model="numpy")
-def _add_to_batch(agg, new, computed, prompt_len, window):
-    """Add one scheduled request to the batch aggregates the cost model needs:
-    agg = (num_decodes, decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs, prefill_kv_tokens)."""
-    n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
-    if new == 1 and computed >= prompt_len:
-        return (n_dec + 1, dec_keys + (min(computed + 1, window) if window > 0 else computed + 1),
-                n_pre, pre_tokens, pairs, pre_keys)
-    return (n_dec, dec_keys, n_pre + 1, pre_tokens + new, pairs + chunk_pairs_nb(new, computed, window),
-            pre_keys + (min(computed, window) if window > 0 else computed) + new)
-
-
-@njit(cache=True, error_model="numpy")
-def _itl_bin(itl_s, log_min, inv_log_step, nbins):
-    if itl_s <= 0.0:
-        return 0
-    i = int((math.log(itl_s) - log_min) * inv_log_step)
-    return min(max(i, 0), nbins - 1)
 
 
 # -- the replicas' next event times: a tournament tree, so the earliest is found in O(1) -----------
@@ -148,7 +117,7 @@ def _route_prefix_aware(route_params, i, n_rep, outstanding, apc, rep_int, promp
 @njit(cache=True, error_model="numpy", nogil=True)
 def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw, policy, route_params,
                    rep_int, rep_params, tok_table, seq_table, max_time_s, record_timeline, progress,
-                   apc, conv, fast_decode=True):
+                   apc, conv, fast_decode=True, lazy=False):
     """Simulate replicas (rows of rep_int / rep_params, see enums.RI_* and cost_nb) over requests
     sorted by arrival. `rejected` requests are never scheduled; `measured` ones feed the ITL
     histogram; `session` (-1: none) and `draw` (a pre-drawn replica per request) serve the router
@@ -169,6 +138,8 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     next_turn it is finishes (its arrival_s is ignored), or never if that one does not finish.
     The arrival times are returned last. `fast_decode` lets steady decoding stretches advance in
     O(1) per iteration (same iterations, same arithmetic; off only to test that it changes nothing).
+    `lazy` is fast mode (fastsim.engine.lazy_nb) for the replicas it applies to: vLLM V1 without
+    prefix caching, one pipeline stage, no sliding window, no timeline.
     """
     fast_decode = fast_decode and not record_timeline
     n = arrival_s.size
@@ -309,6 +280,19 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     slots = (s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
     replicas = (n_running, free, q_head, n_waiting, stage_free, rep_time)
     itl_acc = (itl_hist, itl, log_min, inv_log_step)
+    # Fast mode's lazy form, where it applies.
+    lz_ok = np.zeros(n_rep, np.bool_)
+    max_bs = 1
+    for r in range(n_rep):
+        lz_ok[r] = (lazy and not record_timeline and rep_int[r, E.RI_STAGES] == 1 and rep_int[r, E.RI_WINDOW] == 0
+                    and not rep_int[r, E.RI_V0] and not rep_int[r, E.RI_APC] and not rep_int[r, E.RI_SGLANG])
+        max_bs = max(max_bs, rep_int[r, E.RI_BLOCK_SIZE])
+    lz = lz_nb.lazy_state_nb(n_rep, max_seqs, max_bs, lz_ok.any())
+    lz_queue = (q_head, q_tail, q_next, n_waiting)
+    lz_sched_reqs = (prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached)
+    lz_done_reqs = (prompt, generated, status, finish, max_itl, first_tok)
+    lz_run_reqs = (prompt, output, generated, status, finish, max_itl)
+    lz_replicas = (n_running, free, stage_free, rep_time)
     while n_left > 0:
         t_arr = arrival[a] if a < n else INF
         ai = a
@@ -360,13 +344,19 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         block_size = ri[E.RI_BLOCK_SIZE]
         window = ri[E.RI_WINDOW]
         v0 = ri[E.RI_V0] != 0
+        lazy_r = lz_ok[r]
+        on = lazy_r and lz[0][r, lz_nb.C_ON] != 0
         # 1. batches that have completed by now deliver their tokens
         while fl_count[r] > 0 and fl_end[r, fl_head[r]] <= t_r:
             end = fl_end[r, fl_head[r]]
-            done, freed = _complete(r, fl_id[r, fl_head[r]], end, n_running, s_req, s_prompt, s_tokens,
-                                    s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample,
-                                    status, finish, first_tok, generated, max_itl, itl_hist, itl,
-                                    log_min, inv_log_step, apc, ri[E.RI_APC] != 0, turns)
+            if on:
+                done, freed = lz_nb.complete_nb(lz, r, fl_id[r, fl_head[r]], end, slots, n_running, block_size,
+                                                lz_done_reqs, itl_acc, turns)
+            else:
+                done, freed = _complete(r, fl_id[r, fl_head[r]], end, n_running, s_req, s_prompt, s_tokens,
+                                        s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample,
+                                        status, finish, first_tok, generated, max_itl, itl_hist, itl,
+                                        log_min, inv_log_step, apc, ri[E.RI_APC] != 0, turns)
             free[r] += freed
             outstanding[r] -= done
             n_left -= done
@@ -379,27 +369,28 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             _tree_update(tree, leaves, r, t_r)
             continue
 
-        # 1b. steady decoding: step every iteration up to the next event in O(1) each
-        if fast_decode and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0 and not ri[E.RI_SGLANG]:
-            # Only this replica's own next arrival can change what it does. A router that reads the
-            # replicas' state must not see a request finish before the time it does.
-            if stateless:
-                t_next_arrival = arrival[own_next[r]] if own_next[r] >= 0 else INF
-                finish_by = INF
+        # Fast mode: a replica in exact form with nothing in flight goes (back) to lazy form.
+        if lazy_r and not on and fl_count[r] == 0:
+            if lz[0][r, lz_nb.C_COOL] > 0:
+                lz[0][r, lz_nb.C_COOL] -= 1
             else:
-                t_next_arrival = arrival[a] if a < n else INF
-                if h_n[0] > 0:
-                    t_next_arrival = min(t_next_arrival, h_t[0])
-                if has_turns and n_rep > 1 and policy != E.ROUTE_SESSION_AFFINITY:
-                    # Another replica's next decision may finish a turn whose next turn comes here
-                    # (session affinity keeps every turn where its conversation started).
-                    _tree_update(tree, leaves, r, INF)
-                    t_next_arrival = min(t_next_arrival, tree[1])
-                    _tree_update(tree, leaves, r, t_r)
-                finish_by = t_next_arrival
-            k_iters, t_end, done, peak = _decode_run(
-                r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas, itl_acc,
-                turns, apc, ri[E.RI_APC] != 0, hit_bufs)
+                lz_nb.to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, block_size)
+                on = True
+
+        # 1b. steady decoding: step every iteration up to the next event in O(1) each (fast mode:
+        # the same iterations summed in closed form)
+        if (on or fast_decode) and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0 \
+                and not ri[E.RI_SGLANG]:
+            t_next_arrival, finish_by = _outside_events(r, t_r, stateless, arrival, own_next, a, n, h_t, h_n, has_turns,
+                                                        n_rep, policy, tree, leaves)
+            if on:
+                k_iters, t_end, done, peak = lz_nb.run_nb(
+                    lz, r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, slots, lz_replicas, lz_queue,
+                    lz_run_reqs, itl_acc, turns)
+            else:
+                k_iters, t_end, done, peak = _decode_run(
+                    r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas,
+                    itl_acc, turns, apc, ri[E.RI_APC] != 0, hit_bufs)
             if k_iters > 0:
                 rep_iters[r] += k_iters
                 rep_stretched[r] += k_iters
@@ -418,7 +409,13 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         step_preempts = 0
         agg = (0, 0.0, 0, 0, 0.0, 0.0)
         bid = batch_seq[r]
-        if fl_count[r] < stages:
+        handled = False
+        if on:
+            handled, n_sched, agg = lz_nb.schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, lz_queue,
+                                                      lz_sched_reqs)
+            if not handled:  # a preemption is due, or the order of admission matters: exact mode decides
+                lz_nb.to_exact_nb(lz, r, slots, n_running, block_size)
+        if not handled and fl_count[r] < stages:
             budget = ri[E.RI_MAX_TOKENS]
             sg = ri[E.RI_SGLANG] != 0
             reserve = 0.0  # SGLang: tokens held back for the running requests' coming output
@@ -450,7 +447,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                     if (v0 or ri[E.RI_CHUNKED] == 0) and new > budget:
                         break
                     new = min(new, budget)
-                    need = _ceil_div(done_tok + new, block_size) - hits
+                    need = ceil_div_nb(done_tok + new, block_size) - hits
                     if need > free[r] - watermark:
                         break
                     idle_hits = px.apc_idle_nb(apc, hit_bufs[r], hits) if ri[E.RI_APC] else 0
@@ -493,7 +490,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                     if np.isnan(first_sched[i]):
                         first_sched[i] = t_r
                         cached[i] = done_tok
-                    agg = _add_to_batch(agg, new, done_tok, prompt[i], window)
+                    agg = add_to_batch_nb(agg, new, done_tok, prompt[i], window)
                     n_sched += 1
                     budget -= new
             if (v0 or sg) and n_sched == 0:
@@ -561,6 +558,8 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
 
     # Requests still in a slot when the run stops: write their progress back.
     for r in range(n_rep):
+        if lz_ok[r] and lz[0][r, lz_nb.C_ON]:
+            lz_nb.to_exact_nb(lz, r, slots, n_running, rep_int[r, E.RI_BLOCK_SIZE])
         for k in range(n_running[r]):
             i = s_req[r, k]
             generated[i] = s_tokens[r, k] - s_prompt[r, k]
@@ -611,7 +610,7 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
         if threshold > 0 and new > threshold:
             new = threshold
         new = min(new, budget)
-        need = _blocks_needed(s_computed[k], new, s_blocks[k], block_size)
+        need = blocks_needed_nb(s_computed[k], new, s_blocks[k], block_size)
         while need > free_r and running > k:
             running -= 1
             v = running
@@ -631,7 +630,7 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
             break
         free_r -= need
         s_blocks[k] += need
-        agg = _add_to_batch(agg, new, s_computed[k], s_prompt[k], window)
+        agg = add_to_batch_nb(agg, new, s_computed[k], s_prompt[k], window)
         s_computed[k] += new
         if on:  # calls only when blocks are taken or filled: most decode steps do neither
             if need > 0:
@@ -683,7 +682,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
                     ref_last = s_last[k]
                     n_ref = 1
                 else:
-                    itl_hist[_itl_bin(gap, log_min, inv_log_step, E.ITL_BINS)] += 1
+                    itl_hist[itl_bin_nb(gap, log_min, inv_log_step)] += 1
                     itl[0] += 1.0
                     itl[1] += gap
                     itl[2] += gap * gap
@@ -697,10 +696,10 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
             s_blocks[k] = -1  # marks the slot for removal
             done += 1
             if turns[0][i] >= 0:
-                _next_turn_due(turns, i, end)
+                hp.next_turn_due_nb(turns, i, end)
     if n_ref > 0:
         gap = end - ref_last
-        itl_hist[_itl_bin(gap, log_min, inv_log_step, E.ITL_BINS)] += n_ref
+        itl_hist[itl_bin_nb(gap, log_min, inv_log_step)] += n_ref
         itl[0] += n_ref
         itl[1] += n_ref * gap
         itl[2] += n_ref * gap * gap
@@ -747,16 +746,23 @@ def _longest_prefix_first(apc, r, head, q_next, prompt, generated, block_size, l
     return best, best_before
 
 
-@njit(cache=True, error_model="numpy", inline="always")  # a call in the completion loop slows it
-def _next_turn_due(turns, i, end):
-    """Request i finished at `end`: the next turn of its conversation arrives after its think time."""
-    next_turn, think_s, arrival, h_t, h_i, h_n, rejected = turns
-    j = next_turn[i]
-    if j < 0 or rejected[j]:
-        return INF
-    arrival[j] = end + think_s[j]
-    hp.heap_push_nb(h_t, h_i, h_n, arrival[j], j)
-    return arrival[j]
+@njit(cache=True, error_model="numpy", inline="always")
+def _outside_events(r, t_r, stateless, arrival, own_next, a, n, h_t, h_n, has_turns, n_rep, policy, tree, leaves):
+    """(the next arrival that could change what replica r does, the time before which a request may
+    finish in a decode stretch). With stateless routing only r's own next arrival matters;
+    otherwise a router that reads the replicas' state must not see a request finish before it does."""
+    if stateless:
+        return arrival[own_next[r]] if own_next[r] >= 0 else INF, INF
+    t_next = arrival[a] if a < n else INF
+    if h_n[0] > 0:
+        t_next = min(t_next, h_t[0])
+    if has_turns and n_rep > 1 and policy != E.ROUTE_SESSION_AFFINITY:
+        # Another replica's next decision may finish a turn whose next turn comes here (session
+        # affinity keeps every turn where its conversation started).
+        _tree_update(tree, leaves, r, INF)
+        t_next = min(t_next, tree[1])
+        _tree_update(tree, leaves, r, t_r)
+    return t_next, t_next
 
 
 @njit(cache=True, error_model="numpy")
@@ -856,7 +862,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
                 new = thr
             chunk_ok = ri[E.RI_CHUNKED] != 0 or new <= budget - nrun
             new = min(new, budget - nrun)
-            if chunk_ok and _ceil_div(hits * bs + new, bs) - hits + idle <= free_r - phase[1 % bs]:
+            if chunk_ok and ceil_div_nb(hits * bs + new, bs) - hits + idle <= free_r - phase[1 % bs]:
                 return 0, t_r, 0, 0
             cap = budget - nrun if thr <= 0 else min(thr, budget - nrun)
             if idle > 0 and prompt[i] + generated[i] > cap:
@@ -904,7 +910,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         if gap > worst_gap:
             worst_gap = gap
         if n_meas > 0:
-            itl_hist[_itl_bin(gap, log_min, inv_log_step, E.ITL_BINS)] += n_meas
+            itl_hist[itl_bin_nb(gap, log_min, inv_log_step)] += n_meas
             itl[0] += n_meas
             itl[1] += n_meas * gap
             itl[2] += n_meas * gap * gap
@@ -919,7 +925,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
                 left = s_output[k] - (s_tokens[k] - s_prompt[k])
                 if left == j:
                     i = s_req[k]
-                    free_r += px.apc_release_nb(apc, r, k) if on else max(s_blocks[k], _ceil_div(s_computed[k] + j, bs))
+                    free_r += px.apc_release_nb(apc, r, k) if on else max(s_blocks[k], ceil_div_nb(s_computed[k] + j, bs))
                     base -= s_computed[k]
                     n_act -= 1
                     n_meas -= s_measured[k]
@@ -931,7 +937,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
                     s_blocks[k] = -1  # marks the slot for removal
                     done += 1
                     if turns[0][i] >= 0:
-                        due = _next_turn_due(turns, i, end)
+                        due = hp.next_turn_due_nb(turns, i, end)
                         t_arrival = min(t_arrival, due)
                         finish_by = min(finish_by, due)
                 elif left > j:
@@ -951,7 +957,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         s_measured[m] = s_measured[k]
         s_computed[m] = s_computed[k] + j
         s_tokens[m] = s_tokens[k] + j
-        s_blocks[m] = max(s_blocks[k], _ceil_div(s_computed[m], bs))
+        s_blocks[m] = max(s_blocks[k], ceil_div_nb(s_computed[m], bs))
         s_last[m] = t
         s_sample[m] = -1
         s_max_itl[m] = max(s_max_itl[k], worst_gap)

@@ -2,6 +2,7 @@
 next turn of a conversation), popped in time order, ties by request index so runs repeat exactly."""
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 
@@ -50,3 +51,16 @@ def heap_pop_nb(h_t, h_i, h_n):
         _swap(h_t, h_i, k, c)
         k = c
     return t, i
+
+
+@njit(cache=True, error_model="numpy", inline="always")  # a call in the completion loops slows them
+def next_turn_due_nb(turns, i, end):
+    """Request i finished at `end`: the next turn of its conversation arrives after its think time
+    (never if it was rejected). Returns that arrival time (inf: none)."""
+    next_turn, think_s, arrival, h_t, h_i, h_n, rejected = turns
+    j = next_turn[i]
+    if j < 0 or rejected[j]:
+        return np.inf
+    arrival[j] = end + think_s[j]
+    heap_push_nb(h_t, h_i, h_n, arrival[j], j)
+    return arrival[j]

@@ -1,0 +1,54 @@
+"""Arithmetic of one scheduled batch, shared by exact and fast mode: the KV blocks a request's new
+tokens need, the aggregates the cost model takes, and where an inter-token gap goes in the ITL
+histogram."""
+from __future__ import annotations
+
+import math
+
+from numba import njit
+
+from fastsim.engine import enums as E
+from fastsim.engine.cost_nb import chunk_pairs_nb
+
+
+@njit(cache=True, error_model="numpy")
+def ceil_div_nb(a, b):
+    return (a + b - 1) // b
+
+
+@njit(cache=True, error_model="numpy")
+def blocks_needed_nb(computed, new, blocks, block_size):
+    """New blocks for `computed + new` KV slots; the common case (room in the last block) skips the division."""
+    if computed + new <= blocks * block_size:
+        return 0
+    return ceil_div_nb(computed + new, block_size) - blocks
+
+
+@njit(cache=True, error_model="numpy")
+def add_to_batch_nb(agg, new, computed, prompt_len, window):
+    """Add one scheduled request to the batch aggregates the cost model needs:
+    agg = (num_decodes, decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs, prefill_kv_tokens)."""
+    n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
+    if new == 1 and computed >= prompt_len:
+        return (n_dec + 1, dec_keys + (min(computed + 1, window) if window > 0 else computed + 1),
+                n_pre, pre_tokens, pairs, pre_keys)
+    return (n_dec, dec_keys, n_pre + 1, pre_tokens + new, pairs + chunk_pairs_nb(new, computed, window),
+            pre_keys + (min(computed, window) if window > 0 else computed) + new)
+
+
+@njit(cache=True, error_model="numpy")
+def itl_bin_nb(itl_s, log_min, inv_log_step):
+    if itl_s <= 0.0:
+        return 0
+    i = int((math.log(itl_s) - log_min) * inv_log_step)
+    return min(max(i, 0), E.ITL_BINS - 1)
+
+
+@njit(cache=True, error_model="numpy")
+def itl_add_nb(itl_acc, gap, count):
+    """`count` tokens each `gap` after their previous one: histogram, count, sum, sum of squares."""
+    itl_hist, itl, log_min, inv_log_step = itl_acc
+    itl_hist[itl_bin_nb(gap, log_min, inv_log_step)] += count
+    itl[0] += count
+    itl[1] += count * gap
+    itl[2] += count * gap * gap

@@ -1,0 +1,634 @@
+"""Fast mode (simulation.mode: fast): a replica's steady decoders held lazily, so that an iteration
+costs O(1) in the size of the running batch, and runs of decode-only iterations are summed in
+closed form instead of stepped.
+
+Why it is exact: a request that decodes every iteration changes only by counting — after d more
+iterations its tokens, KV tokens and blocks follow from its state when it joined. So a replica in
+"lazy form" keeps, for its steady decoders, only (tokens at join, iteration count at join) per slot
+and the sums the cost model needs: how many decode, the sum of their context lengths, how many
+need a new block at each iteration phase (mod block_size), and a heap of the iteration at which
+each finishes. Slots that are not steady decoders (a prefill in progress, a resumed request
+recomputing) stay explicit, as in exact mode, and are few. A batch's aggregates are sums of
+integers, so a single lazily scheduled iteration costs bit-for-bit what exact mode computes.
+
+What is approximate: a run of k decode-only iterations with an unchanged batch is summed in closed
+form. Each iteration's attention time is a smooth function of the batch's context tokens, which
+grow by the batch size every step; it is interpolated by the quadratic through the run's first,
+middle and last iterations (checked at a quarter point; a run whose check misses by more than
+1e-13 relative is split), and its sums (time, ITL sum and sum of squares) are those of the
+quadratic. Times therefore differ from exact mode's step-by-step sums by rounding (~1e-13
+relative), an inter-token gap falling within rounding of an ITL histogram bin edge may land in the
+neighbouring bin, and an arrival within rounding of an iteration's end may be seen one iteration
+apart. Everything else — which requests run when, blocks, preemptions, finish order — is the
+exact scheduler's.
+
+Whenever the lazy form cannot reproduce the scheduler's order of decisions (a preemption is due,
+or the token budget runs out at an explicit slot older than some decoder) the replica is written
+back to exact form (slots in admission order) for that decision, and returns to lazy form a few
+decisions later.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from fastsim.engine import enums as E
+from fastsim.engine import heap_nb as hp
+from fastsim.engine.batch_nb import add_to_batch_nb, blocks_needed_nb, ceil_div_nb, itl_add_nb, itl_bin_nb
+from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, LAYERS, attention_time_nb
+
+# slot states in lazy form
+FREE = 0
+LAZY = 1
+EXPLICIT = 2
+
+# columns of the per-replica counters
+C_ON = 0         # 1: the replica is in lazy form
+C_D = 1          # iterations completed by the lazy decoders since the start (the lazy clock)
+C_NDEC = 2       # lazy decoders
+C_SUML = 3       # sum over lazy decoders of (tokens at join - clock at join): context = SUML + NDEC * D
+C_NMEAS = 4      # lazy decoders whose gaps feed the ITL statistics
+C_SEQ = 5        # admission counter: slot order in exact form is admission order
+C_MAXDEC = 6     # an upper bound on the admission number of any lazy decoder
+C_NFREE = 7      # free slots
+C_NEX = 8        # explicit slots
+C_FHN = 9        # finish heap size
+C_STKN = 10      # max-gap stack size
+C_COOL = 11      # decisions to wait before trying lazy form again
+N_C = 12
+
+STACK_CAP = 1024
+COOLDOWN = 8
+
+
+@njit(cache=True, error_model="numpy")
+def lazy_state_nb(n_rep, max_seqs, max_bs, on):
+    """Room for the lazy form of n_rep replicas (a token of it when fast mode is off)."""
+    if not on:
+        n_rep, max_seqs, max_bs = 1, 1, 1
+    cnt = np.zeros((n_rep, N_C), np.int64)
+    t_last = np.zeros(n_rep)
+    phase = np.zeros((n_rep, max_bs), np.int64)
+    s_stamp = np.zeros((n_rep, max_seqs), np.int64)
+    s_seq = np.zeros((n_rep, max_seqs), np.int64)
+    s_state = np.zeros((n_rep, max_seqs), np.int64)
+    free_slots = np.zeros((n_rep, max_seqs), np.int64)
+    ex_slot = np.zeros((n_rep, max_seqs), np.int64)
+    fh_t = np.zeros((n_rep, max_seqs))
+    fh_i = np.zeros((n_rep, max_seqs), np.int64)
+    stk_d = np.zeros((n_rep, STACK_CAP), np.int64)
+    stk_g = np.zeros((n_rep, STACK_CAP))
+    return (cnt, t_last, phase, s_stamp, s_seq, s_state, free_slots, ex_slot, fh_t, fh_i, stk_d, stk_g)
+
+
+# -- per-request worst gap: a stack of (iteration, gap) with gaps falling from bottom to top --------
+@njit(cache=True, error_model="numpy")
+def _stk_query(lz, r, lo):
+    """The largest gap of the iterations after `lo` (0.0 if none)."""
+    cnt, stk_d, stk_g = lz[0], lz[10], lz[11]
+    n = cnt[r, C_STKN]
+    a, b = 0, n
+    while a < b:  # first entry with iteration > lo; every later one is smaller
+        m = (a + b) // 2
+        if stk_d[r, m] > lo:
+            b = m
+        else:
+            a = m + 1
+    return stk_g[r, a] if a < n else 0.0
+
+
+@njit(cache=True, error_model="numpy")
+def _stk_push(lz, r, d, g, slots, bs):
+    """Iteration d (the latest) had gap g. A full stack is folded into the slots' own maxima."""
+    cnt, stk_d, stk_g = lz[0], lz[10], lz[11]
+    n = cnt[r, C_STKN]
+    while n > 0 and stk_g[r, n - 1] <= g:
+        n -= 1
+    if n == STACK_CAP:
+        _rebase(lz, r, slots, bs, g)
+        n = 0
+    stk_d[r, n] = d
+    stk_g[r, n] = g
+    cnt[r, C_STKN] = n + 1
+
+
+@njit(cache=True, error_model="numpy")
+def _rebase(lz, r, slots, bs, g):
+    """Move every lazy decoder's join to now (same tokens, same block phase), folding the gaps since
+    its join, and g, into its own worst gap; the stack then starts empty."""
+    cnt, s_stamp, s_state = lz[0], lz[3], lz[5]
+    s_tokens, s_blocks, s_max_itl = slots[2], slots[5], slots[7]
+    D = cnt[r, C_D]
+    for k in range(s_state.shape[1]):
+        if s_state[r, k] == LAZY:
+            s_max_itl[r, k] = max(s_max_itl[r, k], _stk_query(lz, r, s_stamp[r, k]), g)
+            s_tokens[r, k] += D - s_stamp[r, k]
+            s_blocks[r, k] = max(s_blocks[r, k], ceil_div_nb(s_tokens[r, k] - 1, bs))
+            s_stamp[r, k] = D
+    cnt[r, C_STKN] = 0
+
+
+# -- joining and leaving the lazy decoders --------------------------------------------------------
+@njit(cache=True, error_model="numpy")
+def _join(lz, r, k, slots, bs):
+    """Slot k has just sampled a token and decodes from now on (its KV is one token behind)."""
+    cnt, phase, s_stamp, s_seq, s_state, fh_t, fh_i = lz[0], lz[2], lz[3], lz[4], lz[5], lz[8], lz[9]
+    s_prompt, s_tokens, s_output, s_blocks, s_measured = slots[1], slots[2], slots[4], slots[5], slots[8]
+    D = cnt[r, C_D]
+    tokens = s_tokens[r, k]
+    room = s_blocks[r, k] * bs - (tokens - 1)
+    s_state[r, k] = LAZY
+    s_stamp[r, k] = D
+    cnt[r, C_NDEC] += 1
+    cnt[r, C_SUML] += tokens - D
+    cnt[r, C_NMEAS] += s_measured[r, k]
+    cnt[r, C_MAXDEC] = max(cnt[r, C_MAXDEC], s_seq[r, k])
+    phase[r, (D + room) % bs] += 1
+    fh_n = cnt[r, C_FHN:C_FHN + 1]
+    hp.heap_push_nb(fh_t[r], fh_i[r], fh_n, float(D + s_output[r, k] - (tokens - s_prompt[r, k])), k)
+
+
+@njit(cache=True, error_model="numpy")
+def _leave(lz, r, k, slots, bs):
+    """Lazy decoder k finishes at the current clock: its blocks (returned) and its worst gap."""
+    cnt, phase, s_stamp, s_state, free_slots = lz[0], lz[2], lz[3], lz[5], lz[6]
+    s_tokens, s_blocks, s_max_itl, s_measured = slots[2], slots[5], slots[7], slots[8]
+    D = cnt[r, C_D]
+    tokens0 = s_tokens[r, k]
+    room = s_blocks[r, k] * bs - (tokens0 - 1)
+    phase[r, (s_stamp[r, k] + room) % bs] -= 1
+    cnt[r, C_NDEC] -= 1
+    cnt[r, C_SUML] -= tokens0 - s_stamp[r, k]
+    cnt[r, C_NMEAS] -= s_measured[r, k]
+    s_state[r, k] = FREE
+    free_slots[r, cnt[r, C_NFREE]] = k
+    cnt[r, C_NFREE] += 1
+    computed = tokens0 - 1 + D - s_stamp[r, k]
+    return max(s_blocks[r, k], ceil_div_nb(computed, bs)), max(s_max_itl[r, k], _stk_query(lz, r, s_stamp[r, k]))
+
+
+# -- conversions ------------------------------------------------------------------------------------
+@njit(cache=True, error_model="numpy")
+def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs):
+    """Replica r, at a decision with nothing in flight, in exact form (slots 0..n-1 in admission
+    order): take its steady decoders into lazy form, the rest as explicit slots."""
+    cnt, t_last, phase, s_seq, s_state, free_slots, ex_slot = lz[0], lz[1], lz[2], lz[4], lz[5], lz[6], lz[7]
+    s_prompt, s_tokens, s_computed, s_blocks, s_last = slots[1], slots[2], slots[3], slots[5], slots[6]
+    n = n_running[r]
+    D = cnt[r, C_D]
+    for f in range(bs):
+        phase[r, f] = 0
+    for c in (C_NDEC, C_SUML, C_NMEAS, C_NEX, C_FHN, C_STKN):
+        cnt[r, c] = 0
+    cnt[r, C_MAXDEC] = -1
+    t_last[r] = t_r
+    for k in range(n):
+        s_seq[r, k] = k
+        room = s_blocks[r, k] * bs - s_computed[r, k]
+        if (s_tokens[r, k] - s_computed[r, k] == 1 and s_computed[r, k] >= s_prompt[r, k]
+                and s_last[r, k] == t_r and 0 <= room < bs):
+            _join(lz, r, k, slots, bs)
+        else:
+            s_state[r, k] = EXPLICIT
+            ex_slot[r, cnt[r, C_NEX]] = k
+            cnt[r, C_NEX] += 1
+    cnt[r, C_SEQ] = n
+    m = 0
+    for k in range(max_seqs - 1, n - 1, -1):  # popped from the end: the lowest slot first
+        free_slots[r, m] = k
+        s_state[r, k] = FREE
+        m += 1
+    cnt[r, C_NFREE] = m
+    cnt[r, C_ON] = 1
+
+
+@njit(cache=True, error_model="numpy")
+def to_exact_nb(lz, r, slots, n_running, bs):
+    """Write replica r's lazy decoders out and put its slots back in admission order."""
+    cnt, t_last, s_stamp, s_seq, s_state = lz[0], lz[1], lz[3], lz[4], lz[5]
+    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    D = cnt[r, C_D]
+    used = np.empty(n_running[r], np.int64)
+    seqs = np.empty(n_running[r], np.int64)
+    m = 0
+    for k in range(s_state.shape[1]):
+        st = s_state[r, k]
+        if st == FREE:
+            continue
+        if st == LAZY:
+            s_max_itl[r, k] = max(s_max_itl[r, k], _stk_query(lz, r, s_stamp[r, k]))
+            s_tokens[r, k] += D - s_stamp[r, k]
+            s_computed[r, k] = s_tokens[r, k] - 1
+            s_blocks[r, k] = max(s_blocks[r, k], ceil_div_nb(s_computed[r, k], bs))
+            s_last[r, k] = t_last[r]
+            s_sample[r, k] = -1
+        used[m] = k
+        seqs[m] = s_seq[r, k]
+        m += 1
+        s_state[r, k] = FREE
+    order = used[np.argsort(seqs)]
+    s_req[r, :m] = s_req[r][order]
+    s_prompt[r, :m] = s_prompt[r][order]
+    s_tokens[r, :m] = s_tokens[r][order]
+    s_computed[r, :m] = s_computed[r][order]
+    s_output[r, :m] = s_output[r][order]
+    s_blocks[r, :m] = s_blocks[r][order]
+    s_last[r, :m] = s_last[r][order]
+    s_max_itl[r, :m] = s_max_itl[r][order]
+    s_measured[r, :m] = s_measured[r][order]
+    s_sample[r, :m] = s_sample[r][order]
+    cnt[r, C_ON] = 0
+    cnt[r, C_COOL] = COOLDOWN
+
+
+# -- a completed batch -----------------------------------------------------------------------------
+@njit(cache=True, error_model="numpy", inline="always")
+def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns):
+    """Batch `bid` of lazy replica r completed at `end`: the lazy decoders (all in it) each gain a
+    token, those at their last leave; explicit slots it sampled for gain theirs, and join the lazy
+    decoders unless finished. Returns (requests finished, blocks freed)."""
+    cnt, t_last, ex_slot, fh_t, fh_i, s_state, free_slots = lz[0], lz[1], lz[7], lz[8], lz[9], lz[5], lz[6]
+    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    prompt, generated, status, finish, max_itl, first_tok = requests
+    done = 0
+    freed = 0
+    if cnt[r, C_NDEC] > 0:
+        cnt[r, C_D] += 1
+        D = cnt[r, C_D]
+        gap = end - t_last[r]
+        nm = cnt[r, C_NMEAS]
+        if nm > 0:
+            itl_add_nb(itl_acc, gap, nm)
+        _stk_push(lz, r, D, gap, slots, bs)
+        fh_n = cnt[r, C_FHN:C_FHN + 1]
+        while fh_n[0] > 0 and fh_t[r, 0] <= D:
+            _, k = hp.heap_pop_nb(fh_t[r], fh_i[r], fh_n)
+            blocks, worst = _leave(lz, r, k, slots, bs)
+            i = s_req[r, k]
+            finish[i] = end
+            status[i] = E.FINISHED
+            generated[i] = s_output[r, k]
+            max_itl[i] = worst
+            freed += blocks
+            done += 1
+            if turns[0][i] >= 0:
+                hp.next_turn_due_nb(turns, i, end)
+    t_last[r] = end
+    m = 0
+    for x in range(cnt[r, C_NEX]):
+        k = ex_slot[r, x]
+        if s_sample[r, k] != bid:
+            ex_slot[r, m] = k
+            m += 1
+            continue
+        s_sample[r, k] = -1
+        s_tokens[r, k] += 1
+        gen = s_tokens[r, k] - s_prompt[r, k]
+        i = s_req[r, k]
+        if gen == 1:
+            first_tok[i] = end
+        else:
+            gap = end - s_last[r, k]
+            if gap > s_max_itl[r, k]:
+                s_max_itl[r, k] = gap
+            if s_measured[r, k]:
+                itl_add_nb(itl_acc, gap, 1)
+        s_last[r, k] = end
+        if gen >= s_output[r, k]:
+            finish[i] = end
+            status[i] = E.FINISHED
+            generated[i] = gen
+            max_itl[i] = s_max_itl[r, k]
+            freed += s_blocks[r, k]
+            s_state[r, k] = FREE
+            free_slots[r, cnt[r, C_NFREE]] = k
+            cnt[r, C_NFREE] += 1
+            done += 1
+            if turns[0][i] >= 0:
+                hp.next_turn_due_nb(turns, i, end)
+        elif 0 <= s_blocks[r, k] * bs - s_computed[r, k] < bs:
+            _join(lz, r, k, slots, bs)
+        else:
+            ex_slot[r, m] = k
+            m += 1
+    cnt[r, C_NEX] = m
+    n_running[r] -= done
+    return done, freed
+
+
+# -- one iteration ------------------------------------------------------------------------------
+@njit(cache=True, error_model="numpy", inline="always")
+def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
+    """Replica r's next batch as exact mode's vLLM V1 scheduler forms it (without prefix caching):
+    every lazy decoder one token, explicit slots their next chunk, then waiting requests first come
+    first served. Returns (True, scheduled, batch aggregates), or (False, 0, _) when exact mode
+    must decide: a preemption is due, or the budget runs out at an explicit slot older than some
+    decoder (the lazy form takes decoders first; exact mode takes admission order)."""
+    cnt, phase, s_seq, s_state, free_slots, ex_slot = lz[0], lz[2], lz[4], lz[5], lz[6], lz[7]
+    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    q_head, q_tail, q_next, n_waiting = queue
+    prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached = reqs
+    bs = ri[E.RI_BLOCK_SIZE]
+    thr = ri[E.RI_THRESHOLD]
+    n = cnt[r, C_NDEC]
+    D = cnt[r, C_D]
+    agg = (0, 0.0, 0, 0, 0.0, 0.0)
+    left = ri[E.RI_MAX_TOKENS] - n
+    if left < 0:
+        return False, 0, agg
+    need = phase[r, D % bs] if n > 0 else 0
+    for x in range(cnt[r, C_NEX]):
+        k = ex_slot[r, x]
+        wish = s_tokens[r, k] - s_computed[r, k]
+        if thr > 0 and wish > thr:
+            wish = thr
+        new = min(wish, left)
+        if new < wish and s_seq[r, k] < cnt[r, C_MAXDEC]:
+            return False, 0, agg
+        if new > 0:
+            need += blocks_needed_nb(s_computed[r, k], new, s_blocks[r, k], bs)
+            left -= new
+    if need > free[r]:
+        return False, 0, agg
+    # Nothing is preempted: apply.
+    free[r] -= need
+    agg = (n, float(cnt[r, C_SUML] + n * D), 0, 0, 0.0, 0.0)
+    n_sched = n
+    left = ri[E.RI_MAX_TOKENS] - n
+    for x in range(cnt[r, C_NEX]):
+        k = ex_slot[r, x]
+        new = s_tokens[r, k] - s_computed[r, k]
+        if thr > 0 and new > thr:
+            new = thr
+        new = min(new, left)
+        if new <= 0:
+            continue
+        s_blocks[r, k] += blocks_needed_nb(s_computed[r, k], new, s_blocks[r, k], bs)
+        agg = add_to_batch_nb(agg, new, s_computed[r, k], s_prompt[r, k], 0)
+        s_computed[r, k] += new
+        if s_computed[r, k] == s_tokens[r, k]:
+            s_sample[r, k] = bid
+        n_sched += 1
+        left -= new
+    while n_waiting[r] > 0 and left > 0 and n_running[r] < ri[E.RI_MAX_SEQS]:
+        i = q_head[r]
+        new = prompt[i] + generated[i]
+        if thr > 0 and new > thr:
+            new = thr
+        if ri[E.RI_CHUNKED] == 0 and new > left:
+            break
+        new = min(new, left)
+        need = ceil_div_nb(new, bs)
+        if need > free[r]:
+            break
+        q_head[r] = q_next[i]
+        if q_tail[r] == i:
+            q_tail[r] = -1
+        n_waiting[r] -= 1
+        cnt[r, C_NFREE] -= 1
+        k = free_slots[r, cnt[r, C_NFREE]]
+        n_running[r] += 1
+        free[r] -= need
+        s_req[r, k] = i
+        s_prompt[r, k] = prompt[i]
+        s_tokens[r, k] = prompt[i] + generated[i]
+        s_computed[r, k] = new
+        s_output[r, k] = output[i]
+        s_blocks[r, k] = need
+        s_last[r, k] = last_tok[i]
+        s_max_itl[r, k] = max_itl[i]
+        s_measured[r, k] = measured[i]
+        s_sample[r, k] = bid if new == s_tokens[r, k] else -1
+        s_seq[r, k] = cnt[r, C_SEQ]
+        cnt[r, C_SEQ] += 1
+        s_state[r, k] = EXPLICIT
+        ex_slot[r, cnt[r, C_NEX]] = k
+        cnt[r, C_NEX] += 1
+        status[i] = E.RUNNING
+        if np.isnan(first_sched[i]):
+            first_sched[i] = t_r
+            cached[i] = 0
+        agg = add_to_batch_nb(agg, new, 0, prompt[i], 0)
+        n_sched += 1
+        left -= new
+    return True, n_sched, agg
+
+
+# -- runs of decode-only iterations in closed form --------------------------------------------------
+@njit(cache=True, error_model="numpy")
+def _attention(p, n, keys):
+    return p[LAYERS] * attention_time_nb(p, n, keys, 0, 0.0, 0.0, 0)
+
+
+@njit(cache=True, error_model="numpy")
+def fit_nb(p, n, keys0, N):
+    """Attention time of n decodes over keys0 + n*u context tokens, u = 0..N, as the quadratic
+    g0 + a1 u + a2 u^2 through u = 0, N/2, N (exact at N <= 2). ok: it matches the function at a
+    quarter point to 1e-13 relative."""
+    g0 = _attention(p, n, keys0)
+    if N == 0:
+        return g0, 0.0, 0.0, True
+    gN = _attention(p, n, keys0 + n * N)
+    if N == 1:
+        return g0, gN - g0, 0.0, True
+    gM = _attention(p, n, keys0 + n * (N / 2.0))
+    a2 = 4.0 * ((g0 + gN) / 2.0 - gM) / (N * N)
+    a1 = (gN - g0) / N - a2 * N
+    if N == 2:
+        return g0, a1, a2, True
+    u = max(1, N // 4)
+    gq = _attention(p, n, keys0 + n * u)
+    return g0, a1, a2, abs(g0 + a1 * u + a2 * u * u - gq) <= 1e-13 * gq
+
+
+@njit(cache=True, error_model="numpy")
+def power_sums_nb(m):
+    """Sums of u^0..u^4 over u = 0..m, as floats."""
+    f = float(m)
+    return (f + 1.0, f * (f + 1.0) / 2.0, f * (f + 1.0) * (2.0 * f + 1.0) / 6.0, (f * (f + 1.0) / 2.0) ** 2,
+            f * (f + 1.0) * (2.0 * f + 1.0) * (3.0 * f * f + 3.0 * f - 1.0) / 30.0)
+
+
+@njit(cache=True, error_model="numpy")
+def _elapsed(b0, a1, a2, j):
+    """Sum of the first j gaps b0 + a1 u + a2 u^2 (u = 0..j-1)."""
+    if j <= 0:
+        return 0.0
+    _, p1, p2, _, _ = power_sums_nb(j - 1)
+    return j * b0 + a1 * p1 + a2 * p2
+
+
+@njit(cache=True, error_model="numpy")
+def _blocks_used(phase_r, D, bs, n, k):
+    """Blocks the lazy decoders take over the k iterations from clock D."""
+    used = (k // bs) * n
+    for j in range((k // bs) * bs, k):
+        used += phase_r[(D + j) % bs]
+    return used
+
+
+@njit(cache=True, error_model="numpy")
+def _blocks_fit(phase_r, D, bs, n, free, kmax):
+    """The most iterations (<= kmax) from clock D whose block allocations fit in `free`."""
+    cyc = kmax // bs
+    if n > 0:
+        cyc = min(cyc, free // n)
+    used = cyc * n
+    j = cyc * bs
+    while j < kmax:
+        nd = phase_r[(D + j) % bs]
+        if used + nd > free:
+            break
+        used += nd
+        j += 1
+    return j
+
+
+@njit(cache=True, error_model="numpy")
+def _bin_run(itl_acc, b0, a1, a2, k, count):
+    """k gaps b0 + a1 u + a2 u^2 (u = 0..k-1, non-decreasing), each `count` times, into the histogram."""
+    itl_hist, itl, log_min, inv_log_step = itl_acc
+    top = itl_bin_nb(b0 + a1 * (k - 1) + a2 * (k - 1) * (k - 1), log_min, inv_log_step)
+    lo = 0
+    while lo < k:
+        b = itl_bin_nb(b0 + a1 * lo + a2 * lo * lo, log_min, inv_log_step)
+        hi = k - 1
+        if top > b:  # the last u still in bin b
+            a, z = lo, k - 1
+            while a < z:
+                m = (a + z + 1) // 2
+                if itl_bin_nb(b0 + a1 * m + a2 * m * m, log_min, inv_log_step) <= b:
+                    a = m
+                else:
+                    z = m - 1
+            hi = a
+        itl_hist[b] += (hi - lo + 1) * count
+        lo = hi + 1
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, replicas, queue, reqs, itl_acc,
+           turns):
+    """Lazy replica r at t_r, nothing in flight, only lazy decoders running: the decode iterations
+    exact mode would run before anything else can happen (the same stopping rules as its decode
+    stretch: an arrival, a due preemption, a finish while requests wait or after `finish_by`, the
+    time limit), summed in closed form between the finishes on the way. Returns
+    (iterations, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0)."""
+    cnt, phase, fh_t, fh_i = lz[0], lz[2], lz[8], lz[9]
+    tok_table, seq_table = tables
+    n_running, free, stage_free, rep_time = replicas
+    q_head, q_tail, q_next, n_waiting = queue
+    prompt, output, generated, status, finish, max_itl = reqs
+    s_req, s_output = slots[0], slots[4]
+    itl = itl_acc[1]
+    bs = ri[E.RI_BLOCK_SIZE]
+    budget = ri[E.RI_MAX_TOKENS]
+    n = cnt[r, C_NDEC]
+    if n == 0 or cnt[r, C_NEX] > 0 or n > budget:
+        return 0, t_r, 0, 0
+    D = cnt[r, C_D]
+    free_r = free[r]
+    last_iter = 1 << 62
+    if n_waiting[r] > 0:
+        # A finish frees room the scheduler would admit into: stop before it. A head blocked now
+        # stays blocked until then (free blocks only shrink, the batch is unchanged).
+        last_iter = int(fh_t[r, 0]) - D - 1
+        if last_iter <= 0:
+            return 0, t_r, 0, 0
+        if n_running[r] < ri[E.RI_MAX_SEQS] and budget - n > 0:
+            i = q_head[r]
+            new = prompt[i] + generated[i]
+            thr = ri[E.RI_THRESHOLD]
+            if thr > 0 and new > thr:
+                new = thr
+            chunk_ok = ri[E.RI_CHUNKED] != 0 or new <= budget - n
+            new = min(new, budget - n)
+            if chunk_ok and ceil_div_nb(new, bs) <= free_r - phase[r, D % bs]:
+                return 0, t_r, 0, 0
+    overhead = p[FRAMEWORK_OVERHEAD_S]
+    tok_off, seq_off = ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF]
+    t = t_r
+    total = 0
+    done = 0
+    peak = 0
+    while n > 0:
+        next_fin = int(fh_t[r, 0]) - D
+        kmax = _blocks_fit(phase[r], D, bs, n, free_r, min(next_fin, last_iter - total))
+        if kmax <= 0:
+            break
+        keys0 = float(cnt[r, C_SUML] + n * D)
+        N = kmax - 1
+        while True:
+            g0, a1, a2, ok = fit_nb(p, n, keys0, N)
+            if ok:
+                break
+            N //= 2
+        kmax = N + 1
+        tok0, tok1 = tok_table[0, tok_off + n], tok_table[1, tok_off + n]
+        seq0, seq1 = seq_table[0, seq_off + n], seq_table[1, seq_off + n]
+        b0 = overhead + tok0 + seq0 + g0  # gap of the first iteration; later ones add a1 u + a2 u^2
+        # Iteration j runs if it is the call's first or the one before ended before the next
+        # arrival, and if it ends within the time limit: the most that do (monotone in j).
+        lo, hi = 0, kmax
+        while lo < hi:
+            j = (lo + hi + 1) // 2
+            ok = (total + j == 1 or t + _elapsed(b0, a1, a2, j - 1) < t_arrival) and \
+                t + _elapsed(b0, a1, a2, j) <= max_time_s
+            if ok:
+                lo = j
+            else:
+                hi = j - 1
+        k = lo
+        stop = k < kmax
+        if k == next_fin and t + _elapsed(b0, a1, a2, k) >= finish_by:  # ties: the arrival first
+            k -= 1
+            stop = True
+        if k == 0:
+            break
+        m = k - 1
+        p0, p1, p2, p3, p4 = power_sums_nb(m)
+        s1 = b0 * p0 + a1 * p1 + a2 * p2
+        nm = cnt[r, C_NMEAS]
+        if nm > 0:
+            s2 = b0 * b0 * p0 + 2.0 * b0 * a1 * p1 + (a1 * a1 + 2.0 * b0 * a2) * p2 + 2.0 * a1 * a2 * p3 + a2 * a2 * p4
+            _bin_run(itl_acc, b0, a1, a2, k, nm)
+            itl[0] += nm * k
+            itl[1] += nm * s1
+            itl[2] += nm * s2
+        attn = g0 * p0 + a1 * p1 + a2 * p2
+        rep_time[r, 0] += k * (tok0 - tok1 + seq0 - seq1) + attn
+        rep_time[r, 1] += k * (tok1 + seq1)
+        free_r -= _blocks_used(phase[r], D, bs, n, k)
+        peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
+        D += k
+        cnt[r, C_D] = D
+        _stk_push(lz, r, D, max(b0, b0 + a1 * m + a2 * m * m), slots, bs)
+        t = t + s1
+        total += k
+        if stop:
+            break
+        if k < next_fin:  # a shorter fit, or the blocks or the waiting requests end the run here
+            continue
+        fh_n = cnt[r, C_FHN:C_FHN + 1]
+        while fh_n[0] > 0 and fh_t[r, 0] <= D:  # those whose last token this was leave
+            _, s = hp.heap_pop_nb(fh_t[r], fh_i[r], fh_n)
+            blocks, worst = _leave(lz, r, s, slots, bs)
+            i = s_req[r, s]
+            finish[i] = t
+            status[i] = E.FINISHED
+            generated[i] = s_output[r, s]
+            max_itl[i] = worst
+            free_r += blocks
+            n_running[r] -= 1
+            done += 1
+            if turns[0][i] >= 0:
+                due = hp.next_turn_due_nb(turns, i, t)
+                t_arrival = min(t_arrival, due)
+                finish_by = min(finish_by, due)
+        n = cnt[r, C_NDEC]
+    if total == 0:
+        return 0, t_r, 0, 0
+    free[r] = free_r
+    stage_free[r, 0] = t
+    lz[1][r] = t  # the lazy decoders' last token
+    return total, t, done, peak
