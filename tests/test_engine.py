@@ -33,7 +33,7 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
         num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
         timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None,
         fast_decode=True, prefix_caching=False, block_ids=None, turns=None, content=None,
-        route_params=(0.5, 32, 1.0001), sglang=False, lpm=False):
+        route_params=(0.5, 32, 1.0001), sglang=False, lpm=False, fast=False):
     ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
                                             chunked, threshold, v0, overhead_s, stages)
     arrivals = np.asarray(arrivals, dtype=np.float64)
@@ -53,7 +53,7 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
     out = run_cluster_nb(arrivals, wl.prompt_tokens, wl.output_tokens,
                          rejected, np.ones(n, np.bool_), session, draw, policy, np.asarray(route_params, float), rep_int,
                          np.array([params] * replicas), tok, seq, max_time_s, timeline, np.zeros(1, np.int64),
-                         prefix_cache_arrays(rep_int, wl), (wl.next_turn, wl.think_s), fast_decode)
+                         prefix_cache_arrays(rep_int, wl), (wl.next_turn, wl.think_s), fast_decode, fast)
     keys = ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",
             "itl_hist", "itl_stats", "timeline", "counters", "gpu_time", "cached", "arrival")
     res = dict(zip(keys, out))

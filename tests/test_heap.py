@@ -11,14 +11,14 @@ from fastsim.engine import heap_nb as hp
 @given(st.lists(st.tuples(st.sampled_from([0.0, 0.5, 1.0, 2.5]), st.booleans()), max_size=60))
 def test_heap_pops_in_time_then_index_order_like_heapq(ops):
     n = len(ops)
-    h_t, h_i, h_n = np.empty(max(n, 1)), np.empty(max(n, 1), np.int64), np.zeros(1, np.int64)
+    h_t, h_i, h_n = np.empty((2, max(n, 1))), np.empty((2, max(n, 1)), np.int64), np.zeros(2, np.int64)
     ref = []
     for i, (t, pop) in enumerate(ops):
         if pop and ref:
-            assert hp.heap_pop_nb(h_t, h_i, h_n) == heapq.heappop(ref)
+            assert hp.heap_pop_nb(h_t, h_i, h_n, 1) == heapq.heappop(ref)
         else:
-            hp.heap_push_nb(h_t, h_i, h_n, t, i)
+            hp.heap_push_nb(h_t, h_i, h_n, 1, t, i)
             heapq.heappush(ref, (t, i))
-        assert h_n[0] == len(ref)
+        assert h_n[1] == len(ref) and h_n[0] == 0
     while ref:
-        assert hp.heap_pop_nb(h_t, h_i, h_n) == heapq.heappop(ref)
+        assert hp.heap_pop_nb(h_t, h_i, h_n, 1) == heapq.heappop(ref)

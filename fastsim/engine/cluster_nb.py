@@ -151,8 +151,8 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             arrival[i] = np.nan
             has_turns = True
     # Later turns wait in a heap from the moment their previous turn finishes.
-    h_t = np.empty(n if has_turns else 1)
-    h_i = np.empty(n if has_turns else 1, np.int64)
+    h_t = np.empty((1, n if has_turns else 1))
+    h_i = np.empty((1, n if has_turns else 1), np.int64)
     h_n = np.zeros(1, np.int64)
     turns = (next_turn, think_s, arrival, h_t, h_i, h_n, rejected)
     n_rep = rep_int.shape[0]
@@ -264,8 +264,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         for i in range(n):
             if rejected[i] or think_s[i] >= 0:
                 continue
-            d = _route(policy, route_params, i, n_rep, rr_next, draw, session, session_replica, outstanding,
-                       used_frac, apc, rep_int, prompt)
+            d = rr_next % n_rep if policy == E.ROUTE_ROUND_ROBIN else draw[i]  # (_route's rule, without its call)
             rr_next += 1
             dest[i] = d
             if last_for[d] < 0:
@@ -296,9 +295,9 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     while n_left > 0:
         t_arr = arrival[a] if a < n else INF
         ai = a
-        if h_n[0] > 0 and h_t[0] < t_arr:
-            t_arr = h_t[0]
-            ai = h_i[0]
+        if h_n[0] > 0 and h_t[0, 0] < t_arr:
+            t_arr = h_t[0, 0]
+            ai = h_i[0, 0]
         r = _tree_argmin(tree, leaves)
         t_r = tree[leaves + r]
         if t_arr == INF and t_r == INF:
@@ -311,7 +310,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                 while a < n and think_s[a] >= 0:
                     a += 1
             else:
-                hp.heap_pop_nb(h_t, h_i, h_n)
+                hp.heap_pop_nb(h_t, h_i, h_n, 0)
             if not rejected[ai]:
                 if stateless:
                     dst = dest[ai]
@@ -363,7 +362,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             progress[0] += done
             fl_head[r] = (fl_head[r] + 1) % max_stages
             fl_count[r] -= 1
-        if h_n[0] > 0 and h_t[0] <= t_r:
+        if h_n[0] > 0 and h_t[0, 0] <= t_r:
             # A next turn due now (no think time) is an arrival at this decision: let it arrive first.
             used_frac[r] = (ri[E.RI_NUM_BLOCKS] - free[r]) / ri[E.RI_NUM_BLOCKS]
             _tree_update(tree, leaves, r, t_r)
@@ -755,7 +754,7 @@ def _outside_events(r, t_r, stateless, arrival, own_next, a, n, h_t, h_n, has_tu
         return arrival[own_next[r]] if own_next[r] >= 0 else INF, INF
     t_next = arrival[a] if a < n else INF
     if h_n[0] > 0:
-        t_next = min(t_next, h_t[0])
+        t_next = min(t_next, h_t[0, 0])
     if has_turns and n_rep > 1 and policy != E.ROUTE_SESSION_AFFINITY:
         # Another replica's next decision may finish a turn whose next turn comes here (session
         # affinity keeps every turn where its conversation started).

@@ -1,5 +1,7 @@
-"""A binary min-heap of (time, request) in arrays: arrivals the simulation creates as it runs (the
-next turn of a conversation), popped in time order, ties by request index so runs repeat exactly."""
+"""Binary min-heaps of (time, index) in the rows of 2-D arrays (one heap per row, its size in h_n[row]),
+popped in time order, ties by index so runs repeat exactly: the arrivals the simulation creates as
+it runs (the next turn of a conversation), and in fast mode each replica's finishing decoders.
+Heaps are addressed by row, not passed as row views: a view costs an atomic reference count."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,48 +9,48 @@ from numba import njit
 
 
 @njit(cache=True, error_model="numpy")
-def _before(h_t, h_i, a, b):
-    return h_t[a] < h_t[b] or (h_t[a] == h_t[b] and h_i[a] < h_i[b])
+def _before(h_t, h_i, row, a, b):
+    return h_t[row, a] < h_t[row, b] or (h_t[row, a] == h_t[row, b] and h_i[row, a] < h_i[row, b])
 
 
 @njit(cache=True, error_model="numpy")
-def _swap(h_t, h_i, a, b):
-    h_t[a], h_t[b] = h_t[b], h_t[a]
-    h_i[a], h_i[b] = h_i[b], h_i[a]
+def _swap(h_t, h_i, row, a, b):
+    h_t[row, a], h_t[row, b] = h_t[row, b], h_t[row, a]
+    h_i[row, a], h_i[row, b] = h_i[row, b], h_i[row, a]
 
 
-@njit(cache=True, error_model="numpy")
-def heap_push_nb(h_t, h_i, h_n, t, i):
-    """Add (t, i); h_n[0] is the heap's size, the arrays its capacity."""
-    k = h_n[0]
-    h_n[0] = k + 1
-    h_t[k] = t
-    h_i[k] = i
+@njit(cache=True, error_model="numpy", inline="always")  # calls cost reference counts of its arrays
+def heap_push_nb(h_t, h_i, h_n, row, t, i):
+    """Add (t, i) to heap `row` (its capacity: the arrays' width)."""
+    k = h_n[row]
+    h_n[row] = k + 1
+    h_t[row, k] = t
+    h_i[row, k] = i
     while k > 0:
         parent = (k - 1) // 2
-        if not _before(h_t, h_i, k, parent):
+        if not _before(h_t, h_i, row, k, parent):
             break
-        _swap(h_t, h_i, k, parent)
+        _swap(h_t, h_i, row, k, parent)
         k = parent
 
 
-@njit(cache=True, error_model="numpy")
-def heap_pop_nb(h_t, h_i, h_n):
-    """Remove and return the earliest (t, i)."""
-    t, i = h_t[0], h_i[0]
-    last = h_n[0] - 1
-    h_n[0] = last
-    h_t[0], h_i[0] = h_t[last], h_i[last]
+@njit(cache=True, error_model="numpy", inline="always")
+def heap_pop_nb(h_t, h_i, h_n, row):
+    """Remove and return the earliest (t, i) of heap `row`."""
+    t, i = h_t[row, 0], h_i[row, 0]
+    last = h_n[row] - 1
+    h_n[row] = last
+    h_t[row, 0], h_i[row, 0] = h_t[row, last], h_i[row, last]
     k = 0
     while True:
         c = 2 * k + 1
         if c >= last:
             break
-        if c + 1 < last and _before(h_t, h_i, c + 1, c):
+        if c + 1 < last and _before(h_t, h_i, row, c + 1, c):
             c += 1
-        if not _before(h_t, h_i, c, k):
+        if not _before(h_t, h_i, row, c, k):
             break
-        _swap(h_t, h_i, k, c)
+        _swap(h_t, h_i, row, k, c)
         k = c
     return t, i
 
@@ -62,5 +64,5 @@ def next_turn_due_nb(turns, i, end):
     if j < 0 or rejected[j]:
         return np.inf
     arrival[j] = end + think_s[j]
-    heap_push_nb(h_t, h_i, h_n, arrival[j], j)
+    heap_push_nb(h_t, h_i, h_n, 0, arrival[j], j)
     return arrival[j]

@@ -52,10 +52,9 @@ C_SEQ = 5        # admission counter: slot order in exact form is admission orde
 C_MAXDEC = 6     # an upper bound on the admission number of any lazy decoder
 C_NFREE = 7      # free slots
 C_NEX = 8        # explicit slots
-C_FHN = 9        # finish heap size
-C_STKN = 10      # max-gap stack size
-C_COOL = 11      # decisions to wait before trying lazy form again
-N_C = 12
+C_STKN = 9       # max-gap stack size
+C_COOL = 10      # decisions to wait before trying lazy form again
+N_C = 11
 
 STACK_CAP = 1024
 COOLDOWN = 8
@@ -76,16 +75,17 @@ def lazy_state_nb(n_rep, max_seqs, max_bs, on):
     ex_slot = np.zeros((n_rep, max_seqs), np.int64)
     fh_t = np.zeros((n_rep, max_seqs))
     fh_i = np.zeros((n_rep, max_seqs), np.int64)
+    fh_n = np.zeros(n_rep, np.int64)
     stk_d = np.zeros((n_rep, STACK_CAP), np.int64)
     stk_g = np.zeros((n_rep, STACK_CAP))
-    return (cnt, t_last, phase, s_stamp, s_seq, s_state, free_slots, ex_slot, fh_t, fh_i, stk_d, stk_g)
+    return (cnt, t_last, phase, s_stamp, s_seq, s_state, free_slots, ex_slot, fh_t, fh_i, fh_n, stk_d, stk_g)
 
 
 # -- per-request worst gap: a stack of (iteration, gap) with gaps falling from bottom to top --------
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _stk_query(lz, r, lo):
     """The largest gap of the iterations after `lo` (0.0 if none)."""
-    cnt, stk_d, stk_g = lz[0], lz[10], lz[11]
+    cnt, stk_d, stk_g = lz[0], lz[11], lz[12]
     n = cnt[r, C_STKN]
     a, b = 0, n
     while a < b:  # first entry with iteration > lo; every later one is smaller
@@ -97,10 +97,10 @@ def _stk_query(lz, r, lo):
     return stk_g[r, a] if a < n else 0.0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _stk_push(lz, r, d, g, slots, bs):
     """Iteration d (the latest) had gap g. A full stack is folded into the slots' own maxima."""
-    cnt, stk_d, stk_g = lz[0], lz[10], lz[11]
+    cnt, stk_d, stk_g = lz[0], lz[11], lz[12]
     n = cnt[r, C_STKN]
     while n > 0 and stk_g[r, n - 1] <= g:
         n -= 1
@@ -129,7 +129,7 @@ def _rebase(lz, r, slots, bs, g):
 
 
 # -- joining and leaving the lazy decoders --------------------------------------------------------
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _join(lz, r, k, slots, bs):
     """Slot k has just sampled a token and decodes from now on (its KV is one token behind)."""
     cnt, phase, s_stamp, s_seq, s_state, fh_t, fh_i = lz[0], lz[2], lz[3], lz[4], lz[5], lz[8], lz[9]
@@ -144,11 +144,10 @@ def _join(lz, r, k, slots, bs):
     cnt[r, C_NMEAS] += s_measured[r, k]
     cnt[r, C_MAXDEC] = max(cnt[r, C_MAXDEC], s_seq[r, k])
     phase[r, (D + room) % bs] += 1
-    fh_n = cnt[r, C_FHN:C_FHN + 1]
-    hp.heap_push_nb(fh_t[r], fh_i[r], fh_n, float(D + s_output[r, k] - (tokens - s_prompt[r, k])), k)
+    hp.heap_push_nb(fh_t, fh_i, lz[10], r, float(D + s_output[r, k] - (tokens - s_prompt[r, k])), k)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _leave(lz, r, k, slots, bs):
     """Lazy decoder k finishes at the current clock: its blocks (returned) and its worst gap."""
     cnt, phase, s_stamp, s_state, free_slots = lz[0], lz[2], lz[3], lz[5], lz[6]
@@ -178,8 +177,9 @@ def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs):
     D = cnt[r, C_D]
     for f in range(bs):
         phase[r, f] = 0
-    for c in (C_NDEC, C_SUML, C_NMEAS, C_NEX, C_FHN, C_STKN):
+    for c in (C_NDEC, C_SUML, C_NMEAS, C_NEX, C_STKN):
         cnt[r, c] = 0
+    lz[10][r] = 0
     cnt[r, C_MAXDEC] = -1
     t_last[r] = t_r
     for k in range(n):
@@ -247,7 +247,7 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns)
     """Batch `bid` of lazy replica r completed at `end`: the lazy decoders (all in it) each gain a
     token, those at their last leave; explicit slots it sampled for gain theirs, and join the lazy
     decoders unless finished. Returns (requests finished, blocks freed)."""
-    cnt, t_last, ex_slot, fh_t, fh_i, s_state, free_slots = lz[0], lz[1], lz[7], lz[8], lz[9], lz[5], lz[6]
+    cnt, t_last, ex_slot, fh_t, fh_i, fh_n, s_state, free_slots = lz[0], lz[1], lz[7], lz[8], lz[9], lz[10], lz[5], lz[6]
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
     prompt, generated, status, finish, max_itl, first_tok = requests
     done = 0
@@ -260,9 +260,8 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns)
         if nm > 0:
             itl_add_nb(itl_acc, gap, nm)
         _stk_push(lz, r, D, gap, slots, bs)
-        fh_n = cnt[r, C_FHN:C_FHN + 1]
-        while fh_n[0] > 0 and fh_t[r, 0] <= D:
-            _, k = hp.heap_pop_nb(fh_t[r], fh_i[r], fh_n)
+        while fh_n[r] > 0 and fh_t[r, 0] <= D:
+            _, k = hp.heap_pop_nb(fh_t, fh_i, fh_n, r)
             blocks, worst = _leave(lz, r, k, slots, bs)
             i = s_req[r, k]
             finish[i] = end
@@ -415,12 +414,12 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
 
 
 # -- runs of decode-only iterations in closed form --------------------------------------------------
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _attention(p, n, keys):
     return p[LAYERS] * attention_time_nb(p, n, keys, 0, 0.0, 0.0, 0)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def fit_nb(p, n, keys0, N):
     """Attention time of n decodes over keys0 + n*u context tokens, u = 0..N, as the quadratic
     g0 + a1 u + a2 u^2 through u = 0, N/2, N (exact at N <= 2). ok: it matches the function at a
@@ -441,7 +440,7 @@ def fit_nb(p, n, keys0, N):
     return g0, a1, a2, abs(g0 + a1 * u + a2 * u * u - gq) <= 1e-13 * gq
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def power_sums_nb(m):
     """Sums of u^0..u^4 over u = 0..m, as floats."""
     f = float(m)
@@ -449,7 +448,7 @@ def power_sums_nb(m):
             f * (f + 1.0) * (2.0 * f + 1.0) * (3.0 * f * f + 3.0 * f - 1.0) / 30.0)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _elapsed(b0, a1, a2, j):
     """Sum of the first j gaps b0 + a1 u + a2 u^2 (u = 0..j-1)."""
     if j <= 0:
@@ -458,17 +457,17 @@ def _elapsed(b0, a1, a2, j):
     return j * b0 + a1 * p1 + a2 * p2
 
 
-@njit(cache=True, error_model="numpy")
-def _blocks_used(phase_r, D, bs, n, k):
+@njit(cache=True, error_model="numpy", inline="always")
+def _blocks_used(phase, r, D, bs, n, k):
     """Blocks the lazy decoders take over the k iterations from clock D."""
     used = (k // bs) * n
     for j in range((k // bs) * bs, k):
-        used += phase_r[(D + j) % bs]
+        used += phase[r, (D + j) % bs]
     return used
 
 
-@njit(cache=True, error_model="numpy")
-def _blocks_fit(phase_r, D, bs, n, free, kmax):
+@njit(cache=True, error_model="numpy", inline="always")
+def _blocks_fit(phase, r, D, bs, n, free, kmax):
     """The most iterations (<= kmax) from clock D whose block allocations fit in `free`."""
     cyc = kmax // bs
     if n > 0:
@@ -476,7 +475,7 @@ def _blocks_fit(phase_r, D, bs, n, free, kmax):
     used = cyc * n
     j = cyc * bs
     while j < kmax:
-        nd = phase_r[(D + j) % bs]
+        nd = phase[r, (D + j) % bs]
         if used + nd > free:
             break
         used += nd
@@ -484,7 +483,7 @@ def _blocks_fit(phase_r, D, bs, n, free, kmax):
     return j
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _bin_run(itl_acc, b0, a1, a2, k, count):
     """k gaps b0 + a1 u + a2 u^2 (u = 0..k-1, non-decreasing), each `count` times, into the histogram."""
     itl_hist, itl, log_min, inv_log_step = itl_acc
@@ -514,7 +513,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     stretch: an arrival, a due preemption, a finish while requests wait or after `finish_by`, the
     time limit), summed in closed form between the finishes on the way. Returns
     (iterations, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0)."""
-    cnt, phase, fh_t, fh_i = lz[0], lz[2], lz[8], lz[9]
+    cnt, phase, fh_t, fh_i, fh_n = lz[0], lz[2], lz[8], lz[9], lz[10]
     tok_table, seq_table = tables
     n_running, free, stage_free, rep_time = replicas
     q_head, q_tail, q_next, n_waiting = queue
@@ -553,7 +552,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     peak = 0
     while n > 0:
         next_fin = int(fh_t[r, 0]) - D
-        kmax = _blocks_fit(phase[r], D, bs, n, free_r, min(next_fin, last_iter - total))
+        kmax = _blocks_fit(phase, r, D, bs, n, free_r, min(next_fin, last_iter - total))
         if kmax <= 0:
             break
         keys0 = float(cnt[r, C_SUML] + n * D)
@@ -598,7 +597,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         attn = g0 * p0 + a1 * p1 + a2 * p2
         rep_time[r, 0] += k * (tok0 - tok1 + seq0 - seq1) + attn
         rep_time[r, 1] += k * (tok1 + seq1)
-        free_r -= _blocks_used(phase[r], D, bs, n, k)
+        free_r -= _blocks_used(phase, r, D, bs, n, k)
         peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
         D += k
         cnt[r, C_D] = D
@@ -609,9 +608,8 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             break
         if k < next_fin:  # a shorter fit, or the blocks or the waiting requests end the run here
             continue
-        fh_n = cnt[r, C_FHN:C_FHN + 1]
-        while fh_n[0] > 0 and fh_t[r, 0] <= D:  # those whose last token this was leave
-            _, s = hp.heap_pop_nb(fh_t[r], fh_i[r], fh_n)
+        while fh_n[r] > 0 and fh_t[r, 0] <= D:  # those whose last token this was leave
+            _, s = hp.heap_pop_nb(fh_t, fh_i, fh_n, r)
             blocks, worst = _leave(lz, r, s, slots, bs)
             i = s_req[r, s]
             finish[i] = t

@@ -1,0 +1,129 @@
+"""Fast mode (simulation.mode: fast) against exact mode, and its closed forms against step-by-step sums."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastsim.engine import enums as E
+from fastsim.engine import lazy_nb as lz
+from fastsim.engine.batch_nb import itl_bin_nb
+from test_engine import CM, _fits, engines, run
+
+P = CM.params
+
+
+def step_attention(n, keys0, k):
+    """Reference: the attention time of each of k iterations, one by one."""
+    return [P[lz.LAYERS] * lz.attention_time_nb(P, n, float(keys0 + n * u), 0, 0.0, 0.0, 0) for u in range(k)]
+
+
+@given(n=st.integers(1, 256), keys0=st.integers(1, 2_000_000), k=st.integers(1, 3000))
+def test_closed_form_sum_of_iterations_matches_stepping(n, keys0, k):
+    N = k - 1
+    g0, a1, a2, ok = lz.fit_nb(P, n, float(keys0), N)
+    while not ok:  # as the engine does: a run the quadratic does not fit is cut in half
+        N //= 2
+        g0, a1, a2, ok = lz.fit_nb(P, n, float(keys0), N)
+    k = N + 1
+    want = step_attention(n, keys0, k)
+    p0, p1, p2, p3, p4 = lz.power_sums_nb(k - 1)
+    assert (p0, p1, p2, p3, p4) == pytest.approx([sum(u ** m for u in range(k)) for m in range(5)], rel=1e-15)
+    assert g0 * p0 + a1 * p1 + a2 * p2 == pytest.approx(math.fsum(want), rel=1e-12)
+    b0 = 1e-3 + g0  # a gap: some constant plus the attention
+    s2 = b0 * b0 * p0 + 2 * b0 * a1 * p1 + (a1 * a1 + 2 * b0 * a2) * p2 + 2 * a1 * a2 * p3 + a2 * a2 * p4
+    assert s2 == pytest.approx(math.fsum((1e-3 + g) ** 2 for g in want), rel=1e-12)
+    for u in (0, k // 3, k - 1):
+        assert g0 + a1 * u + a2 * u * u == pytest.approx(want[u], rel=1e-12)
+
+
+@given(b0=st.floats(1e-4, 1.0), slope=st.floats(0, 1e-4), k=st.integers(1, 500), count=st.integers(1, 5))
+def test_binning_a_run_of_gaps_matches_binning_each(b0, slope, k, count):
+    hist = np.zeros(E.ITL_BINS, np.int64)
+    log_min = math.log(E.ITL_MIN_S)
+    inv = E.ITL_BINS / (math.log(E.ITL_MAX_S) - log_min)
+    lz._bin_run((hist, np.zeros(3), log_min, inv), b0, slope, 0.0, k, count)
+    want = np.zeros(E.ITL_BINS, np.int64)
+    for u in range(k):
+        want[int((math.log(b0 + slope * u) - log_min) * inv)] += count
+    np.testing.assert_array_equal(hist, want)
+    assert itl_bin_nb(b0, log_min, inv) == int((math.log(b0) - log_min) * inv)
+
+
+@given(phase=st.lists(st.integers(0, 5), min_size=1, max_size=16).map(np.array), D=st.integers(0, 1000),
+       free=st.integers(0, 300), kmax=st.integers(0, 200))
+def test_blocks_taken_over_a_run_match_counting_each_iteration(phase, D, free, kmax):
+    bs, n = phase.size, int(phase.sum())
+    ph = phase.reshape(1, -1)
+    used, fit = 0, 0
+    for j in range(kmax):  # reference: iteration by iteration
+        if used + phase[(D + j) % bs] > free:
+            break
+        used += phase[(D + j) % bs]
+        fit = j + 1
+    assert lz._blocks_fit(ph, 0, D, bs, n, free, kmax) == fit
+    assert lz._blocks_used(ph, 0, D, bs, n, fit) == used
+
+
+def compare(a, b):
+    """Fast (a) and exact (b) runs: the same decisions, times equal to rounding."""
+    for key in ("status", "generated", "preempts", "replica", "cached"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for key in ("first_sched", "first_tok", "finish", "arrival", "max_itl"):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-9, atol=1e-12, err_msg=key)
+    np.testing.assert_array_equal(a["counters"][..., :5], b["counters"][..., :5])
+    np.testing.assert_allclose(a["gpu_time"], b["gpu_time"], rtol=1e-9)
+    np.testing.assert_allclose(a["itl_stats"], b["itl_stats"], rtol=1e-9)
+    # A gap within rounding of a bin edge may land in the next bin: the cumulative counts agree
+    # everywhere to within the gaps of one iteration.
+    ca, cb = np.cumsum(a["itl_hist"]), np.cumsum(b["itl_hist"])
+    assert ca[-1] == cb[-1]
+    assert np.abs(ca - cb).max() <= 64 * max(1, len(a["status"]))
+
+
+@given(wl=st.integers(1, 40).flatmap(lambda n: st.tuples(
+           st.lists(st.floats(0, 3, allow_nan=False), min_size=n, max_size=n),
+           st.lists(st.integers(1, 300), min_size=n, max_size=n),
+           st.lists(st.integers(1, 60), min_size=n, max_size=n),
+           st.lists(st.sampled_from([-1.0, -1.0, 0.0, 0.05]), min_size=n, max_size=n))),
+       e=engines, replicas=st.integers(1, 3), caching=st.booleans(), max_time=st.sampled_from([np.inf, 1.5]),
+       policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV]))
+def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time, policy):
+    """Random workloads through both modes: chunked prefill, long-prefill thresholds, preemptions
+    (small caches), conversations (a request's next turn after a think time), 1-3 replicas, four
+    routers, a time limit, V0 and prefix-cached replicas (which fast mode steps as exact mode)."""
+    arrivals, prompts, outputs, think = wl
+    kept = _fits(prompts, outputs, e)
+    if not kept:
+        return
+    n = len(kept)
+    arrivals = sorted(arrivals)[:n]
+    prompts, outputs = [k[0] for k in kept], [k[1] * 4 for k in kept]
+    nxt = [i + 1 if i + 1 < n and think[i + 1] >= 0 else -1 for i in range(n)]
+    think_s = [think[i] if i > 0 and nxt[i - 1] == i else -1.0 for i in range(n)]
+    kw = dict(max_num_seqs=e["max_num_seqs"], max_num_batched_tokens=e["max_num_batched_tokens"],
+              block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
+              threshold=e["threshold"], v0=e["v0"] and not caching, timeline=False, replicas=replicas,
+              policy=policy, max_time_s=max_time, prefix_caching=caching, turns=(nxt, think_s))
+    compare(run(arrivals, prompts, outputs, fast=True, **kw), run(arrivals, prompts, outputs, fast=False, **kw))
+
+
+def test_fast_mode_sums_most_iterations_and_stays_exact_on_a_long_run_with_preemptions():
+    rng = np.random.default_rng(5)
+    n = 400
+    arrivals = np.sort(rng.uniform(0, 60, n))
+    prompts, outputs = rng.integers(10, 2000, n), rng.integers(50, 800, n)
+    a = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=True)
+    b = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=False)
+    compare(a, b)
+    assert b["preempts"].sum() > 0  # exact mode decides around the preemptions, lazy form elsewhere
+    assert a["counters"][5] > 0.8 * a["counters"][0]  # iterations summed in closed form
+
+
+def test_without_decoders_to_sum_fast_mode_still_matches():
+    """Requests of one output token never decode: every iteration is a scheduled prefill."""
+    a = run([0.0, 0.001, 0.002], [100, 5000, 30], [1, 1, 1], fast=True, timeline=False)
+    b = run([0.0, 0.001, 0.002], [100, 5000, 30], [1, 1, 1], fast=False, timeline=False)
+    compare(a, b)
+    assert a["counters"][5] == 0
