@@ -348,7 +348,9 @@ class Cluster(_Strict):
 
 class Simulation(_Strict):
     seed: int = Field(default=0, ge=0)
-    mode: Literal["exact", "fast"] = "exact"
+    mode: Literal["exact", "fast"] = Field(
+        default="fast", description="fast: steady decoding summed in closed form between events (the same "
+        "scheduling decisions as exact; times agree to ~1e-12 relative); exact: every iteration stepped")
     max_sim_time_s: float | None = Field(default=None, gt=0,
                                          description="stop here; requests not done are 'unfinished'")
     warmup_s: float = Field(default=0.0, ge=0, description="exclude requests arriving before this")
@@ -404,7 +406,7 @@ class Config(_Strict):
 
 
 DEFAULT_CONFIG: dict = {
-    "simulation": {"seed": 0, "mode": "exact"},
+    "simulation": {"seed": 0, "mode": "fast"},
     "model": "meta-llama/Meta-Llama-3-8B",
     "hardware": {"gpu": "H100-SXM"},
     "engine": {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "block_size": 16,

@@ -223,11 +223,14 @@ def test_decode_stretches_change_nothing(wl, e, replicas, window, policy):
     np.testing.assert_allclose(a["itl_stats"], b["itl_stats"], rtol=1e-12)
 
 
-def test_decode_stretch_is_taken_and_exact_on_a_long_run():
+def long_run(n):
+    """n requests over a minute on a 1,000-block cache: steady decoding between preemptions."""
     rng = np.random.default_rng(5)
-    n = 300
-    arrivals = np.sort(rng.uniform(0, 60, n))
-    prompts, outputs = rng.integers(10, 2000, n), rng.integers(50, 800, n)
+    return np.sort(rng.uniform(0, 60, n)), rng.integers(10, 2000, n), rng.integers(50, 800, n)
+
+
+def test_decode_stretch_is_taken_and_exact_on_a_long_run():
+    arrivals, prompts, outputs = long_run(300)
     a = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast_decode=True)
     b = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast_decode=False)
     for key in ("first_tok", "finish", "preempts", "max_itl", "itl_hist"):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from fastsim.engine import enums as E
 from fastsim.engine import lazy_nb as lz
 from fastsim.engine.batch_nb import itl_bin_nb
-from test_engine import CM, _fits, engines, run
+from test_engine import CM, _fits, engines, long_run, run
 
 P = CM.params
 
@@ -110,10 +110,7 @@ def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time,
 
 
 def test_fast_mode_sums_most_iterations_and_stays_exact_on_a_long_run_with_preemptions():
-    rng = np.random.default_rng(5)
-    n = 400
-    arrivals = np.sort(rng.uniform(0, 60, n))
-    prompts, outputs = rng.integers(10, 2000, n), rng.integers(50, 800, n)
+    arrivals, prompts, outputs = long_run(400)
     a = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=True)
     b = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=False)
     compare(a, b)

@@ -820,7 +820,6 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     prompt, generated, status, finish, max_itl = requests
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
     n_running, free, q_head, n_waiting, stage_free, rep_time = replicas
-    itl_hist, itl, log_min, inv_log_step = itl_acc
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
     nrun = n_running[r]
@@ -909,10 +908,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         if gap > worst_gap:
             worst_gap = gap
         if n_meas > 0:
-            itl_hist[itl_bin_nb(gap, log_min, inv_log_step)] += n_meas
-            itl[0] += n_meas
-            itl[1] += n_meas * gap
-            itl[2] += n_meas * gap * gap
+            itl_add_nb(itl_acc, gap, n_meas)
         stage_free[r, 0] = end
         t = end
         j += 1

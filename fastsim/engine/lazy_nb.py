@@ -166,6 +166,29 @@ def _leave(lz, r, k, slots, bs):
     return max(s_blocks[r, k], ceil_div_nb(computed, bs)), max(s_max_itl[r, k], _stk_query(lz, r, s_stamp[r, k]))
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns):
+    """Lazy decoders whose last token came at `end` (the clock now) leave. Returns (requests finished,
+    blocks freed, the earliest next turn they make due)."""
+    cnt, fh_t, fh_i, fh_n = lz[0], lz[8], lz[9], lz[10]
+    s_req, s_output = slots[0], slots[4]
+    D = cnt[r, C_D]
+    done, freed, due = 0, 0, np.inf
+    while fh_n[r] > 0 and fh_t[r, 0] <= D:
+        _, k = hp.heap_pop_nb(fh_t, fh_i, fh_n, r)
+        blocks, worst = _leave(lz, r, k, slots, bs)
+        i = s_req[r, k]
+        finish[i] = end
+        status[i] = E.FINISHED
+        generated[i] = s_output[r, k]
+        max_itl[i] = worst
+        freed += blocks
+        done += 1
+        if turns[0][i] >= 0:
+            due = min(due, hp.next_turn_due_nb(turns, i, end))
+    return done, freed, due
+
+
 # -- conversions ------------------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy")
 def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs):
@@ -174,7 +197,6 @@ def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs):
     cnt, t_last, phase, s_seq, s_state, free_slots, ex_slot = lz[0], lz[1], lz[2], lz[4], lz[5], lz[6], lz[7]
     s_prompt, s_tokens, s_computed, s_blocks, s_last = slots[1], slots[2], slots[3], slots[5], slots[6]
     n = n_running[r]
-    D = cnt[r, C_D]
     for f in range(bs):
         phase[r, f] = 0
     for c in (C_NDEC, C_SUML, C_NMEAS, C_NEX, C_STKN):
@@ -247,9 +269,9 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns)
     """Batch `bid` of lazy replica r completed at `end`: the lazy decoders (all in it) each gain a
     token, those at their last leave; explicit slots it sampled for gain theirs, and join the lazy
     decoders unless finished. Returns (requests finished, blocks freed)."""
-    cnt, t_last, ex_slot, fh_t, fh_i, fh_n, s_state, free_slots = lz[0], lz[1], lz[7], lz[8], lz[9], lz[10], lz[5], lz[6]
+    cnt, t_last, ex_slot, s_state, free_slots = lz[0], lz[1], lz[7], lz[5], lz[6]
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
-    prompt, generated, status, finish, max_itl, first_tok = requests
+    _, generated, status, finish, max_itl, first_tok = requests
     done = 0
     freed = 0
     if cnt[r, C_NDEC] > 0:
@@ -260,18 +282,7 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns)
         if nm > 0:
             itl_add_nb(itl_acc, gap, nm)
         _stk_push(lz, r, D, gap, slots, bs)
-        while fh_n[r] > 0 and fh_t[r, 0] <= D:
-            _, k = hp.heap_pop_nb(fh_t, fh_i, fh_n, r)
-            blocks, worst = _leave(lz, r, k, slots, bs)
-            i = s_req[r, k]
-            finish[i] = end
-            status[i] = E.FINISHED
-            generated[i] = s_output[r, k]
-            max_itl[i] = worst
-            freed += blocks
-            done += 1
-            if turns[0][i] >= 0:
-                hp.next_turn_due_nb(turns, i, end)
+        done, freed, _ = _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns)
     t_last[r] = end
     m = 0
     for x in range(cnt[r, C_NEX]):
@@ -315,6 +326,14 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns)
     return done, freed
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _chunk(remaining, threshold, left):
+    """(tokens a running request asks for: its remaining ones, at most long_prefill_token_threshold;
+    what it gets of the `left` budget)."""
+    wish = min(remaining, threshold) if threshold > 0 else remaining
+    return wish, min(wish, left)
+
+
 # -- one iteration ------------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy", inline="always")
 def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
@@ -338,10 +357,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
     need = phase[r, D % bs] if n > 0 else 0
     for x in range(cnt[r, C_NEX]):
         k = ex_slot[r, x]
-        wish = s_tokens[r, k] - s_computed[r, k]
-        if thr > 0 and wish > thr:
-            wish = thr
-        new = min(wish, left)
+        wish, new = _chunk(s_tokens[r, k] - s_computed[r, k], thr, left)
         if new < wish and s_seq[r, k] < cnt[r, C_MAXDEC]:
             return False, 0, agg
         if new > 0:
@@ -356,10 +372,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
     left = ri[E.RI_MAX_TOKENS] - n
     for x in range(cnt[r, C_NEX]):
         k = ex_slot[r, x]
-        new = s_tokens[r, k] - s_computed[r, k]
-        if thr > 0 and new > thr:
-            new = thr
-        new = min(new, left)
+        _, new = _chunk(s_tokens[r, k] - s_computed[r, k], thr, left)
         if new <= 0:
             continue
         s_blocks[r, k] += blocks_needed_nb(s_computed[r, k], new, s_blocks[r, k], bs)
@@ -486,7 +499,7 @@ def _blocks_fit(phase, r, D, bs, n, free, kmax):
 @njit(cache=True, error_model="numpy", inline="always")
 def _bin_run(itl_acc, b0, a1, a2, k, count):
     """k gaps b0 + a1 u + a2 u^2 (u = 0..k-1, non-decreasing), each `count` times, into the histogram."""
-    itl_hist, itl, log_min, inv_log_step = itl_acc
+    itl_hist, _, log_min, inv_log_step = itl_acc
     top = itl_bin_nb(b0 + a1 * (k - 1) + a2 * (k - 1) * (k - 1), log_min, inv_log_step)
     lo = 0
     while lo < k:
@@ -513,12 +526,11 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     stretch: an arrival, a due preemption, a finish while requests wait or after `finish_by`, the
     time limit), summed in closed form between the finishes on the way. Returns
     (iterations, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0)."""
-    cnt, phase, fh_t, fh_i, fh_n = lz[0], lz[2], lz[8], lz[9], lz[10]
+    cnt, phase, fh_t = lz[0], lz[2], lz[8]
     tok_table, seq_table = tables
     n_running, free, stage_free, rep_time = replicas
-    q_head, q_tail, q_next, n_waiting = queue
-    prompt, output, generated, status, finish, max_itl = reqs
-    s_req, s_output = slots[0], slots[4]
+    q_head, n_waiting = queue[0], queue[3]
+    prompt, _, generated, status, finish, max_itl = reqs
     itl = itl_acc[1]
     bs = ri[E.RI_BLOCK_SIZE]
     budget = ri[E.RI_MAX_TOKENS]
@@ -608,21 +620,12 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             break
         if k < next_fin:  # a shorter fit, or the blocks or the waiting requests end the run here
             continue
-        while fh_n[r] > 0 and fh_t[r, 0] <= D:  # those whose last token this was leave
-            _, s = hp.heap_pop_nb(fh_t, fh_i, fh_n, r)
-            blocks, worst = _leave(lz, r, s, slots, bs)
-            i = s_req[r, s]
-            finish[i] = t
-            status[i] = E.FINISHED
-            generated[i] = s_output[r, s]
-            max_itl[i] = worst
-            free_r += blocks
-            n_running[r] -= 1
-            done += 1
-            if turns[0][i] >= 0:
-                due = hp.next_turn_due_nb(turns, i, t)
-                t_arrival = min(t_arrival, due)
-                finish_by = min(finish_by, due)
+        left, freed, due = _finish_due(lz, r, t, slots, bs, finish, status, generated, max_itl, turns)
+        free_r += freed
+        n_running[r] -= left
+        done += left
+        t_arrival = min(t_arrival, due)
+        finish_by = min(finish_by, due)
         n = cnt[r, C_NDEC]
     if total == 0:
         return 0, t_r, 0, 0
