@@ -342,8 +342,11 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
             schedule_running(0)  # no prefill admitted, so every running request decodes
             if sglang and scheduled:
                 ratio = 0.7 if preempted else max(ratio - (0.7 - 0.1) / 600, 0.1)
-        if not scheduled:
-            break
+        if not scheduled:  # nothing can run now: a later arrival may change that (LPM may pick it)
+            if not pending:
+                break
+            now = max(now, pending[0].arrival)
+            continue
         history.append((now, num_blocks - free))
 
         dec = [c for r, new, c in scheduled if new == 1 and c >= r.prompt]
