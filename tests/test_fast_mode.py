@@ -126,3 +126,25 @@ def test_without_decoders_to_sum_fast_mode_still_matches():
     b = run([0.0, 0.001, 0.002], [100, 5000, 30], [1, 1, 1], fast=False, timeline=False)
     compare(a, b)
     assert a["counters"][5] == 0
+
+
+def test_worst_gap_record_overflowing_is_folded_into_the_requests():
+    """A long request decodes while 1,100 one-token requests arrive with shrinking prompts: each
+    prefill makes a gap smaller than the last but larger than the decodes' between, so the record of
+    falling gaps outgrows its 1,024 entries and is folded into the decoders' own worst gaps."""
+    n = 1101
+    arrivals = [0.0] + [0.2 * j for j in range(1, n)]
+    prompts = [10] + [1500 - j for j in range(1, n)]
+    outputs = [40_000] + [1] * (n - 1)
+    a = run(arrivals, prompts, outputs, fast=True, timeline=False, num_blocks=20_000)
+    b = run(arrivals, prompts, outputs, fast=False, timeline=True, num_blocks=20_000)
+    compare(a, b)
+    tl = b["timeline"]
+    record = []  # the falling gaps, from exact mode's iterations
+    deepest = 0
+    for gap in np.diff(tl[:, E.TL_START_S] + tl[:, E.TL_DURATION_S]):
+        while record and record[-1] <= gap:
+            record.pop()
+        record.append(gap)
+        deepest = max(deepest, len(record))
+    assert deepest > lz.STACK_CAP
