@@ -66,7 +66,7 @@ def test_blocks_taken_over_a_run_match_counting_each_iteration(phase, D, free, k
     assert lz._blocks_used(ph, 0, D, bs, n, fit) == used
 
 
-def compare(a, b):
+def compare(a, b, batch):
     """Fast (a) and exact (b) runs: the same decisions, times equal to rounding."""
     for key in ("status", "generated", "preempts", "replica", "cached"):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -76,10 +76,10 @@ def compare(a, b):
     np.testing.assert_allclose(a["gpu_time"], b["gpu_time"], rtol=1e-9)
     np.testing.assert_allclose(a["itl_stats"], b["itl_stats"], rtol=1e-9)
     # A gap within rounding of a bin edge may land in the next bin: the cumulative counts agree
-    # everywhere to within the gaps of one iteration.
+    # everywhere to within one iteration's tokens (`batch`: the most requests decoding at once).
     ca, cb = np.cumsum(a["itl_hist"]), np.cumsum(b["itl_hist"])
     assert ca[-1] == cb[-1]
-    assert np.abs(ca - cb).max() <= 64 * max(1, len(a["status"]))
+    assert np.abs(ca - cb).max() <= batch
 
 
 @given(wl=st.integers(1, 40).flatmap(lambda n: st.tuples(
@@ -108,14 +108,15 @@ def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time,
               block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
               threshold=e["threshold"], v0=e["v0"] and not caching, timeline=False, replicas=replicas,
               policy=policy, max_time_s=max_time, prefix_caching=caching, turns=(nxt, think_s))
-    compare(run(arrivals, prompts, outputs, fast=True, **kw), run(arrivals, prompts, outputs, fast=False, **kw))
+    compare(run(arrivals, prompts, outputs, fast=True, **kw), run(arrivals, prompts, outputs, fast=False, **kw),
+            e["max_num_seqs"] * replicas)
 
 
 def test_fast_mode_sums_most_iterations_and_stays_exact_on_a_long_run_with_preemptions():
     arrivals, prompts, outputs = long_run(400)
     a = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=True)
     b = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=False)
-    compare(a, b)
+    compare(a, b, 256)
     assert b["preempts"].sum() > 0  # exact mode decides around the preemptions, lazy form elsewhere
     assert a["counters"][5] > 0.8 * a["counters"][0]  # iterations summed in closed form
 
@@ -124,7 +125,7 @@ def test_without_decoders_to_sum_fast_mode_still_matches():
     """Requests of one output token never decode: every iteration is a scheduled prefill."""
     a = run([0.0, 0.001, 0.002], [100, 5000, 30], [1, 1, 1], fast=True, timeline=False)
     b = run([0.0, 0.001, 0.002], [100, 5000, 30], [1, 1, 1], fast=False, timeline=False)
-    compare(a, b)
+    compare(a, b, 256)
     assert a["counters"][5] == 0
 
 
@@ -138,7 +139,7 @@ def test_worst_gap_record_overflowing_is_folded_into_the_requests():
     outputs = [40_000] + [1] * (n - 1)
     a = run(arrivals, prompts, outputs, fast=True, timeline=False, num_blocks=20_000)
     b = run(arrivals, prompts, outputs, fast=False, timeline=True, num_blocks=20_000)
-    compare(a, b)
+    compare(a, b, 256)
     tl = b["timeline"]
     record = []  # the falling gaps, from exact mode's iterations
     deepest = 0

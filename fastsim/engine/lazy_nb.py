@@ -116,16 +116,32 @@ def _stk_push(lz, r, d, g, slots, bs):
 def _rebase(lz, r, slots, bs, g):
     """Move every lazy decoder's join to now (same tokens, same block phase), folding the gaps since
     its join, and g, into its own worst gap; the stack then starts empty."""
-    cnt, s_stamp, s_state = lz[0], lz[3], lz[5]
-    s_tokens, s_blocks, s_max_itl = slots[2], slots[5], slots[7]
-    D = cnt[r, C_D]
+    s_state, s_max_itl = lz[5], slots[7]
     for k in range(s_state.shape[1]):
         if s_state[r, k] == LAZY:
-            s_max_itl[r, k] = max(s_max_itl[r, k], _stk_query(lz, r, s_stamp[r, k]), g)
-            s_tokens[r, k] += D - s_stamp[r, k]
-            s_blocks[r, k] = max(s_blocks[r, k], ceil_div_nb(s_tokens[r, k] - 1, bs))
-            s_stamp[r, k] = D
-    cnt[r, C_STKN] = 0
+            _write_out(lz, r, k, slots, bs)
+            s_max_itl[r, k] = max(s_max_itl[r, k], g)
+    lz[0][r, C_STKN] = 0
+
+
+@njit(cache=True, error_model="numpy")
+def _write_out(lz, r, k, slots, bs):
+    """Lazy decoder k's tokens, blocks and worst gap as of the clock now, and its join moved to now
+    (same context sum, same block phase: the decoder aggregates stay valid)."""
+    cnt, s_stamp = lz[0], lz[3]
+    s_tokens, s_blocks, s_max_itl = slots[2], slots[5], slots[7]
+    D = cnt[r, C_D]
+    s_max_itl[r, k] = max(s_max_itl[r, k], _stk_query(lz, r, s_stamp[r, k]))
+    s_tokens[r, k] += D - s_stamp[r, k]
+    s_blocks[r, k] = max(s_blocks[r, k], ceil_div_nb(s_tokens[r, k] - 1, bs))
+    s_stamp[r, k] = D
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _phase(lz, r, k, slots, bs):
+    """The step (mod block_size) at which lazy decoder k takes a new block: when the room left in its
+    last block at its join, counted down one token a step, runs out."""
+    return (lz[3][r, k] + slots[5][r, k] * bs - (slots[2][r, k] - 1)) % bs
 
 
 # -- joining and leaving the lazy decoders --------------------------------------------------------
@@ -133,37 +149,33 @@ def _rebase(lz, r, slots, bs, g):
 def _join(lz, r, k, slots, bs):
     """Slot k has just sampled a token and decodes from now on (its KV is one token behind)."""
     cnt, phase, s_stamp, s_seq, s_state, fh_t, fh_i = lz[0], lz[2], lz[3], lz[4], lz[5], lz[8], lz[9]
-    s_prompt, s_tokens, s_output, s_blocks, s_measured = slots[1], slots[2], slots[4], slots[5], slots[8]
+    s_prompt, s_tokens, s_output, s_measured = slots[1], slots[2], slots[4], slots[8]
     D = cnt[r, C_D]
     tokens = s_tokens[r, k]
-    room = s_blocks[r, k] * bs - (tokens - 1)
     s_state[r, k] = LAZY
     s_stamp[r, k] = D
     cnt[r, C_NDEC] += 1
     cnt[r, C_SUML] += tokens - D
     cnt[r, C_NMEAS] += s_measured[r, k]
     cnt[r, C_MAXDEC] = max(cnt[r, C_MAXDEC], s_seq[r, k])
-    phase[r, (D + room) % bs] += 1
+    phase[r, _phase(lz, r, k, slots, bs)] += 1
     hp.heap_push_nb(fh_t, fh_i, lz[10], r, float(D + s_output[r, k] - (tokens - s_prompt[r, k])), k)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _leave(lz, r, k, slots, bs):
-    """Lazy decoder k finishes at the current clock: its blocks (returned) and its worst gap."""
+    """Lazy decoder k finishes at the current clock: (its blocks, returned; its worst gap)."""
     cnt, phase, s_stamp, s_state, free_slots = lz[0], lz[2], lz[3], lz[5], lz[6]
     s_tokens, s_blocks, s_max_itl, s_measured = slots[2], slots[5], slots[7], slots[8]
-    D = cnt[r, C_D]
-    tokens0 = s_tokens[r, k]
-    room = s_blocks[r, k] * bs - (tokens0 - 1)
-    phase[r, (s_stamp[r, k] + room) % bs] -= 1
+    phase[r, _phase(lz, r, k, slots, bs)] -= 1
     cnt[r, C_NDEC] -= 1
-    cnt[r, C_SUML] -= tokens0 - s_stamp[r, k]
+    cnt[r, C_SUML] -= s_tokens[r, k] - s_stamp[r, k]
     cnt[r, C_NMEAS] -= s_measured[r, k]
     s_state[r, k] = FREE
     free_slots[r, cnt[r, C_NFREE]] = k
     cnt[r, C_NFREE] += 1
-    computed = tokens0 - 1 + D - s_stamp[r, k]
-    return max(s_blocks[r, k], ceil_div_nb(computed, bs)), max(s_max_itl[r, k], _stk_query(lz, r, s_stamp[r, k]))
+    _write_out(lz, r, k, slots, bs)
+    return s_blocks[r, k], s_max_itl[r, k]
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -227,9 +239,8 @@ def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs):
 @njit(cache=True, error_model="numpy")
 def to_exact_nb(lz, r, slots, n_running, bs):
     """Write replica r's lazy decoders out and put its slots back in admission order."""
-    cnt, t_last, s_stamp, s_seq, s_state = lz[0], lz[1], lz[3], lz[4], lz[5]
+    cnt, t_last, s_seq, s_state = lz[0], lz[1], lz[4], lz[5]
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
-    D = cnt[r, C_D]
     used = np.empty(n_running[r], np.int64)
     seqs = np.empty(n_running[r], np.int64)
     m = 0
@@ -238,10 +249,8 @@ def to_exact_nb(lz, r, slots, n_running, bs):
         if st == FREE:
             continue
         if st == LAZY:
-            s_max_itl[r, k] = max(s_max_itl[r, k], _stk_query(lz, r, s_stamp[r, k]))
-            s_tokens[r, k] += D - s_stamp[r, k]
+            _write_out(lz, r, k, slots, bs)
             s_computed[r, k] = s_tokens[r, k] - 1
-            s_blocks[r, k] = max(s_blocks[r, k], ceil_div_nb(s_computed[r, k], bs))
             s_last[r, k] = t_last[r]
             s_sample[r, k] = -1
         used[m] = k
