@@ -207,9 +207,13 @@ def run_polled(kernel, args: tuple, progress: np.ndarray, report, interval_s: fl
 
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
-    while worker.is_alive():
+    # The last report comes after the worker ended, even if it ended before the first poll.
+    while True:
         worker.join(interval_s)
+        alive = worker.is_alive()
         report(int(progress[0]))
+        if not alive:
+            break
     if errors:
         raise errors[0]
     return out[0]
