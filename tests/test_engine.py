@@ -238,3 +238,16 @@ def test_decode_stretch_is_taken_and_exact_on_a_long_run():
     np.testing.assert_array_equal(a["counters"][:5], b["counters"][:5])
     assert b["preempts"].sum() > 0  # the run includes preemptions around the stretches
     assert b["counters"][5] == 0 and a["counters"][5] > 0.5 * a["counters"][0]  # most iterations stretched
+
+
+def test_timeline_grows_past_its_first_allocation_and_keeps_every_iteration():
+    """The event loop cannot allocate: when its timeline fills it returns, the caller doubles the
+    table and the loop resumes where it stopped. 3 staggered requests of 1,500 tokens are well over
+    the first 1,024 rows; every iteration must be there once, in order, and match a run without it."""
+    r = run([0.0, 0.01, 0.02], [100, 100, 100], [1500, 1500, 1500])
+    tl = r["timeline"]
+    assert tl.shape[0] == r["counters"][0] > 1024
+    assert (np.diff(tl[:, E.TL_START_S]) > 0).all()
+    assert tl[:, E.TL_NUM_TOKENS].sum() == 3 * 100 + 3 * 1499  # prompts + decodes (the last token needs none)
+    plain = run([0.0, 0.01, 0.02], [100, 100, 100], [1500, 1500, 1500], timeline=False)
+    np.testing.assert_array_equal(r["finish"], plain["finish"])

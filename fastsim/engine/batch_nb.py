@@ -52,3 +52,30 @@ def itl_add_nb(itl_acc, gap, count):
     itl[0] += count
     itl[1] += count * gap
     itl[2] += count * gap * gap
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _sift_down(keys, vals, root, end):
+    while True:
+        child = 2 * root + 1
+        if child >= end:
+            return
+        if child + 1 < end and keys[child + 1] > keys[child]:
+            child += 1
+        if keys[root] >= keys[child]:
+            return
+        keys[root], keys[child] = keys[child], keys[root]
+        vals[root], vals[child] = vals[child], vals[root]
+        root = child
+
+
+@njit(cache=True, error_model="numpy")
+def sort_by_key_nb(keys, vals, m):
+    """Sort keys[:m] ascending in place, carrying vals[:m] along (heapsort: the event loop runs
+    without Numba's allocator, so np.argsort is not available there)."""
+    for root in range(m // 2 - 1, -1, -1):
+        _sift_down(keys, vals, root, m)
+    for end in range(m - 1, 0, -1):
+        keys[0], keys[end] = keys[end], keys[0]
+        vals[0], vals[end] = vals[end], vals[0]
+        _sift_down(keys, vals, 0, end)

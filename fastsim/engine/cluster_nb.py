@@ -272,12 +272,9 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             else:
                 next_same[last_for[d]] = i
             last_for[d] = i
-    # The decode stretch's arguments, bundled once (building a tuple of arrays costs a reference
-    # count per array each time; a function of more than 30 arguments cannot be inlined).
+    # The event loop's arguments, bundled (a function of more than 30 arguments cannot be inlined).
     tables = (tok_table, seq_table)
-    requests = (prompt, generated, status, finish, max_itl)
     slots = (s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
-    replicas = (n_running, free, q_head, n_waiting, stage_free, rep_time)
     itl_acc = (itl_hist, itl, log_min, inv_log_step)
     # Fast mode's lazy form, where it applies.
     lz_ok = np.zeros(n_rep, np.bool_)
@@ -287,12 +284,92 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                     and not rep_int[r, E.RI_V0] and not rep_int[r, E.RI_APC] and not rep_int[r, E.RI_SGLANG])
         max_bs = max(max_bs, rep_int[r, E.RI_BLOCK_SIZE])
     lz = lz_nb.lazy_state_nb(n_rep, max_seqs, max_bs, lz_ok.any())
+    # Working arrays of to_exact_nb (the first three) and _decode_run (all but the third).
+    scratch = (np.empty(max_seqs, np.int64), np.empty(max_seqs, np.int64), np.empty(max_seqs),
+               np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64))
+    reqs = (arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,
+            preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo)
+    reps = (n_running, free, q_head, q_tail, n_waiting, outstanding, used_frac, stage_free, fl_end, fl_id, fl_head,
+            fl_count, batch_seq, nt_ratio, hit_bufs, session_replica, tree)
+    counts = (rep_iters, rep_peak, rep_preempts, rep_requests, rep_stretched, rep_time)
+    routing = (policy, route_params, dest, next_same, own_next)
+    # Flags and integer settings go in an array: in a tuple Numba types some as literals and
+    # compiles the loop twice (once per typing), doubling the longest compilation.
+    limits = np.array([record_timeline, fast_decode, leaves, max_stages, max_seqs, stateless, has_turns], np.int64)
+    loop_state = np.array([n_left, a, rr_next, n_tl], np.int64)
+    # The event loop runs without reference counting (see _events_nb); it returns when the
+    # timeline needs room, which only an allocating caller can make.
+    while _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_params, tables, slots, itl_acc,
+                     turns, apc, lz, lz_ok, scratch, progress, timeline, loop_state):
+        grown = np.empty((timeline.shape[0] * 2, timeline.shape[1]))
+        grown[: timeline.shape[0]] = timeline
+        timeline = grown
+    n_tl = loop_state[3]
+
+    # Requests still in a slot when the run stops: write their progress back.
+    for r in range(n_rep):
+        if lz_ok[r] and lz[0][r, lz_nb.C_ON]:
+            lz_nb.to_exact_nb(lz, r, slots, n_running, rep_int[r, E.RI_BLOCK_SIZE], scratch)
+        for k in range(n_running[r]):
+            i = s_req[r, k]
+            generated[i] = s_tokens[r, k] - s_prompt[r, k]
+            max_itl[i] = s_max_itl[r, k]
+    for i in range(n):
+        if status[i] == E.PENDING or status[i] == E.RUNNING:
+            status[i] = E.UNFINISHED
+    counters = np.empty((n_rep, 8), np.int64)
+    for r in range(n_rep):
+        counters[r, 0] = rep_iters[r]
+        counters[r, 1] = rep_peak[r]
+        counters[r, 2] = free[r]
+        counters[r, 3] = rep_preempts[r]
+        counters[r, 4] = rep_requests[r]
+        counters[r, 5] = rep_stretched[r]
+        counters[r, 6] = apc[2][r, px.EVICTIONS] if rep_int[r, E.RI_APC] else 0
+        counters[r, 7] = apc[2][r, px.HIT_TOKENS] if rep_int[r, E.RI_APC] else 0
+    return (status, first_sched, first_tok, finish, generated, preempts, max_itl, replica,
+            itl_hist, itl, timeline[:n_tl].copy(), counters, rep_time, cached, arrival)
+
+
+@njit(cache=True, error_model="numpy", nogil=True, _nrt=False)
+def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_params, tables, slots, itl_acc, turns,
+               apc, lz, lz_ok, scratch, progress, timeline, loop_state):
+    """run_cluster_nb's event loop, from the state it was left in (loop_state: requests left, next
+    arrival known in advance, router turn, timeline rows; limits: record_timeline, fast_decode, tree
+    leaves, max stages, max slots, stateless routing, conversations). Returns True when the timeline is full
+    (the caller grows it and calls again), False when the run is over.
+
+    Compiled without Numba's reference counting (`_nrt=False`: it allocates nothing, and nor does
+    anything it calls): in this loop the atomic reference-count pairs around every array taken from
+    a tuple or a row cost more than the simulation itself (gdb samples: over half in NRT_incref /
+    NRT_decref)."""
+    (arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,
+     preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo) = reqs
+    (n_running, free, q_head, q_tail, n_waiting, outstanding, used_frac, stage_free, fl_end, fl_id, fl_head,
+     fl_count, batch_seq, nt_ratio, hit_bufs, session_replica, tree) = reps
+    rep_iters, rep_peak, rep_preempts, rep_requests, rep_stretched, rep_time = counts
+    policy, route_params, dest, next_same, own_next = routing
+    record_timeline, fast_decode = limits[0] != 0, limits[1] != 0
+    leaves, max_stages, max_seqs = limits[2], limits[3], limits[4]
+    stateless, has_turns = limits[5] != 0, limits[6] != 0
+    tok_table, seq_table = tables
+    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    itl_hist, itl, log_min, inv_log_step = itl_acc
+    h_t, h_i, h_n = turns[3], turns[4], turns[5]
+    n = arrival.size
+    n_rep = rep_int.shape[0]
+    n_left, a, rr_next, n_tl = loop_state[0], loop_state[1], loop_state[2], loop_state[3]
+    requests = (prompt, generated, status, finish, max_itl)
+    replicas = (n_running, free, q_head, n_waiting, stage_free, rep_time)
     lz_queue = (q_head, q_tail, q_next, n_waiting)
     lz_sched_reqs = (prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached)
     lz_done_reqs = (prompt, generated, status, finish, max_itl, first_tok)
     lz_run_reqs = (prompt, output, generated, status, finish, max_itl)
     lz_replicas = (n_running, free, stage_free, rep_time)
     while n_left > 0:
+        if record_timeline and n_tl >= timeline.shape[0]:
+            loop_state[0], loop_state[1], loop_state[2], loop_state[3] = n_left, a, rr_next, n_tl
+            return True
         t_arr = arrival[a] if a < n else INF
         ai = a
         if h_n[0] > 0 and h_t[0, 0] < t_arr:
@@ -389,7 +466,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             else:
                 k_iters, t_end, done, peak = _decode_run(
                     r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas,
-                    itl_acc, turns, apc, ri[E.RI_APC] != 0, hit_bufs)
+                    itl_acc, turns, apc, ri[E.RI_APC] != 0, hit_bufs, scratch)
             if k_iters > 0:
                 rep_iters[r] += k_iters
                 rep_stretched[r] += k_iters
@@ -413,7 +490,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             handled, n_sched, agg = lz_nb.schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, lz_queue,
                                                       lz_sched_reqs)
             if not handled:  # a preemption is due, or the order of admission matters: exact mode decides
-                lz_nb.to_exact_nb(lz, r, slots, n_running, block_size)
+                lz_nb.to_exact_nb(lz, r, slots, n_running, block_size, scratch)
         if not handled and fl_count[r] < stages:
             budget = ri[E.RI_MAX_TOKENS]
             sg = ri[E.RI_SGLANG] != 0
@@ -527,10 +604,6 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             if used > rep_peak[r]:
                 rep_peak[r] = used
             if record_timeline and t <= max_time_s:
-                if n_tl >= timeline.shape[0]:
-                    grown = np.empty((timeline.shape[0] * 2, timeline.shape[1]))
-                    grown[: timeline.shape[0]] = timeline
-                    timeline = grown
                 row = timeline[n_tl]
                 row[E.TL_START_S] = t_r
                 row[E.TL_DURATION_S] = t - t_r
@@ -555,32 +628,13 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             nxt = fl_end[r, fl_head[r]]  # every virtual engine busy: wait for the oldest batch
         _tree_update(tree, leaves, r, nxt)
 
-    # Requests still in a slot when the run stops: write their progress back.
-    for r in range(n_rep):
-        if lz_ok[r] and lz[0][r, lz_nb.C_ON]:
-            lz_nb.to_exact_nb(lz, r, slots, n_running, rep_int[r, E.RI_BLOCK_SIZE])
-        for k in range(n_running[r]):
-            i = s_req[r, k]
-            generated[i] = s_tokens[r, k] - s_prompt[r, k]
-            max_itl[i] = s_max_itl[r, k]
-    for i in range(n):
-        if status[i] == E.PENDING or status[i] == E.RUNNING:
-            status[i] = E.UNFINISHED
-    counters = np.empty((n_rep, 8), np.int64)
-    for r in range(n_rep):
-        counters[r, 0] = rep_iters[r]
-        counters[r, 1] = rep_peak[r]
-        counters[r, 2] = free[r]
-        counters[r, 3] = rep_preempts[r]
-        counters[r, 4] = rep_requests[r]
-        counters[r, 5] = rep_stretched[r]
-        counters[r, 6] = apc[2][r, px.EVICTIONS] if rep_int[r, E.RI_APC] else 0
-        counters[r, 7] = apc[2][r, px.HIT_TOKENS] if rep_int[r, E.RI_APC] else 0
-    return (status, first_sched, first_tok, finish, generated, preempts, max_itl, replica,
-            itl_hist, itl, timeline[:n_tl].copy(), counters, rep_time, cached, arrival)
+    loop_state[0], loop_state[1], loop_state[2], loop_state[3] = n_left, a, rr_next, n_tl
+    return False
 
 
-@njit(cache=True, error_model="numpy", inline="always")  # a call with this many arrays costs ~20%
+# Called, not inlined (nor _complete, _decode_run): _events_nb calls without reference counts, so a
+# call is cheap, and inlining these exact-mode paths too costs ~1 min of compilation.
+@njit(cache=True, error_model="numpy")
 def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, free, q_head, q_tail, q_next,
                       n_waiting, s_req, s_prompt, s_tokens, s_computed, s_blocks, s_last, s_max_itl, s_sample,
                       generated, last_tok, max_itl, preempts, apc, on, prefill_only):
@@ -645,7 +699,7 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
     return preempted, n_sched, budget, agg
 
 
-@njit(cache=True, error_model="numpy", inline="always")  # a call with this many arrays costs ~20%
+@njit(cache=True, error_model="numpy")
 def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last,
               s_max_itl, s_measured, s_sample, status, finish, first_tok, generated, max_itl, itl_hist, itl,
               log_min, inv_log_step, apc, on, turns):
@@ -798,9 +852,9 @@ def _stretch_blocks(apc, r, it, bs, by_phase, start, s_req, s_computed, s_blocks
                 px.apc_hash_full_nb(apc, r, k, s_req[k], s_computed[k] + it, bs)
 
 
-@njit(cache=True, error_model="numpy", inline="always")  # one call site; a call would copy ~40 arrays
+@njit(cache=True, error_model="numpy")
 def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas, itl_acc,
-                turns, apc, on, hit_bufs):
+                turns, apc, on, hit_bufs, scratch):
     """Replica r at t_r has every running request ready to decode, nothing in flight: step the
     decode iterations that the normal path would run before anything else can happen (an arrival,
     a preemption, an admission; a request finishing too, unless nothing waits) in O(1) each, and
@@ -831,7 +885,8 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     base = 0       # sum of the active slots' computed tokens at the start
     n_meas = 0
     next_fin = 1 << 62  # iteration (1-based) at which the next request finishes
-    phase = np.zeros(bs, np.int64)  # slots needing a new block at iterations j with j % bs == index
+    phase = scratch[3]  # slots needing a new block at iterations j with j % bs == index
+    phase[:bs] = 0
     for k in range(nrun):
         if s_tokens[k] - s_computed[k] != 1 or s_last[k] != t_r or s_computed[k] < s_prompt[k]:
             return 0, t_r, 0, 0
@@ -870,13 +925,14 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     if on:
         # Slots by the iteration phase at which they fill a block (computed % bs == 0): a slot
         # fills one at phase f and takes a new one at f + 1. Counting sort keeps slot order.
-        by_phase = np.empty(nrun, np.int64)
-        start = np.zeros(bs + 1, np.int64)
+        by_phase, start, fill = scratch[0], scratch[4], scratch[5]
+        start[: bs + 1] = 0
         for k in range(nrun):
             start[(-s_computed[k]) % bs + 1] += 1
         for f in range(bs):
             start[f + 1] += start[f]
-        fill = start[:bs].copy()
+        for f in range(bs):
+            fill[f] = start[f]
         for k in range(nrun):
             f = (-s_computed[k]) % bs
             by_phase[fill[f]] = k

@@ -34,7 +34,8 @@ from numba import njit
 
 from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
-from fastsim.engine.batch_nb import add_to_batch_nb, blocks_needed_nb, ceil_div_nb, itl_add_nb, itl_bin_nb
+from fastsim.engine.batch_nb import (add_to_batch_nb, blocks_needed_nb, ceil_div_nb, itl_add_nb, itl_bin_nb,
+                                     sort_by_key_nb)
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, LAYERS, attention_time_nb
 
 # slot states in lazy form
@@ -237,12 +238,12 @@ def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs):
 
 
 @njit(cache=True, error_model="numpy")
-def to_exact_nb(lz, r, slots, n_running, bs):
-    """Write replica r's lazy decoders out and put its slots back in admission order."""
+def to_exact_nb(lz, r, slots, n_running, bs, scratch):
+    """Write replica r's lazy decoders out and put its slots back in admission order. `scratch`
+    starts with two int64 and one float64 array of max_num_seqs entries (nothing is allocated here)."""
     cnt, t_last, s_seq, s_state = lz[0], lz[1], lz[4], lz[5]
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
-    used = np.empty(n_running[r], np.int64)
-    seqs = np.empty(n_running[r], np.int64)
+    used, seqs, tmp = scratch[0], scratch[1], scratch[2]
     m = 0
     for k in range(s_state.shape[1]):
         st = s_state[r, k]
@@ -257,19 +258,31 @@ def to_exact_nb(lz, r, slots, n_running, bs):
         seqs[m] = s_seq[r, k]
         m += 1
         s_state[r, k] = FREE
-    order = used[np.argsort(seqs)]
-    s_req[r, :m] = s_req[r][order]
-    s_prompt[r, :m] = s_prompt[r][order]
-    s_tokens[r, :m] = s_tokens[r][order]
-    s_computed[r, :m] = s_computed[r][order]
-    s_output[r, :m] = s_output[r][order]
-    s_blocks[r, :m] = s_blocks[r][order]
-    s_last[r, :m] = s_last[r][order]
-    s_max_itl[r, :m] = s_max_itl[r][order]
-    s_measured[r, :m] = s_measured[r][order]
-    s_sample[r, :m] = s_sample[r][order]
+    sort_by_key_nb(seqs, used, m)
+    _permute(s_req[r], used, m, seqs)
+    _permute(s_prompt[r], used, m, seqs)
+    _permute(s_tokens[r], used, m, seqs)
+    _permute(s_computed[r], used, m, seqs)
+    _permute(s_output[r], used, m, seqs)
+    _permute(s_blocks[r], used, m, seqs)
+    _permute(s_sample[r], used, m, seqs)
+    _permute(s_last[r], used, m, tmp)
+    _permute(s_max_itl[r], used, m, tmp)
+    for j in range(m):
+        seqs[j] = s_measured[r, used[j]]
+    for j in range(m):
+        s_measured[r, j] = seqs[j] != 0
     cnt[r, C_ON] = 0
     cnt[r, C_COOL] = COOLDOWN
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _permute(row, order, m, buf):
+    """row[:m] = row[order[:m]] through buf."""
+    for j in range(m):
+        buf[j] = row[order[j]]
+    for j in range(m):
+        row[j] = buf[j]
 
 
 # -- a completed batch -----------------------------------------------------------------------------
