@@ -78,9 +78,7 @@ def run_cmd(
     if fmt is not None:
         overrides.append(f"output.format={fmt}")
     cfg = load_config(config, overrides)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with Progress(*_progress_columns(), console=err_console, transient=True) as bar:
         tasks: dict[str, int] = {}
 
         def report(stage: str, done: int = 0, total: int = 0) -> None:
@@ -94,6 +92,130 @@ def run_cmd(
     if not quiet:
         console.print(summary_table(result.summaries))
     console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _progress_columns():
+    return (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+
+
+def _default_jobs() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_SWEEP_COLUMNS = [("request_throughput", "req/s", "{:.3f}"), ("output_throughput", "out tok/s", "{:.0f}"),
+                  ("p99_ttft_ms", "p99 TTFT ms", "{:.1f}"), ("p99_tpot_ms", "p99 TPOT ms", "{:.2f}"),
+                  ("request_goodput", "goodput req/s", "{:.3f}")]
+
+
+@app.command("sweep")
+def sweep_cmd(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config (its `sweep:` section, if any, says what "
+                                                            "to vary); none: the built-in default")] = None,
+    grid: Annotated[Optional[list[str]], typer.Option("--grid", help="vary a key over every combination: "
+                    "key=v1,v2,... or key=start:stop:step (stop included)")] = None,
+    zip_: Annotated[Optional[list[str]], typer.Option("--zip", help="vary keys together, i-th value with i-th "
+                    "value: key=v1,v2,...")] = None,
+    random: Annotated[Optional[int], typer.Option("--random", help="draw this many points from the parameters' "
+                      "values instead of taking all", min=1)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="seed of --random's draws")] = 0,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a base config key")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: output.dir)")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="parallel workers (default: every core)",
+                    min=1)] = None,
+    executor: Annotated[str, typer.Option("--executor", help="local (processes on this machine) or ray")] = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: start a "
+                       "local Ray instance)")] = None,
+    save_requests: Annotated[bool, typer.Option("--save-requests", help="also write each point's per-request "
+                             "table: <out>/requests/point_id=<id>/ (a Parquet dataset)")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="run again the points that failed "
+                            "before (done points are always skipped)")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no results table")] = False,
+) -> None:
+    """Run many variations of a config in parallel; one summary row per point and engine in
+    <out>/sweep.parquet. Re-running skips the points already done."""
+    from fastsim.config import Sweep, build_config, deep_merge, parse_overrides, read_config_file
+    from fastsim.sweep import parse_cli_parameter, run_sweep, sweep_points
+
+    if executor not in ("local", "ray"):
+        raise FastsimError(f"--executor {executor!r}: expected local or ray")
+    if grid and zip_:
+        raise FastsimError("--grid and --zip cannot be mixed: give every parameter with one of them")
+    raw = deep_merge(read_config_file(config), parse_overrides(list(set_ or [])))
+    cfg = build_config(raw)
+    if grid or zip_:
+        params = dict(parse_cli_parameter(item, "--zip" if zip_ else "--grid") for item in (grid or zip_))
+        mode = "random" if random else ("zip" if zip_ else "grid")
+        spec = _sweep_spec(Sweep, {"mode": mode, "parameters": params, "samples": random, "seed": seed})
+    elif cfg.sweep is not None:
+        spec = cfg.sweep if not random else _sweep_spec(Sweep, {**cfg.sweep.model_dump(), "mode": "random",
+                                                                "samples": random, "seed": seed})
+    else:
+        raise FastsimError("sweep: nothing to vary; give --grid key=v1,v2 (or --zip) or a `sweep:` section "
+                           "in the config")
+    points = sweep_points(spec, raw)
+    out_dir = out or Path(cfg.output.dir)
+    n_jobs = jobs or _default_jobs()
+    with Progress(*_progress_columns(), console=err_console, transient=True) as bar:
+        task = bar.add_task(f"sweep of {len(points)} points", total=len(points))
+
+        def report(done: int, total: int, failed: int) -> None:
+            bar.update(task, completed=done, description=f"sweep of {total} points"
+                       + (f", {failed} failed" if failed else ""))
+
+        outcome = run_sweep(raw, points, out_dir, executor=executor, jobs=n_jobs, address=address,
+                            save_requests=save_requests, retry_failed=retry_failed, progress=report)
+    if not quiet:
+        console.print(_sweep_table(outcome.table_path, list(spec.parameters)))
+    for line in _sweep_failures(outcome.table_path, list(spec.parameters)):
+        err_console.print(f"[red]failed[/] {line}", highlight=False, soft_wrap=True)
+    console.print(f"{outcome.total} points: {outcome.ran} run, {outcome.skipped} already done, "
+                  f"{outcome.failed} failed; wrote {outcome.table_path}")
+
+
+def _sweep_spec(model, data: dict):
+    from pydantic import ValidationError
+
+    from fastsim.config import format_validation_error
+
+    try:
+        return model(**data)
+    except ValidationError as e:
+        raise FastsimError(format_validation_error(e, prefix="sweep").replace("config: ", "", 1)) from None
+
+
+def _sweep_table(path: Path, keys: list[str], limit: int = 40) -> Table:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    t = Table(title=f"sweep ({len(rows)} rows{'; first ' + str(limit) if len(rows) > limit else ''})")
+    short = [k.rsplit(".", 1)[-1] for k in keys]  # the full keys are the table's column names
+    for k, name in zip(keys, short):
+        t.add_column(name if short.count(name) == 1 else k)
+    t.add_column("engine")
+    for _, label, _ in _SWEEP_COLUMNS:
+        t.add_column(label, justify="right", no_wrap=True)
+    t.add_column("status")
+    for row in rows[:limit]:
+        cells = [str(row.get(k)) for k in keys] + [str(row.get("engine") or "-")]
+        for key, _, fmt in _SWEEP_COLUMNS:
+            v = row.get(key)
+            cells.append("-" if v is None or v != v else fmt.format(v))
+        cells.append(row["status"])
+        t.add_row(*cells)
+    return t
+
+
+def _sweep_failures(path: Path, keys: list[str], limit: int = 5) -> list[str]:
+    import pyarrow.parquet as pq
+
+    rows = [r for r in pq.read_table(path).to_pylist() if r["status"] != "ok"]
+    lines = [f"point {r['point']} ({', '.join(f'{k}={r[k]}' for k in keys)}): {r['error']}" for r in rows[:limit]]
+    if len(rows) > limit:
+        lines.append(f"... and {len(rows) - limit} more (the `error` column of the table)")
+    return lines
 
 
 @app.command("validate")

@@ -371,6 +371,60 @@ class Output(_Strict):
     timeline: bool = Field(default=False, description="also write a per-iteration timeline")
 
 
+class SweepRange(_Strict):
+    """Evenly spaced values from start to stop, both included (`key=start:stop:step` on the command line)."""
+    start: float
+    stop: float
+    step: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.stop < self.start:
+            raise ValueError(f"stop {self.stop:g} is below start {self.start:g}; give start <= stop")
+        if (self.stop - self.start) / self.step > 100_000:
+            raise ValueError(f"{(self.stop - self.start) / self.step:.0f} steps; use a larger step")
+        return self
+
+
+class SweepDistribution(_Strict):
+    """Random mode only: a value drawn uniformly from [low, high] (log: uniformly in log space)."""
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = Field(default=False, description="round the draw to an integer")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.high < self.low:
+            raise ValueError(f"high {self.high:g} is below low {self.low:g}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log needs low > 0, got {self.low:g}")
+        return self
+
+
+class Sweep(_Strict):
+    """Configurations to run: each parameter is a dotted config key (`engine.max_num_seqs`,
+    `workload.clients.0.arrival.rate`) with its values."""
+    mode: Literal["grid", "zip", "random"] = Field(
+        default="grid", description="grid: every combination; zip: the i-th value of each together; "
+        "random: `samples` points drawn from the values")
+    parameters: dict[str, Union[list[Any], SweepRange, SweepDistribution]] = Field(min_length=1)
+    samples: int | None = Field(default=None, ge=1, description="random mode: how many points")
+    seed: int = Field(default=0, ge=0, description="random mode: the draws' seed")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        for key, v in self.parameters.items():
+            if isinstance(v, list) and not v:
+                raise ValueError(f"parameter {key!r} has no values")
+            if isinstance(v, SweepDistribution) and self.mode != "random":
+                raise ValueError(f"parameter {key!r}: low/high draws need mode: random; give a list or "
+                                 f"start/stop/step for {self.mode}")
+        if self.mode == "random" and self.samples is None:
+            raise ValueError("mode random needs samples: how many points to draw")
+        return self
+
+
 class Config(_Strict):
     simulation: Simulation = Simulation()
     model: str = "meta-llama/Meta-Llama-3-8B"
@@ -382,6 +436,7 @@ class Config(_Strict):
     workload: Workload
     slo: Slo = Slo()
     output: Output = Output()
+    sweep: Sweep | None = Field(default=None, description="`fastsim sweep`: the configurations to run")
 
     def engine_variants(self) -> list[Engine]:
         """The engines to compare on one workload: `engine` alone, or each variant over it."""
@@ -452,14 +507,19 @@ def parse_overrides(items: list[str]) -> dict:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise FastsimError(f"--set {item!r}: {p} is already set to a value")
-        node[parts[-1]] = value
+        set_path(out, key.strip(), value, f"--set {item!r}")
     return out
+
+
+def set_path(tree: dict, key: str, value, where: str) -> None:
+    """tree[a][b][c] = value for key 'a.b.c', creating the levels (a merge into the config follows)."""
+    node = tree
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise FastsimError(f"{where}: {p} is already set to a value")
+    node[parts[-1]] = value
 
 
 def deep_merge(base, over):
@@ -483,26 +543,34 @@ def deep_merge(base, over):
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read and validate a config file (None: the built-in default scenario), then apply overrides."""
+def read_config_file(path: str | Path | None) -> dict:
+    """A config file's raw mapping (None: the built-in default scenario), not yet validated."""
     if path is None:
-        raw: Any = DEFAULT_CONFIG
-    else:
-        try:
-            raw = yaml.safe_load(Path(path).read_text())
-        except OSError as e:
-            raise FastsimError(f"config: cannot read {str(path)!r} ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise FastsimError(f"config: {path} is not valid YAML{where}: "
-                               f"{getattr(e, 'problem', None) or e}") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise FastsimError(f"config: {path} must hold a mapping of sections, got {type(raw).__name__}")
-    raw = deep_merge(raw, parse_overrides(overrides or []))
+        return DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise FastsimError(f"config: cannot read {str(path)!r} ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise FastsimError(f"config: {path} is not valid YAML{where}: "
+                           f"{getattr(e, 'problem', None) or e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise FastsimError(f"config: {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def build_config(raw: dict) -> Config:
+    """Validate a raw mapping; a mistake becomes one line naming the field."""
     try:
         return Config(**raw)
     except ValidationError as e:
         raise FastsimError(format_validation_error(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read and validate a config file (None: the built-in default scenario), then apply overrides."""
+    return build_config(deep_merge(read_config_file(path), parse_overrides(overrides or [])))

@@ -1,0 +1,334 @@
+"""`fastsim sweep`: many variations of one config, run in parallel. Each point's result is saved the
+moment it finishes (one small JSON file, written atomically), so an interrupted or partly failed
+sweep loses nothing and a re-run skips the points already done; the summary table is assembled
+from those files at the end."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fastsim.config import (Config, Sweep, SweepDistribution, SweepRange, build_config, deep_merge,
+                            set_path)
+from fastsim.errors import FastsimError
+
+POINTS_DIR = "points"
+REQUESTS_DIR = "requests"
+TABLE_NAME = "sweep"
+# Measurements of this machine, not of the simulated system: kept out of the summary table so that
+# the same sweep gives the same table wherever and however it runs.
+_WALL_CLOCK_KEYS = ("wall_time_s",)
+
+
+@dataclass(frozen=True)
+class Point:
+    index: int
+    params: dict[str, Any]  # dotted config key -> value
+    point_id: str           # stable across runs: a hash of the base config and params
+
+
+# -- which points ----------------------------------------------------------------------------------
+def range_values(r: SweepRange) -> list:
+    """start, start + step, ... up to stop inclusive (to rounding); integers if all three are."""
+    n = int(math.floor((r.stop - r.start) / r.step + 1e-9)) + 1
+    values = [r.start + i * r.step for i in range(n)]
+    if all(float(x).is_integer() for x in (r.start, r.stop, r.step)):
+        return [int(round(v)) for v in values]
+    return [round(v, 12) for v in values]
+
+
+def parameter_values(spec) -> list:
+    return range_values(spec) if isinstance(spec, SweepRange) else list(spec)
+
+
+def sweep_points(sweep: Sweep, base_raw: dict) -> list[Point]:
+    keys = list(sweep.parameters)
+    if sweep.mode == "grid":
+        combos = itertools.product(*(parameter_values(sweep.parameters[k]) for k in keys))
+    elif sweep.mode == "zip":
+        columns = [parameter_values(sweep.parameters[k]) for k in keys]
+        lengths = {k: len(c) for k, c in zip(keys, columns)}
+        if len(set(lengths.values())) > 1:
+            raise FastsimError(f"sweep: zip mode needs as many values for every parameter, got {lengths}")
+        combos = zip(*columns)
+    else:
+        rng = np.random.default_rng(sweep.seed)
+        combos = ([_draw(sweep.parameters[k], rng) for k in keys] for _ in range(sweep.samples))
+    base_hash = _digest(base_raw)
+    points = []
+    for i, values in enumerate(combos):
+        params = dict(zip(keys, values))
+        points.append(Point(i, params, _digest([base_hash, params])[:16]))
+    return points
+
+
+def _draw(spec, rng: np.random.Generator):
+    if isinstance(spec, SweepDistribution):
+        if spec.log:
+            v = float(np.exp(rng.uniform(np.log(spec.low), np.log(spec.high))))
+        else:
+            v = float(rng.uniform(spec.low, spec.high))
+        return int(round(v)) if spec.integer else v
+    values = parameter_values(spec)
+    return values[int(rng.integers(len(values)))]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def parse_cli_parameter(item: str, option: str) -> tuple[str, list | SweepRange]:
+    """`key=v1,v2,...` (each value read as YAML) or `key=start:stop:step` (stop included)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or not raw.strip():
+        raise FastsimError(f"{option} {item!r}: expected key=v1,v2 or key=start:stop:step, "
+                           "e.g. engine.max_num_seqs=64,128,256")
+    parts = raw.split(":")
+    if len(parts) == 3:
+        try:
+            start, stop, step = (float(p) for p in parts)
+        except ValueError:
+            pass
+        else:
+            try:
+                return key, SweepRange(start=start, stop=stop, step=step)
+            except Exception as e:  # pydantic's message, made one line
+                msg = str(e).splitlines()[-2].strip() if len(str(e).splitlines()) > 1 else str(e)
+                raise FastsimError(f"{option} {item!r}: {msg.removeprefix('Value error, ')}") from None
+    values = []
+    for v in raw.split(","):
+        try:
+            values.append(yaml.safe_load(v))
+        except yaml.YAMLError:
+            values.append(v)
+    return key, values
+
+
+def point_config(base_raw: dict, params: dict) -> Config:
+    over: dict = {}
+    for key, value in params.items():
+        set_path(over, key, value, f"sweep parameter {key!r}")
+    raw = deep_merge(copy.deepcopy({k: v for k, v in base_raw.items() if k != "sweep"}), over)
+    return build_config(raw)
+
+
+def check_keys(base_raw: dict, point: Point) -> None:
+    """A misspelt key would fail every point: say so once, before running any."""
+    try:
+        point_config(base_raw, point.params)
+    except FastsimError as e:
+        if "is not a known option" in str(e) or "past the end of a list" in str(e):
+            raise FastsimError(f"sweep parameter: {str(e).removeprefix('config: ')}") from None
+
+
+# -- one point, in a worker --------------------------------------------------------------------------
+def flat_summary(summary: dict) -> dict:
+    """The scalar metrics of one engine's summary, SLO limits as slo_<name>; per-replica detail and
+    wall-clock readings left out."""
+    out = {}
+    for k, v in summary.items():
+        if k in _WALL_CLOCK_KEYS or isinstance(v, list):
+            continue
+        if isinstance(v, dict):
+            out.update({f"{k}_{kk}": vv for kk, vv in v.items() if not isinstance(vv, (dict, list))})
+        else:
+            out[k] = v
+    return out
+
+
+def run_point(base_raw: dict, params: dict, requests_path: str | None) -> dict:
+    """Simulate one point; never raises (a failure is part of the result)."""
+    from fastsim.output import write_table_atomic
+    from fastsim.simulation import simulate
+
+    t0 = time.perf_counter()
+    try:
+        result = simulate(point_config(base_raw, params))
+        if requests_path is not None:
+            write_table_atomic(result.requests, requests_path, "parquet")
+        summaries = {name: flat_summary(s) for name, s in result.summaries.items()}
+        return {"status": "ok", "error": None, "summaries": summaries, "wall_s": time.perf_counter() - t0}
+    except FastsimError as e:
+        error = str(e)
+    except Exception as e:  # a bug; recorded so the other points go on
+        error = f"{type(e).__name__}: {e}"
+    return {"status": "failed", "error": error, "summaries": {}, "wall_s": time.perf_counter() - t0}
+
+
+def warm_up() -> None:
+    """Load (or compile, once) the simulation kernel: a few requests of the default scenario."""
+    from fastsim.config import load_config
+    from fastsim.simulation import simulate
+
+    simulate(load_config(None, ["workload.num_requests=20"]))
+
+
+# -- executors: run_point over many points, results as they finish --------------------------------------
+def run_local(tasks: list[tuple], jobs: int) -> Iterator[tuple[int, dict]]:
+    """Worker processes forked after the kernel is loaded (Linux), so no worker compiles; elsewhere
+    spawned, each loading the kernel from Numba's cache once."""
+    import multiprocessing as mp
+    import sys
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    warm_up()
+    if jobs == 1 or len(tasks) == 1:
+        for t in tasks:
+            yield t[0], run_point(*t[1:])
+        return
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx,
+                               initializer=None if ctx.get_start_method() == "fork" else warm_up)
+    try:
+        futures = {pool.submit(run_point, *t[1:]): t[0] for t in tasks}
+        for f in as_completed(futures):
+            try:
+                res = f.result()
+            except BrokenProcessPool:
+                res = {"status": "failed", "error": "its worker process died (out of memory?)", "summaries": {},
+                       "wall_s": 0.0}
+            yield futures[f], res
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_ray(tasks: list[tuple], jobs: int, address: str | None) -> Iterator[tuple[int, dict]]:
+    """The same points as Ray tasks, on the cluster at `address` (None: a local Ray instance)."""
+    try:
+        import ray
+    except ImportError:
+        raise FastsimError("--executor ray needs Ray: pip install 'fastsim[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        kwargs = {"address": address} if address else {"num_cpus": jobs}
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+    try:
+        remote = ray.remote(num_cpus=1)(run_point)
+        refs = {remote.remote(*t[1:]): t[0] for t in tasks}
+        while refs:
+            done, _ = ray.wait(list(refs), num_returns=1)
+            for ref in done:
+                index = refs.pop(ref)
+                try:
+                    res = ray.get(ref)
+                except Exception as e:  # the task's worker died
+                    res = {"status": "failed", "error": f"Ray task failed: {type(e).__name__}", "summaries": {},
+                           "wall_s": 0.0}
+                yield index, res
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# -- the sweep -------------------------------------------------------------------------------------
+@dataclass
+class SweepOutcome:
+    table_path: Path
+    total: int
+    ran: int
+    skipped: int
+    failed: int
+
+
+def run_sweep(base_raw: dict, points: list[Point], out_dir: Path, *, executor: str = "local", jobs: int = 1,
+              address: str | None = None, save_requests: bool = False, retry_failed: bool = False,
+              progress: Callable[[int, int, int], None] | None = None) -> SweepOutcome:
+    """Run the points not yet done in out_dir, record each, write <out_dir>/sweep.parquet.
+    progress(done, total, failed) is called as points finish."""
+    from fastsim.output import write_json_atomic
+
+    if not points:
+        raise FastsimError("sweep: no points to run")
+    check_keys(base_raw, points[0])
+    points_dir = out_dir / POINTS_DIR
+    done: dict[str, dict] = {}
+    for p in points:
+        rec = _read_point(points_dir / f"{p.point_id}.json")
+        if rec is not None and (rec["status"] == "ok" or not retry_failed):
+            done[p.point_id] = rec
+    todo = [p for p in points if p.point_id not in done]
+    skipped = len(points) - len(todo)
+    tasks = [(p.index, base_raw, p.params,
+              str(out_dir / REQUESTS_DIR / f"point_id={p.point_id}" / "part-0.parquet") if save_requests else None)
+             for p in todo]
+    by_index = {p.index: p for p in todo}
+    failed = sum(1 for r in done.values() if r["status"] != "ok")
+    if progress:
+        progress(skipped, len(points), failed)
+    if tasks:
+        results = run_ray(tasks, jobs, address) if executor == "ray" else run_local(tasks, jobs)
+        for n, (index, res) in enumerate(results, start=1):
+            p = by_index[index]
+            rec = {"point_id": p.point_id, "params": p.params, **res}
+            write_json_atomic(points_dir / f"{p.point_id}.json", rec)
+            done[p.point_id] = rec
+            failed += res["status"] != "ok"
+            if progress:
+                progress(skipped + n, len(points), failed)
+    path = write_sweep_table(points, done, out_dir)
+    return SweepOutcome(path, len(points), len(todo), skipped, failed)
+
+
+def _read_point(path: Path) -> dict | None:
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # not run yet (an atomic write never leaves half a file; a damaged one reruns)
+    return rec if isinstance(rec, dict) and "status" in rec else None
+
+
+def sweep_rows(points: list[Point], records: dict[str, dict]) -> list[dict]:
+    """A row per point and engine: point, point_id, the swept keys, engine, status, error, metrics."""
+    rows = []
+    for p in points:
+        rec = records[p.point_id]
+        head = {"point": p.index, "point_id": p.point_id, **p.params}
+        if rec["status"] != "ok" or not rec["summaries"]:
+            rows.append({**head, "engine": None, "status": rec["status"], "error": rec["error"]})
+            continue
+        for engine, metrics in rec["summaries"].items():
+            rows.append({**head, "engine": engine, "status": "ok", "error": None,
+                         **{k: v for k, v in metrics.items() if k != "engine"}})
+    return rows
+
+
+def _kind(v) -> str:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, (int, float)):
+        return "number"
+    return "str" if isinstance(v, str) else "other"
+
+
+def write_sweep_table(points: list[Point], records: dict[str, dict], out_dir: Path) -> Path:
+    import pyarrow as pa
+
+    from fastsim.output import write_table_atomic
+
+    rows = sweep_rows(points, records)
+    keys = list(points[0].params)
+    columns: dict[str, list] = {}
+    for row in rows:
+        for k in row:
+            columns.setdefault(k, [])
+    for k in columns:
+        values = [row.get(k) for row in rows]
+        kinds = {_kind(v) for v in values if v is not None}
+        if len(kinds) > 1 or "other" in kinds:
+            values = [None if v is None else json.dumps(v) if _kind(v) == "other" else str(v) for v in values]
+        columns[k] = values
+    table = pa.table({k: pa.array(v) for k, v in columns.items()})
+    table = table.replace_schema_metadata({"fastsim.swept_keys": json.dumps(keys)})
+    return write_table_atomic(table, out_dir / TABLE_NAME, "parquet")
