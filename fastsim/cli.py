@@ -218,6 +218,57 @@ def _sweep_failures(path: Path, keys: list[str], limit: int = 5) -> list[str]:
     return lines
 
 
+@app.command("capacity")
+def capacity_cmd(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config; none: the built-in default")] = None,
+    slo: Annotated[Optional[list[str]], typer.Option("--slo", help="metric:stat=limit_ms, e.g. ttft_ms:p99=500 "
+                   "(metrics ttft_ms, tpot_ms, itl_ms, e2el_ms; stats mean, median, p90, p95, p99)")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="stop when the bracket is this close "
+                         "(relative)", min=1e-4, max=0.5)] = 0.01,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder for capacity.json "
+                   "(default: output.dir)")] = None,
+) -> None:
+    """The highest request rate that meets every SLO, per engine (bisection on the rate, same seed)."""
+    from fastsim.capacity import engine_configs, find_capacity, parse_slo
+    from fastsim.config import build_config, deep_merge, parse_overrides, read_config_file
+    from fastsim.output import write_json_atomic
+
+    raw = deep_merge(read_config_file(config), parse_overrides(list(set_ or [])))
+    cfg = build_config(raw)
+    targets = [parse_slo(s) for s in (slo or [])]
+    results = []
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err_console, transient=True) as bar:
+        for name, eng_raw in engine_configs(raw):
+            task = bar.add_task(f"{name}: searching")
+
+            def report(p, task=task, name=name) -> None:
+                bar.update(task, description=f"{name}: {p.rate:.4g} req/s "
+                           + ("meets the SLOs" if p.meets else f"misses ({p.why})"))
+
+            results.append(find_capacity(eng_raw, name, targets, tolerance=tolerance, report=report))
+    t = Table(title="capacity: " + ", ".join(str(s) for s in targets))
+    for col in ("engine", "req/s", "out tok/s", *(s.key for s in targets), "runs"):
+        t.add_column(col, justify="left" if col == "engine" else "right", no_wrap=True)
+    for c in results:
+        if c.rate is None:
+            t.add_row(c.engine, "none", "-", *("-" for _ in targets), str(len(c.probes)))
+            continue
+        t.add_row(c.engine, f"{c.rate:.3f}", f"{c.at_rate['output_throughput']:.0f}",
+                  *(f"{c.at_rate[s.key]:.2f}" for s in targets), str(len(c.probes)))
+    console.print(t)
+    for c in results:
+        if c.rate is None:
+            lowest = min(c.probes, key=lambda p: p.rate)
+            err_console.print(f"{c.engine}: misses the SLOs even at {lowest.rate:.3g} req/s ({lowest.why})")
+    path = (out or Path(cfg.output.dir)) / "capacity.json"
+    write_json_atomic(path, {"slos": [str(s) for s in targets], "tolerance": tolerance, "engines": [
+        {"engine": c.engine, "max_request_rate": c.rate, "summary_at_max_rate": c.at_rate,
+         "probes": [{"request_rate": p.rate, "meets": p.meets, "why_not": p.why or None,
+                     **{s.key: p.summary.get(s.key) for s in targets}} for p in c.probes]} for c in results]})
+    console.print(f"wrote {path}")
+
+
 @app.command("validate")
 def validate_cmd(
     config: Annotated[Path, typer.Argument(help="YAML config to check")],

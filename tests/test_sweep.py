@@ -122,3 +122,14 @@ def test_cli_sweep_and_its_errors(tmp_path):
     assert "max_num_seq is not a known option" in str(res.exception)
     res = runner.invoke(app, ["sweep", "-o", str(tmp_path / "o")])
     assert isinstance(res.exception, FastsimError) and "nothing to vary" in str(res.exception)
+
+
+def test_ray_executor_gives_the_local_table(tmp_path):
+    """On a local Ray instance (CI installs Ray with the test extras): the same rows, bit for bit."""
+    pytest.importorskip("ray")
+    points = sweep_points(Sweep(parameters={"engine.max_num_seqs": [8, 64],
+                                            "engine.gpu_memory_utilization": [0.1, 0.9]}), BASE)
+    local = run_sweep(BASE, points, tmp_path / "local", jobs=2)
+    on_ray = run_sweep(BASE, points, tmp_path / "ray", executor="ray", jobs=2)
+    assert (on_ray.ran, on_ray.failed) == (4, 2)
+    assert pq.read_table(on_ray.table_path).equals(pq.read_table(local.table_path))
