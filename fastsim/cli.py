@@ -269,6 +269,21 @@ def capacity_cmd(
     console.print(f"wrote {path}")
 
 
+@app.command("plot")
+def plot_cmd(
+    results: Annotated[Path, typer.Argument(help="a folder written by fastsim run or fastsim sweep")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="where to write (default: RESULTS/plots)")] = None,
+    x: Annotated[Optional[str], typer.Option("--x", help="sweep: the swept key on the x axis (default: the "
+                 "arrival rate)")] = None,
+) -> None:
+    """Figures (PNG and SVG): latency CDFs per engine, KV use and queues over time (with
+    output.timeline), throughput and latency against the swept rate."""
+    from fastsim.plots import plot_results
+
+    written = plot_results(results, out, x)
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
 @app.command("validate")
 def validate_cmd(
     config: Annotated[Path, typer.Argument(help="YAML config to check")],

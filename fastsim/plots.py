@@ -1,0 +1,177 @@
+"""`fastsim plot`: figures from what fastsim wrote — a run's latency CDFs and timeline, a sweep's
+throughput and latency against the swept rate. Each figure is written as PNG and SVG."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fastsim.errors import FastsimError
+
+FIGSIZE = (10.0, 4.0)  # inches
+DPI = 100
+_LATENCIES = [("ttft_ms", "TTFT (ms)"), ("tpot_ms", "TPOT (ms)"), ("e2el_ms", "end-to-end latency (ms)")]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _read_table(path: Path):
+    import pyarrow.csv as pacsv
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    if path.suffix == ".arrow":
+        with ipc.open_file(path) as f:
+            return f.read_all()
+    return pacsv.read_csv(path)
+
+
+def _find(results: Path, stem: str) -> Path | None:
+    for ext in (".parquet", ".arrow", ".csv"):
+        if (results / f"{stem}{ext}").exists():
+            return results / f"{stem}{ext}"
+    return None
+
+
+def _save(fig, out_dir: Path, name: str) -> list[Path]:
+    """PNG and SVG, each written to a temporary name and renamed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in ("png", "svg"):
+        path = out_dir / f"{name}.{fmt}"
+        tmp = out_dir / f".{name}.{fmt}.{os.getpid()}.tmp"
+        try:
+            fig.savefig(tmp, format=fmt, dpi=DPI)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        written.append(path)
+    _pyplot().close(fig)
+    return written
+
+
+def latency_cdfs(requests, out_dir: Path) -> list[Path]:
+    """CDF of TTFT, TPOT and end-to-end latency over finished requests, a line per engine."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=FIGSIZE, constrained_layout=True)
+    engines = requests.column("engine").to_pylist()
+    status = np.array(requests.column("status").to_pylist())
+    names = list(dict.fromkeys(engines))
+    eng = np.array(engines)
+    for ax, (col, label) in zip(axes, _LATENCIES):
+        values = requests.column(col).to_numpy(zero_copy_only=False).astype(float)
+        for name in names:
+            v = np.sort(values[(eng == name) & (status == "finished") & ~np.isnan(values)])
+            if v.size:
+                ax.plot(v, np.arange(1, v.size + 1) / v.size, label=name)
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of requests")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    fig.suptitle("latency CDFs (finished requests)")
+    return _save(fig, out_dir, "latency_cdf")
+
+
+def timeline(tl, out_dir: Path) -> list[Path]:
+    """KV blocks in use and requests waiting / running over simulated time, a line per engine."""
+    plt = _pyplot()
+    fig, (kv, queue) = plt.subplots(1, 2, figsize=FIGSIZE, constrained_layout=True)
+    col = {c: tl.column(c).to_numpy(zero_copy_only=False) for c in
+           ("start_s", "kv_blocks_used", "num_waiting", "num_running")}
+    engines = np.array(tl.column("engine").to_pylist()) if "engine" in tl.column_names else np.array([""] * tl.num_rows)
+    for name in dict.fromkeys(engines.tolist()):
+        m = engines == name
+        t = col["start_s"][m]
+        kv.plot(t, col["kv_blocks_used"][m], label=name or None, lw=0.8)
+        queue.plot(t, col["num_waiting"][m], label=f"{name} waiting".strip(), lw=0.8)
+        queue.plot(t, col["num_running"][m], label=f"{name} running".strip(), lw=0.8, ls="--")
+    kv.set_xlabel("simulated time (s)")
+    kv.set_ylabel("KV-cache blocks in use")
+    queue.set_xlabel("simulated time (s)")
+    queue.set_ylabel("requests")
+    for ax in (kv, queue):
+        ax.grid(alpha=0.3)
+    queue.legend(loc="upper right", fontsize="small")
+    if len(set(engines.tolist())) > 1:
+        kv.legend(loc="upper right", fontsize="small")
+    fig.suptitle("KV-cache use and queues over time (one point per iteration; replicas together)")
+    return _save(fig, out_dir, "timeline")
+
+
+def _x_key(keys: list[str], x: str | None) -> str:
+    if x is not None:
+        if x not in keys:
+            raise FastsimError(f"plot --x {x!r}: not a swept key; the sweep varied {', '.join(keys)}")
+        return x
+    rates = [k for k in keys if k.endswith("rate")]
+    return rates[0] if rates else keys[0]
+
+
+def sweep_curves(table, out_dir: Path, x: str | None = None) -> list[Path]:
+    """Throughput and latency against a swept key (the arrival rate by default), a line per engine
+    and combination of the other swept keys."""
+    plt = _pyplot()
+    meta = table.schema.metadata or {}
+    keys = json.loads(meta.get(b"fastsim.swept_keys", b"[]"))
+    if not keys:
+        raise FastsimError("plot: this sweep table has no swept keys recorded (was it written by fastsim sweep?)")
+    xk = _x_key(keys, x)
+    rows = [r for r in table.to_pylist() if r["status"] == "ok"]
+    if not rows:
+        raise FastsimError("plot: no point of this sweep succeeded; nothing to draw")
+    others = [k for k in keys if k != xk]
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        label = ", ".join([f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in others] + ([r["engine"]] if r["engine"] else []))
+        series.setdefault(label, []).append(r)
+    written = []
+    panels = {"sweep_throughput": [("request_throughput", "completed requests/s"),
+                                   ("output_throughput", "output tokens/s")],
+              "sweep_latency": [("p99_ttft_ms", "p99 TTFT (ms)"), ("p99_tpot_ms", "p99 TPOT (ms)")]}
+    for name, metrics in panels.items():
+        fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, constrained_layout=True)
+        for ax, (metric, label) in zip(axes, metrics):
+            for s_label, pts in series.items():
+                pts = sorted(pts, key=lambda r: r[xk])
+                ax.plot([r[xk] for r in pts], [np.nan if r.get(metric) is None else r[metric] for r in pts],
+                        marker="o", ms=3, label=s_label or None)
+            ys = np.array([r[metric] for r in rows if r.get(metric) is not None and r[metric] > 0], float)
+            if metric.endswith("_ms") and ys.size and ys.max() > 100 * ys.min():
+                ax.set_yscale("log")  # queueing delays span orders of magnitude past saturation
+            ax.set_xlabel(xk + (" (requests/s)" if xk.endswith("rate") else ""))
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        if len(series) > 1 and len(series) <= 12:
+            axes[1].legend(fontsize="small")
+        fig.suptitle(f"{'throughput' if name.endswith('throughput') else 'latency'} against {xk}")
+        written += _save(fig, out_dir, name)
+    return written
+
+
+def plot_results(results: Path, out_dir: Path | None = None, x: str | None = None) -> list[Path]:
+    """Every figure the folder's files allow."""
+    if not results.is_dir():
+        raise FastsimError(f"plot: {str(results)!r} is not a folder fastsim wrote (fastsim run / sweep --out)")
+    out_dir = out_dir or results / "plots"
+    written: list[Path] = []
+    if (p := _find(results, "requests")) is not None:
+        written += latency_cdfs(_read_table(p), out_dir)
+    if (p := _find(results, "timeline")) is not None:
+        written += timeline(_read_table(p), out_dir)
+    if (results / "sweep.parquet").exists():
+        written += sweep_curves(_read_table(results / "sweep.parquet"), out_dir, x)
+    if not written:
+        raise FastsimError(f"plot: {results} holds no requests, timeline or sweep table to plot")
+    return written
