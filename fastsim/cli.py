@@ -1,6 +1,7 @@
 """The `fastsim` command line: a thin layer over validated config and the library."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -267,6 +268,124 @@ def capacity_cmd(
          "probes": [{"request_rate": p.rate, "meets": p.meets, "why_not": p.why or None,
                      **{s.key: p.summary.get(s.key) for s in targets}} for p in c.probes]} for c in results]})
     console.print(f"wrote {path}")
+
+
+def _int_list(value: str, option: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise FastsimError(f"{option} {value!r}: expected positive integers separated by commas, e.g. 1,2,4")
+    return out
+
+
+@app.command("search")
+def search_cmd(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config (one engine): model, workload, engine "
+                                                            "defaults; none: the built-in default")] = None,
+    rate: Annotated[Optional[float], typer.Option("--rate", help="target request rate, req/s (default: the "
+                    "config's)", min=1e-9)] = None,
+    slo: Annotated[Optional[list[str]], typer.Option("--slo", help="metric:stat=limit_ms, e.g. ttft_ms:p99=500")] = None,
+    gpu: Annotated[Optional[list[str]], typer.Option("--gpu", help="GPU ids to consider (default: every "
+                   "catalog GPU with a price)")] = None,
+    tp: Annotated[str, typer.Option("--tp", help="tensor_parallel_size values")] = "1,2,4,8",
+    pp: Annotated[str, typer.Option("--pp", help="pipeline_parallel_size values")] = "1",
+    max_num_seqs: Annotated[Optional[str], typer.Option("--max-num-seqs", help="values (default: the config's)")] = None,
+    max_num_batched_tokens: Annotated[Optional[str], typer.Option("--max-num-batched-tokens",
+                                      help="values (default: the config's)")] = None,
+    max_replicas: Annotated[int, typer.Option("--max-replicas", help="most data-parallel replicas tried", min=1)] = 16,
+    latency: Annotated[Optional[str], typer.Option("--latency", help="the Pareto frontier's latency metric "
+                       "(default: the first SLO's, e.g. p99_ttft_ms)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: output.dir)")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="parallel workers (default: every core)",
+                    min=1)] = None,
+    executor: Annotated[str, typer.Option("--executor", help="local or ray")] = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address")] = None,
+) -> None:
+    """The cheapest deployment (GPU, TP, PP, replicas, engine limits) that serves a request rate
+    within the SLOs, and the cost/latency Pareto frontier. Writes <out>/search.parquet."""
+    import pyarrow as pa
+
+    from fastsim.capacity import offered_rate, parse_slo
+    from fastsim.catalog.gpus import builtin_gpus, load_gpu_file
+    from fastsim.config import build_config, deep_merge, parse_overrides, read_config_file
+    from fastsim.executors import run_tasks
+    from fastsim.output import write_json_atomic, write_table_atomic
+    from fastsim.search import at_rate, candidates, fewest_replicas, pareto, why_not_fit
+
+    raw = deep_merge(read_config_file(config), parse_overrides(list(set_ or [])))
+    cfg = build_config(raw)
+    targets = [parse_slo(s) for s in (slo or [])]
+    if not targets:
+        raise FastsimError("search: give at least one --slo, e.g. --slo ttft_ms:p99=500")
+    target_rate = rate if rate is not None else offered_rate(cfg)
+    raw = at_rate(raw, target_rate)
+    lat = latency or targets[0].key
+    if gpu:
+        gpus = list(gpu)
+    else:
+        known = {**builtin_gpus(), **(load_gpu_file(cfg.hardware.gpus_file) if cfg.hardware.gpus_file else {})}
+        gpus = [g for g, spec in known.items() if spec.price_usd_per_hour or g in cfg.hardware.prices_usd_per_hour]
+    cands = candidates(gpus, _int_list(tp, "--tp"), _int_list(pp, "--pp"),
+                       _int_list(max_num_seqs, "--max-num-seqs") if max_num_seqs else [cfg.engine.max_num_seqs],
+                       _int_list(max_num_batched_tokens, "--max-num-batched-tokens") if max_num_batched_tokens
+                       else [cfg.engine.max_num_batched_tokens])
+    pruned = {}
+    for c in cands:
+        why = why_not_fit(raw, c)
+        if why is not None:
+            pruned[c] = why
+    viable = [c for c in cands if c not in pruned]
+    if not viable:
+        first = next(iter(pruned.values()), "no candidates")
+        raise FastsimError(f"search: no candidate fits ({len(cands)} tried; e.g. {first})")
+    rows: list[dict] = []
+    with Progress(*_progress_columns(), console=err_console, transient=True) as bar:
+        task = bar.add_task(f"{len(viable)} deployments ({len(pruned)} pruned: do not fit)", total=len(viable))
+        tasks = [(i, raw, c, targets, max_replicas) for i, c in enumerate(viable)]
+        for n, (_, probes, crash) in enumerate(run_tasks(fewest_replicas, tasks, executor, jobs or _default_jobs(),
+                                                         address), start=1):
+            if crash is None:
+                rows.extend(probes)
+            bar.update(task, completed=n)
+    if not rows:
+        raise FastsimError("search: every simulation failed")
+    if lat not in rows[0]:
+        raise FastsimError(f"--latency {lat!r}: not a summary metric; e.g. p99_ttft_ms, mean_e2el_ms")
+    rows.sort(key=lambda r: (r["cost_usd_per_hour"], r[lat] if r.get(lat) is not None else float("inf")))
+    front = pareto(rows, lat)
+    front_ids = {id(r) for r in front}
+    for r in rows:
+        r["pareto"] = id(r) in front_ids
+    out_dir = out or Path(cfg.output.dir)
+    table = pa.Table.from_pylist(rows).replace_schema_metadata(
+        {"fastsim.search": json.dumps({"request_rate": target_rate, "slos": [str(s) for s in targets], "latency": lat})})
+    path = write_table_atomic(table, out_dir / "search", "parquet")
+    keys = ["gpu", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "max_num_seqs",
+            "max_num_batched_tokens", "num_gpus", "cost_usd_per_hour", lat]
+    cheapest = front[0] if front else None
+    write_json_atomic(out_dir / "search.json", {
+        "request_rate": target_rate, "slos": [str(s) for s in targets], "latency_metric": lat,
+        "cheapest": {k: cheapest[k] for k in keys} if cheapest else None,
+        "pareto": [{k: r[k] for k in keys} for r in front],
+        "pruned": [{"candidate": str(c), "why": w} for c, w in pruned.items()]})
+    t = Table(title=f"Pareto frontier at {target_rate:g} req/s: " + ", ".join(str(s) for s in targets))
+    for col in ("GPU", "TP", "PP", "DP", "seqs", "tokens", "GPUs", "$/h", lat):
+        t.add_column(col, justify="left" if col == "GPU" else "right", no_wrap=True)
+    for r in front:
+        t.add_row(r["gpu"], str(r["tensor_parallel_size"]), str(r["pipeline_parallel_size"]),
+                  str(r["data_parallel_size"]), str(r["max_num_seqs"]), str(r["max_num_batched_tokens"]),
+                  str(r["num_gpus"]), f"{r['cost_usd_per_hour']:.2f}", f"{r[lat]:.1f}")
+    console.print(t)
+    if cheapest:
+        console.print(f"cheapest: {cheapest['data_parallel_size']} x {cheapest['gpu']} replicas at TP "
+                      f"{cheapest['tensor_parallel_size']}, PP {cheapest['pipeline_parallel_size']} = "
+                      f"${cheapest['cost_usd_per_hour']:.2f}/hour")
+    else:
+        err_console.print(f"no deployment of {len(viable)} tried (up to {max_replicas} replicas) meets the SLOs")
+    console.print(f"{len(rows)} simulations of {len(viable)} deployments, {len(pruned)} pruned; wrote {path}")
 
 
 @app.command("plot")

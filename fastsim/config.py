@@ -320,6 +320,8 @@ class Hardware(_Strict):
     gpu: str = "H100-SXM"
     profile: str | None = Field(default=None, description="cost profile YAML from `fastsim calibrate`")
     gpus_file: str | None = Field(default=None, description="YAML catalog of your own GPUs")
+    prices_usd_per_hour: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="your price of one GPU per hour, by GPU id (overrides the catalog's)")
 
 
 class Pool(_Strict):

@@ -1,5 +1,6 @@
 """`fastsim plot`: figures from what fastsim wrote — a run's latency CDFs and timeline, a sweep's
-throughput and latency against the swept rate. Each figure is written as PNG and SVG."""
+throughput and latency against the swept rate, a search's cost/latency Pareto frontier. Each figure
+is written as PNG and SVG."""
 from __future__ import annotations
 
 import json
@@ -160,6 +161,37 @@ def sweep_curves(table, out_dir: Path, x: str | None = None) -> list[Path]:
     return written
 
 
+def pareto_frontier(table, out_dir: Path) -> list[Path]:
+    """Cost against latency of every deployment a search simulated; the frontier joined."""
+    plt = _pyplot()
+    meta = json.loads((table.schema.metadata or {}).get(b"fastsim.search", b"{}"))
+    lat = meta.get("latency", "p99_ttft_ms")
+    rows = table.to_pylist()
+    fig, ax = plt.subplots(figsize=FIGSIZE, constrained_layout=True)
+    for meets, style in ((False, dict(marker="x", color="0.6", label="misses the SLOs")),
+                         (True, dict(marker="o", color="C0", label="meets the SLOs"))):
+        pts = [r for r in rows if r["meets"] == meets and r.get(lat) is not None]
+        ax.scatter([r["cost_usd_per_hour"] for r in pts], [r[lat] for r in pts], s=18, **style)
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["cost_usd_per_hour"])
+    if front:
+        ax.plot([r["cost_usd_per_hour"] for r in front], [r[lat] for r in front], color="C3", lw=1.5,
+                drawstyle="steps-post", label="Pareto frontier")
+        for r in front:
+            ax.annotate(f"{r['data_parallel_size']}x{r['gpu']} TP{r['tensor_parallel_size']}",
+                        (r["cost_usd_per_hour"], r[lat]), fontsize="x-small", xytext=(3, 3),
+                        textcoords="offset points")
+    ys = [r[lat] for r in rows if r.get(lat)]
+    if ys and max(ys) > 100 * min(ys):
+        ax.set_yscale("log")
+    ax.set_xlabel("cost (US$ per hour)")
+    ax.set_ylabel(lat.replace("_ms", " (ms)"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    rate = meta.get("request_rate")
+    ax.set_title(f"deployments at {rate:g} requests/s: " + ", ".join(meta.get("slos", [])) if rate else "deployments")
+    return _save(fig, out_dir, "pareto")
+
+
 def plot_results(results: Path, out_dir: Path | None = None, x: str | None = None) -> list[Path]:
     """Every figure the folder's files allow."""
     if not results.is_dir():
@@ -172,6 +204,8 @@ def plot_results(results: Path, out_dir: Path | None = None, x: str | None = Non
         written += timeline(_read_table(p), out_dir)
     if (results / "sweep.parquet").exists():
         written += sweep_curves(_read_table(results / "sweep.parquet"), out_dir, x)
+    if (results / "search.parquet").exists():
+        written += pareto_frontier(_read_table(results / "search.parquet"), out_dir)
     if not written:
-        raise FastsimError(f"plot: {results} holds no requests, timeline or sweep table to plot")
+        raise FastsimError(f"plot: {results} holds no requests, timeline, sweep or search table to plot")
     return written

@@ -95,7 +95,7 @@ def _pools(cfg: Config, engine: Engine, model: ModelSpec, default_gpu: GpuSpec, 
             eng = Engine(**(engine.model_dump(exclude_unset=True) | pool.engine))
         except ValidationError as e:
             raise FastsimError(format_validation_error(e, prefix=f"{where}.engine")) from None
-        gpu = load_gpu(pool.gpu, custom) if pool.gpu else default_gpu
+        gpu = _gpu(cfg, pool.gpu, custom) if pool.gpu else default_gpu
         if eng.max_model_len and eng.max_model_len > model.max_position_embeddings:
             raise FastsimError(f"{where}.max_model_len = {eng.max_model_len} exceeds {model.name}'s context "
                                f"({model.max_position_embeddings}); use at most that")
@@ -108,12 +108,19 @@ def _pools(cfg: Config, engine: Engine, model: ModelSpec, default_gpu: GpuSpec, 
     return out
 
 
+def _gpu(cfg: Config, name: str, custom) -> GpuSpec:
+    """A catalog GPU with the config's own price, if it gives one."""
+    gpu = load_gpu(name, custom)
+    price = cfg.hardware.prices_usd_per_hour.get(name)
+    return gpu if price is None else gpu.model_copy(update={"price_usd_per_hour": price})
+
+
 def plan_engines(cfg: Config):
     """Model, GPU and, per engine variant, its replica pools with memory plans: everything that
     can be checked before simulating."""
     model = load_model(cfg.model)
     custom = load_gpu_file(cfg.hardware.gpus_file) if cfg.hardware.gpus_file else None
-    gpu = load_gpu(cfg.hardware.gpu, custom)
+    gpu = _gpu(cfg, cfg.hardware.gpu, custom)
     plans = [(eng, _pools(cfg, eng, model, gpu, custom)) for eng in cfg.engine_variants()]
     for eng, pools in plans:
         if cfg.cluster.router == "prefix_aware" and not any(rp.engine.enable_prefix_caching for rp in pools):
@@ -279,6 +286,10 @@ def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray,
             "num_gpus": sum(rp.count * rp.engine.tensor_parallel_size * rp.engine.pipeline_parallel_size
                             for rp in pools),
             "num_gpu_blocks": sum(r["num_gpu_blocks"] for r in replicas),
+            # None unless every GPU of the deployment has a price (catalog or hardware.prices_usd_per_hour).
+            "cost_usd_per_hour": (sum(rp.count * rp.engine.tensor_parallel_size * rp.engine.pipeline_parallel_size
+                                      * rp.gpu.price_usd_per_hour for rp in pools)
+                                  if all(rp.gpu.price_usd_per_hour for rp in pools) else None),
             "kv_cache_gb": sum(rp.count * rp.memory.kv_cache_bytes for rp in pools) / 1e9,
             "kv_cache_tokens": sum(rp.count * rp.memory.kv_tokens for rp in pools),
             "peak_kv_blocks_used": max(r["peak_kv_blocks_used"] for r in replicas),

@@ -10,7 +10,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import yaml
 from fastsim.config import (Config, Sweep, SweepDistribution, SweepRange, build_config, deep_merge,
                             set_path)
 from fastsim.errors import FastsimError
+from fastsim.executors import run_tasks
 
 POINTS_DIR = "points"
 REQUESTS_DIR = "requests"
@@ -166,72 +167,6 @@ def run_point(base_raw: dict, params: dict, requests_path: str | None) -> dict:
     return {"status": "failed", "error": error, "summaries": {}, "wall_s": time.perf_counter() - t0}
 
 
-def warm_up() -> None:
-    """Load (or compile, once) the simulation kernel: a few requests of the default scenario."""
-    from fastsim.config import load_config
-    from fastsim.simulation import simulate
-
-    simulate(load_config(None, ["workload.num_requests=20"]))
-
-
-# -- executors: run_point over many points, results as they finish --------------------------------------
-def run_local(tasks: list[tuple], jobs: int) -> Iterator[tuple[int, dict]]:
-    """Worker processes forked after the kernel is loaded (Linux), so no worker compiles; elsewhere
-    spawned, each loading the kernel from Numba's cache once."""
-    import multiprocessing as mp
-    import sys
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
-
-    warm_up()
-    if jobs == 1 or len(tasks) == 1:
-        for t in tasks:
-            yield t[0], run_point(*t[1:])
-        return
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx,
-                               initializer=None if ctx.get_start_method() == "fork" else warm_up)
-    try:
-        futures = {pool.submit(run_point, *t[1:]): t[0] for t in tasks}
-        for f in as_completed(futures):
-            try:
-                res = f.result()
-            except BrokenProcessPool:
-                res = {"status": "failed", "error": "its worker process died (out of memory?)", "summaries": {},
-                       "wall_s": 0.0}
-            yield futures[f], res
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def run_ray(tasks: list[tuple], jobs: int, address: str | None) -> Iterator[tuple[int, dict]]:
-    """The same points as Ray tasks, on the cluster at `address` (None: a local Ray instance)."""
-    try:
-        import ray
-    except ImportError:
-        raise FastsimError("--executor ray needs Ray: pip install 'fastsim[ray]'") from None
-    started = not ray.is_initialized()
-    if started:
-        kwargs = {"address": address} if address else {"num_cpus": jobs}
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
-    try:
-        remote = ray.remote(num_cpus=1)(run_point)
-        refs = {remote.remote(*t[1:]): t[0] for t in tasks}
-        while refs:
-            done, _ = ray.wait(list(refs), num_returns=1)
-            for ref in done:
-                index = refs.pop(ref)
-                try:
-                    res = ray.get(ref)
-                except Exception as e:  # the task's worker died
-                    res = {"status": "failed", "error": f"Ray task failed: {type(e).__name__}", "summaries": {},
-                           "wall_s": 0.0}
-                yield index, res
-    finally:
-        if started:
-            ray.shutdown()
-
-
 # -- the sweep -------------------------------------------------------------------------------------
 @dataclass
 class SweepOutcome:
@@ -268,9 +203,10 @@ def run_sweep(base_raw: dict, points: list[Point], out_dir: Path, *, executor: s
     if progress:
         progress(skipped, len(points), failed)
     if tasks:
-        results = run_ray(tasks, jobs, address) if executor == "ray" else run_local(tasks, jobs)
-        for n, (index, res) in enumerate(results, start=1):
+        for n, (index, res, crash) in enumerate(run_tasks(run_point, tasks, executor, jobs, address), start=1):
             p = by_index[index]
+            if crash is not None:
+                res = {"status": "failed", "error": crash, "summaries": {}, "wall_s": 0.0}
             rec = {"point_id": p.point_id, "params": p.params, **res}
             write_json_atomic(points_dir / f"{p.point_id}.json", rec)
             done[p.point_id] = rec

@@ -28,6 +28,8 @@ class GpuSpec(BaseModel):
     link_gb_s: float = Field(gt=0, description="per-direction peer link bandwidth, GB/s of bytes")
     tdp_w: float | None = Field(default=None, gt=0)
     boost_clock_mhz: float | None = Field(default=None, gt=0, description="max SM clock; scales fixed kernel costs")
+    price_usd_per_hour: float | None = Field(default=None, gt=0, description="rental price of one GPU, US$ per "
+                                             "hour (typical on-demand list price; override with your own)")
     source: str = ""
 
     @property
