@@ -477,11 +477,12 @@ def gpus_cmd() -> None:
     """List the built-in GPUs with their datasheet figures."""
     from fastsim.catalog.gpus import builtin_gpus
 
-    t = _table("id", "memory GiB", "bandwidth GB/s", "bf16 TFLOP/s", "fp8 TFLOP/s", "link", "TDP W")
+    t = _table("id", "memory GiB", "bandwidth GB/s", "bf16 TFLOP/s", "fp8 TFLOP/s", "link", "TDP W", "$/hour")
     for g in builtin_gpus().values():
         t.add_row(g.name, f"{g.memory_gib:g}", f"{g.mem_bw_gb_s:g}", f"{g.bf16_tflops:g}",
                   f"{g.fp8_tflops:g}" if g.fp8_tflops else "-", f"{g.interconnect} {g.link_gb_s:g} GB/s",
-                  f"{g.tdp_w:g}" if g.tdp_w else "-")
+                  f"{g.tdp_w:g}" if g.tdp_w else "-",
+                  f"{g.price_usd_per_hour:.2f}" if g.price_usd_per_hour else "-")
     console.print(t)
 
 
