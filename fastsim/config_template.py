@@ -64,6 +64,18 @@ def _section(name: str, model: type[BaseModel], indent: str = "") -> list[str]:
     return lines
 
 
+_SWEEP = """
+# `fastsim sweep`: the configurations to run, each parameter a dotted key of this file
+# (`fastsim run` ignores this section). mode: grid (every combination) | zip (i-th values together) |
+# random (`samples` draws, seeded by `seed`). Values: a list, {start, stop, step} (stop included),
+# or, in random mode, {low, high, log: false, integer: false}.
+# sweep:
+#   mode: grid
+#   parameters:
+#     workload.clients.0.arrival.rate: {start: 1, stop: 10, step: 1}
+#     engine.max_num_seqs: [64, 128, 256]"""
+
+
 def config_template() -> str:
     out = ["# fastsim configuration: every option with its default. `fastsim run this.yaml`.", ""]
     out += _section("simulation", C.Simulation) + [""]
@@ -73,5 +85,5 @@ def config_template() -> str:
     out += ["# vLLM engine arguments, same names and meanings"] + _section("engine", C.Engine) + [""]
     out += [_ENGINES] + _section("cluster", C.Cluster) + [_POOLS, _WORKLOAD]
     out += ["# Goodput counts requests meeting every SLO given (vLLM's --goodput)"] + _section("slo", C.Slo) + [""]
-    out += _section("output", C.Output)
+    out += _section("output", C.Output) + [_SWEEP]
     return "\n".join(out) + "\n"

@@ -133,3 +133,16 @@ def test_ray_executor_gives_the_local_table(tmp_path):
     on_ray = run_sweep(BASE, points, tmp_path / "ray", executor="ray", jobs=2)
     assert (on_ray.ran, on_ray.failed) == (4, 2)
     assert pq.read_table(on_ray.table_path).equals(pq.read_table(local.table_path))
+
+
+def test_example_sweep_config_has_the_points_it_says():
+    from pathlib import Path
+
+    from fastsim.config import load_config, read_config_file
+
+    path = Path(__file__).parent.parent / "configs" / "sweep_rate_and_batch.yaml"
+    cfg = load_config(path)
+    points = sweep_points(cfg.sweep, read_config_file(path))
+    assert len(points) == 10 * 2 * 3 == 60
+    assert points[0].params == {"workload.clients.0.arrival.rate": 1, "engine.max_num_seqs": 64,
+                                "engine.max_num_batched_tokens": 2048}
