@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from scipy import stats
 
 from fastsim import config as C
 from fastsim.errors import FastsimError
@@ -69,6 +68,8 @@ def _raw(spec, n: int, rng: np.random.Generator, field: str) -> np.ndarray:
             return np.full(n, spec.mean)
         lo = (spec.min - 0.5 - spec.mean) / spec.std
         hi = np.inf if spec.max is None else (spec.max + 0.5 - spec.mean) / spec.std
+        from scipy import stats  # here, not at the top: importing scipy.stats costs every command ~1 s
+
         return stats.truncnorm.rvs(lo, hi, loc=spec.mean, scale=spec.std, size=n, random_state=rng)
     if isinstance(spec, C.Lognormal):
         # From the mean m and standard deviation s of the counts: sigma^2 = ln(1 + s^2/m^2),
