@@ -1,7 +1,6 @@
 """The `fastsim` command line: a thin layer over validated config and the library."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -159,12 +158,14 @@ def sweep_cmd(
     points = sweep_points(spec, raw)
     out_dir = out or Path(cfg.output.dir)
     n_jobs = jobs or _default_jobs()
-    with Progress(*_progress_columns(), console=err_console, transient=True) as bar:
+    # No refresh thread while worker processes are forked (Linux): the bar redraws on each update.
+    with Progress(*_progress_columns(), console=err_console, transient=True, auto_refresh=False) as bar:
         task = bar.add_task(f"sweep of {len(points)} points", total=len(points))
 
         def report(done: int, total: int, failed: int) -> None:
             bar.update(task, completed=done, description=f"sweep of {total} points"
                        + (f", {failed} failed" if failed else ""))
+            bar.refresh()
 
         outcome = run_sweep(raw, points, out_dir, executor=executor, jobs=n_jobs, address=address,
                             save_requests=save_requests, retry_failed=retry_failed, progress=report)
@@ -306,86 +307,47 @@ def search_cmd(
 ) -> None:
     """The cheapest deployment (GPU, TP, PP, replicas, engine limits) that serves a request rate
     within the SLOs, and the cost/latency Pareto frontier. Writes <out>/search.parquet."""
-    import pyarrow as pa
-
-    from fastsim.capacity import offered_rate, parse_slo
-    from fastsim.catalog.gpus import builtin_gpus, load_gpu_file
+    from fastsim.capacity import parse_slo
     from fastsim.config import build_config, deep_merge, parse_overrides, read_config_file
-    from fastsim.executors import run_tasks
-    from fastsim.output import write_json_atomic, write_table_atomic
-    from fastsim.search import at_rate, candidates, fewest_replicas, pareto, why_not_fit
+    from fastsim.search import SearchSpace, run_search
 
     raw = deep_merge(read_config_file(config), parse_overrides(list(set_ or [])))
     cfg = build_config(raw)
     targets = [parse_slo(s) for s in (slo or [])]
-    if not targets:
-        raise FastsimError("search: give at least one --slo, e.g. --slo ttft_ms:p99=500")
-    target_rate = rate if rate is not None else offered_rate(cfg)
-    raw = at_rate(raw, target_rate)
-    lat = latency or targets[0].key
-    if gpu:
-        gpus = list(gpu)
-    else:
-        known = {**builtin_gpus(), **(load_gpu_file(cfg.hardware.gpus_file) if cfg.hardware.gpus_file else {})}
-        gpus = [g for g, spec in known.items() if spec.price_usd_per_hour or g in cfg.hardware.prices_usd_per_hour]
-    cands = candidates(gpus, _int_list(tp, "--tp"), _int_list(pp, "--pp"),
-                       _int_list(max_num_seqs, "--max-num-seqs") if max_num_seqs else [cfg.engine.max_num_seqs],
-                       _int_list(max_num_batched_tokens, "--max-num-batched-tokens") if max_num_batched_tokens
-                       else [cfg.engine.max_num_batched_tokens])
-    pruned = {}
-    for c in cands:
-        why = why_not_fit(raw, c)
-        if why is not None:
-            pruned[c] = why
-    viable = [c for c in cands if c not in pruned]
-    if not viable:
-        first = next(iter(pruned.values()), "no candidates")
-        raise FastsimError(f"search: no candidate fits ({len(cands)} tried; e.g. {first})")
-    rows: list[dict] = []
-    with Progress(*_progress_columns(), console=err_console, transient=True) as bar:
-        task = bar.add_task(f"{len(viable)} deployments ({len(pruned)} pruned: do not fit)", total=len(viable))
-        tasks = [(i, raw, c, targets, max_replicas) for i, c in enumerate(viable)]
-        for n, (_, probes, crash) in enumerate(run_tasks(fewest_replicas, tasks, executor, jobs or _default_jobs(),
-                                                         address), start=1):
-            if crash is None:
-                rows.extend(probes)
-            bar.update(task, completed=n)
-    if not rows:
-        raise FastsimError("search: every simulation failed")
-    if lat not in rows[0]:
-        raise FastsimError(f"--latency {lat!r}: not a summary metric; e.g. p99_ttft_ms, mean_e2el_ms")
-    rows.sort(key=lambda r: (r["cost_usd_per_hour"], r[lat] if r.get(lat) is not None else float("inf")))
-    front = pareto(rows, lat)
-    front_ids = {id(r) for r in front}
-    for r in rows:
-        r["pareto"] = id(r) in front_ids
-    out_dir = out or Path(cfg.output.dir)
-    table = pa.Table.from_pylist(rows).replace_schema_metadata(
-        {"fastsim.search": json.dumps({"request_rate": target_rate, "slos": [str(s) for s in targets], "latency": lat})})
-    path = write_table_atomic(table, out_dir / "search", "parquet")
-    keys = ["gpu", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "max_num_seqs",
-            "max_num_batched_tokens", "num_gpus", "cost_usd_per_hour", lat]
-    cheapest = front[0] if front else None
-    write_json_atomic(out_dir / "search.json", {
-        "request_rate": target_rate, "slos": [str(s) for s in targets], "latency_metric": lat,
-        "cheapest": {k: cheapest[k] for k in keys} if cheapest else None,
-        "pareto": [{k: r[k] for k in keys} for r in front],
-        "pruned": [{"candidate": str(c), "why": w} for c, w in pruned.items()]})
-    t = Table(title=f"Pareto frontier at {target_rate:g} req/s: " + ", ".join(str(s) for s in targets))
+    space = SearchSpace(
+        gpus=list(gpu or []), tensor_parallel_size=_int_list(tp, "--tp"), pipeline_parallel_size=_int_list(pp, "--pp"),
+        max_num_seqs=_int_list(max_num_seqs, "--max-num-seqs") if max_num_seqs else [cfg.engine.max_num_seqs],
+        max_num_batched_tokens=(_int_list(max_num_batched_tokens, "--max-num-batched-tokens")
+                                if max_num_batched_tokens else [cfg.engine.max_num_batched_tokens]),
+        max_replicas=max_replicas)
+    # No refresh thread while worker processes are forked (Linux): the bar redraws on each update.
+    with Progress(*_progress_columns(), console=err_console, transient=True, auto_refresh=False) as bar:
+        task = bar.add_task("deployments", total=None)
+
+        def report(done: int, total: int, pruned: int) -> None:
+            bar.update(task, completed=done, total=total, description=f"{total} deployments ({pruned} pruned: "
+                       "do not fit)")
+            bar.refresh()
+
+        res = run_search(raw, rate, targets, space, out or Path(cfg.output.dir), latency=latency,
+                         executor=executor, jobs=jobs or _default_jobs(), address=address, progress=report)
+    lat = res.latency
+    t = Table(title=f"Pareto frontier at {res.request_rate:g} req/s: " + ", ".join(str(s) for s in targets))
     for col in ("GPU", "TP", "PP", "DP", "seqs", "tokens", "GPUs", "$/h", lat):
         t.add_column(col, justify="left" if col == "GPU" else "right", no_wrap=True)
-    for r in front:
+    for r in res.frontier:
         t.add_row(r["gpu"], str(r["tensor_parallel_size"]), str(r["pipeline_parallel_size"]),
                   str(r["data_parallel_size"]), str(r["max_num_seqs"]), str(r["max_num_batched_tokens"]),
                   str(r["num_gpus"]), f"{r['cost_usd_per_hour']:.2f}", f"{r[lat]:.1f}")
     console.print(t)
-    if cheapest:
-        console.print(f"cheapest: {cheapest['data_parallel_size']} x {cheapest['gpu']} replicas at TP "
-                      f"{cheapest['tensor_parallel_size']}, PP {cheapest['pipeline_parallel_size']} = "
-                      f"${cheapest['cost_usd_per_hour']:.2f}/hour")
+    if res.frontier:
+        c = res.frontier[0]
+        console.print(f"cheapest: {c['data_parallel_size']} x {c['gpu']} replicas at TP {c['tensor_parallel_size']}, "
+                      f"PP {c['pipeline_parallel_size']} = ${c['cost_usd_per_hour']:.2f}/hour")
     else:
-        err_console.print(f"no deployment of {len(viable)} tried (up to {max_replicas} replicas) meets the SLOs")
-    console.print(f"{len(rows)} simulations of {len(viable)} deployments, {len(pruned)} pruned; wrote {path}")
+        err_console.print(f"no deployment of {res.deployments} tried (up to {max_replicas} replicas) meets the SLOs")
+    console.print(f"{len(res.rows)} simulations of {res.deployments} deployments, {len(res.pruned)} pruned; "
+                  f"wrote {res.table_path}")
 
 
 @app.command("plot")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import asdict, dataclass
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from fastsim.capacity import SloTarget, judge, offered_rate, scaled
 from fastsim.config import build_config
@@ -107,3 +110,87 @@ def pareto(rows: list[dict], latency: str) -> list[dict]:
             front.append(r)
             best = r[latency]
     return front
+
+
+@dataclass
+class SearchSpace:
+    gpus: list[str]  # empty: every catalog GPU (and gpus_file entry) with a price
+    tensor_parallel_size: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    pipeline_parallel_size: list[int] = field(default_factory=lambda: [1])
+    max_num_seqs: list[int] = field(default_factory=lambda: [256])
+    max_num_batched_tokens: list[int] = field(default_factory=lambda: [8192])
+    max_replicas: int = 16
+
+
+@dataclass
+class SearchOutcome:
+    request_rate: float
+    latency: str
+    rows: list[dict]       # every simulation, cheapest first
+    frontier: list[dict]   # the Pareto frontier, cheapest first (its first: the cheapest meeting the SLOs)
+    pruned: dict[Candidate, str]
+    deployments: int
+    table_path: Path
+
+
+_KEYS = ("gpu", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "max_num_seqs",
+         "max_num_batched_tokens", "num_gpus", "cost_usd_per_hour")
+
+
+def run_search(raw: dict, rate: float | None, slos: list[SloTarget], space: SearchSpace, out_dir: Path, *,
+               latency: str | None = None, executor: str = "local", jobs: int = 1, address: str | None = None,
+               progress: Callable[[int, int, int], None] | None = None) -> SearchOutcome:
+    """Prune, simulate each remaining deployment's replica counts in parallel, write
+    <out_dir>/search.parquet (every simulation; `pareto` marks the frontier) and search.json."""
+    import pyarrow as pa
+
+    from fastsim.catalog.gpus import builtin_gpus, load_gpu_file
+    from fastsim.executors import run_tasks
+    from fastsim.output import write_json_atomic, write_table_atomic
+
+    if not slos:
+        raise FastsimError("search: give at least one --slo, e.g. --slo ttft_ms:p99=500")
+    cfg = build_config(raw)
+    target = rate if rate is not None else offered_rate(cfg)
+    raw = at_rate(raw, target)
+    lat = latency or slos[0].key
+    gpus = space.gpus
+    if not gpus:
+        known = {**builtin_gpus(), **(load_gpu_file(cfg.hardware.gpus_file) if cfg.hardware.gpus_file else {})}
+        gpus = [g for g, spec in known.items() if spec.price_usd_per_hour or g in cfg.hardware.prices_usd_per_hour]
+    cands = candidates(gpus, space.tensor_parallel_size, space.pipeline_parallel_size, space.max_num_seqs,
+                       space.max_num_batched_tokens)
+    pruned = {c: why for c in cands if (why := why_not_fit(raw, c)) is not None}
+    viable = [c for c in cands if c not in pruned]
+    if not viable:
+        raise FastsimError(f"search: no candidate fits ({len(cands)} tried; e.g. {next(iter(pruned.values()))})")
+    rows: list[dict] = []
+    if progress:
+        progress(0, len(viable), len(pruned))
+    tasks = [(i, raw, c, slos, space.max_replicas) for i, c in enumerate(viable)]
+    for n, (_, probes, crash) in enumerate(run_tasks(fewest_replicas, tasks, executor, jobs, address), start=1):
+        if crash is None:
+            rows.extend(probes)
+        if progress:
+            progress(n, len(viable), len(pruned))
+    if not rows:
+        raise FastsimError("search: every simulation failed")
+    if lat not in rows[0]:
+        raise FastsimError(f"--latency {lat!r}: not a summary metric; e.g. p99_ttft_ms, mean_e2el_ms")
+    # Workers finish in any order: sort on every key so the table does not depend on it.
+    rows.sort(key=lambda r: (r["cost_usd_per_hour"], r[lat] if r.get(lat) is not None else float("inf"),
+                             *(str(r[k]) for k in _KEYS)))
+    front = pareto(rows, lat)
+    on_front = {id(r) for r in front}
+    for r in rows:
+        r["pareto"] = id(r) in on_front
+    meta = {"request_rate": target, "slos": [str(s) for s in slos], "latency": lat}
+    table = pa.Table.from_pylist(rows).replace_schema_metadata({"fastsim.search": json.dumps(meta)})
+    path = write_table_atomic(table, out_dir / "search", "parquet")
+    keys = [*_KEYS, lat]
+    write_json_atomic(out_dir / "search.json", {
+        "request_rate": target, "slos": meta["slos"], "latency_metric": lat,
+        "cheapest": {k: front[0][k] for k in keys} if front else None,
+        "pareto": [{k: r[k] for k in keys} for r in front],
+        "pruned": [{"candidate": str(c), "why": w} for c, w in pruned.items()]})
+    return SearchOutcome(target, lat, rows, front, pruned, len(viable), path)

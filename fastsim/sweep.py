@@ -65,7 +65,9 @@ def sweep_points(sweep: Sweep, base_raw: dict) -> list[Point]:
     else:
         rng = np.random.default_rng(sweep.seed)
         combos = ([_draw(sweep.parameters[k], rng) for k in keys] for _ in range(sweep.samples))
-    base_hash = _digest(base_raw)
+    # What a point simulates, not the sweep section or where results go: extending a sweep or
+    # writing elsewhere keeps the ids of the points already done.
+    base_hash = _digest({k: v for k, v in base_raw.items() if k not in ("sweep", "output")})
     points = []
     for i, values in enumerate(combos):
         params = dict(zip(keys, values))

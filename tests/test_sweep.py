@@ -49,9 +49,12 @@ def test_grid_zip_random_points():
     assert [p.params for p in r1] == [p.params for p in r2]  # seeded
     assert [p.params for p in r1] != [p.params for p in sweep_points(Sweep(**spec, seed=1), BASE)]
     assert {p.params["a"] for p in r1} == {1, 2, 3} and all(1 <= p.params["r"] <= 100 for p in r1)
-    # the same point of another base config is another point
+    # the same point of another base config is another point; a longer sweep keeps the ids it shares
     other = sweep_points(Sweep(parameters={"a": [1, 2, 3], "b": ["x", "y"]}), {**BASE, "model": "x"})
     assert not {p.point_id for p in grid} & {p.point_id for p in other}
+    longer = sweep_points(Sweep(parameters={"a": [1, 2, 3, 4], "b": ["x", "y"]}),
+                          {**BASE, "sweep": {"parameters": {"a": [1, 2, 3, 4]}}, "output": {"dir": "elsewhere"}})
+    assert {p.point_id for p in grid} < {p.point_id for p in longer}
 
 
 def test_each_row_is_the_simulation_of_its_config_and_failures_are_recorded(tmp_path):
