@@ -261,10 +261,20 @@ class Engine(_Strict):
     same: max_num_seqs = --max-running-requests, max_num_batched_tokens = --chunked-prefill-size,
     block_size = --page-size, enable_prefix_caching = not --disable-radix-cache)."""
     name: str = "vllm"
-    framework: Literal["vllm", "sglang"] = Field(
+    framework: Literal["vllm", "sglang", "trtllm"] = Field(
         default="vllm", description="vllm: V1 scheduling (mixed prefill/decode batches, FCFS); sglang: "
         "prefill batches apart from decode batches, admission that reserves room for running requests' "
-        "output, radix cache at token granularity (block_size 1) and longest-prefix-first queueing")
+        "output, radix cache at token granularity (block_size 1) and longest-prefix-first queueing; trtllm: "
+        "TensorRT-LLM in-flight batching (mixed batches within max_num_tokens = max_num_batched_tokens, "
+        "max_batch_size = max_num_seqs), capacity_scheduler_policy, KV cache sized by "
+        "kv_cache_free_gpu_mem_fraction, FP8 weights and KV where the GPU has FP8")
+    capacity_scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"] | None = Field(
+        default=None, description="TensorRT-LLM's: guaranteed_no_evict (its default) admits a request only "
+        "if every running request and it can reach prompt + output tokens without eviction; "
+        "max_utilization admits while blocks are free and pauses (preempts) when they run out")
+    kv_cache_free_gpu_mem_fraction: float | None = Field(
+        default=None, gt=0, le=1, description="TensorRT-LLM's KV cache size: this fraction of the memory "
+        "left after weights and activations (default 0.9); replaces gpu_memory_utilization under trtllm")
     schedule_policy: Literal["fcfs", "lpm"] | None = Field(
         default=None, description="SGLang's --schedule-policy; lpm = longest cached prefix first (SGLang "
         "serves a queue of more than 128 first-come-first-served). Default: lpm with prefix caching")
@@ -301,6 +311,14 @@ class Engine(_Strict):
         if isinstance(data, dict) and data.get("framework") == "sglang":
             data = {"block_size": 1, "enable_prefix_caching": True, **data}
             data.setdefault("schedule_policy", "lpm" if data["enable_prefix_caching"] else "fcfs")
+        if isinstance(data, dict) and data.get("framework") == "trtllm":
+            # TensorRT-LLM's defaults (LLM API / trtllm-bench): max_batch_size 2048, max_num_tokens 8192,
+            # tokens_per_block 32, GUARANTEED_NO_EVICT, free_gpu_memory_fraction 0.9, FP8 on Hopper and
+            # later (NVIDIA's published throughput runs use FP8 checkpoints and FP8 KV). Chunked
+            # context is on here so that prompts longer than max_num_tokens run at all.
+            data = {"max_num_seqs": 2048, "max_num_batched_tokens": 8192, "block_size": 32,
+                    "capacity_scheduler_policy": "guaranteed_no_evict", "kv_cache_free_gpu_mem_fraction": 0.9,
+                    "enable_chunked_prefill": True, **data}
         return data
 
     @model_validator(mode="after")
@@ -310,6 +328,12 @@ class Engine(_Strict):
                              "set framework: sglang or drop it")
         if self.framework == "sglang" and self.scheduler == "v0":
             raise ValueError("scheduler: v0 is vLLM's; SGLang has its own scheduler (drop scheduler)")
+        if self.framework != "trtllm" and (self.capacity_scheduler_policy or self.kv_cache_free_gpu_mem_fraction):
+            raise ValueError("capacity_scheduler_policy and kv_cache_free_gpu_mem_fraction are TensorRT-LLM's; "
+                             "set framework: trtllm or drop them")
+        if self.framework == "trtllm" and (self.scheduler == "v0" or self.enable_prefix_caching):
+            raise ValueError("framework trtllm is modelled with its own scheduler and without KV cache reuse; "
+                             "drop scheduler / enable_prefix_caching")
         if self.framework == "sglang" and self.long_prefill_token_threshold:
             raise ValueError("long_prefill_token_threshold is vLLM's; SGLang chunks by "
                              "max_num_batched_tokens (--chunked-prefill-size) alone")

@@ -89,6 +89,9 @@ def memory_plan(model: ModelSpec, gpu: GpuSpec, engine: Engine) -> MemoryPlan:
     budget = engine.gpu_memory_utilization * total
     weights, act, kv_tok = _per_gpu(model, engine, tp)
     free = budget - weights - act - RESERVED_BYTES
+    if engine.framework == "trtllm":  # a fraction of what is left after loading the model
+        budget = total
+        free = engine.kv_cache_free_gpu_mem_fraction * (total - weights - act - RESERVED_BYTES)
     if free <= 0:
         split = tp * engine.pipeline_parallel_size
         raise FastsimError(

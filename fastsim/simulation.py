@@ -96,6 +96,7 @@ def _pools(cfg: Config, engine: Engine, model: ModelSpec, default_gpu: GpuSpec, 
         except ValidationError as e:
             raise FastsimError(format_validation_error(e, prefix=f"{where}.engine")) from None
         gpu = _gpu(cfg, pool.gpu, custom) if pool.gpu else default_gpu
+        eng = _framework_dtypes(eng, gpu)
         if eng.max_model_len and eng.max_model_len > model.max_position_embeddings:
             raise FastsimError(f"{where}.max_model_len = {eng.max_model_len} exceeds {model.name}'s context "
                                f"({model.max_position_embeddings}); use at most that")
@@ -106,6 +107,15 @@ def _pools(cfg: Config, engine: Engine, model: ModelSpec, default_gpu: GpuSpec, 
         validate_engine(eng, plan)
         out.append(ReplicaPlan(pool.name or f"pool{j}", pool.count, gpu, eng, plan))
     return out
+
+
+def _framework_dtypes(eng: Engine, gpu: GpuSpec) -> Engine:
+    """TensorRT-LLM serves FP8 weights and KV cache where the GPU has FP8 (NVIDIA's published
+    throughput runs do), unless the config says otherwise."""
+    if eng.framework != "trtllm" or not gpu.fp8_tflops:
+        return eng
+    update = {k: "fp8" for k in ("dtype", "kv_cache_dtype") if k not in eng.model_fields_set}
+    return eng.model_copy(update=update)
 
 
 def _gpu(cfg: Config, name: str, custom) -> GpuSpec:
@@ -156,6 +166,7 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
         ints[E.RI_APC] = eng.enable_prefix_caching
         ints[E.RI_SGLANG] = eng.framework == "sglang"
         ints[E.RI_LPM] = eng.schedule_policy == "lpm"
+        ints[E.RI_NO_EVICT] = eng.capacity_scheduler_policy == "guaranteed_no_evict"
         tok_parts.append(tok)
         seq_parts.append(seq)
         tok_off += tok.shape[1]

@@ -208,13 +208,16 @@ class PrefixCache:
 def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, max_num_batched_tokens,
                        block_size, num_blocks, chunked_prefill=True, long_prefill_token_threshold=0,
                        v0=False, overhead_s=0.0, max_time_s=float("inf"), content=None, turns=None,
-                       sglang=False, lpm=False):
+                       sglang=False, lpm=False, no_evict=False):
     """Per-request results (list of Req, by id) and the list of (start, used_blocks) per iteration.
     `content(request, block)`: with it, prefix caching is on, blocks named by that content.
 
     sglang=True: SGLang's scheduler — a prefill batch (the request being chunked, then new ones while
     their prompt and clipped output fit beside the running requests' reserve) when one can be formed,
     else a decode batch of every running request; lpm=True orders the queue by cached prefix.
+
+    no_evict=True: TensorRT-LLM's GUARANTEED_NO_EVICT — a waiting request is admitted only if the
+    blocks every running request and it need for prompt + output tokens fit the cache.
 
     `turns = (next_turn, think_s)`: a request with think_s >= 0 arrives think_s after the one whose
     next_turn it is has finished (first turns of the same instant go first).
@@ -316,6 +319,8 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                 new = min(new, budget)
                 need = -(-(done + new) // block_size) - len(hits)
                 if need + idle > free - watermark:
+                    break
+                if no_evict and sum(-(-(q.prompt + q.output) // block_size) for q in running + [r]) > num_blocks:
                     break
                 if sglang:
                     claim = full + min(r.output - r.generated, 4096)

@@ -33,7 +33,7 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
         num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
         timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None,
         fast_decode=True, prefix_caching=False, block_ids=None, turns=None, content=None,
-        route_params=(0.5, 32, 1.0001), sglang=False, lpm=False, fast=False):
+        route_params=(0.5, 32, 1.0001), sglang=False, lpm=False, fast=False, no_evict=False):
     ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
                                             chunked, threshold, v0, overhead_s, stages)
     arrivals = np.asarray(arrivals, dtype=np.float64)
@@ -44,6 +44,7 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
     ints[E.RI_APC] = prefix_caching
     ints[E.RI_SGLANG] = sglang
     ints[E.RI_LPM] = lpm
+    ints[E.RI_NO_EVICT] = no_evict
     rep_int = np.array([ints] * replicas)
     # turns = (next_turn, think_s); content = dict of Workload content fields (seq_id, shared_tokens, ...)
     wl = Workload(arrivals, np.asarray(prompts, np.int64), np.asarray(outputs, np.int64), np.zeros(n, np.int32), ("c",),
@@ -147,7 +148,8 @@ workloads = st.integers(1, 40).flatmap(lambda n: st.tuples(
 engines = st.fixed_dictionaries({
     "max_num_seqs": st.integers(1, 16), "max_num_batched_tokens": st.integers(64, 600),
     "block_size": st.sampled_from([1, 4, 16]), "num_blocks": st.integers(25, 200),
-    "chunked": st.booleans(), "threshold": st.sampled_from([0, 0, 48]), "v0": st.booleans()})
+    "chunked": st.booleans(), "threshold": st.sampled_from([0, 0, 48]), "v0": st.booleans(),
+    "no_evict": st.sampled_from([False, False, True])})
 
 
 def _fits(prompts, outputs, e):
@@ -172,12 +174,13 @@ def test_kernel_matches_reference_scheduler(wl, e):
     prompts, outputs = [k[0] for k in kept], [k[1] for k in kept]
     r = run(arrivals, prompts, outputs, max_num_seqs=e["max_num_seqs"],
             max_num_batched_tokens=e["max_num_batched_tokens"], block_size=e["block_size"],
-            num_blocks=e["num_blocks"], chunked=e["chunked"], threshold=e["threshold"], v0=e["v0"])
+            num_blocks=e["num_blocks"], chunked=e["chunked"], threshold=e["threshold"], v0=e["v0"],
+            no_evict=e["no_evict"])
     reqs, history = ref.simulate_reference(
         CM, arrivals, prompts, outputs, max_num_seqs=e["max_num_seqs"],
         max_num_batched_tokens=e["max_num_batched_tokens"], block_size=e["block_size"],
         num_blocks=e["num_blocks"], chunked_prefill=e["chunked"], long_prefill_token_threshold=e["threshold"],
-        v0=e["v0"], overhead_s=OVERHEAD)
+        v0=e["v0"], overhead_s=OVERHEAD, no_evict=e["no_evict"])
     for i, q in enumerate(reqs):
         assert r["preempts"][i] == q.preemptions
         assert r["generated"][i] == q.generated
@@ -197,6 +200,8 @@ def test_kernel_matches_reference_scheduler(wl, e):
     assert (r["first_sched"] < r["first_tok"]).all() and (r["first_tok"] <= r["finish"]).all()
     assert tl[:, E.TL_NUM_TOKENS].max() <= e["max_num_batched_tokens"] or e["v0"]
     assert tl[:, E.TL_NUM_SEQS].max() <= e["max_num_seqs"] or e["v0"]
+    if e["no_evict"]:
+        assert (r["preempts"] == 0).all()  # what guaranteed_no_evict guarantees
 
 
 @given(wl=workloads, e=engines, replicas=st.integers(1, 3), window=st.booleans(),
@@ -212,7 +217,7 @@ def test_decode_stretches_change_nothing(wl, e, replicas, window, policy):
     kw = dict(max_num_seqs=e["max_num_seqs"], max_num_batched_tokens=e["max_num_batched_tokens"],
               block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
               threshold=e["threshold"], v0=e["v0"], timeline=False, replicas=replicas,
-              policy=policy, max_time_s=2.0 if window else np.inf)
+              policy=policy, max_time_s=2.0 if window else np.inf, no_evict=e["no_evict"])
     a = run(arrivals, prompts, outputs, fast_decode=True, **kw)
     b = run(arrivals, prompts, outputs, fast_decode=False, **kw)
     for key in ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",
@@ -251,3 +256,17 @@ def test_timeline_grows_past_its_first_allocation_and_keeps_every_iteration():
     assert tl[:, E.TL_NUM_TOKENS].sum() == 3 * 100 + 3 * 1499  # prompts + decodes (the last token needs none)
     plain = run([0.0, 0.01, 0.02], [100, 100, 100], [1500, 1500, 1500], timeline=False)
     np.testing.assert_array_equal(r["finish"], plain["finish"])
+
+
+def test_guaranteed_no_evict_by_hand():
+    """TensorRT-LLM's GUARANTEED_NO_EVICT on 10 blocks of 16 tokens: A (64 + 64 tokens) reserves 8
+    blocks, so B (32 + 32: 4 blocks) waits for A to finish although 6 blocks are free when it arrives
+    (vLLM admits it at once). Then B runs alone, as a fresh request."""
+    kw = dict(block_size=16, num_blocks=10, timeline=False)
+    trt = run([0.0, 0.001], [64, 32], [64, 32], no_evict=True, **kw)
+    vllm = run([0.0, 0.001], [64, 32], [64, 32], **kw)
+    assert vllm["first_sched"][1] < vllm["finish"][0]
+    assert trt["first_sched"][1] == trt["finish"][0]  # the decision right after A's last token
+    assert (trt["preempts"] == 0).all()
+    alone = run([0.0], [32], [32], **kw)
+    assert trt["finish"][1] - trt["first_sched"][1] == pytest.approx(alone["finish"][0], rel=1e-12)

@@ -107,7 +107,8 @@ def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time,
     kw = dict(max_num_seqs=e["max_num_seqs"], max_num_batched_tokens=e["max_num_batched_tokens"],
               block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
               threshold=e["threshold"], v0=e["v0"] and not caching, timeline=False, replicas=replicas,
-              policy=policy, max_time_s=max_time, prefix_caching=caching, turns=(nxt, think_s))
+              policy=policy, max_time_s=max_time, prefix_caching=caching, turns=(nxt, think_s),
+              no_evict=e["no_evict"] and not caching)
     compare(run(arrivals, prompts, outputs, fast=True, **kw), run(arrivals, prompts, outputs, fast=False, **kw),
             e["max_num_seqs"] * replicas)
 

@@ -79,3 +79,17 @@ def sort_by_key_nb(keys, vals, m):
         keys[0], keys[end] = keys[end], keys[0]
         vals[0], vals[end] = vals[end], vals[0]
         _sift_down(keys, vals, 0, end)
+
+
+@njit(cache=True, error_model="numpy")
+def reserved_blocks_nb(s_prompt, s_output, s_state, n_slots, lazy, block_size):
+    """TensorRT-LLM GUARANTEED_NO_EVICT: blocks the running requests of one replica (slots 0..n_slots-1;
+    in fast mode's lazy form, the slots whose state is not 0 = free) hold or will hold by their last
+    token, ceil((prompt + output) / block_size) each. A request is admitted only if this plus its own
+    such count fits the cache, so no running request ever has to be evicted."""
+    total = 0
+    for k in range(n_slots):
+        if lazy and s_state[k] == 0:
+            continue
+        total += ceil_div_nb(s_prompt[k] + s_output[k], block_size)
+    return total

@@ -39,7 +39,8 @@ from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
 from fastsim.engine import prefix_nb as px
 from fastsim.engine import lazy_nb as lz_nb
-from fastsim.engine.batch_nb import add_to_batch_nb, blocks_needed_nb, ceil_div_nb, itl_add_nb, itl_bin_nb
+from fastsim.engine.batch_nb import (add_to_batch_nb, blocks_needed_nb, ceil_div_nb, itl_add_nb, itl_bin_nb,
+                                     reserved_blocks_nb)
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, pp_send_time_nb, stage_time_nb
 
 INF = np.inf
@@ -368,7 +369,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
     n = arrival.size
     n_rep = rep_int.shape[0]
     n_left, a, rr_next, n_tl = loop_state[0], loop_state[1], loop_state[2], loop_state[3]
-    requests = (prompt, generated, status, finish, max_itl)
+    requests = (prompt, generated, status, finish, max_itl, output)
     replicas = (n_running, free, q_head, n_waiting, stage_free, rep_time)
     lz_queue = (q_head, q_tail, q_next, n_waiting)
     lz_sched_reqs = (prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached)
@@ -516,6 +517,9 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 reserve *= nt_ratio[r]
             if v0 or sg or step_preempts == 0:
                 watermark = int(0.01 * ri[E.RI_NUM_BLOCKS]) if v0 else 0
+                no_evict = ri[E.RI_NO_EVICT] != 0
+                reserved = reserved_blocks_nb(s_prompt[r], s_output[r], s_prompt[r], n_running[r], False,
+                                              block_size) if no_evict and n_waiting[r] > 0 else 0
                 while n_waiting[r] > 0 and budget > 0 and n_running[r] < ri[E.RI_MAX_SEQS]:
                     i, before = q_head[r], -1
                     if ri[E.RI_LPM] and ri[E.RI_APC] and n_waiting[r] <= E.SGL_LPM_MAX_QUEUE:
@@ -538,6 +542,10 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     idle_hits = px.apc_idle_nb(apc, hit_bufs[r], hits) if ri[E.RI_APC] else 0
                     if need + idle_hits > free[r] - watermark:
                         break
+                    final = ceil_div_nb(prompt[i] + output[i], block_size)
+                    if no_evict and reserved + final > ri[E.RI_NUM_BLOCKS]:
+                        break
+                    reserved += final
                     if sg:
                         # SGLang admits only while its whole prompt and its (clipped) output fit
                         # beside what the running requests are expected to need.
@@ -880,7 +888,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     """
     tok_table, seq_table = tables
     hit_buf = hit_bufs[r]
-    prompt, generated, status, finish, max_itl = requests
+    prompt, generated, status, finish, max_itl, output = requests
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
     n_running, free, q_head, n_waiting, stage_free, rep_time = replicas
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
@@ -924,7 +932,10 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
                 new = thr
             chunk_ok = ri[E.RI_CHUNKED] != 0 or new <= budget - nrun
             new = min(new, budget - nrun)
-            if chunk_ok and ceil_div_nb(hits * bs + new, bs) - hits + idle <= free_r - phase[1 % bs]:
+            reserved_ok = ri[E.RI_NO_EVICT] == 0 or (
+                reserved_blocks_nb(s_prompt, s_output, s_prompt, nrun, False, bs)
+                + ceil_div_nb(prompt[i] + output[i], bs) <= ri[E.RI_NUM_BLOCKS])
+            if chunk_ok and reserved_ok and ceil_div_nb(hits * bs + new, bs) - hits + idle <= free_r - phase[1 % bs]:
                 return 0, t_r, 0, 0
             cap = budget - nrun if thr <= 0 else min(thr, budget - nrun)
             if idle > 0 and prompt[i] + generated[i] > cap:

@@ -35,7 +35,7 @@ from numba import njit
 from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
 from fastsim.engine.batch_nb import (add_to_batch_nb, blocks_needed_nb, ceil_div_nb, itl_add_nb, itl_bin_nb,
-                                     sort_by_key_nb)
+                                     reserved_blocks_nb, sort_by_key_nb)
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, LAYERS, attention_time_nb
 
 # slot states in lazy form
@@ -404,6 +404,9 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
             s_sample[r, k] = bid
         n_sched += 1
         left -= new
+    no_evict = ri[E.RI_NO_EVICT] != 0
+    reserved = reserved_blocks_nb(s_prompt[r], s_output[r], s_state[r], s_state.shape[1], True, bs) \
+        if no_evict and n_waiting[r] > 0 else 0
     while n_waiting[r] > 0 and left > 0 and n_running[r] < ri[E.RI_MAX_SEQS]:
         i = q_head[r]
         new = prompt[i] + generated[i]
@@ -415,6 +418,10 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         need = ceil_div_nb(new, bs)
         if need > free[r]:
             break
+        final = ceil_div_nb(prompt[i] + output[i], bs)
+        if no_evict and reserved + final > ri[E.RI_NUM_BLOCKS]:
+            break
+        reserved += final
         q_head[r] = q_next[i]
         if q_tail[r] == i:
             q_tail[r] = -1
@@ -552,7 +559,8 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     tok_table, seq_table = tables
     n_running, free, stage_free, rep_time = replicas
     q_head, n_waiting = queue[0], queue[3]
-    prompt, _, generated, status, finish, max_itl = reqs
+    prompt, output, generated, status, finish, max_itl = reqs
+    s_prompt, s_output = slots[1], slots[4]
     itl = itl_acc[1]
     bs = ri[E.RI_BLOCK_SIZE]
     budget = ri[E.RI_MAX_TOKENS]
@@ -576,7 +584,10 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
                 new = thr
             chunk_ok = ri[E.RI_CHUNKED] != 0 or new <= budget - n
             new = min(new, budget - n)
-            if chunk_ok and ceil_div_nb(new, bs) <= free_r - phase[r, D % bs]:
+            reserved_ok = ri[E.RI_NO_EVICT] == 0 or (
+                reserved_blocks_nb(s_prompt[r], s_output[r], lz[5][r], lz[5].shape[1], True, bs)
+                + ceil_div_nb(prompt[i] + output[i], bs) <= ri[E.RI_NUM_BLOCKS])
+            if chunk_ok and reserved_ok and ceil_div_nb(new, bs) <= free_r - phase[r, D % bs]:
                 return 0, t_r, 0, 0
     overhead = p[FRAMEWORK_OVERHEAD_S]
     tok_off, seq_off = ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF]
