@@ -387,7 +387,9 @@ def validate_cmd(
             ("replicas x (TP x PP)", lambda rp: f"{rp.count} x ({rp.engine.tensor_parallel_size} x "
                                                  f"{rp.engine.pipeline_parallel_size})"),
             ("GPU memory (GiB)", lambda rp: rp.memory.gpu_total_bytes / gib),
-            ("budget at gpu_memory_utilization (GiB)", lambda rp: rp.memory.budget_bytes / gib),
+            # TensorRT-LLM sizes the KV cache by kv_cache_free_gpu_mem_fraction of what is left instead.
+            ("budget at gpu_memory_utilization (GiB)",
+             lambda rp: "-" if rp.engine.framework == "trtllm" else rp.memory.budget_bytes / gib),
             ("weights (GiB)", lambda rp: rp.memory.weight_bytes / gib),
             ("activation workspace (GiB)", lambda rp: rp.memory.activation_bytes / gib),
             ("reserved: CUDA context, graphs (GiB)", lambda rp: rp.memory.reserved_bytes / gib),
