@@ -262,7 +262,7 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
                 tok_table, seq_table,
                 cfg.simulation.max_sim_time_s or np.inf, cfg.output.timeline, counter,
                 prefix_cache_arrays(rep_int, workload), (workload.next_turn, workload.think_s), True,
-                cfg.simulation.mode == "fast")
+                cfg.simulation.mode == "fast", (np.zeros(len(workload), np.int64), np.zeros(len(workload))))
         stage = f"simulating {eng.name}"
         wall0 = time.perf_counter()
         out = run_polled(run_cluster_nb, args, counter, lambda done: say(stage, done, admitted))

@@ -208,7 +208,7 @@ class PrefixCache:
 def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, max_num_batched_tokens,
                        block_size, num_blocks, chunked_prefill=True, long_prefill_token_threshold=0,
                        v0=False, overhead_s=0.0, max_time_s=float("inf"), content=None, turns=None,
-                       sglang=False, lpm=False, no_evict=False):
+                       sglang=False, lpm=False, no_evict=False, kv0=None):
     """Per-request results (list of Req, by id) and the list of (start, used_blocks) per iteration.
     `content(request, block)`: with it, prefix caching is on, blocks named by that content.
 
@@ -219,12 +219,19 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
     no_evict=True: TensorRT-LLM's GUARANTEED_NO_EVICT — a waiting request is admitted only if the
     blocks every running request and it need for prompt + output tokens fit the cache.
 
+    kv0=(generated, last_token_s): a request with generated > 0 arrives with the KV of all but its
+    last token computed elsewhere (a disaggregated decode instance): its first step is a decode.
+
     `turns = (next_turn, think_s)`: a request with think_s >= 0 arrives think_s after the one whose
     next_turn it is has finished (first turns of the same instant go first).
 
     Requests that could never fit (more blocks than the cache) must be left out by the caller.
     """
     reqs = [Req(i, a, p, o) for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs))]
+    for r in reqs:
+        r.preloaded = bool(kv0 and kv0[0][r.id] > 0)
+        if r.preloaded:
+            r.generated, r.last_token = int(kv0[0][r.id]), float(kv0[1][r.id])
     next_turn, think = turns if turns else ([-1] * len(reqs), [-1.0] * len(reqs))
     order = lambda r: (r.arrival, think[r.id] >= 0, r.id)  # noqa: E731
     pending = sorted((r for r in reqs if think[r.id] < 0), key=order)
@@ -310,6 +317,8 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                 r = waiting[pick]
                 hits, key = cache.lookup(r) if cache else ([], 0)
                 done = len(hits) * block_size
+                if r.preloaded and r.first_scheduled is None and not cache:
+                    done = r.num_tokens - 1  # its KV came with it
                 idle = sum(cache.ref[b] == 0 for b in hits) if cache else 0
                 new = full = r.num_tokens - done
                 if not v0 and not sglang and long_prefill_token_threshold and new > long_prefill_token_threshold:
@@ -337,7 +346,7 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                 running.append(r)
                 if r.first_scheduled is None:
                     r.first_scheduled = now
-                    r.cached = done
+                    r.cached = len(hits) * block_size
                 scheduled.append((r, new, r.computed))
                 r.computed += new
                 if cache:
@@ -364,7 +373,7 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
         for r, new, _ in scheduled:
             if r.computed == r.num_tokens:
                 r.generated += 1
-                if r.first_token is None:
+                if r.generated == 1:
                     r.first_token = end
                 else:
                     r.itls.append(end - r.last_token)

@@ -33,7 +33,7 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
         num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
         timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None,
         fast_decode=True, prefix_caching=False, block_ids=None, turns=None, content=None,
-        route_params=(0.5, 32, 1.0001), sglang=False, lpm=False, fast=False, no_evict=False):
+        route_params=(0.5, 32, 1.0001), sglang=False, lpm=False, fast=False, no_evict=False, kv0=None):
     ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
                                             chunked, threshold, v0, overhead_s, stages)
     arrivals = np.asarray(arrivals, dtype=np.float64)
@@ -54,7 +54,9 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
     out = run_cluster_nb(arrivals, wl.prompt_tokens, wl.output_tokens,
                          rejected, np.ones(n, np.bool_), session, draw, policy, np.asarray(route_params, float), rep_int,
                          np.array([params] * replicas), tok, seq, max_time_s, timeline, np.zeros(1, np.int64),
-                         prefix_cache_arrays(rep_int, wl), (wl.next_turn, wl.think_s), fast_decode, fast)
+                         prefix_cache_arrays(rep_int, wl), (wl.next_turn, wl.think_s), fast_decode, fast,
+                         (np.zeros(n, np.int64), np.zeros(n)) if kv0 is None
+                         else (np.asarray(kv0[0], np.int64), np.asarray(kv0[1], float)))
     keys = ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",
             "itl_hist", "itl_stats", "timeline", "counters", "gpu_time", "cached", "arrival")
     res = dict(zip(keys, out))
@@ -164,23 +166,31 @@ def _fits(prompts, outputs, e):
     return keep
 
 
-@given(wl=workloads, e=engines)
-def test_kernel_matches_reference_scheduler(wl, e):
+def preloaded(arrivals, outputs, on):
+    """kv0 for a disaggregated decode pool: every other request (of more than one token) arrives with
+    its prompt's KV and first token, made 0.05 s before it arrives."""
+    gen0 = [1 if on and i % 2 == 0 and o > 1 else 0 for i, o in enumerate(outputs)]
+    return gen0, [a - 0.05 if g else 0.0 for a, g in zip(arrivals, gen0)]
+
+
+@given(wl=workloads, e=engines, preload=st.booleans())
+def test_kernel_matches_reference_scheduler(wl, e, preload):
     arrivals, prompts, outputs = wl
     kept = _fits(prompts, outputs, e)
     arrivals = sorted(arrivals)[: len(kept)]
     if not kept:
         return
     prompts, outputs = [k[0] for k in kept], [k[1] for k in kept]
+    kv0 = preloaded(arrivals, outputs, preload)
     r = run(arrivals, prompts, outputs, max_num_seqs=e["max_num_seqs"],
             max_num_batched_tokens=e["max_num_batched_tokens"], block_size=e["block_size"],
             num_blocks=e["num_blocks"], chunked=e["chunked"], threshold=e["threshold"], v0=e["v0"],
-            no_evict=e["no_evict"])
+            no_evict=e["no_evict"], kv0=kv0)
     reqs, history = ref.simulate_reference(
         CM, arrivals, prompts, outputs, max_num_seqs=e["max_num_seqs"],
         max_num_batched_tokens=e["max_num_batched_tokens"], block_size=e["block_size"],
         num_blocks=e["num_blocks"], chunked_prefill=e["chunked"], long_prefill_token_threshold=e["threshold"],
-        v0=e["v0"], overhead_s=OVERHEAD, no_evict=e["no_evict"])
+        v0=e["v0"], overhead_s=OVERHEAD, no_evict=e["no_evict"], kv0=kv0)
     for i, q in enumerate(reqs):
         assert r["preempts"][i] == q.preemptions
         assert r["generated"][i] == q.generated
@@ -197,7 +207,9 @@ def test_kernel_matches_reference_scheduler(wl, e):
     assert r["counters"][2] == e["num_blocks"]
     assert (np.diff(tl[:, E.TL_START_S]) > 0).all()
     assert (np.asarray(arrivals) <= r["first_sched"]).all()
-    assert (r["first_sched"] < r["first_tok"]).all() and (r["first_tok"] <= r["finish"]).all()
+    fresh = np.asarray(kv0[0]) == 0  # a preloaded request's first token was made elsewhere
+    assert (r["first_sched"] < r["first_tok"])[fresh].all() and (r["first_tok"] <= r["finish"])[fresh].all()
+    assert np.isnan(r["first_tok"][~fresh]).all() and (r["first_sched"] < r["finish"]).all()
     assert tl[:, E.TL_NUM_TOKENS].max() <= e["max_num_batched_tokens"] or e["v0"]
     assert tl[:, E.TL_NUM_SEQS].max() <= e["max_num_seqs"] or e["v0"]
     if e["no_evict"]:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from fastsim.engine import enums as E
 from fastsim.engine import lazy_nb as lz
 from fastsim.engine.batch_nb import itl_bin_nb
-from test_engine import CM, _fits, engines, long_run, run
+from test_engine import CM, _fits, engines, long_run, preloaded, run
 
 P = CM.params
 
@@ -109,6 +109,7 @@ def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time,
               threshold=e["threshold"], v0=e["v0"] and not caching, timeline=False, replicas=replicas,
               policy=policy, max_time_s=max_time, prefix_caching=caching, turns=(nxt, think_s),
               no_evict=e["no_evict"] and not caching)
+    kw["kv0"] = preloaded(arrivals, outputs, not caching and n % 2 == 0)
     compare(run(arrivals, prompts, outputs, fast=True, **kw), run(arrivals, prompts, outputs, fast=False, **kw),
             e["max_num_seqs"] * replicas)
 

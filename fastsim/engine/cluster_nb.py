@@ -118,7 +118,7 @@ def _route_prefix_aware(route_params, i, n_rep, outstanding, apc, rep_int, promp
 @njit(cache=True, error_model="numpy", nogil=True)
 def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw, policy, route_params,
                    rep_int, rep_params, tok_table, seq_table, max_time_s, record_timeline, progress,
-                   apc, conv, fast_decode=True, lazy=False):
+                   apc, conv, fast_decode=True, lazy=False, kv0=None):
     """Simulate replicas (rows of rep_int / rep_params, see enums.RI_* and cost_nb) over requests
     sorted by arrival. `rejected` requests are never scheduled; `measured` ones feed the ITL
     histogram; `session` (-1: none) and `draw` (a pre-drawn replica per request) serve the router
@@ -137,7 +137,10 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     (fastsim.engine.prefix_nb; rep_int[:, RI_APC]). `conv = (next_turn, think_s)`: a request with
     think_s >= 0 is a later turn of a conversation; it arrives think_s after the request whose
     next_turn it is finishes (its arrival_s is ignored), or never if that one does not finish.
-    The arrival times are returned last. `fast_decode` lets steady decoding stretches advance in
+    The arrival times are returned last. `kv0 = (generated, last_token_s)` per request, for a
+    disaggregated decode pool: a request with generated > 0 arrives with the KV of all but its last
+    token already computed (sent by a prefill instance), so its first step is a decode; its
+    last_token_s is the time of its previous token. None: every request starts from nothing. `fast_decode` lets steady decoding stretches advance in
     O(1) per iteration (same iterations, same arithmetic; off only to test that it changes nothing).
     `lazy` is fast mode (fastsim.engine.lazy_nb) for the replicas it applies to: vLLM V1 without
     prefix caching, one pipeline stage, no sliding window, no timeline.
@@ -167,9 +170,10 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     first_sched = np.full(n, np.nan)
     first_tok = np.full(n, np.nan)
     finish = np.full(n, np.nan)
-    last_tok = np.zeros(n)
+    last_tok = np.zeros(n) if kv0 is None else kv0[1].copy()
     max_itl = np.zeros(n)
-    generated = np.zeros(n, np.int64)
+    gen0 = np.zeros(n, np.int64) if kv0 is None else kv0[0]
+    generated = gen0.copy()
     preempts = np.zeros(n, np.int64)
     replica = np.full(n, -1, np.int32)
     cached = np.zeros(n, np.int64)      # prompt tokens found in the prefix cache when first scheduled
@@ -289,7 +293,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     scratch = (np.empty(max_seqs, np.int64), np.empty(max_seqs, np.int64), np.empty(max_seqs),
                np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64))
     reqs = (arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,
-            preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo)
+            preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo, gen0)
     reps = (n_running, free, q_head, q_tail, n_waiting, outstanding, used_frac, stage_free, fl_end, fl_id, fl_head,
             fl_count, batch_seq, nt_ratio, hit_bufs, session_replica, tree)
     counts = (rep_iters, rep_peak, rep_preempts, rep_requests, rep_stretched, rep_time)
@@ -354,7 +358,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
     a tuple or a row cost more than the simulation itself (gdb samples: over half in NRT_incref /
     NRT_decref)."""
     (arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,
-     preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo) = reqs
+     preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo, gen0) = reqs
     (n_running, free, q_head, q_tail, n_waiting, outstanding, used_frac, stage_free, fl_end, fl_id, fl_head,
      fl_count, batch_seq, nt_ratio, hit_bufs, session_replica, tree) = reps
     rep_iters, rep_peak, rep_preempts, rep_requests, rep_stretched, rep_time = counts
@@ -369,12 +373,12 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
     n = arrival.size
     n_rep = rep_int.shape[0]
     n_left, a, rr_next, n_tl = loop_state[0], loop_state[1], loop_state[2], loop_state[3]
-    requests = (prompt, generated, status, finish, max_itl, output)
+    requests = (prompt, generated, status, finish, max_itl, output, gen0, first_sched)
     replicas = (n_running, free, q_head, n_waiting, stage_free, rep_time)
     lz_queue = (q_head, q_tail, q_next, n_waiting)
-    lz_sched_reqs = (prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached)
+    lz_sched_reqs = (prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached, gen0)
     lz_done_reqs = (prompt, generated, status, finish, max_itl, first_tok)
-    lz_run_reqs = (prompt, output, generated, status, finish, max_itl)
+    lz_run_reqs = (prompt, output, generated, status, finish, max_itl, gen0, first_sched)
     lz_replicas = (n_running, free, stage_free, rep_time)
     while n_left > 0:
         if record_timeline and n_tl >= timeline.shape[0]:
@@ -529,6 +533,8 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     if ri[E.RI_APC]:  # the longest cached prefix is not computed again
                         hits, hit_key = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], block_size, hit_bufs[r])
                     done_tok = hits * block_size
+                    if gen0[i] > 0 and np.isnan(first_sched[i]) and not ri[E.RI_APC]:
+                        done_tok = prompt[i] + generated[i] - 1  # its KV came from a prefill instance
                     new = prompt[i] + generated[i] - done_tok
                     full = new
                     if not v0 and not sg and ri[E.RI_THRESHOLD] > 0 and new > ri[E.RI_THRESHOLD]:
@@ -582,7 +588,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     status[i] = E.RUNNING
                     if np.isnan(first_sched[i]):
                         first_sched[i] = t_r
-                        cached[i] = done_tok
+                        cached[i] = hits * block_size
                     agg = add_to_batch_nb(agg, new, done_tok, prompt[i], window)
                     n_sched += 1
                     budget -= new
@@ -888,7 +894,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     """
     tok_table, seq_table = tables
     hit_buf = hit_bufs[r]
-    prompt, generated, status, finish, max_itl, output = requests
+    prompt, generated, status, finish, max_itl, output, gen0, first_sched = requests
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
     n_running, free, q_head, n_waiting, stage_free, rep_time = replicas
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
@@ -925,8 +931,10 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
             if on:  # (iteration 1's allocations can only evict its hits: this errs toward the plain path)
                 hits, _ = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], bs, hit_buf)
                 idle = px.apc_idle_nb(apc, hit_buf, hits)
-            full = prompt[i] + generated[i] - hits * bs
-            new = full
+            done_tok = hits * bs
+            if gen0[i] > 0 and np.isnan(first_sched[i]) and not on:
+                done_tok = prompt[i] + generated[i] - 1  # its KV came from a prefill instance
+            new = prompt[i] + generated[i] - done_tok
             thr = ri[E.RI_THRESHOLD]
             if thr > 0 and new > thr:
                 new = thr
@@ -935,7 +943,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
             reserved_ok = ri[E.RI_NO_EVICT] == 0 or (
                 reserved_blocks_nb(s_prompt, s_output, s_prompt, nrun, False, bs)
                 + ceil_div_nb(prompt[i] + output[i], bs) <= ri[E.RI_NUM_BLOCKS])
-            if chunk_ok and reserved_ok and ceil_div_nb(hits * bs + new, bs) - hits + idle <= free_r - phase[1 % bs]:
+            if chunk_ok and reserved_ok and ceil_div_nb(done_tok + new, bs) - hits + idle <= free_r - phase[1 % bs]:
                 return 0, t_r, 0, 0
             cap = budget - nrun if thr <= 0 else min(thr, budget - nrun)
             if idle > 0 and prompt[i] + generated[i] > cap:

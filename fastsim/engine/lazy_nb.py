@@ -367,7 +367,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
     cnt, phase, s_seq, s_state, free_slots, ex_slot = lz[0], lz[2], lz[4], lz[5], lz[6], lz[7]
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
     q_head, q_tail, q_next, n_waiting = queue
-    prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached = reqs
+    prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached, gen0 = reqs
     bs = ri[E.RI_BLOCK_SIZE]
     thr = ri[E.RI_THRESHOLD]
     n = cnt[r, C_NDEC]
@@ -409,13 +409,16 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         if no_evict and n_waiting[r] > 0 else 0
     while n_waiting[r] > 0 and left > 0 and n_running[r] < ri[E.RI_MAX_SEQS]:
         i = q_head[r]
-        new = prompt[i] + generated[i]
+        done = 0
+        if gen0[i] > 0 and np.isnan(first_sched[i]):
+            done = prompt[i] + generated[i] - 1  # its KV came from a prefill instance
+        new = prompt[i] + generated[i] - done
         if thr > 0 and new > thr:
             new = thr
         if ri[E.RI_CHUNKED] == 0 and new > left:
             break
         new = min(new, left)
-        need = ceil_div_nb(new, bs)
+        need = ceil_div_nb(done + new, bs)
         if need > free[r]:
             break
         final = ceil_div_nb(prompt[i] + output[i], bs)
@@ -433,13 +436,13 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         s_req[r, k] = i
         s_prompt[r, k] = prompt[i]
         s_tokens[r, k] = prompt[i] + generated[i]
-        s_computed[r, k] = new
+        s_computed[r, k] = done + new
         s_output[r, k] = output[i]
         s_blocks[r, k] = need
         s_last[r, k] = last_tok[i]
         s_max_itl[r, k] = max_itl[i]
         s_measured[r, k] = measured[i]
-        s_sample[r, k] = bid if new == s_tokens[r, k] else -1
+        s_sample[r, k] = bid if done + new == s_tokens[r, k] else -1
         s_seq[r, k] = cnt[r, C_SEQ]
         cnt[r, C_SEQ] += 1
         s_state[r, k] = EXPLICIT
@@ -449,7 +452,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         if np.isnan(first_sched[i]):
             first_sched[i] = t_r
             cached[i] = 0
-        agg = add_to_batch_nb(agg, new, 0, prompt[i], 0)
+        agg = add_to_batch_nb(agg, new, done, prompt[i], 0)
         n_sched += 1
         left -= new
     return True, n_sched, agg
@@ -559,7 +562,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     tok_table, seq_table = tables
     n_running, free, stage_free, rep_time = replicas
     q_head, n_waiting = queue[0], queue[3]
-    prompt, output, generated, status, finish, max_itl = reqs
+    prompt, output, generated, status, finish, max_itl, gen0, first_sched = reqs
     s_prompt, s_output = slots[1], slots[4]
     itl = itl_acc[1]
     bs = ri[E.RI_BLOCK_SIZE]
@@ -578,7 +581,10 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             return 0, t_r, 0, 0
         if n_running[r] < ri[E.RI_MAX_SEQS] and budget - n > 0:
             i = q_head[r]
-            new = prompt[i] + generated[i]
+            done = 0
+            if gen0[i] > 0 and np.isnan(first_sched[i]):
+                done = prompt[i] + generated[i] - 1  # its KV came from a prefill instance
+            new = prompt[i] + generated[i] - done
             thr = ri[E.RI_THRESHOLD]
             if thr > 0 and new > thr:
                 new = thr
@@ -587,7 +593,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             reserved_ok = ri[E.RI_NO_EVICT] == 0 or (
                 reserved_blocks_nb(s_prompt[r], s_output[r], lz[5][r], lz[5].shape[1], True, bs)
                 + ceil_div_nb(prompt[i] + output[i], bs) <= ri[E.RI_NUM_BLOCKS])
-            if chunk_ok and reserved_ok and ceil_div_nb(new, bs) <= free_r - phase[r, D % bs]:
+            if chunk_ok and reserved_ok and ceil_div_nb(done + new, bs) <= free_r - phase[r, D % bs]:
                 return 0, t_r, 0, 0
     overhead = p[FRAMEWORK_OVERHEAD_S]
     tok_off, seq_off = ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF]
