@@ -356,6 +356,42 @@ class Pool(_Strict):
     engine: dict[str, Any] = Field(default_factory=dict, description="engine arguments to override")
 
 
+_LINKS = {  # per-GPU bandwidth (GB/s of bytes, one direction) and one-way latency (us) by link kind
+    "nvlink": (450.0, 5.0),        # H100 NVLink 4: 900 GB/s both directions
+    "infiniband": (50.0, 10.0),    # 400 Gb/s NDR, one NIC per GPU (GPUDirect RDMA)
+    "ethernet": (12.5, 50.0),      # 100 GbE
+}
+
+
+class KvTransfer(_Strict):
+    """How a request's KV cache moves from its prefill instance to its decode instance: each GPU of
+    the prefill instance sends its shard over its own link."""
+    link: Literal["nvlink", "infiniband", "ethernet"] = "infiniband"
+    bandwidth_gb_s: float | None = Field(default=None, gt=0, description="per GPU, GB/s of bytes; default by "
+                                         "link: nvlink 450, infiniband 50 (400 Gb/s NDR), ethernet 12.5 (100 GbE)")
+    latency_us: float | None = Field(default=None, ge=0, description="per transfer; default by link: nvlink 5, "
+                                     "infiniband 10, ethernet 50")
+    overlap: bool = Field(default=True, description="layer by layer during the prefill (NIXL, Mooncake): only "
+                          "what outlasts the prefill is exposed; false: sent after it")
+
+    def rate_and_latency(self) -> tuple[float, float]:
+        bw, lat = _LINKS[self.link]
+        return (self.bandwidth_gb_s or bw) * 1e9, (lat if self.latency_us is None else self.latency_us) * 1e-6
+
+
+class Disaggregation(_Strict):
+    """Disaggregated prefill and decode (vLLM's disaggregated prefill, NVIDIA Dynamo, DistServe,
+    Splitwise): prefill instances compute each prompt and its first token, then send its KV cache
+    to a decode instance, which generates the rest."""
+    prefill: "Pool" = Field(description="the prefill pool: count, gpu, engine arguments")
+    decode: "Pool" = Field(description="the decode pool: count, gpu, engine arguments")
+    kv_transfer: KvTransfer = KvTransfer()
+    prefill_router: Literal["round_robin", "random", "least_requests", "least_kv"] | None = Field(
+        default=None, description="default: cluster.router")
+    decode_router: Literal["round_robin", "random", "least_requests", "least_kv"] | None = Field(
+        default=None, description="default: cluster.router")
+
+
 class Cluster(_Strict):
     router: Literal["round_robin", "random", "least_requests", "least_kv", "session_affinity", "prefix_aware"] = Field(
         default="round_robin", description="how arrivals pick a replica; least_requests = fewest outstanding; "
@@ -370,6 +406,14 @@ class Cluster(_Strict):
     pools: list[Pool] | None = Field(
         default=None, description="replica pools with their own GPU / TP / PP; default: "
         "engine.data_parallel_size replicas of hardware.gpu")
+    disaggregation: Disaggregation | None = Field(
+        default=None, description="separate prefill and decode pools with KV-cache transfer (instead of pools)")
+
+    @model_validator(mode="after")
+    def _one_layout(self):
+        if self.disaggregation is not None and self.pools:
+            raise ValueError("give cluster.pools or cluster.disaggregation, not both")
+        return self
 
 
 class Simulation(_Strict):

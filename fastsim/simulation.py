@@ -87,10 +87,16 @@ def validate_engine(engine: Engine, plan: MemoryPlan) -> None:
 
 
 def _pools(cfg: Config, engine: Engine, model: ModelSpec, default_gpu: GpuSpec, custom) -> list[ReplicaPlan]:
-    pools = cfg.cluster.pools or [Pool(name=engine.name, count=engine.data_parallel_size)]
+    dis = cfg.cluster.disaggregation
+    if dis is not None:
+        pools = [dis.prefill.model_copy(update={"name": dis.prefill.name or "prefill"}),
+                 dis.decode.model_copy(update={"name": dis.decode.name or "decode"})]
+    else:
+        pools = cfg.cluster.pools or [Pool(name=engine.name, count=engine.data_parallel_size)]
     out = []
     for j, pool in enumerate(pools):
-        where = f"cluster.pools.{j}" if cfg.cluster.pools else "engine"
+        where = (f"cluster.disaggregation.{('prefill', 'decode')[j]}" if dis is not None
+                 else f"cluster.pools.{j}" if cfg.cluster.pools else "engine")
         try:
             eng = Engine(**(engine.model_dump(exclude_unset=True) | pool.engine))
         except ValidationError as e:
@@ -103,6 +109,9 @@ def _pools(cfg: Config, engine: Engine, model: ModelSpec, default_gpu: GpuSpec, 
         if eng.enable_prefix_caching and eng.scheduler == "v0":
             raise FastsimError(f"{where}.enable_prefix_caching is modelled for scheduler v1 only; "
                                "use scheduler: v1 or turn prefix caching off")
+        if dis is not None and (eng.enable_prefix_caching or eng.framework == "sglang"):
+            raise FastsimError(f"{where}: disaggregation is modelled for vLLM and TensorRT-LLM engines without "
+                               "prefix caching; drop enable_prefix_caching / framework sglang")
         plan = memory_plan(model, gpu, eng)
         validate_engine(eng, plan)
         out.append(ReplicaPlan(pool.name or f"pool{j}", pool.count, gpu, eng, plan))
@@ -132,6 +141,9 @@ def plan_engines(cfg: Config):
     custom = load_gpu_file(cfg.hardware.gpus_file) if cfg.hardware.gpus_file else None
     gpu = _gpu(cfg, cfg.hardware.gpu, custom)
     plans = [(eng, _pools(cfg, eng, model, gpu, custom)) for eng in cfg.engine_variants()]
+    if cfg.cluster.disaggregation is not None and any(c.conversation for c in cfg.workload.clients):
+        raise FastsimError("cluster.disaggregation: multi-turn conversations are not modelled with it yet "
+                           "(a turn's arrival depends on the decode pool); drop workload.clients[].conversation")
     for eng, pools in plans:
         if cfg.cluster.router == "prefix_aware" and not any(rp.engine.enable_prefix_caching for rp in pools):
             raise FastsimError(f"cluster.router = 'prefix_aware' routes by what replicas cache, but engine "
@@ -250,25 +262,21 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
     measured = measured_mask(workload, cfg)
     tables, summaries, timelines, pool_plans = [], {}, {}, {}
     for eng, pools in plans:
-        rep_int, rep_params, tok_table, seq_table = replica_arrays(model, pools, cfg.hardware.profile)
-        n_rep = rep_int.shape[0]
-        # Random routing draws come from their own stream, so they never shift the workload's.
-        draw = np.random.default_rng([cfg.simulation.seed, 1 << 20]).integers(0, n_rep, len(workload))
         reason = rejections(workload, pools)
-        admitted = int((reason == 0).sum())
-        counter = np.zeros(1, np.int64)
-        args = (workload.arrival_s, workload.prompt_tokens, workload.output_tokens, reason > 0, measured,
-                workload.session, draw, E.ROUTE_NAMES[cfg.cluster.router], route_params(cfg), rep_int, rep_params,
-                tok_table, seq_table,
-                cfg.simulation.max_sim_time_s or np.inf, cfg.output.timeline, counter,
-                prefix_cache_arrays(rep_int, workload), (workload.next_turn, workload.think_s), True,
-                cfg.simulation.mode == "fast", (np.zeros(len(workload), np.int64), np.zeros(len(workload))))
         stage = f"simulating {eng.name}"
+        report = (lambda done, stage=stage, admitted=int((reason == 0).sum()): say(stage, done, admitted))
         wall0 = time.perf_counter()
-        out = run_polled(run_cluster_nb, args, counter, lambda done: say(stage, done, admitted))
+        if cfg.cluster.disaggregation is not None:
+            from fastsim.disaggregation import run_disaggregated
+
+            out, extra = run_disaggregated(cfg, model, pools, workload, measured, reason, report)
+        else:
+            out, extra = run_pools(cfg, model, pools, workload, measured, reason > 0, report), {}
         wall = time.perf_counter() - wall0
         itl_hist, itl_stats, timeline, counters, gpu_time = out[8:13]
         table = request_table(eng.name, workload, reason, out)
+        for name, column in extra.items():  # disaggregation: where each request's time went
+            table = table.append_column(name, pa.array(column))
         summaries[eng.name] = summarize(table, itl_stats_from_histogram(itl_hist, itl_stats), cfg.simulation,
                                         cfg.slo, cluster_summary(eng, pools, counters, gpu_time, table, wall))
         tables.append(table)
@@ -276,6 +284,28 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
         if cfg.output.timeline:
             timelines[eng.name] = pa.table({name: timeline[:, i] for i, name in enumerate(E.TL_COLUMNS)})
     return Result(pa.concat_tables(tables), summaries, timelines, pool_plans)
+
+
+def run_pools(cfg: Config, model: ModelSpec, pools: list[ReplicaPlan], workload: Workload, measured: np.ndarray,
+              rejected: np.ndarray, report, *, arrival_s=None, prompt=None, output=None, kv0=None, session=None,
+              router: str | None = None, stream: int = 0) -> tuple:
+    """One compiled run of the replicas of `pools` over the workload's requests (or the arrays given
+    instead: a disaggregated decode pool sees its requests when their KV arrives)."""
+    rep_int, rep_params, tok_table, seq_table = replica_arrays(model, pools, cfg.hardware.profile)
+    arrival_s = workload.arrival_s if arrival_s is None else arrival_s
+    n = len(arrival_s)
+    # Random routing draws come from their own stream, so they never shift the workload's.
+    draw = np.random.default_rng([cfg.simulation.seed, (1 << 20) + stream]).integers(0, rep_int.shape[0], n)
+    counter = np.zeros(1, np.int64)
+    args = (arrival_s, workload.prompt_tokens if prompt is None else prompt,
+            workload.output_tokens if output is None else output, rejected, measured,
+            workload.session if session is None else session, draw, E.ROUTE_NAMES[router or cfg.cluster.router],
+            route_params(cfg), rep_int, rep_params, tok_table, seq_table,
+            cfg.simulation.max_sim_time_s or np.inf, cfg.output.timeline, counter,
+            prefix_cache_arrays(rep_int, workload), (workload.next_turn, workload.think_s) if kv0 is None
+            else (np.full(n, -1, np.int64), np.full(n, -1.0)), True, cfg.simulation.mode == "fast",
+            (np.zeros(n, np.int64), np.zeros(n)) if kv0 is None else kv0)
+    return run_polled(run_cluster_nb, args, counter, report)
 
 
 def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray, gpu_time: np.ndarray,
