@@ -52,7 +52,7 @@ def run_disaggregated(cfg, model, pools, workload, measured, reason, report) -> 
     finish = np.where(p_status == E.FINISHED, p_tok, np.nan)
     generated = np.where(p_status == E.FINISHED, 1, 0).astype(np.int64)
     max_itl = np.zeros(n)
-    replica = np.full(n, -1, np.int32)
+    replica = np.where(np.isnan(p_sched), -1, p_replica).astype(np.int32)  # one-token requests end there
     preempts = p_preempts.copy()
     d_first = np.full(n, np.nan)
     status[idx], finish[idx], generated[idx], max_itl[idx] = d_status, d_finish, d_generated, d_max_itl

@@ -51,6 +51,14 @@ def test_overlap_hides_what_the_prefill_outlasts():
     assert r["transfer_ms"] == pytest.approx(exposed * 1e3, rel=1e-9)
 
 
+def test_a_one_token_request_ends_at_its_prefill():
+    r = simulate(one_request(500, 1, "cluster.disaggregation={prefill: {count: 1}, decode: {count: 1}}"))
+    row = r.requests.to_pylist()[0]
+    assert row["status"] == "finished" and row["generated_tokens"] == 1
+    assert row["replica"] == row["prefill_replica"] == 0 and np.isnan(row["transfer_ms"])
+    assert row["e2el_ms"] == row["ttft_ms"] == pytest.approx((OVERHEAD + fwd(new=[500], ctx=[0])) * 1e3, rel=1e-9)
+
+
 def test_loaded_deployment_invariants_and_where_the_time_went():
     cfg = load_config(None, ["workload.num_requests=400", "workload.clients.0.arrival.rate=8",
                              "cluster.disaggregation={prefill: {count: 2}, decode: {count: 1, engine: "
@@ -62,6 +70,7 @@ def test_loaded_deployment_invariants_and_where_the_time_went():
     done = t[t.status == "finished"]
     assert (done.generated_tokens == done.output_tokens).all()
     assert (done.prefill_replica.isin([0, 1])).all() and (done.replica[done.output_tokens > 1] == 2).all()
+
     parts = done.prefill_queue_ms + done.prefill_ms + done.transfer_ms + done.decode_queue_ms + done.decode_ms
     many = done.output_tokens > 1
     np.testing.assert_allclose(parts[many], done.e2el_ms[many], rtol=1e-9)
