@@ -44,9 +44,11 @@ def deployment_raw(base_raw: dict, c: Candidate, replicas: int) -> dict:
 
 def at_rate(base_raw: dict, rate: float) -> dict:
     """The base config with its clients' rates scaled to a total of `rate` requests/s."""
-    if base_raw.get("engines") or (base_raw.get("cluster") or {}).get("pools"):
-        raise FastsimError("search: the config must describe one engine (no `engines:` or `cluster.pools`); "
-                           "the search chooses GPU, parallelism and engine limits itself")
+    cluster = base_raw.get("cluster") or {}
+    if base_raw.get("engines") or cluster.get("pools") or cluster.get("disaggregation"):
+        raise FastsimError("search: the config must describe one engine (no `engines:`, `cluster.pools` or "
+                           "`cluster.disaggregation`); the search chooses GPU, parallelism and engine limits "
+                           "itself")
     return scaled(base_raw, rate / offered_rate(build_config(base_raw)))
 
 

@@ -29,6 +29,8 @@ def test_memory_pruning_before_simulation():
     assert why_not_fit(priced, Candidate("H100-SXM", 2, 1, 256, 8192)) is None
     with pytest.raises(FastsimError, match="one engine"):
         at_rate({**RAW, "engines": [{"name": "a"}]}, 5.0)
+    with pytest.raises(FastsimError, match="disaggregation"):
+        at_rate({**RAW, "cluster": {"disaggregation": {"prefill": {}, "decode": {}}}}, 5.0)
 
 
 def test_fewest_replicas_is_the_first_count_that_meets_the_slos():
