@@ -54,26 +54,29 @@ def offered_rate(cfg: Config) -> float:
     """Requests (or conversations) per second that the workload's clients offer."""
     total = 0.0
     for i, c in enumerate(cfg.workload.clients):
-        rate = getattr(c.arrival, "rate", None) if c.arrival is not None else None
-        if rate is None and c.trace is not None:
-            raise FastsimError(f"workload.clients.{i}: capacity scales arrival rates; a trace replay needs "
-                               "trace.rate (its mean rate) to be scaled")
-        if rate is None and c.trace is None:
-            raise FastsimError(f"workload.clients.{i}.arrival: capacity scales arrival rates; "
-                               f"process {c.arrival.process if c.arrival else None!r} has none "
-                               "(use poisson, gamma or constant)")
-        total += rate if rate is not None else c.trace.rate
+        if c.arrival is None:  # a trace's own timestamps, rescaled to trace.rate if it gives one
+            if c.trace.rate is None:
+                raise FastsimError(f"workload.clients.{i}.trace: capacity scales arrival rates; set "
+                                   "trace.rate (the replay's mean rate) so it can be scaled")
+            total += c.trace.rate
+        elif getattr(c.arrival, "rate", None) is None:
+            raise FastsimError(f"workload.clients.{i}.arrival: capacity scales arrival rates; process "
+                               f"{c.arrival.process!r} has none (use poisson, gamma or constant)")
+        else:
+            total += c.arrival.rate
     return total
 
 
 def scaled(raw: dict, factor: float) -> dict:
-    """The raw config with every client's arrival rate (or trace rate) multiplied by factor."""
+    """The raw config with every client's offered rate (arrival rate, or a trace's rate when it
+    replays its own timestamps) multiplied by factor."""
     out = copy.deepcopy(raw)
     for c in out["workload"]["clients"]:
-        if c.get("trace") and c["trace"].get("rate") is not None:
+        if c.get("arrival"):
+            if c["arrival"].get("rate") is not None:
+                c["arrival"]["rate"] *= factor
+        elif c.get("trace") and c["trace"].get("rate") is not None:
             c["trace"]["rate"] *= factor
-        if c.get("arrival") and c["arrival"].get("rate") is not None:
-            c["arrival"]["rate"] *= factor
     return out
 
 

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import yaml
+from pydantic import ValidationError
 
 from fastsim.config import (Config, Sweep, SweepDistribution, SweepRange, build_config, deep_merge,
-                            set_path)
+                            format_validation_error, set_path)
 from fastsim.errors import FastsimError
 from fastsim.executors import run_tasks
 
@@ -106,9 +107,9 @@ def parse_cli_parameter(item: str, option: str) -> tuple[str, list | SweepRange]
         else:
             try:
                 return key, SweepRange(start=start, stop=stop, step=step)
-            except Exception as e:  # pydantic's message, made one line
-                msg = str(e).splitlines()[-2].strip() if len(str(e).splitlines()) > 1 else str(e)
-                raise FastsimError(f"{option} {item!r}: {msg.removeprefix('Value error, ')}") from None
+            except ValidationError as e:
+                raise FastsimError(f"{option} {item!r}: "
+                                   f"{format_validation_error(e).removeprefix('config: ')}") from None
     values = []
     for v in raw.split(","):
         try:
@@ -119,20 +120,24 @@ def parse_cli_parameter(item: str, option: str) -> tuple[str, list | SweepRange]
 
 
 def point_config(base_raw: dict, params: dict) -> Config:
+    return build_config(_point_raw(base_raw, params))
+
+
+def _point_raw(base_raw: dict, params: dict) -> dict:
     over: dict = {}
     for key, value in params.items():
         set_path(over, key, value, f"sweep parameter {key!r}")
-    raw = deep_merge(copy.deepcopy({k: v for k, v in base_raw.items() if k != "sweep"}), over)
-    return build_config(raw)
+    return deep_merge(copy.deepcopy({k: v for k, v in base_raw.items() if k != "sweep"}), over)
 
 
 def check_keys(base_raw: dict, point: Point) -> None:
-    """A misspelt key would fail every point: say so once, before running any."""
+    """A misspelt key would fail every point: say so once, before running any. (A bad value fails
+    its point only; a list index past the end fails in _point_raw, for every point.)"""
     try:
-        point_config(base_raw, point.params)
-    except FastsimError as e:
-        if "is not a known option" in str(e) or "past the end of a list" in str(e):
-            raise FastsimError(f"sweep parameter: {str(e).removeprefix('config: ')}") from None
+        Config(**_point_raw(base_raw, point.params))
+    except ValidationError as e:
+        if any(err["type"] == "extra_forbidden" for err in e.errors()):
+            raise FastsimError(f"sweep parameter: {format_validation_error(e).removeprefix('config: ')}") from None
 
 
 # -- one point, in a worker --------------------------------------------------------------------------

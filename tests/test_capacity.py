@@ -37,6 +37,16 @@ def test_rates_scale_together():
                                                                   "dataset": {"name": "sharegpt"}}]}}
     with pytest.raises(FastsimError, match="batch"):
         offered_rate(build_config(batch))
+    # a trace replaying its own timestamps is scaled through trace.rate, and needs one
+    trace = {**RAW, "workload": {"num_requests": 10, "clients": [
+        {"trace": {"format": "azure", "file": "tests/fixtures/azure_conv_200.csv", "rate": 2.0}},
+        {"arrival": {"process": "poisson", "rate": 1.0}, "dataset": {"name": "sharegpt"}}]}}
+    assert offered_rate(build_config(trace)) == 3.0
+    s = scaled(trace, 2.0)["workload"]["clients"]
+    assert (s[0]["trace"]["rate"], s[1]["arrival"]["rate"]) == (4.0, 2.0)
+    del trace["workload"]["clients"][0]["trace"]["rate"]
+    with pytest.raises(FastsimError, match="trace.rate"):
+        offered_rate(build_config(trace))
 
 
 def test_judge_reads_the_summary_fields():

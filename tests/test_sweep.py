@@ -33,6 +33,8 @@ def test_cli_parameters():
     for bad in ("engine.max_num_seqs", "=1,2", "x=3:1:1"):
         with pytest.raises(FastsimError):
             parse_cli_parameter(bad, "--grid")
+    with pytest.raises(FastsimError, match="stop 1 is below start 3"):
+        parse_cli_parameter("x=3:1:1", "--grid")
 
 
 def test_grid_zip_random_points():
