@@ -33,11 +33,11 @@ def run_local(fn: Callable, tasks: list[tuple], jobs: int) -> Iterator[tuple]:
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    warm_up()
     if jobs == 1 or len(tasks) == 1:
         for t in tasks:
             yield t[0], fn(*t[1:]), None
         return
+    warm_up()  # before forking, so that no worker compiles or loads the kernel itself
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx,
                                initializer=None if ctx.get_start_method() == "fork" else warm_up)

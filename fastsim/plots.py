@@ -45,6 +45,20 @@ def _find(results: Path, stem: str) -> Path | None:
     return None
 
 
+def _names(table, column: str) -> list[str]:
+    """The distinct values of a string (or dictionary) column, in order of first appearance."""
+    import pyarrow.compute as pc
+
+    return [v for v in pc.unique(table.column(column).cast("string")).to_pylist() if v is not None]
+
+
+def _equal(table, column: str, value: str) -> np.ndarray:
+    """Rows whose column equals value, as a NumPy mask (no Python loop over the rows)."""
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.equal(table.column(column).cast("string"), value), False).to_numpy(zero_copy_only=False)
+
+
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
     """PNG and SVG, each written to a temporary name and renamed."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -66,14 +80,12 @@ def latency_cdfs(requests, out_dir: Path) -> list[Path]:
     """CDF of TTFT, TPOT and end-to-end latency over finished requests, a line per engine."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=FIGSIZE, constrained_layout=True)
-    engines = requests.column("engine").to_pylist()
-    status = np.array(requests.column("status").to_pylist())
-    names = list(dict.fromkeys(engines))
-    eng = np.array(engines)
+    finished = _equal(requests, "status", "finished")
+    names = _names(requests, "engine")
     for ax, (col, label) in zip(axes, _LATENCIES):
         values = requests.column(col).to_numpy(zero_copy_only=False).astype(float)
         for name in names:
-            v = np.sort(values[(eng == name) & (status == "finished") & ~np.isnan(values)])
+            v = np.sort(values[_equal(requests, "engine", name) & finished & ~np.isnan(values)])
             if v.size:
                 ax.plot(v, np.arange(1, v.size + 1) / v.size, label=name)
         ax.set_xlabel(label)
@@ -91,9 +103,9 @@ def timeline(tl, out_dir: Path) -> list[Path]:
     fig, (kv, queue) = plt.subplots(1, 2, figsize=FIGSIZE, constrained_layout=True)
     col = {c: tl.column(c).to_numpy(zero_copy_only=False) for c in
            ("start_s", "kv_blocks_used", "num_waiting", "num_running")}
-    engines = np.array(tl.column("engine").to_pylist()) if "engine" in tl.column_names else np.array([""] * tl.num_rows)
-    for name in dict.fromkeys(engines.tolist()):
-        m = engines == name
+    names = _names(tl, "engine") if "engine" in tl.column_names else [""]
+    for name in names:
+        m = _equal(tl, "engine", name) if name else np.ones(tl.num_rows, np.bool_)
         t = col["start_s"][m]
         kv.plot(t, col["kv_blocks_used"][m], label=name or None, lw=0.8)
         queue.plot(t, col["num_waiting"][m], label=f"{name} waiting".strip(), lw=0.8)
@@ -105,7 +117,7 @@ def timeline(tl, out_dir: Path) -> list[Path]:
     for ax in (kv, queue):
         ax.grid(alpha=0.3)
     queue.legend(loc="upper right", fontsize="small")
-    if len(set(engines.tolist())) > 1:
+    if len(names) > 1:
         kv.legend(loc="upper right", fontsize="small")
     fig.suptitle("KV-cache use and queues over time (one point per iteration; replicas together)")
     return _save(fig, out_dir, "timeline")
