@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba import njit
 
 from fastsim.engine import enums as E
@@ -81,6 +82,19 @@ def sort_by_key_nb(keys, vals, m):
         _sift_down(keys, vals, 0, end)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def arrived_kv_nb(gen0, first_sched, i, tokens):
+    """Tokens whose KV request i brings to its first admission: all but its last when a prefill
+    instance computed them (kv0: it arrives with generated > 0), else none."""
+    return tokens - 1 if gen0[i] > 0 and np.isnan(first_sched[i]) else 0
+
+
+@njit(cache=True, error_model="numpy")
+def final_blocks_nb(prompt_len, output_len, block_size):
+    """Blocks a request holds at its last token: what TensorRT-LLM's GUARANTEED_NO_EVICT reserves."""
+    return ceil_div_nb(prompt_len + output_len, block_size)
+
+
 @njit(cache=True, error_model="numpy")
 def reserved_blocks_nb(s_prompt, s_output, s_state, n_slots, lazy, block_size):
     """TensorRT-LLM GUARANTEED_NO_EVICT: blocks the running requests of one replica (slots 0..n_slots-1;
@@ -91,5 +105,5 @@ def reserved_blocks_nb(s_prompt, s_output, s_state, n_slots, lazy, block_size):
     for k in range(n_slots):
         if lazy and s_state[k] == 0:
             continue
-        total += ceil_div_nb(s_prompt[k] + s_output[k], block_size)
+        total += final_blocks_nb(s_prompt[k], s_output[k], block_size)
     return total

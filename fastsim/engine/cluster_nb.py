@@ -39,8 +39,8 @@ from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
 from fastsim.engine import prefix_nb as px
 from fastsim.engine import lazy_nb as lz_nb
-from fastsim.engine.batch_nb import (add_to_batch_nb, blocks_needed_nb, ceil_div_nb, itl_add_nb, itl_bin_nb,
-                                     reserved_blocks_nb)
+from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_nb,
+                                     final_blocks_nb, itl_add_nb, itl_bin_nb, reserved_blocks_nb)
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, pp_send_time_nb, stage_time_nb
 
 INF = np.inf
@@ -140,8 +140,9 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     The arrival times are returned last. `kv0 = (generated, last_token_s)` per request, for a
     disaggregated decode pool: a request with generated > 0 arrives with the KV of all but its last
     token already computed (sent by a prefill instance), so its first step is a decode; its
-    last_token_s is the time of its previous token. None: every request starts from nothing. `fast_decode` lets steady decoding stretches advance in
-    O(1) per iteration (same iterations, same arithmetic; off only to test that it changes nothing).
+    last_token_s is the time of its previous token. None: every request starts from nothing.
+    `fast_decode` lets steady decoding stretches advance in O(1) per iteration (same iterations,
+    same arithmetic; off only to test that it changes nothing).
     `lazy` is fast mode (fastsim.engine.lazy_nb) for the replicas it applies to: vLLM V1 without
     prefix caching, one pipeline stage, no sliding window, no timeline.
     """
@@ -532,9 +533,8 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     hits, hit_key = 0, px.ROOT_KEY
                     if ri[E.RI_APC]:  # the longest cached prefix is not computed again
                         hits, hit_key = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], block_size, hit_bufs[r])
-                    done_tok = hits * block_size
-                    if gen0[i] > 0 and np.isnan(first_sched[i]) and not ri[E.RI_APC]:
-                        done_tok = prompt[i] + generated[i] - 1  # its KV came from a prefill instance
+                    done_tok = hits * block_size if ri[E.RI_APC] else arrived_kv_nb(gen0, first_sched, i,
+                                                                                     prompt[i] + generated[i])
                     new = prompt[i] + generated[i] - done_tok
                     full = new
                     if not v0 and not sg and ri[E.RI_THRESHOLD] > 0 and new > ri[E.RI_THRESHOLD]:
@@ -548,7 +548,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     idle_hits = px.apc_idle_nb(apc, hit_bufs[r], hits) if ri[E.RI_APC] else 0
                     if need + idle_hits > free[r] - watermark:
                         break
-                    final = ceil_div_nb(prompt[i] + output[i], block_size)
+                    final = final_blocks_nb(prompt[i], output[i], block_size)
                     if no_evict and reserved + final > ri[E.RI_NUM_BLOCKS]:
                         break
                     reserved += final
@@ -931,9 +931,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
             if on:  # (iteration 1's allocations can only evict its hits: this errs toward the plain path)
                 hits, _ = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], bs, hit_buf)
                 idle = px.apc_idle_nb(apc, hit_buf, hits)
-            done_tok = hits * bs
-            if gen0[i] > 0 and np.isnan(first_sched[i]) and not on:
-                done_tok = prompt[i] + generated[i] - 1  # its KV came from a prefill instance
+            done_tok = hits * bs if on else arrived_kv_nb(gen0, first_sched, i, prompt[i] + generated[i])
             new = prompt[i] + generated[i] - done_tok
             thr = ri[E.RI_THRESHOLD]
             if thr > 0 and new > thr:
@@ -942,7 +940,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
             new = min(new, budget - nrun)
             reserved_ok = ri[E.RI_NO_EVICT] == 0 or (
                 reserved_blocks_nb(s_prompt, s_output, s_prompt, nrun, False, bs)
-                + ceil_div_nb(prompt[i] + output[i], bs) <= ri[E.RI_NUM_BLOCKS])
+                + final_blocks_nb(prompt[i], output[i], bs) <= ri[E.RI_NUM_BLOCKS])
             if chunk_ok and reserved_ok and ceil_div_nb(done_tok + new, bs) - hits + idle <= free_r - phase[1 % bs]:
                 return 0, t_r, 0, 0
             cap = budget - nrun if thr <= 0 else min(thr, budget - nrun)

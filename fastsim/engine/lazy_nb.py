@@ -34,8 +34,9 @@ from numba import njit
 
 from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
-from fastsim.engine.batch_nb import (add_to_batch_nb, blocks_needed_nb, ceil_div_nb, itl_add_nb, itl_bin_nb,
-                                     reserved_blocks_nb, sort_by_key_nb)
+from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_nb,
+                                     final_blocks_nb, itl_add_nb, itl_bin_nb, reserved_blocks_nb,
+                                     sort_by_key_nb)
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, LAYERS, attention_time_nb
 
 # slot states in lazy form
@@ -409,9 +410,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         if no_evict and n_waiting[r] > 0 else 0
     while n_waiting[r] > 0 and left > 0 and n_running[r] < ri[E.RI_MAX_SEQS]:
         i = q_head[r]
-        done = 0
-        if gen0[i] > 0 and np.isnan(first_sched[i]):
-            done = prompt[i] + generated[i] - 1  # its KV came from a prefill instance
+        done = arrived_kv_nb(gen0, first_sched, i, prompt[i] + generated[i])
         new = prompt[i] + generated[i] - done
         if thr > 0 and new > thr:
             new = thr
@@ -421,7 +420,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         need = ceil_div_nb(done + new, bs)
         if need > free[r]:
             break
-        final = ceil_div_nb(prompt[i] + output[i], bs)
+        final = final_blocks_nb(prompt[i], output[i], bs)
         if no_evict and reserved + final > ri[E.RI_NUM_BLOCKS]:
             break
         reserved += final
@@ -581,9 +580,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             return 0, t_r, 0, 0
         if n_running[r] < ri[E.RI_MAX_SEQS] and budget - n > 0:
             i = q_head[r]
-            done = 0
-            if gen0[i] > 0 and np.isnan(first_sched[i]):
-                done = prompt[i] + generated[i] - 1  # its KV came from a prefill instance
+            done = arrived_kv_nb(gen0, first_sched, i, prompt[i] + generated[i])
             new = prompt[i] + generated[i] - done
             thr = ri[E.RI_THRESHOLD]
             if thr > 0 and new > thr:
@@ -592,7 +589,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             new = min(new, budget - n)
             reserved_ok = ri[E.RI_NO_EVICT] == 0 or (
                 reserved_blocks_nb(s_prompt[r], s_output[r], lz[5][r], lz[5].shape[1], True, bs)
-                + ceil_div_nb(prompt[i] + output[i], bs) <= ri[E.RI_NUM_BLOCKS])
+                + final_blocks_nb(prompt[i], output[i], bs) <= ri[E.RI_NUM_BLOCKS])
             if chunk_ok and reserved_ok and ceil_div_nb(done + new, bs) <= free_r - phase[r, D % bs]:
                 return 0, t_r, 0, 0
     overhead = p[FRAMEWORK_OVERHEAD_S]
