@@ -255,6 +255,59 @@ class Workload(_Strict):
 Dtype = Literal["bf16", "fp16", "fp8", "int8", "int4"]
 
 
+class SpeculativeConfig(_Strict):
+    """vLLM's speculative_config. Each step a proposer drafts num_speculative_tokens tokens per
+    decoding sequence; the target model verifies them and the draft in one pass and keeps the
+    accepted prefix plus one token of its own. How often drafts are accepted depends on the model
+    pair and the text, so give it: measured acceptance from vLLM's spec-decode metrics (or papers)."""
+    method: Literal["ngram", "draft_model", "eagle", "eagle3", "mtp"] | None = Field(
+        default=None, description="ngram: prompt lookup on the CPU (no GPU cost); draft_model: a smaller "
+        "model (`model`) runs num_speculative_tokens decode passes; eagle / eagle3 / mtp: a one-layer draft "
+        "head of the target's shape with its LM head. Default: draft_model when `model` is given")
+    model: str | None = Field(default=None, description="draft model for draft_model: a catalog id or a "
+                              "config.json path")
+    num_speculative_tokens: int = Field(ge=1, le=64)
+    acceptance_rate: float | None = Field(
+        default=None, ge=0, le=1, description="probability that a draft token is accepted given that the ones "
+        "before it were (the same at every position)")
+    acceptance_probs: list[Annotated[float, Field(ge=0, le=1)]] | None = Field(
+        default=None, description="per-position conditional acceptance probabilities, one per speculative token")
+    draft_tensor_parallel_size: int | None = Field(default=None, ge=1, description="default: the target's")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.method is None and self.model is None:
+            raise ValueError("give method (ngram, draft_model, eagle, eagle3, mtp) or a draft model")
+        if (self.method or "draft_model") == "draft_model" and self.model is None:
+            raise ValueError("method draft_model needs `model`: the draft model's catalog id or config.json")
+        if self.method not in (None, "draft_model") and self.model is not None:
+            raise ValueError(f"method {self.method} drafts with the target's own layers; drop `model`")
+        if (self.acceptance_rate is None) == (self.acceptance_probs is None):
+            raise ValueError("give one of acceptance_rate (e.g. 0.7) or acceptance_probs (one per speculative "
+                             "token); acceptance depends on the model pair and the text")
+        if self.acceptance_probs is not None and len(self.acceptance_probs) != self.num_speculative_tokens:
+            raise ValueError(f"acceptance_probs has {len(self.acceptance_probs)} entries for "
+                             f"num_speculative_tokens {self.num_speculative_tokens}; give one per token")
+        return self
+
+    @property
+    def draft_method(self) -> str:
+        return self.method or "draft_model"
+
+    @property
+    def probs(self) -> list[float]:
+        return self.acceptance_probs or [self.acceptance_rate] * self.num_speculative_tokens
+
+    @property
+    def expected_tokens_per_step(self) -> float:
+        """1 + sum over positions i of P(drafts 1..i all accepted): the verified token is always kept."""
+        out, run = 1.0, 1.0
+        for p in self.probs:
+            run *= p
+            out += run
+        return out
+
+
 class Engine(_Strict):
     """vLLM engine arguments (same names and meanings) plus fastsim's overhead term; with
     framework: sglang, SGLang's scheduler (its arguments under their vLLM names where they mean the
@@ -292,6 +345,16 @@ class Engine(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1)
     pipeline_parallel_size: int = Field(default=1, ge=1, description="stages; as many micro-batches in flight")
     data_parallel_size: int = Field(default=1, ge=1, description="identical replicas behind the router")
+    enable_expert_parallel: bool = Field(
+        default=False, description="MoE models: spread whole experts over the tensor_parallel_size x "
+        "data_parallel_size GPUs (all-to-all dispatch and combine in every MoE layer; attention data "
+        "parallel across the replicas, whose tokens meet in the experts) instead of sharding each expert by TP")
+    expert_routing_skew: float = Field(
+        default=0.0, ge=0, description="MoE models: Zipf exponent of expert popularity (0: balanced routing; "
+        "~0.5-1.2: the hot experts real traffic shows); more distinct experts' weights stay unread at small "
+        "batches and, under expert parallelism, the GPU holding the hot experts sets the pace")
+    speculative_config: SpeculativeConfig | None = Field(
+        default=None, description="speculative decoding (vLLM's speculative_config); none by default")
     max_model_len: int | None = Field(default=None, ge=1, description="default: the model's context")
     dtype: Dtype = "bf16"
     kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8"] = "auto"
@@ -334,6 +397,9 @@ class Engine(_Strict):
         if self.framework == "trtllm" and (self.scheduler == "v0" or self.enable_prefix_caching):
             raise ValueError("framework trtllm is modelled with its own scheduler and without KV cache reuse; "
                              "drop scheduler / enable_prefix_caching")
+        if self.speculative_config is not None and self.pipeline_parallel_size > 1:
+            raise ValueError("speculative_config is modelled with pipeline_parallel_size 1 (as vLLM supports it); "
+                             "drop one of them")
         if self.framework == "sglang" and self.long_prefill_token_threshold:
             raise ValueError("long_prefill_token_threshold is vLLM's; SGLang chunks by "
                              "max_num_batched_tokens (--chunked-prefill-size) alone")

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 
 from fastsim.catalog import BYTES_PER_PARAM, GpuSpec, ModelSpec
 from fastsim.config import Engine
+from fastsim.cost.speculative import drafter
 from fastsim.errors import FastsimError
 
 GB = 1e9
@@ -47,6 +48,13 @@ def stage_layers(model: ModelSpec, pp: int) -> int:
     return -(-model.num_hidden_layers // pp)
 
 
+def expert_parallel_size(model: ModelSpec, engine: Engine, tp: int | None = None) -> int:
+    """GPUs an MoE model's experts are spread over: vLLM's EP group is TP x DP."""
+    if not (engine.enable_expert_parallel and model.is_moe):
+        return 1
+    return (tp or engine.tensor_parallel_size) * engine.data_parallel_size
+
+
 def _per_gpu(model: ModelSpec, engine: Engine, tp: int) -> tuple[float, float, float]:
     """(weight bytes, activation workspace bytes, KV bytes per token) on one GPU of the fullest
     pipeline stage at TP `tp`."""
@@ -60,18 +68,24 @@ def _per_gpu(model: ModelSpec, engine: Engine, tp: int) -> tuple[float, float, f
         end = model.embedding_params * bpp
         body = weights - end - model.lm_head_params * bpp
         weights = body * layers / model.num_hidden_layers + end
-    weights /= tp
+    # Expert parallelism spreads whole experts over the TP x DP GPUs; everything else is split by TP.
+    experts = model.expert_params * bpp * layers / model.num_hidden_layers
+    ep = expert_parallel_size(model, engine, tp)
+    weights = (weights - experts) / tp + experts / ep
     h = model.hidden_size
-    kv_heads = max(model.num_key_value_heads / tp, 1.0)
+    kv_width = model.kv_cache_width(tp)
     tokens = engine.max_num_batched_tokens
     # vLLM's profiling run pushes max_num_batched_tokens through the model: the peak holds the
     # residual stream and a few hidden-size buffers, QKV, and the gate/up output with its product,
     # plus float32 logits and probabilities for up to max_num_seqs sampled rows.
     inter = (model.moe_intermediate_size * model.num_experts_per_tok if model.is_moe
              else model.intermediate_size) / tp
-    act = tokens * (4 * h + (model.q_size + 2 * kv_heads * model.head_dim) / tp + 3 * inter) * 2
+    act = tokens * (4 * h + model.q_size / tp + kv_width + 3 * inter) * 2
     act += min(tokens, engine.max_num_seqs) * model.vocab_size * 4 * 2
-    kv_tok = 2 * kv_heads * model.head_dim * layers * BYTES_PER_PARAM[kv_dtype(engine)]
+    # A draft model or head is loaded beside the target, and its KV cache shares the target's blocks.
+    draft = drafter(engine.speculative_config, model, tp)
+    weights += draft.weight_bytes_per_gpu(model, engine.dtype)
+    kv_tok = (kv_width * layers + draft.kv_width_layers()) * BYTES_PER_PARAM[kv_dtype(engine)]
     return weights, act, kv_tok
 
 
@@ -84,6 +98,11 @@ def memory_plan(model: ModelSpec, gpu: GpuSpec, engine: Engine) -> MemoryPlan:
     if engine.pipeline_parallel_size > model.num_hidden_layers:
         raise FastsimError(f"engine.pipeline_parallel_size = {engine.pipeline_parallel_size}: {model.name} has "
                            f"only {model.num_hidden_layers} layers to split; use at most that")
+    ep = expert_parallel_size(model, engine)
+    if model.is_moe and model.num_local_experts % ep:
+        raise FastsimError(f"engine.enable_expert_parallel: {model.name}'s {model.num_local_experts} experts do not "
+                           f"split evenly over tensor_parallel_size x data_parallel_size = {ep} GPUs; use sizes "
+                           "whose product divides the expert count")
     max_len = engine.max_model_len or model.max_position_embeddings
     total = gpu.memory_bytes
     budget = engine.gpu_memory_utilization * total

@@ -15,6 +15,7 @@ from fastsim.catalog import GpuSpec, ModelSpec, load_gpu, load_model
 from fastsim.catalog.gpus import load_gpu_file
 from fastsim.config import Config, Engine, Pool, format_validation_error, load_config
 from fastsim.cost import CostModel
+from fastsim.cost.speculative import speculative_cost_model
 from fastsim.engine import cost_nb
 from fastsim.engine import enums as E
 from fastsim.engine import prefix_nb as px
@@ -159,10 +160,11 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
     for rp in pools:
         eng = rp.engine
         cm = CostModel.create(model, rp.gpu, tp=eng.tensor_parallel_size, dtype=eng.dtype, profile=profile,
-                              kv_cache_dtype=kv_dtype(eng), layers=stage_layers(model, eng.pipeline_parallel_size))
-        params = cm.params.copy()
-        params[cost_nb.FRAMEWORK_OVERHEAD_S] = eng.framework_overhead_ms * 1e-3
-        tok, seq = cost_nb.build_tables_nb(params, cm.ops, eng.max_num_batched_tokens, eng.max_num_seqs)
+                              kv_cache_dtype=kv_dtype(eng), layers=stage_layers(model, eng.pipeline_parallel_size),
+                              enable_expert_parallel=eng.enable_expert_parallel, dp=eng.data_parallel_size,
+                              expert_routing_skew=eng.expert_routing_skew)
+        params, tok, seq = speculative_cost_model(cm, eng.speculative_config, eng.max_num_seqs,
+                                                  eng.max_num_batched_tokens, eng.framework_overhead_ms * 1e-3)
         ints = np.zeros(E.N_RI, np.int64)
         ints[E.RI_MAX_SEQS] = eng.max_num_seqs
         ints[E.RI_MAX_TOKENS] = eng.max_num_batched_tokens

@@ -42,6 +42,14 @@ class ModelSpec(BaseModel):
     num_experts_per_tok: int = Field(default=0, ge=0)
     moe_intermediate_size: int = Field(default=0, ge=0)
     shared_expert_intermediate_size: int = Field(default=0, ge=0)
+    first_k_dense_replace: int = Field(default=0, ge=0, description="leading layers with a dense MLP (DeepSeek)")
+    # Multi-head latent attention (DeepSeek-V2/V3): the cache holds one compressed latent of
+    # kv_lora_rank plus a shared rotary key per token and layer, whatever the head count.
+    kv_lora_rank: int = Field(default=0, ge=0)
+    q_lora_rank: int = Field(default=0, ge=0, description="0: queries projected directly from the hidden state")
+    qk_nope_head_dim: int = Field(default=0, ge=0)
+    qk_rope_head_dim: int = Field(default=0, ge=0)
+    v_head_dim: int = Field(default=0, ge=0)
 
     # -- shapes -------------------------------------------------------------------------------
     @property
@@ -49,38 +57,100 @@ class ModelSpec(BaseModel):
         return self.num_local_experts > 0
 
     @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace if self.is_moe else 0
+
+    @property
     def q_size(self) -> int:
+        """Width of all query heads (MLA: each head's non-rotary and rotary parts)."""
+        if self.is_mla:
+            return self.num_attention_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim)
         return self.num_attention_heads * self.head_dim
+
+    @property
+    def attn_out_size(self) -> int:
+        """Width of all heads' attention output, the output projection's input."""
+        return self.num_attention_heads * (self.v_head_dim if self.is_mla else self.head_dim)
 
     @property
     def kv_size(self) -> int:
         """Width of K (and of V) for one token in one layer: GQA/MQA models have fewer KV heads."""
         return self.num_key_value_heads * self.head_dim
 
+    def kv_cache_width(self, tp: int = 1) -> float:
+        """Values cached per token and layer on one of `tp` GPUs. KV heads are split across TP ranks
+        down to one each and replicated beyond; an MLA latent is replicated on every rank."""
+        if self.is_mla:
+            return float(self.kv_lora_rank + self.qk_rope_head_dim)
+        return 2.0 * max(self.num_key_value_heads / tp, 1.0) * self.head_dim
+
+    def attention_flops_per_pair(self, prefill: bool) -> float:
+        """QK^T + PV FLOPs of one (query, key) pair in one layer, all heads. MLA decodes with the
+        up-projections absorbed (scores and values over the latent: vLLM's decode path) and
+        prefills over decompressed heads."""
+        heads = self.num_attention_heads
+        if not self.is_mla:
+            return 4.0 * self.q_size
+        if prefill:
+            return 2.0 * heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim)
+        return 2.0 * heads * (2 * self.kv_lora_rank + self.qk_rope_head_dim)
+
     # -- parameters ----------------------------------------------------------------------------
     @property
     def attention_params_per_layer(self) -> int:
         h = self.hidden_size
+        if self.is_mla:
+            return sum(k * n for k, n, _ in self.mla_projections())
         bias = (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
         return h * (self.q_size + 2 * self.kv_size) + self.q_size * h + bias
 
-    @property
-    def mlp_params_per_layer(self) -> int:
-        """All MLP weights of a layer (every expert of an MoE layer, its router and shared expert)."""
-        h = self.hidden_size
-        if not self.is_moe:
-            return 3 * h * self.intermediate_size
-        experts = self.num_local_experts * 3 * h * self.moe_intermediate_size
-        return experts + h * self.num_local_experts + 3 * h * self.shared_expert_intermediate_size
+    def mla_projections(self) -> list[tuple[int, int, str]]:
+        """(in, out, what TP splits) of MLA's projections: queries (through a low-rank step when
+        q_lora_rank is set), the latent with the shared rotary key, its up-projection to per-head K
+        and V, and the output projection. Per-head widths are split across TP ranks ("out" or "in");
+        the low-rank steps are replicated ("")."""
+        h, heads = self.hidden_size, self.num_attention_heads
+        q_head = self.qk_nope_head_dim + self.qk_rope_head_dim
+        q = ([(h, self.q_lora_rank, ""), (self.q_lora_rank, heads * q_head, "out")] if self.q_lora_rank
+             else [(h, heads * q_head, "out")])
+        return q + [(h, self.kv_lora_rank + self.qk_rope_head_dim, ""),
+                    (self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), "out"),
+                    (heads * self.v_head_dim, h, "in")]
 
     @property
-    def active_mlp_params_per_layer(self) -> int:
-        """MLP weights one token multiplies by: top-k experts, router and shared expert."""
+    def dense_mlp_params(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def mlp_params_per_layer(self) -> float:
+        """All MLP weights of a layer, averaged over the layers (every expert of an MoE layer, its
+        router and shared expert; DeepSeek's leading dense layers)."""
+        h = self.hidden_size
+        if not self.is_moe:
+            return self.dense_mlp_params
+        experts = self.num_local_experts * 3 * h * self.moe_intermediate_size
+        moe = experts + h * self.num_local_experts + 3 * h * self.shared_expert_intermediate_size
+        return (self.moe_layers * moe + self.first_k_dense_replace * self.dense_mlp_params) / self.num_hidden_layers
+
+    @property
+    def active_mlp_params_per_layer(self) -> float:
+        """MLP weights one token multiplies by, averaged over the layers: top-k experts, router and
+        shared expert."""
         if not self.is_moe:
             return self.mlp_params_per_layer
         h = self.hidden_size
-        return (self.num_experts_per_tok * 3 * h * self.moe_intermediate_size
-                + h * self.num_local_experts + 3 * h * self.shared_expert_intermediate_size)
+        moe = (self.num_experts_per_tok * 3 * h * self.moe_intermediate_size
+               + h * self.num_local_experts + 3 * h * self.shared_expert_intermediate_size)
+        return (self.moe_layers * moe + self.first_k_dense_replace * self.dense_mlp_params) / self.num_hidden_layers
+
+    @property
+    def expert_params(self) -> int:
+        """Routed experts' weights over all layers: what expert parallelism divides."""
+        return self.moe_layers * self.num_local_experts * 3 * self.hidden_size * self.moe_intermediate_size
 
     @property
     def embedding_params(self) -> int:
@@ -95,20 +165,20 @@ class ModelSpec(BaseModel):
     def num_params(self) -> int:
         h = self.hidden_size
         per_layer = self.attention_params_per_layer + self.mlp_params_per_layer + 2 * h
-        return self.num_hidden_layers * per_layer + self.embedding_params + self.lm_head_params + h
+        return round(self.num_hidden_layers * per_layer + self.embedding_params + self.lm_head_params + h)
 
     @property
     def num_active_params(self) -> int:
         h = self.hidden_size
         per_layer = self.attention_params_per_layer + self.active_mlp_params_per_layer + 2 * h
-        return self.num_hidden_layers * per_layer + self.embedding_params + self.lm_head_params + h
+        return round(self.num_hidden_layers * per_layer + self.embedding_params + self.lm_head_params + h)
 
     def weight_bytes(self, dtype: str = "bf16") -> float:
         return self.num_params * _bytes_per_param(dtype, "dtype")
 
     def kv_bytes_per_token(self, kv_cache_dtype: str = "bf16") -> float:
         """K and V of one token across all layers."""
-        return 2 * self.kv_size * self.num_hidden_layers * _bytes_per_param(kv_cache_dtype, "kv_cache_dtype")
+        return self.kv_cache_width() * self.num_hidden_layers * _bytes_per_param(kv_cache_dtype, "kv_cache_dtype")
 
     def flops_per_token(self, context_tokens: int = 0) -> float:
         """Forward FLOPs for one new token attending over `context_tokens` earlier ones.
@@ -119,7 +189,7 @@ class ModelSpec(BaseModel):
         matmul_params = self.num_active_params - self.embedding_params + (
             self.embedding_params if self.tie_word_embeddings else 0)
         matmul_params -= self.hidden_size * (2 * self.num_hidden_layers + 1)  # norms are not matmuls
-        attention = 4 * self.q_size * (context_tokens + 1) * self.num_hidden_layers
+        attention = self.attention_flops_per_pair(False) * (context_tokens + 1) * self.num_hidden_layers
         return 2.0 * matmul_params + attention
 
 
@@ -178,9 +248,15 @@ def from_config_dict(cfg: dict, name: str) -> ModelSpec:
             shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size")
             or cfg.get("n_shared_experts", 0) * (cfg.get("moe_intermediate_size") or 0),
         )
+        # DeepSeek: the first first_k_dense_replace layers are dense (intermediate_size), the rest MoE.
+        fields["first_k_dense_replace"] = cfg.get("first_k_dense_replace") or 0
         if not fields["num_experts_per_tok"]:
             raise FastsimError(f"{name}: config.json names {n_experts} experts but no "
                                "'num_experts_per_tok'; add it")
+    if cfg.get("kv_lora_rank"):
+        fields.update({k: cfg.get(k) or 0 for k in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
+                                                     "qk_rope_head_dim", "v_head_dim")})
+        fields["head_dim"] = fields["qk_nope_head_dim"] + fields["qk_rope_head_dim"]
     try:
         return ModelSpec(**fields)
     except ValidationError as e:

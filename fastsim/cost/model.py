@@ -36,12 +36,19 @@ class CostModel:
     kv_cache_dtype: str
     params: np.ndarray
     ops: np.ndarray
+    expert_parallel_size: int = 1
 
     @classmethod
     def create(cls, model: str | ModelSpec = "meta-llama/Meta-Llama-3-8B", gpu: str | GpuSpec = "H100-SXM",
                tp: int = 1, dtype: str = "bf16", profile: str | Path | CostProfile | None = None,
-               kv_cache_dtype: str | None = None, layers: int | None = None) -> CostModel:
-        """`layers`: decoder layers on this GPU (a pipeline stage); default all of them."""
+               kv_cache_dtype: str | None = None, layers: int | None = None, enable_expert_parallel: bool = False,
+               dp: int = 1, expert_routing_skew: float = 0.0) -> CostModel:
+        """`layers`: decoder layers on this GPU (a pipeline stage); default all of them.
+
+        MoE models: with `enable_expert_parallel` the experts are spread whole over the tp x dp GPUs
+        (vLLM's expert parallelism; attention stays data parallel across the dp replicas, whose
+        tokens meet in every MoE layer, assumed equally loaded); without it every expert is sharded
+        by TP. `expert_routing_skew`: Zipf exponent of expert popularity (0: balanced)."""
         spec = model if isinstance(model, ModelSpec) else load_model(model)
         hw = gpu if isinstance(gpu, GpuSpec) else load_gpu(gpu)
         prof = load_profile(profile)
@@ -58,8 +65,18 @@ class CostModel:
         n_layers = spec.num_hidden_layers if layers is None else layers
         if not 1 <= n_layers <= spec.num_hidden_layers:
             raise FastsimError(f"layers: {layers} must be between 1 and {spec.num_hidden_layers}")
-        params, ops = _build_arrays(spec, hw, prof, tp, dtype, kv_dtype, n_layers)
-        return cls(spec, hw, prof, tp, dtype, kv_dtype, params, ops)
+        if not isinstance(dp, int) or dp < 1:
+            raise FastsimError(f"data_parallel_size: {dp!r} must be a positive integer")
+        ep = tp * dp if enable_expert_parallel and spec.is_moe else 1
+        if spec.is_moe and spec.num_local_experts % ep:
+            raise FastsimError(f"enable_expert_parallel: {spec.name}'s {spec.num_local_experts} experts do not "
+                               f"split evenly over tensor_parallel_size x data_parallel_size = {ep} GPUs; use "
+                               "sizes whose product divides the expert count")
+        if not expert_routing_skew >= 0:
+            raise FastsimError(f"expert_routing_skew: {expert_routing_skew!r} must be >= 0 (0: balanced routing)")
+        params, ops = _build_arrays(spec, hw, prof, tp, dtype, kv_dtype, n_layers, ep, dp if ep > 1 else 1,
+                                    float(expert_routing_skew))
+        return cls(spec, hw, prof, tp, dtype, kv_dtype, params, ops, ep)
 
     def forward_time(self, decode_context_lens, prefill_new_tokens=(), prefill_context_lens=None) -> ForwardTime:
         """Seconds of one forward pass on one GPU: decoding sequences with `decode_context_lens`
@@ -106,31 +123,40 @@ def _token_counts(x, name: str) -> np.ndarray:
 
 
 def _build_arrays(spec: ModelSpec, hw: GpuSpec, prof: CostProfile, tp: int, dtype: str,
-                  kv_dtype: str, n_layers: int) -> tuple[np.ndarray, np.ndarray]:
+                  kv_dtype: str, n_layers: int, ep: int = 1, token_scale: int = 1,
+                  skew: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     h = spec.hidden_size
     wb = BYTES_PER_PARAM[dtype]
     q = spec.q_size / tp
-    # KV heads are split across TP ranks down to one each; beyond that they are replicated.
-    kv = max(spec.num_key_value_heads / tp, 1.0) * spec.head_dim
+    kv = spec.kv_cache_width(tp) / 2  # width of K (or V) on this GPU
     inter = spec.intermediate_size / tp
-    qkv_out = q + 2 * kv
+    # A pipeline stage is costed as the model's last n_layers layers: the MoE-heaviest stage.
+    moe_layers = min(spec.moe_layers, n_layers)
+    dense_layers = n_layers - moe_layers
 
     ops = []
 
-    def gemm(k_dim: float, n_dim: float):
-        ops.append((2.0 * k_dim * n_dim, k_dim * n_dim * wb, (k_dim + n_dim) * ACT_BYTES))
+    def gemm(k_dim: float, n_dim: float, layers: int = n_layers):
+        if layers:
+            ops.append((2.0 * k_dim * n_dim, k_dim * n_dim * wb, (k_dim + n_dim) * ACT_BYTES, layers))
 
-    gemm(h, qkv_out)          # fused QKV projection
-    gemm(q, h)                # output projection
-    if not spec.is_moe:
-        gemm(h, 2 * inter)    # fused gate/up
-        gemm(inter, h)        # down
+    if spec.is_mla:
+        for k_dim, n_dim, split in spec.mla_projections():
+            gemm(k_dim / (tp if split == "in" else 1), n_dim / (tp if split == "out" else 1))
     else:
-        gemm(h, spec.num_local_experts)  # router, replicated
+        gemm(h, q + 2 * kv)   # fused QKV projection
+        gemm(q, h)            # output projection
+    gemm(h, 2 * inter, dense_layers)  # fused gate/up
+    gemm(inter, h, dense_layers)      # down
+    if spec.is_moe:
+        gemm(h, spec.num_local_experts, moe_layers)  # router, replicated
         if spec.shared_expert_intermediate_size:
-            gemm(h, 2 * spec.shared_expert_intermediate_size / tp)
-            gemm(spec.shared_expert_intermediate_size / tp, h)
-        inter = spec.moe_intermediate_size / tp
+            gemm(h, 2 * spec.shared_expert_intermediate_size / tp, moe_layers)
+            gemm(spec.shared_expert_intermediate_size / tp, h, moe_layers)
+        # Expert parallelism keeps experts whole on one GPU; otherwise TP shards every expert.
+        expert_inter = spec.moe_intermediate_size / (1 if ep > 1 else tp)
+        # Elementwise traffic (the activation) is costed at one expert's width per MoE layer.
+        inter = (dense_layers * inter + moe_layers * spec.moe_intermediate_size / tp) / n_layers
 
     p = np.zeros(nb.N_PARAMS)
     p[nb.PEAK_FLOPS] = hw.compute_tflops(dtype) * 1e12
@@ -151,8 +177,9 @@ def _build_arrays(spec: ModelSpec, hw: GpuSpec, prof: CostProfile, tp: int, dtyp
     p[nb.EW_BYTES_PER_TOKEN] = ACT_BYTES * (ew.hidden * h + ew.q * q + ew.kv * kv + ew.intermediate * inter)
     p[nb.EW_KERNELS] = prof.elementwise_kernels_per_layer
     p[nb.HIDDEN_BYTES] = ACT_BYTES * h
-    p[nb.KV_BYTES_PER_TOKEN] = 2 * kv * BYTES_PER_PARAM[kv_dtype]
-    p[nb.ATTN_FLOPS_PER_PAIR] = 4.0 * q
+    p[nb.KV_BYTES_PER_TOKEN] = spec.kv_cache_width(tp) * BYTES_PER_PARAM[kv_dtype]
+    p[nb.ATTN_FLOPS_PER_PAIR] = spec.attention_flops_per_pair(prefill=False) / tp
+    p[nb.ATTN_PREFILL_FLOPS_PER_PAIR] = spec.attention_flops_per_pair(prefill=True) / tp
     p[nb.Q_HEADS] = spec.num_attention_heads / tp
     p[nb.ATTN_HALF_FILL_TILES] = prof.attention_half_fill_tiles
     p[nb.Q_BYTES_PER_TOKEN] = 2 * q * ACT_BYTES
@@ -167,11 +194,20 @@ def _build_arrays(spec: ModelSpec, hw: GpuSpec, prof: CostProfile, tp: int, dtyp
     p[nb.LINK_LATENCY_S] = prof.link_latency_us * 1e-6
     p[nb.ALLREDUCE_LATENCY_S] = prof.allreduce_latency_us * 1e-6
     p[nb.PP_SEND_BYTES_PER_TOKEN] = ACT_BYTES * h
-    p[nb.ALLREDUCES_PER_LAYER] = 2.0 if tp > 1 else 0.0
+    # Attention's output projection and the MLP each end in an all-reduce across TP ranks; under
+    # expert parallelism an MoE layer's combine replaces the MLP's.
+    p[nb.ALLREDUCES_PER_LAYER] = (2.0 - (moe_layers / n_layers if ep > 1 else 0.0)) if tp > 1 else 0.0
+    p[nb.MOE_EP] = ep
+    p[nb.MOE_TOKEN_SCALE] = token_scale
     if spec.is_moe:
+        p[nb.MOE_LAYERS] = moe_layers
         p[nb.MOE_EXPERTS] = spec.num_local_experts
         p[nb.MOE_TOP_K] = spec.num_experts_per_tok
-        p[nb.MOE_EXPERT_WEIGHT_BYTES] = 3 * h * inter * wb
-        p[nb.MOE_FLOPS_PER_TOKEN] = 6.0 * h * inter
-        p[nb.MOE_ACT_BYTES_PER_TOKEN] = (2 * h + 3 * inter) * ACT_BYTES
+        p[nb.MOE_SKEW] = skew
+        p[nb.MOE_EXPERT_WEIGHT_BYTES] = 3 * h * expert_inter * wb
+        p[nb.MOE_FLOPS_PER_TOKEN] = 6.0 * h * expert_inter
+        p[nb.MOE_ACT_BYTES_PER_TOKEN] = (2 * h + 3 * expert_inter) * ACT_BYTES
+        # TP ranks hold the same tokens, so each dispatches its 1/tp of them; (ep-1)/ep of the
+        # routed copies go to other GPUs.
+        p[nb.A2A_BYTES_PER_TOKEN] = spec.num_experts_per_tok * h * ACT_BYTES * (ep - 1) / ep / tp
     return p, np.asarray(ops, dtype=np.float64).reshape(-1, nb.N_OP_COLS)

@@ -41,7 +41,7 @@ from fastsim.engine import prefix_nb as px
 from fastsim.engine import lazy_nb as lz_nb
 from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_nb,
                                      final_blocks_nb, itl_add_nb, itl_bin_nb, reserved_blocks_nb)
-from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, pp_send_time_nb, stage_time_nb
+from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, SPEC_TOKENS, pp_send_time_nb, stage_time_nb
 
 INF = np.inf
 
@@ -287,7 +287,8 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     max_bs = 1
     for r in range(n_rep):
         lz_ok[r] = (lazy and not record_timeline and rep_int[r, E.RI_STAGES] == 1 and rep_int[r, E.RI_WINDOW] == 0
-                    and not rep_int[r, E.RI_V0] and not rep_int[r, E.RI_APC] and not rep_int[r, E.RI_SGLANG])
+                    and not rep_int[r, E.RI_V0] and not rep_int[r, E.RI_APC] and not rep_int[r, E.RI_SGLANG]
+                    and rep_params[r, SPEC_TOKENS] == 0.0)
         max_bs = max(max_bs, rep_int[r, E.RI_BLOCK_SIZE])
     lz = lz_nb.lazy_state_nb(n_rep, max_seqs, max_bs, lz_ok.any())
     # Working arrays of to_exact_nb (the first three) and _decode_run (all but the third).

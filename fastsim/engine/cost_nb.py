@@ -53,14 +53,24 @@ Q_HEADS = 33            # query heads on this GPU
 FRAMEWORK_OVERHEAD_S = 34  # CPU time per engine iteration, outside the forward pass (set by the engine)
 PP_SEND_BYTES_PER_TOKEN = 35  # activation sent from one pipeline stage to the next, per token
 ALLREDUCE_LATENCY_S = 36  # fixed cost of one all-reduce (launch and synchronisation)
-N_PARAMS = 37
+ATTN_PREFILL_FLOPS_PER_PAIR = 37  # as ATTN_FLOPS_PER_PAIR for prefill chunks (MLA prefills unabsorbed)
+MOE_LAYERS = 38         # MoE layers on this GPU (the ops table carries the others' dense MLP)
+MOE_EP = 39             # expert-parallel group size: each GPU holds MOE_EXPERTS / MOE_EP whole experts
+MOE_TOKEN_SCALE = 40    # tokens entering an MoE layer per token of this replica (DP ranks sharing experts)
+MOE_SKEW = 41           # Zipf exponent of expert popularity (0: balanced routing)
+A2A_BYTES_PER_TOKEN = 42  # bytes one token's routed activations send from this GPU, dispatch (= combine)
+SPEC_TOKENS = 43        # draft tokens proposed per sequence per step (0: no speculative decoding)
+SPEC_EXPECTED = 44      # expected tokens a decoding sequence gains per speculative step
+SPEC_DRAFT_ATTN = 45    # one draft pass's decode attention as a fraction of the target's
+N_PARAMS = 46
 ATTN_TILE = 128         # query rows per FlashAttention work tile
 
 # -- columns of the ops table -------------------------------------------------------------------
 OP_FLOPS_PER_TOKEN = 0
 OP_WEIGHT_BYTES = 1
 OP_ACT_BYTES_PER_TOKEN = 2
-N_OP_COLS = 3
+OP_LAYERS = 3           # layers on this GPU that run the op (DeepSeek's dense MLPs run in a few)
+N_OP_COLS = 4
 
 
 @njit(cache=True, error_model="numpy")
@@ -100,41 +110,92 @@ def expected_active_experts_nb(num_experts, top_k, tokens):
 
 
 @njit(cache=True, error_model="numpy")
-def dense_layer_time_nb(p, ops, tokens):
-    """One decoder layer's GEMMs and elementwise kernels for `tokens` tokens (attention excluded)."""
+def moe_layer_time_nb(p, tokens):
+    """One MoE layer's routed-expert GEMMs for `tokens` tokens of this replica, on the busiest GPU of
+    the expert-parallel group (every GPU waits for it at the combine).
+
+    A grouped GEMM reads the weights of every local expert some token was routed to. Expert e is
+    among a token's top-k with probability q_e = min(1, k p_e), p_e its popularity (Zipf with
+    exponent MOE_SKEW over experts in id order; uniform at 0), so of n tokens it is hit at least
+    once with probability 1 - (1 - q_e)^n and receives n q_e of them on average. Under expert
+    parallelism GPU g holds experts [g E/ep, (g+1) E/ep) (vLLM's contiguous placement), so skew
+    loads the first GPU most."""
+    if tokens <= 0 or p[MOE_EXPERTS] <= 0.0:
+        return 0.0
+    n = tokens * p[MOE_TOKEN_SCALE]
+    experts = p[MOE_EXPERTS]
+    k = p[MOE_TOP_K]
+    ep = p[MOE_EP]
+    local = int(experts / ep)
+    s = p[MOE_SKEW]
+    flop_rate = p[PEAK_FLOPS] * p[COMPUTE_EFF]
+    byte_rate = p[MEM_BW] * p[BW_EFF]
+    if s == 0.0:
+        q = k / experts
+        active = local * (1.0 - (1.0 - q) ** n)
+        routed = n * k / ep
+        return p[GEMM_LATENCY_S] + roofline_nb(
+            routed * p[MOE_FLOPS_PER_TOKEN], active * p[MOE_EXPERT_WEIGHT_BYTES] + routed * p[MOE_ACT_BYTES_PER_TOKEN],
+            flop_rate, byte_rate, p[OVERLAP])
+    norm = 0.0
+    for e in range(int(experts)):
+        norm += (e + 1.0) ** -s
+    worst = 0.0
+    for g in range(int(ep)):
+        active = 0.0
+        routed = 0.0
+        for e in range(g * local, (g + 1) * local):
+            q = min(1.0, k * (e + 1.0) ** -s / norm)
+            active += 1.0 - (1.0 - q) ** n
+            routed += n * q
+        t = p[GEMM_LATENCY_S] + roofline_nb(
+            routed * p[MOE_FLOPS_PER_TOKEN], active * p[MOE_EXPERT_WEIGHT_BYTES] + routed * p[MOE_ACT_BYTES_PER_TOKEN],
+            flop_rate, byte_rate, p[OVERLAP])
+        worst = max(worst, t)
+    return worst
+
+
+@njit(cache=True, error_model="numpy")
+def expected_active_experts_nb(num_experts, top_k, tokens):
+    """Experts hit at least once when `tokens` tokens each pick top_k of num_experts uniformly."""
+    if tokens <= 0:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+@njit(cache=True, error_model="numpy")
+def layers_time_nb(p, ops, tokens):
+    """All decoder layers' GEMMs, routed experts and elementwise kernels on this GPU for `tokens`
+    tokens (attention excluded)."""
     if tokens <= 0:
         return 0.0
     t = 0.0
     for i in range(ops.shape[0]):
-        t += gemm_time_nb(p, tokens, ops[i, OP_FLOPS_PER_TOKEN], ops[i, OP_WEIGHT_BYTES],
-                          ops[i, OP_ACT_BYTES_PER_TOKEN])
-    if p[MOE_EXPERTS] > 0.0:
-        # Grouped expert GEMM: reads the weights of every expert some token was routed to.
-        active = expected_active_experts_nb(p[MOE_EXPERTS], p[MOE_TOP_K], tokens)
-        routed = tokens * p[MOE_TOP_K]
-        t += p[GEMM_LATENCY_S] + roofline_nb(
-            routed * p[MOE_FLOPS_PER_TOKEN],
-            active * p[MOE_EXPERT_WEIGHT_BYTES] + routed * p[MOE_ACT_BYTES_PER_TOKEN],
-            p[PEAK_FLOPS] * p[COMPUTE_EFF], p[MEM_BW] * p[BW_EFF], p[OVERLAP])
-    t += p[EW_KERNELS] * p[KERNEL_LATENCY_S] + tokens * p[EW_BYTES_PER_TOKEN] / (p[MEM_BW] * p[EW_BW_EFF])
+        t += ops[i, OP_LAYERS] * gemm_time_nb(p, tokens, ops[i, OP_FLOPS_PER_TOKEN], ops[i, OP_WEIGHT_BYTES],
+                                              ops[i, OP_ACT_BYTES_PER_TOKEN])
+    t += p[MOE_LAYERS] * moe_layer_time_nb(p, tokens)
+    t += p[LAYERS] * (p[EW_KERNELS] * p[KERNEL_LATENCY_S] + tokens * p[EW_BYTES_PER_TOKEN] / (p[MEM_BW] * p[EW_BW_EFF]))
     return t
 
 
 @njit(cache=True, error_model="numpy")
 def attention_time_nb(p, num_decodes, decode_kv_tokens, num_prefills, prefill_pairs,
-                      prefill_kv_tokens, prefill_tokens):
+                      prefill_kv_tokens, prefill_tokens, queries=1.0):
     """One layer's attention: decodes read their KV cache; prefill chunks are causal matmuls.
 
     decode_kv_tokens: keys attended by all decodes (each its context plus its new token);
     prefill_pairs: (query, key) pairs of all prefill chunks, causal; prefill_kv_tokens: keys they read.
+    queries: tokens each decode verifies (speculative decoding: 1 + draft tokens), each one key
+    further than the one before, over a KV cache read once.
     """
     t = 0.0
     flop_rate = p[ATTN_PEAK_FLOPS] * p[ATTN_EFF]
     byte_rate = p[MEM_BW] * p[ATTN_BW_EFF]
     if num_decodes > 0:
+        pairs = queries * decode_kv_tokens + num_decodes * queries * (queries - 1.0) * 0.5
         t += p[ATTN_LATENCY_S] + roofline_nb(
-            decode_kv_tokens * p[ATTN_FLOPS_PER_PAIR],
-            decode_kv_tokens * p[KV_BYTES_PER_TOKEN] + num_decodes * p[Q_BYTES_PER_TOKEN],
+            pairs * p[ATTN_FLOPS_PER_PAIR],
+            decode_kv_tokens * p[KV_BYTES_PER_TOKEN] + num_decodes * queries * p[Q_BYTES_PER_TOKEN],
             flop_rate, byte_rate, p[OVERLAP])
     if num_prefills > 0:
         # FlashAttention parallelises over (sequence, head, 128-query tile); too few tiles leave
@@ -142,7 +203,7 @@ def attention_time_nb(p, num_decodes, decode_kv_tokens, num_prefills, prefill_pa
         tiles = p[Q_HEADS] * (prefill_tokens / ATTN_TILE + 0.5 * num_prefills)
         fill = tiles / (tiles + p[ATTN_HALF_FILL_TILES])
         t += p[ATTN_LATENCY_S] + roofline_nb(
-            prefill_pairs * p[ATTN_FLOPS_PER_PAIR] / fill,
+            prefill_pairs * p[ATTN_PREFILL_FLOPS_PER_PAIR] / fill,
             prefill_kv_tokens * p[KV_BYTES_PER_TOKEN] + prefill_tokens * p[Q_BYTES_PER_TOKEN],
             flop_rate, byte_rate, p[OVERLAP])
     return t
@@ -171,7 +232,7 @@ def token_compute_nb(p, ops, tokens):
     if tokens <= 0:
         return 0.0
     norm = p[KERNEL_LATENCY_S] + 2.0 * tokens * p[HIDDEN_BYTES] / (p[MEM_BW] * p[EW_BW_EFF])
-    return p[LAYERS] * dense_layer_time_nb(p, ops, tokens) + norm
+    return layers_time_nb(p, ops, tokens) + norm
 
 
 @njit(cache=True, error_model="numpy")
@@ -182,8 +243,13 @@ def seq_compute_nb(p, num_seqs):
 
 @njit(cache=True, error_model="numpy")
 def token_comm_nb(p, tokens):
-    """Every layer's all-reduces of the hidden states."""
-    return p[LAYERS] * p[ALLREDUCES_PER_LAYER] * allreduce_time_nb(p, tokens * p[HIDDEN_BYTES])
+    """Every layer's all-reduces of the hidden states, and under expert parallelism each MoE
+    layer's all-to-all dispatch and combine (each GPU sends its share of the routed activations
+    to the others over its link)."""
+    t = p[LAYERS] * p[ALLREDUCES_PER_LAYER] * allreduce_time_nb(p, tokens * p[HIDDEN_BYTES])
+    if p[MOE_EP] > 1.0 and tokens > 0:
+        t += p[MOE_LAYERS] * 2.0 * (p[ALLREDUCE_LATENCY_S] + tokens * p[A2A_BYTES_PER_TOKEN] / p[LINK_BW])
+    return t
 
 
 @njit(cache=True, error_model="numpy")
@@ -211,12 +277,14 @@ def forward_time_nb(p, ops, num_decodes, decode_kv_tokens, num_prefills, prefill
 def build_tables_nb(p, ops, max_tokens, max_seqs):
     """The parts of forward_time_nb that depend on one integer, tabulated once per run: by token
     count (the layers' dense work and all-reduces) and by sequence count (the LM head and its
-    gather). Row 0 holds compute + communication, row 1 communication alone (reported apart)."""
+    gather). Row 0 holds compute + communication, row 1 communication alone (reported apart); the
+    sequence table's row 2 holds a speculative step's draft passes by sequence count (the caller
+    fills it; zero without speculation)."""
     tok = np.empty((2, max_tokens + 1))
     for t in range(max_tokens + 1):
         tok[1, t] = token_comm_nb(p, t)
         tok[0, t] = token_compute_nb(p, ops, t) + tok[1, t]
-    seq = np.empty((2, max_seqs + 1))
+    seq = np.zeros((3, max_seqs + 1))
     for n in range(max_seqs + 1):
         seq[1, n] = seq_comm_nb(p, n)
         seq[0, n] = seq_compute_nb(p, n) + seq[1, n]
@@ -228,11 +296,33 @@ def stage_time_nb(p, tok_table, seq_table, tok_off, seq_off, agg):
     """(layers' time, LM head's time) of one batch on one pipeline stage, from its aggregates
     agg = (num_decodes, decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs,
     prefill_kv_tokens), with the tables of build_tables_nb placed at offsets tok_off / seq_off:
-    what engine loops call. body + head equals forward_time_nb's compute + comm for one stage."""
+    what engine loops call. body + head equals forward_time_nb's compute + comm for one stage.
+
+    Speculative decoding (SPEC_TOKENS = k > 0): the engine advances each decode one token per
+    iteration, so an iteration stands for 1/E of a speculative step (E = SPEC_EXPECTED tokens
+    gained per step): the step verifies k + 1 tokens per decode in one pass with the prefill chunks
+    and runs the drafter; the iteration costs the prefill chunks' own pass plus 1/E of what the
+    decodes add to it."""
     n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
     body = tok_table[0, tok_off + n_dec + pre_tokens] + p[LAYERS] * attention_time_nb(
         p, n_dec, dec_keys, n_pre, pairs, pre_keys, pre_tokens)
-    return body, seq_table[0, seq_off + n_dec + n_pre]
+    head = seq_table[0, seq_off + n_dec + n_pre]
+    if p[SPEC_TOKENS] > 0.0 and n_dec > 0:
+        queries = p[SPEC_TOKENS] + 1.0
+        verify = int(n_dec * queries)
+        step_body = tok_table[0, tok_off + verify + pre_tokens] + p[LAYERS] * attention_time_nb(
+            p, n_dec, dec_keys, n_pre, pairs, pre_keys, pre_tokens, queries)
+        draft = seq_table[2, seq_off + n_dec] + p[SPEC_TOKENS] * p[SPEC_DRAFT_ATTN] * p[LAYERS] * attention_time_nb(
+            p, n_dec, dec_keys, 0, 0.0, 0.0, 0)
+        step_head = seq_table[0, seq_off + verify + n_pre]
+        pre_body = 0.0
+        if pre_tokens > 0:
+            pre_body = tok_table[0, tok_off + pre_tokens] + p[LAYERS] * attention_time_nb(
+                p, 0, 0.0, n_pre, pairs, pre_keys, pre_tokens)
+        pre_head = seq_table[0, seq_off + n_pre]
+        body = pre_body + (step_body + draft - pre_body) / p[SPEC_EXPECTED]
+        head = pre_head + (step_head - pre_head) / p[SPEC_EXPECTED]
+    return body, head
 
 
 @njit(cache=True, error_model="numpy")
