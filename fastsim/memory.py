@@ -71,7 +71,7 @@ def _per_gpu(model: ModelSpec, engine: Engine, tp: int) -> tuple[float, float, f
     # Expert parallelism spreads whole experts over the TP x DP GPUs; everything else is split by TP.
     experts = model.expert_params * bpp * layers / model.num_hidden_layers
     ep = expert_parallel_size(model, engine, tp)
-    weights = (weights - experts) / tp + experts / ep
+    weights = (weights - experts) / tp + experts / (ep if ep > 1 else tp)
     h = model.hidden_size
     kv_width = model.kv_cache_width(tp)
     tokens = engine.max_num_batched_tokens
