@@ -3,7 +3,7 @@
 1. Per-token decode time of Llama-3.1-8B on one H100-SXM, by batch size, without speculation and with
    num_speculative_tokens 4 at acceptance 0.8 (n-gram, EAGLE head, Qwen2.5-1.5B draft model), at a
    short and a long context: the speed-up and the batch size where it falls below 1 (the crossover).
-2. The same through the engine: ShareGPT-like requests at rising request rates, mean TPOT and output
+2. The same through the engine: the default workload at rising request rates, mean TPOT and output
    throughput with and without EAGLE speculation.
 3. Mixtral-8x7B: expected experts read per layer and the decode step time by batch size.
 
