@@ -43,7 +43,11 @@ _SUMMARY_ROWS = [
     ("mean_e2el_ms", "mean E2EL (ms)", "{:.2f}"), ("p99_e2el_ms", "p99 E2EL (ms)", "{:.2f}"),
     ("preemptions", "preemptions", "{:.0f}"), ("prefix_cache_hit_rate", "prefix cache hit rate", "{:.3f}"), ("num_gpu_blocks", "KV blocks", "{:.0f}"),
     ("peak_kv_blocks_used", "peak KV blocks used", "{:.0f}"), ("iterations", "iterations", "{:.0f}"),
-    ("comm_time_s", "TP communication (GPU-s)", "{:.2f}"), ("wall_time_s", "engine wall time (s)", "{:.3f}"),
+    ("comm_time_s", "TP communication (GPU-s)", "{:.2f}"),
+    ("gpu_utilization", "GPU utilization", "{:.3f}"), ("mean_power_w", "mean power per GPU (W)", "{:.0f}"),
+    ("energy_per_1k_output_tokens_j", "energy per 1K output tokens (J)", "{:.1f}"),
+    ("cost_usd_per_hour", "cost ($/hour)", "{:.2f}"), ("usd_per_1m_output_tokens", "$ per 1M output tokens", "{:.3f}"),
+    ("wall_time_s", "engine wall time (s)", "{:.3f}"),
 ]
 
 
@@ -298,6 +302,9 @@ def search_cmd(
     max_replicas: Annotated[int, typer.Option("--max-replicas", help="most data-parallel replicas tried", min=1)] = 16,
     latency: Annotated[Optional[str], typer.Option("--latency", help="the Pareto frontier's latency metric "
                        "(default: the first SLO's, e.g. p99_ttft_ms)")] = None,
+    objective: Annotated[str, typer.Option("--objective", help="what to minimise: cost_usd_per_hour, "
+                         "usd_per_1m_output_tokens, energy_per_1k_output_tokens_j, num_gpus, mean_power_w")
+                         ] = "cost_usd_per_hour",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: output.dir)")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="parallel workers (default: every core)",
@@ -305,7 +312,7 @@ def search_cmd(
     executor: Annotated[str, typer.Option("--executor", help="local or ray")] = "local",
     address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address")] = None,
 ) -> None:
-    """The cheapest deployment (GPU, TP, PP, replicas, engine limits) that serves a request rate
+    """The cheapest (or, with --objective, most energy-efficient ...) deployment (GPU, TP, PP, replicas, engine limits) that serves a request rate
     within the SLOs, and the cost/latency Pareto frontier. Writes <out>/search.parquet."""
     from fastsim.capacity import parse_slo
     from fastsim.config import build_config, deep_merge, parse_overrides, read_config_file
@@ -330,20 +337,22 @@ def search_cmd(
             bar.refresh()
 
         res = run_search(raw, rate, targets, space, out or Path(cfg.output.dir), latency=latency,
-                         executor=executor, jobs=jobs or _default_jobs(), address=address, progress=report)
+                         objective=objective, executor=executor, jobs=jobs or _default_jobs(), address=address, progress=report)
     lat = res.latency
     t = Table(title=f"Pareto frontier at {res.request_rate:g} req/s: " + ", ".join(str(s) for s in targets))
-    for col in ("GPU", "TP", "PP", "DP", "seqs", "tokens", "GPUs", "$/h", lat):
+    extra = [objective] if objective not in ("cost_usd_per_hour", "num_gpus") else []
+    for col in ("GPU", "TP", "PP", "DP", "seqs", "tokens", "GPUs", "$/h", *extra, lat):
         t.add_column(col, justify="left" if col == "GPU" else "right", no_wrap=True)
     for r in res.frontier:
         t.add_row(r["gpu"], str(r["tensor_parallel_size"]), str(r["pipeline_parallel_size"]),
                   str(r["data_parallel_size"]), str(r["max_num_seqs"]), str(r["max_num_batched_tokens"]),
-                  str(r["num_gpus"]), f"{r['cost_usd_per_hour']:.2f}", f"{r[lat]:.1f}")
+                  str(r["num_gpus"]), f"{r['cost_usd_per_hour']:.2f}", *(f"{r[k]:.3g}" for k in extra), f"{r[lat]:.1f}")
     console.print(t)
     if res.frontier:
         c = res.frontier[0]
-        console.print(f"cheapest: {c['data_parallel_size']} x {c['gpu']} replicas at TP {c['tensor_parallel_size']}, "
-                      f"PP {c['pipeline_parallel_size']} = ${c['cost_usd_per_hour']:.2f}/hour")
+        console.print(f"best by {objective}: {c['data_parallel_size']} x {c['gpu']} replicas at TP "
+                      f"{c['tensor_parallel_size']}, PP {c['pipeline_parallel_size']} = "
+                      f"${c['cost_usd_per_hour']:.2f}/hour" + (f", {objective} {c[objective]:.3g}" if extra else ""))
     else:
         err_console.print(f"no deployment of {res.deployments} tried (up to {max_replicas} replicas) meets the SLOs")
     console.print(f"{len(res.rows)} simulations of {res.deployments} deployments, {len(res.pruned)} pruned; "

@@ -173,29 +173,36 @@ def sweep_curves(table, out_dir: Path, x: str | None = None) -> list[Path]:
     return written
 
 
+OBJECTIVE_LABELS = {"cost_usd_per_hour": "cost (US$ per hour)", "usd_per_1m_output_tokens": "US$ per 1M output tokens",
+                    "energy_per_1k_output_tokens_j": "energy per 1K output tokens (J)", "num_gpus": "GPUs",
+                    "mean_power_w": "mean power per GPU (W)"}
+
+
 def pareto_frontier(table, out_dir: Path) -> list[Path]:
-    """Cost against latency of every deployment a search simulated; the frontier joined."""
+    """The search objective (cost by default) against latency of every deployment simulated; the
+    frontier joined."""
     plt = _pyplot()
     meta = json.loads((table.schema.metadata or {}).get(b"fastsim.search", b"{}"))
     lat = meta.get("latency", "p99_ttft_ms")
+    obj = meta.get("objective", "cost_usd_per_hour")
     rows = table.to_pylist()
     fig, ax = plt.subplots(figsize=FIGSIZE, constrained_layout=True)
     for meets, style in ((False, dict(marker="x", color="0.6", label="misses the SLOs")),
                          (True, dict(marker="o", color="C0", label="meets the SLOs"))):
-        pts = [r for r in rows if r["meets"] == meets and r.get(lat) is not None]
-        ax.scatter([r["cost_usd_per_hour"] for r in pts], [r[lat] for r in pts], s=18, **style)
-    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["cost_usd_per_hour"])
+        pts = [r for r in rows if r["meets"] == meets and r.get(lat) is not None and r.get(obj) is not None]
+        ax.scatter([r[obj] for r in pts], [r[lat] for r in pts], s=18, **style)
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r[obj])
     if front:
-        ax.plot([r["cost_usd_per_hour"] for r in front], [r[lat] for r in front], color="C3", lw=1.5,
+        ax.plot([r[obj] for r in front], [r[lat] for r in front], color="C3", lw=1.5,
                 drawstyle="steps-post", label="Pareto frontier")
         for r in front:
             ax.annotate(f"{r['data_parallel_size']}x{r['gpu']} TP{r['tensor_parallel_size']}",
-                        (r["cost_usd_per_hour"], r[lat]), fontsize="x-small", xytext=(3, 3),
+                        (r[obj], r[lat]), fontsize="x-small", xytext=(3, 3),
                         textcoords="offset points")
     ys = [r[lat] for r in rows if r.get(lat)]
     if ys and max(ys) > 100 * min(ys):
         ax.set_yscale("log")
-    ax.set_xlabel("cost (US$ per hour)")
+    ax.set_xlabel(OBJECTIVE_LABELS.get(obj, obj))
     ax.set_ylabel(lat.replace("_ms", " (ms)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

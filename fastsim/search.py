@@ -102,10 +102,15 @@ def candidates(gpus: list[str], tp: list[int], pp: list[int], seqs: list[int], t
     return [Candidate(*v) for v in itertools.product(gpus, tp, pp, seqs, tokens)]
 
 
-def pareto(rows: list[dict], latency: str) -> list[dict]:
-    """Rows meeting the SLOs that no other such row beats on both cost and latency, by cost."""
-    ok = sorted((r for r in rows if r["meets"] and r.get(latency) is not None),
-                key=lambda r: (r["cost_usd_per_hour"], r[latency]))
+OBJECTIVES = ("cost_usd_per_hour", "usd_per_1m_output_tokens", "energy_per_1k_output_tokens_j", "num_gpus",
+              "mean_power_w")
+
+
+def pareto(rows: list[dict], latency: str, objective: str = "cost_usd_per_hour") -> list[dict]:
+    """Rows meeting the SLOs that no other such row beats on both the objective and latency, best
+    objective first."""
+    ok = sorted((r for r in rows if r["meets"] and r.get(latency) is not None and r.get(objective) is not None),
+                key=lambda r: (r[objective], r[latency]))
     front, best = [], float("inf")
     for r in ok:
         if r[latency] < best:
@@ -128,8 +133,8 @@ class SearchSpace:
 class SearchOutcome:
     request_rate: float
     latency: str
-    rows: list[dict]       # every simulation, cheapest first
-    frontier: list[dict]   # the Pareto frontier, cheapest first (its first: the cheapest meeting the SLOs)
+    rows: list[dict]       # every simulation, best objective first
+    frontier: list[dict]   # the Pareto frontier, best first (its first: the best meeting the SLOs)
     pruned: dict[Candidate, str]
     deployments: int
     table_path: Path
@@ -140,8 +145,8 @@ _KEYS = ("gpu", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel
 
 
 def run_search(raw: dict, rate: float | None, slos: list[SloTarget], space: SearchSpace, out_dir: Path, *,
-               latency: str | None = None, executor: str = "local", jobs: int = 1, address: str | None = None,
-               progress: Callable[[int, int, int], None] | None = None) -> SearchOutcome:
+               latency: str | None = None, objective: str = "cost_usd_per_hour", executor: str = "local",
+               jobs: int = 1, address: str | None = None, progress: Callable[[int, int, int], None] | None = None) -> SearchOutcome:
     """Prune, simulate each remaining deployment's replica counts in parallel, write
     <out_dir>/search.parquet (every simulation; `pareto` marks the frontier) and search.json."""
     import pyarrow as pa
@@ -152,6 +157,8 @@ def run_search(raw: dict, rate: float | None, slos: list[SloTarget], space: Sear
 
     if not slos:
         raise FastsimError("search: give at least one --slo, e.g. --slo ttft_ms:p99=500")
+    if objective not in OBJECTIVES:
+        raise FastsimError(f"--objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
     cfg = build_config(raw)
     target = rate if rate is not None else offered_rate(cfg)
     raw = at_rate(raw, target)
@@ -180,19 +187,23 @@ def run_search(raw: dict, rate: float | None, slos: list[SloTarget], space: Sear
     if lat not in rows[0]:
         raise FastsimError(f"--latency {lat!r}: not a summary metric; e.g. p99_ttft_ms, mean_e2el_ms")
     # Workers finish in any order: sort on every key so the table does not depend on it.
-    rows.sort(key=lambda r: (r["cost_usd_per_hour"], r[lat] if r.get(lat) is not None else float("inf"),
-                             *(str(r[k]) for k in _KEYS)))
-    front = pareto(rows, lat)
+    inf = float("inf")
+    rows.sort(key=lambda r: (r[objective] if r.get(objective) is not None else inf,
+                             r[lat] if r.get(lat) is not None else inf, *(str(r[k]) for k in _KEYS)))
+    front = pareto(rows, lat, objective)
     on_front = {id(r) for r in front}
     for r in rows:
         r["pareto"] = id(r) in on_front
-    meta = {"request_rate": target, "slos": [str(s) for s in slos], "latency": lat}
+    meta = {"request_rate": target, "slos": [str(s) for s in slos], "latency": lat, "objective": objective}
     table = pa.Table.from_pylist(rows).replace_schema_metadata({"fastsim.search": json.dumps(meta)})
     path = write_table_atomic(table, out_dir / "search", "parquet")
-    keys = [*_KEYS, lat]
+    keys = list(dict.fromkeys([*_KEYS, objective, lat]))
     write_json_atomic(out_dir / "search.json", {
-        "request_rate": target, "slos": meta["slos"], "latency_metric": lat,
-        "cheapest": {k: front[0][k] for k in keys} if front else None,
+        "request_rate": target, "slos": meta["slos"], "latency_metric": lat, "objective": objective,
+        "best": {k: front[0][k] for k in keys} if front else None,
+        "cheapest": ({k: r[k] for k in keys} if (r := min(
+            (x for x in rows if x["meets"]), key=lambda x: (x["cost_usd_per_hour"], x[lat] if x.get(lat) is not None
+                                                           else inf), default=None)) else None),
         "pareto": [{k: r[k] for k in keys} for r in front],
         "pruned": [{"candidate": str(c), "why": w} for c, w in pruned.items()]})
     return SearchOutcome(target, lat, rows, front, pruned, len(viable), path)

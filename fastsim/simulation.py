@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pydantic import ValidationError
 
@@ -325,6 +326,7 @@ def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray,
                              "compute_time_s": float(gpu_time[len(replicas), 0]),
                              "comm_time_s": float(gpu_time[len(replicas), 1])})
     finished = table.column("finish_s").to_numpy()
+    sim_s = float(np.nanmax(finished)) if np.isfinite(finished).any() else 0.0
     return {"engine": eng.name, "num_replicas": len(replicas),
             "num_gpus": sum(rp.count * rp.engine.tensor_parallel_size * rp.engine.pipeline_parallel_size
                             for rp in pools),
@@ -341,5 +343,43 @@ def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray,
             "prefix_cache_evictions": int(counters[:, 6].sum()),
             # Forward-pass time summed over iterations (and stages): TP communication apart.
             "compute_time_s": float(gpu_time[:, 0].sum()), "comm_time_s": float(gpu_time[:, 1].sum()),
-            "simulated_time_s": float(np.nanmax(finished)) if np.isfinite(finished).any() else 0.0,
+            "simulated_time_s": sim_s,
+            **energy_and_cost(pools, replicas, sim_s, int(pc.sum(table.column("generated_tokens")).as_py() or 0),
+                              int(pc.sum(pc.equal(table.column("status"), "finished")).as_py() or 0)),
             "wall_time_s": wall, "replicas": replicas}
+
+
+def energy_and_cost(pools: list[ReplicaPlan], replicas: list[dict], sim_s: float, output_tokens: int,
+                    finished: int) -> dict:
+    """Power, energy and $ over the whole simulated run (every GPU rented and powered from time 0 to
+    the last finish): each GPU's power from its utilization (fastsim.catalog.GpuSpec.power_w), a
+    replica's GPUs busy for its forward-pass time per pipeline stage. Adds each replica's
+    gpu_utilization and power_w (per GPU). Figures are None where the catalog lacks TDP or price."""
+    energy_j, gpus, busy_gpu_s, price_ok = 0.0, 0, 0.0, True
+    power_ok = sim_s > 0
+    it = iter(replicas)
+    for rp in pools:
+        n_gpu = rp.engine.tensor_parallel_size * rp.engine.pipeline_parallel_size
+        for _ in range(rp.count):
+            r = next(it)
+            busy = (r["compute_time_s"] + r["comm_time_s"]) / rp.engine.pipeline_parallel_size
+            util = min(busy / sim_s, 1.0) if sim_s > 0 else 0.0
+            power = rp.gpu.power_w(util)
+            r["gpu_utilization"] = util
+            r["power_w"] = power
+            power_ok = power_ok and power is not None
+            if power is not None:
+                energy_j += n_gpu * power * sim_s
+            gpus += n_gpu
+            busy_gpu_s += n_gpu * busy
+        price_ok = price_ok and bool(rp.gpu.price_usd_per_hour)
+    usd = (sum(rp.count * rp.engine.tensor_parallel_size * rp.engine.pipeline_parallel_size * rp.gpu.price_usd_per_hour
+               for rp in pools) * sim_s / 3600.0) if price_ok else None
+    return {
+        "gpu_utilization": busy_gpu_s / (gpus * sim_s) if sim_s > 0 and gpus else 0.0,
+        "mean_power_w": energy_j / (gpus * sim_s) if power_ok else None,
+        "energy_j": energy_j if power_ok else None,
+        "energy_per_request_j": energy_j / finished if power_ok and finished else None,
+        "energy_per_1k_output_tokens_j": 1000.0 * energy_j / output_tokens if power_ok and output_tokens else None,
+        "usd_per_1m_output_tokens": 1e6 * usd / output_tokens if usd is not None and output_tokens else None,
+    }

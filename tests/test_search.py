@@ -11,7 +11,8 @@ from fastsim.capacity import judge, parse_slo
 from fastsim.cli import app
 from fastsim.config import build_config
 from fastsim.errors import FastsimError
-from fastsim.search import Candidate, at_rate, deployment_raw, fewest_replicas, pareto, why_not_fit
+from fastsim.search import (Candidate, SearchSpace, at_rate, deployment_raw, fewest_replicas, pareto, run_search,
+                            why_not_fit)
 from fastsim.simulation import simulate
 
 RAW = {"model": "meta-llama/Meta-Llama-3-8B", "hardware": {"gpu": "H100-SXM"},
@@ -87,3 +88,17 @@ def test_pareto_plot(tmp_path):
     written = plot_results(tmp_path / "s")
     assert [p.name for p in written] == ["pareto.png", "pareto.svg"]
     check_image(written[0])
+
+
+def test_search_by_energy_objective(tmp_path):
+    """--objective energy_per_1k_output_tokens_j: the frontier starts at the lowest energy per token
+    among the deployments meeting the SLOs."""
+    out = run_search(RAW, 20.0, SLOS, SearchSpace(gpus=["H100-SXM", "L40S"], tensor_parallel_size=[1, 2],
+                                                  max_replicas=8), tmp_path, objective="energy_per_1k_output_tokens_j")
+    ok = [r for r in out.rows if r["meets"]]
+    assert out.frontier[0]["energy_per_1k_output_tokens_j"] == min(r["energy_per_1k_output_tokens_j"] for r in ok)
+    summary = json.loads((tmp_path / "search.json").read_text())
+    assert summary["objective"] == "energy_per_1k_output_tokens_j"
+    assert summary["best"]["energy_per_1k_output_tokens_j"] == out.frontier[0]["energy_per_1k_output_tokens_j"]
+    with pytest.raises(FastsimError, match="--objective"):
+        run_search(RAW, 20.0, SLOS, SearchSpace(gpus=["H100-SXM"]), tmp_path, objective="speed")

@@ -13,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fastsim.errors import FastsimError, unknown
 
 
+# Data-center GPUs idle at roughly a tenth to a fifth of their TDP with the model and KV cache
+# resident (e.g. ~60-100 W on a 700 W H100 SXM in nvidia-smi); set idle_w where you have a figure.
+IDLE_FRACTION_OF_TDP = 0.15
+
+
 class GpuSpec(BaseModel):
     """Datasheet figures of one accelerator. Rates are dense (not 2:4-sparse) peaks."""
 
@@ -26,11 +31,28 @@ class GpuSpec(BaseModel):
     fp8_tflops: float | None = Field(default=None, gt=0, description="dense FP8; null where absent")
     interconnect: Literal["nvlink", "pcie", "infinity_fabric", "ethernet", "infiniband"] = "pcie"
     link_gb_s: float = Field(gt=0, description="per-direction peer link bandwidth, GB/s of bytes")
-    tdp_w: float | None = Field(default=None, gt=0)
+    tdp_w: float | None = Field(default=None, gt=0, description="board power at full load, W")
+    idle_w: float | None = Field(default=None, gt=0, description="board power with nothing running but the "
+                                 "engine loaded, W; default IDLE_FRACTION_OF_TDP x tdp_w")
     boost_clock_mhz: float | None = Field(default=None, gt=0, description="max SM clock; scales fixed kernel costs")
     price_usd_per_hour: float | None = Field(default=None, gt=0, description="rental price of one GPU, US$ per "
                                              "hour (typical on-demand list price; override with your own)")
     source: str = ""
+
+    @property
+    def idle_power_w(self) -> float | None:
+        if self.idle_w is not None:
+            return self.idle_w
+        return None if self.tdp_w is None else IDLE_FRACTION_OF_TDP * self.tdp_w
+
+    def power_w(self, utilization: float) -> float | None:
+        """Board power at a fraction `utilization` of the time running kernels: linear from idle
+        to TDP (nvidia-smi's utilization; memory-bound decoding draws less than TDP, so this is
+        an upper bound there)."""
+        if self.tdp_w is None:
+            return None
+        idle = self.idle_power_w
+        return idle + (self.tdp_w - idle) * utilization
 
     @property
     def memory_bytes(self) -> float:
