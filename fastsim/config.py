@@ -253,6 +253,8 @@ class Workload(_Strict):
 
 # -- deployment ----------------------------------------------------------------------------------
 Dtype = Literal["bf16", "fp16", "fp8", "int8", "int4"]
+_QUANTIZED_DTYPE = {"fp8": "fp8", "awq": "int4", "gptq": "int4", "awq_marlin": "int4", "gptq_marlin": "int4",
+                    "int8": "int8", "int4": "int4"}
 
 
 class SpeculativeConfig(_Strict):
@@ -356,8 +358,15 @@ class Engine(_Strict):
     speculative_config: SpeculativeConfig | None = Field(
         default=None, description="speculative decoding (vLLM's speculative_config); none by default")
     max_model_len: int | None = Field(default=None, ge=1, description="default: the model's context")
-    dtype: Dtype = "bf16"
-    kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8"] = "auto"
+    dtype: Dtype = Field(default="bf16", description="the weights' storage format: bf16/fp16, or quantized "
+                         "fp8 (native FP8 GEMMs where the GPU has them, else weight-only), int8 / int4 (weight-only: "
+                         "dequantized into 16-bit GEMMs); activations stay 16-bit")
+    quantization: Literal["fp8", "awq", "gptq", "awq_marlin", "gptq_marlin", "int8", "int4"] | None = Field(
+        default=None, description="vLLM's quantization method, as a weight format: fp8 -> dtype fp8, "
+        "awq / gptq (4-bit) -> int4, int8 -> int8 weight-only")
+    kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8"] = Field(
+        default="auto", description="auto: 16-bit, as vLLM (also for quantized weights); fp8 halves the KV "
+        "cache's bytes per token, so it holds twice the tokens")
     num_gpu_blocks_override: int | None = Field(default=None, ge=1)
     scheduler: Literal["v1", "v0"] = Field(default="v1", description="vLLM's scheduler generation")
     framework_overhead_ms: float = Field(
@@ -370,7 +379,14 @@ class Engine(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _framework_defaults(cls, data):
-        """SGLang's own defaults where they differ from vLLM's: page size 1, radix cache on, lpm."""
+        """SGLang's own defaults where they differ from vLLM's: page size 1, radix cache on, lpm.
+        vLLM's `quantization` names the weight format fastsim calls dtype."""
+        if isinstance(data, dict) and data.get("quantization") in _QUANTIZED_DTYPE:
+            weights = _QUANTIZED_DTYPE[data["quantization"]]
+            if data.get("dtype", weights) not in (weights, "bf16", "fp16"):
+                raise ValueError(f"quantization {data['quantization']} stores weights as {weights}, but dtype is "
+                                 f"{data['dtype']}; drop one of them")
+            data = {**data, "dtype": weights}
         if isinstance(data, dict) and data.get("framework") == "sglang":
             data = {"block_size": 1, "enable_prefix_caching": True, **data}
             data.setdefault("schedule_policy", "lpm" if data["enable_prefix_caching"] else "fcfs")

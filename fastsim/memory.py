@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from fastsim.catalog import BYTES_PER_PARAM, GpuSpec, ModelSpec
+from fastsim.catalog.models import EMBEDDING_BYTES
 from fastsim.config import Engine
 from fastsim.cost.speculative import drafter
 from fastsim.errors import FastsimError
@@ -38,9 +39,10 @@ class MemoryPlan:
 
 
 def kv_dtype(engine: Engine) -> str:
+    """vLLM's kv_cache_dtype 'auto' is the model's 16-bit type, also under weight quantization."""
     if engine.kv_cache_dtype != "auto":
         return engine.kv_cache_dtype
-    return "bf16" if engine.dtype in ("int4", "int8") else engine.dtype
+    return "fp16" if engine.dtype == "fp16" else "bf16"
 
 
 def stage_layers(model: ModelSpec, pp: int) -> int:
@@ -65,8 +67,8 @@ def _per_gpu(model: ModelSpec, engine: Engine, tp: int) -> tuple[float, float, f
     if pp > 1:
         # A stage holds its layers, plus the embedding (first stage) or the LM head (last stage),
         # which are the same size; the LM head is the embedding itself when tied.
-        end = model.embedding_params * bpp
-        body = weights - end - model.lm_head_params * bpp
+        end = model.embedding_params * EMBEDDING_BYTES
+        body = weights - end - model.lm_head_params * EMBEDDING_BYTES
         weights = body * layers / model.num_hidden_layers + end
     # Expert parallelism spreads whole experts over the TP x DP GPUs; everything else is split by TP.
     experts = model.expert_params * bpp * layers / model.num_hidden_layers

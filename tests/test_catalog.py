@@ -42,8 +42,11 @@ def test_kv_bytes_per_token_by_hand():
 def test_weight_bytes_by_dtype():
     m = load_model("meta-llama/Meta-Llama-3-8B")
     assert m.weight_bytes("bf16") == 2 * m.num_params
-    assert m.weight_bytes("fp8") == m.num_params
-    assert m.weight_bytes("int4") == m.num_params / 2
+    # Quantized checkpoints keep the 128256 x 4096 embedding and (untied) LM head in 16 bits.
+    ends = 2 * 128256 * 4096
+    assert m.weight_bytes("fp8") == (m.num_params - ends) + 2 * ends
+    assert m.weight_bytes("int4") == (m.num_params - ends) / 2 + 2 * ends
+    assert m.weight_bytes("int4") / 1e9 == pytest.approx(6.98 / 2 + 2.10, abs=0.01)  # GB: body in 4 bits, ends in 16
 
 
 def test_flops_per_token_llama3_8b_by_hand():
@@ -123,3 +126,39 @@ def test_user_gpu_yaml(tmp_path):
                                          "link_gb_s": 1}}))
     with pytest.raises(FastsimError, match="mem_bw_gbps"):
         load_gpu_file(f)
+
+
+def test_quantization_names_and_kv_capacity():
+    from fastsim.catalog import load_gpu
+    from fastsim.config import Engine
+    from fastsim.memory import memory_plan
+
+    m, h100 = load_model("meta-llama/Meta-Llama-3-8B"), load_gpu("H100-SXM")
+    assert Engine(quantization="awq").dtype == "int4" and Engine(quantization="fp8").dtype == "fp8"
+    with pytest.raises(ValueError, match="drop one of them"):
+        Engine(quantization="awq", dtype="fp8")
+    bf16 = memory_plan(m, h100, Engine())
+    fp8 = memory_plan(m, h100, Engine(quantization="fp8"))
+    # vLLM's kv_cache_dtype auto stays 16-bit under FP8 weights; the freed weight memory holds more KV.
+    assert fp8.kv_bytes_per_token == bf16.kv_bytes_per_token == 128 * 1024
+    freed = m.weight_bytes("bf16") - m.weight_bytes("fp8")
+    assert fp8.num_gpu_blocks == int((bf16.kv_cache_bytes + freed + (bf16.budget_bytes - bf16.weight_bytes
+                                       - bf16.activation_bytes - bf16.reserved_bytes - bf16.kv_cache_bytes))
+                                      // bf16.block_bytes)
+    # An FP8 KV cache holds twice the tokens in the same bytes.
+    kv8 = memory_plan(m, h100, Engine(kv_cache_dtype="fp8"))
+    assert kv8.kv_bytes_per_token == 64 * 1024 and kv8.block_bytes == bf16.block_bytes / 2
+    assert kv8.num_gpu_blocks in (2 * bf16.num_gpu_blocks, 2 * bf16.num_gpu_blocks + 1)
+
+
+def test_fp8_gemms_run_at_fp8_rate_only_on_hopper():
+    from fastsim.cost import CostModel
+
+    # A compute-bound 8192-token prefill GEMM: FP8 doubles the rate on H100, not on A100 (weight-only).
+    for gpu, ratio in (("H100-SXM", 0.5), ("A100-SXM-80GB", 1.0)):
+        fp8 = CostModel.create("meta-llama/Meta-Llama-3-8B", gpu, dtype="fp8")
+        bf16 = CostModel.create("meta-llama/Meta-Llama-3-8B", gpu)
+        assert fp8.gemm_time(8192, 4096, 14336) / bf16.gemm_time(8192, 4096, 14336) == pytest.approx(ratio, rel=0.02)
+        # A whole prefill gains less: attention, norms and the LM head stay 16-bit.
+        t8, t16 = fp8.forward_time([], [8192], [0]).total_s, bf16.forward_time([], [8192], [0]).total_s
+        assert 0.5 < t8 / t16 <= 1.0

@@ -12,6 +12,7 @@ from fastsim.errors import FastsimError, unknown
 
 # Weight-only formats store int4 as two values per byte; scales and zero points are ignored (< 1%).
 BYTES_PER_PARAM = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+EMBEDDING_BYTES = 2.0
 
 _DATA = "fastsim.catalog"
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
@@ -174,7 +175,9 @@ class ModelSpec(BaseModel):
         return round(self.num_hidden_layers * per_layer + self.embedding_params + self.lm_head_params + h)
 
     def weight_bytes(self, dtype: str = "bf16") -> float:
-        return self.num_params * _bytes_per_param(dtype, "dtype")
+        """Quantized checkpoints (FP8, GPTQ/AWQ int4, int8) keep the embedding and LM head in 16 bits."""
+        ends = self.embedding_params + self.lm_head_params
+        return (self.num_params - ends) * _bytes_per_param(dtype, "dtype") + ends * EMBEDDING_BYTES
 
     def kv_bytes_per_token(self, kv_cache_dtype: str = "bf16") -> float:
         """K and V of one token across all layers."""

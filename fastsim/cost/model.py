@@ -52,7 +52,7 @@ class CostModel:
         spec = model if isinstance(model, ModelSpec) else load_model(model)
         hw = gpu if isinstance(gpu, GpuSpec) else load_gpu(gpu)
         prof = load_profile(profile)
-        kv_dtype = kv_cache_dtype or ("bf16" if dtype in ("int4", "int8") else dtype)
+        kv_dtype = kv_cache_dtype or ("fp16" if dtype == "fp16" else "bf16")
         for field, value in (("dtype", dtype), ("kv_cache_dtype", kv_dtype)):
             if value not in BYTES_PER_PARAM:
                 raise FastsimError(f"{field}: {value!r} is not supported; use one of {', '.join(BYTES_PER_PARAM)}")
