@@ -376,7 +376,7 @@ def plot_cmd(
 
 @app.command("validate")
 def validate_cmd(
-    config: Annotated[Path, typer.Argument(help="YAML config to check")],
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config to check; none: the built-in default")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key")] = None,
 ) -> None:
     """Check a config without simulating; show each engine's memory plan."""
@@ -413,7 +413,7 @@ def validate_cmd(
     for label, f in rows:
         t.add_row(label, *[cell(f(rp)) for _, rp in columns])
     console.print(t)
-    console.print(f"{config}: valid")
+    console.print(f"{config or 'the built-in default'}{' with ' + ', '.join(set_) if set_ else ''}: valid")
 
 
 @app.command("generate-config")
@@ -436,12 +436,17 @@ def models_cmd() -> None:
     """List the built-in models (any local config.json path works too)."""
     from fastsim.catalog import load_model, model_ids
 
-    t = _table("id", "params (B)", "layers", "hidden", "heads / kv", "KV KiB/token (bf16)", "max context")
+    t = _table("id", "params (B)", "active (B)", "layers", "hidden", "attention", "experts", "KV KiB/token (bf16)",
+               "max context")
     for mid in model_ids():
         m = load_model(mid)
-        t.add_row(mid, f"{m.num_params / 1e9:.2f}", str(m.num_hidden_layers), str(m.hidden_size),
-                  f"{m.num_attention_heads} / {m.num_key_value_heads}",
-                  f"{m.kv_bytes_per_token('bf16') / 1024:.0f}", str(m.max_position_embeddings))
+        attention = (f"MLA {m.num_attention_heads} heads" if m.is_mla
+                     else f"{m.num_attention_heads} / {m.num_key_value_heads} kv")
+        experts = (f"{m.num_local_experts} top-{m.num_experts_per_tok}"
+                   + (" +shared" if m.shared_expert_intermediate_size else "") if m.is_moe else "-")
+        t.add_row(mid, f"{m.num_params / 1e9:.2f}", f"{m.num_active_params / 1e9:.2f}", str(m.num_hidden_layers),
+                  str(m.hidden_size), attention, experts, f"{m.kv_bytes_per_token('bf16') / 1024:.1f}",
+                  str(m.max_position_embeddings))
     console.print(t)
 
 
