@@ -61,7 +61,16 @@ def _section(name: str, model: type[BaseModel], indent: str = "") -> list[str]:
             value = value[:-3].strip()
         doc = f"  # {f.description}" if f.description else ""
         lines.append(f"{indent}  {fname}: {value}{doc}")
+        lines += [f"{indent}  #   {line}" for line in _EXAMPLES.get((model, fname), [])]
     return lines
+
+
+_EXAMPLES = {
+    (C.Engine, "speculative_config"): [
+        "e.g. {method: eagle, num_speculative_tokens: 4, acceptance_rate: 0.7}",
+        "  or {model: Qwen/Qwen2.5-1.5B, num_speculative_tokens: 5, acceptance_probs: [0.8, 0.7, 0.6, 0.5, 0.4]}",
+        "  method: ngram | draft_model | eagle | eagle3 | mtp; draft_tensor_parallel_size (default: the target's)"],
+}
 
 
 _SWEEP = """
