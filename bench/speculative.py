@@ -33,7 +33,8 @@ def crossover_table() -> None:
           "acceptance 0.8 (E = 3.36 tokens per step)")
     for context in (256, 2048):
         print(f"\ncontext {context} tokens")
-        print(f"{'batch':>6s} {'none':>8s} " + " ".join(f"{m:>19s}" for m, _ in METHODS))
+        print(f"{'batch':>6s} {'none':>8s} {'tok/s':>8s} " + " ".join(f"{m:>19s}" for m, _ in METHODS)
+              + "   (ms per token; throughput = batch / that, so it gains the same factor)")
         tables = [speculative_cost_model(cm, SpeculativeConfig(method=m, model=d, num_speculative_tokens=4,
                                                                acceptance_rate=0.8), max(BATCHES), 8192, 0.33e-3)
                   for m, d in METHODS]
@@ -47,7 +48,7 @@ def crossover_table() -> None:
                     cross[i] = b
                 cells.append(f"{t1 * 1e3:8.3f} ({t0 / t1:4.2f}x)")
             fits = "" if b * (context + 5) <= kv_tokens else f"  (batch x context > the {kv_tokens:,}-token KV cache)"
-            print(f"{b:6d} {t0 * 1e3:8.3f} " + " ".join(f"{c:>19s}" for c in cells) + fits)
+            print(f"{b:6d} {t0 * 1e3:8.3f} {b / t0:8.0f} " + " ".join(f"{c:>19s}" for c in cells) + fits)
         for (m, _), c in zip(METHODS, cross):
             print(f"  {m}: stops paying at batch {c}" if c else f"  {m}: still pays at batch {max(BATCHES)}")
 

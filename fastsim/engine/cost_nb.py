@@ -110,6 +110,14 @@ def expected_active_experts_nb(num_experts, top_k, tokens):
 
 
 @njit(cache=True, error_model="numpy")
+def expert_gemm_time_nb(p, active, routed):
+    """A grouped expert GEMM on one GPU: `routed` token-expert pairs over `active` experts' weights."""
+    return p[GEMM_LATENCY_S] + roofline_nb(
+        routed * p[MOE_FLOPS_PER_TOKEN], active * p[MOE_EXPERT_WEIGHT_BYTES] + routed * p[MOE_ACT_BYTES_PER_TOKEN],
+        p[PEAK_FLOPS] * p[COMPUTE_EFF], p[MEM_BW] * p[BW_EFF], p[OVERLAP])
+
+
+@njit(cache=True, error_model="numpy")
 def moe_layer_time_nb(p, tokens):
     """One MoE layer's routed-expert GEMMs for `tokens` tokens of this replica, on the busiest GPU of
     the expert-parallel group (every GPU waits for it at the combine).
@@ -128,15 +136,9 @@ def moe_layer_time_nb(p, tokens):
     ep = p[MOE_EP]
     local = int(experts / ep)
     s = p[MOE_SKEW]
-    flop_rate = p[PEAK_FLOPS] * p[COMPUTE_EFF]
-    byte_rate = p[MEM_BW] * p[BW_EFF]
     if s == 0.0:
         q = k / experts
-        active = local * (1.0 - (1.0 - q) ** n)
-        routed = n * k / ep
-        return p[GEMM_LATENCY_S] + roofline_nb(
-            routed * p[MOE_FLOPS_PER_TOKEN], active * p[MOE_EXPERT_WEIGHT_BYTES] + routed * p[MOE_ACT_BYTES_PER_TOKEN],
-            flop_rate, byte_rate, p[OVERLAP])
+        return expert_gemm_time_nb(p, local * (1.0 - (1.0 - q) ** n), n * k / ep)
     norm = 0.0
     for e in range(int(experts)):
         norm += (e + 1.0) ** -s
@@ -148,19 +150,8 @@ def moe_layer_time_nb(p, tokens):
             q = min(1.0, k * (e + 1.0) ** -s / norm)
             active += 1.0 - (1.0 - q) ** n
             routed += n * q
-        t = p[GEMM_LATENCY_S] + roofline_nb(
-            routed * p[MOE_FLOPS_PER_TOKEN], active * p[MOE_EXPERT_WEIGHT_BYTES] + routed * p[MOE_ACT_BYTES_PER_TOKEN],
-            flop_rate, byte_rate, p[OVERLAP])
-        worst = max(worst, t)
+        worst = max(worst, expert_gemm_time_nb(p, active, routed))
     return worst
-
-
-@njit(cache=True, error_model="numpy")
-def expected_active_experts_nb(num_experts, top_k, tokens):
-    """Experts hit at least once when `tokens` tokens each pick top_k of num_experts uniformly."""
-    if tokens <= 0:
-        return 0.0
-    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
 
 
 @njit(cache=True, error_model="numpy")
