@@ -316,13 +316,15 @@ class Engine(_Strict):
     same: max_num_seqs = --max-running-requests, max_num_batched_tokens = --chunked-prefill-size,
     block_size = --page-size, enable_prefix_caching = not --disable-radix-cache)."""
     name: str = "vllm"
-    framework: Literal["vllm", "sglang", "trtllm"] = Field(
+    framework: Literal["vllm", "sglang", "trtllm", "dynamo"] = Field(
         default="vllm", description="vllm: V1 scheduling (mixed prefill/decode batches, FCFS); sglang: "
         "prefill batches apart from decode batches, admission that reserves room for running requests' "
         "output, radix cache at token granularity (block_size 1) and longest-prefix-first queueing; trtllm: "
         "TensorRT-LLM in-flight batching (mixed batches within max_num_tokens = max_num_batched_tokens, "
         "max_batch_size = max_num_seqs), capacity_scheduler_policy, KV cache sized by "
-        "kv_cache_free_gpu_mem_fraction, FP8 weights and KV where the GPU has FP8")
+        "kv_cache_free_gpu_mem_fraction, FP8 weights and KV where the GPU has FP8; dynamo: NVIDIA Dynamo over vLLM "
+        "workers: vLLM's scheduling with prefix caching on, and Dynamo's KV-aware router (cluster.router kv_aware) "
+        "unless another router is given; with cluster.disaggregation, its disaggregated serving")
     capacity_scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"] | None = Field(
         default=None, description="TensorRT-LLM's: guaranteed_no_evict (its default) admits a request only "
         "if every running request and it can reach prompt + output tokens without eviction; "
@@ -390,6 +392,9 @@ class Engine(_Strict):
         if isinstance(data, dict) and data.get("framework") == "sglang":
             data = {"block_size": 1, "enable_prefix_caching": True, **data}
             data.setdefault("schedule_policy", "lpm" if data["enable_prefix_caching"] else "fcfs")
+        if isinstance(data, dict) and data.get("framework") == "dynamo":
+            # Dynamo's KV router reads the workers' prefix caches (vLLM V1 turns them on by default).
+            data = {"enable_prefix_caching": True, **data}
         if isinstance(data, dict) and data.get("framework") == "trtllm":
             # TensorRT-LLM's defaults (LLM API / trtllm-bench): max_batch_size 2048, max_num_tokens 8192,
             # tokens_per_block 32, GUARANTEED_NO_EVICT, free_gpu_memory_fraction 0.9, FP8 on Hopper and
@@ -402,7 +407,7 @@ class Engine(_Strict):
 
     @model_validator(mode="after")
     def _framework_options(self):
-        if self.framework == "vllm" and self.schedule_policy == "lpm":
+        if self.framework in ("vllm", "dynamo") and self.schedule_policy == "lpm":
             raise ValueError("schedule_policy: lpm is SGLang's (vLLM serves first-come-first-served); "
                              "set framework: sglang or drop it")
         if self.framework == "sglang" and self.scheduler == "v0":
@@ -468,17 +473,23 @@ class Disaggregation(_Strict):
     prefill: "Pool" = Field(description="the prefill pool: count, gpu, engine arguments")
     decode: "Pool" = Field(description="the decode pool: count, gpu, engine arguments")
     kv_transfer: KvTransfer = KvTransfer()
-    prefill_router: Literal["round_robin", "random", "least_requests", "least_kv"] | None = Field(
-        default=None, description="default: cluster.router")
-    decode_router: Literal["round_robin", "random", "least_requests", "least_kv"] | None = Field(
-        default=None, description="default: cluster.router")
+    prefill_router: Literal["round_robin", "random", "least_requests", "least_kv", "prefix_aware", "kv_aware"] | None = Field(
+        default=None, description="default: cluster.router (kv_aware under framework dynamo)")
+    decode_router: Literal["round_robin", "random", "least_requests", "least_kv", "kv_aware"] | None = Field(
+        default=None, description="default: cluster.router (kv_aware under framework dynamo: with no cache in "
+        "the decode pool, the fewest blocks in use)")
 
 
 class Cluster(_Strict):
-    router: Literal["round_robin", "random", "least_requests", "least_kv", "session_affinity", "prefix_aware"] = Field(
+    router: Literal["round_robin", "random", "least_requests", "least_kv", "session_affinity", "prefix_aware",
+                    "kv_aware"] = Field(
         default="round_robin", description="how arrivals pick a replica; least_requests = fewest outstanding; "
         "prefix_aware = the replica caching the longest prefix of the prompt, unless the load is unbalanced "
-        "(SGLang router's cache-aware policy, over the replicas' real caches)")
+        "(SGLang router's cache-aware policy, over the replicas' real caches); kv_aware = NVIDIA Dynamo's KV "
+        "router: the lowest kv_overlap_score_weight x blocks to prefill + blocks in use. Default round_robin "
+        "(kv_aware under framework dynamo)")
+    kv_overlap_score_weight: float = Field(default=1.0, ge=0, description="kv_aware: Dynamo's "
+                                           "--kv-overlap-score-weight (prefill blocks against blocks in use)")
     cache_threshold: float = Field(default=0.5, ge=0, le=1, description="prefix_aware: the longest cached "
                                    "prefix must cover this share of the prompt, else the least loaded replica")
     balance_abs_threshold: int = Field(default=32, ge=0, description="prefix_aware: route by load alone when "

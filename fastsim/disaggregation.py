@@ -22,7 +22,7 @@ def transfer_s(cfg, prefill_pool, prompt: np.ndarray) -> np.ndarray:
 
 def run_disaggregated(cfg, model, pools, workload, measured, reason, report) -> tuple[tuple, dict]:
     """(the kernel's output tuple for the whole deployment, extra per-request columns)."""
-    from fastsim.simulation import run_pools
+    from fastsim.simulation import router_for, run_pools
 
     dis = cfg.cluster.disaggregation
     prefill, decode = pools
@@ -31,7 +31,7 @@ def run_disaggregated(cfg, model, pools, workload, measured, reason, report) -> 
     prompt, output = workload.prompt_tokens, workload.output_tokens
     ones = np.ones(n, np.int64)
     p_out = run_pools(cfg, model, [prefill], workload, measured, rejected, report, output=ones,
-                      router=dis.prefill_router, stream=0)
+                      router=router_for(cfg, prefill.engine, dis.prefill_router), stream=0)
     p_status, p_sched, p_tok, _, _, p_preempts, _, p_replica = p_out[:8]
     # The first token is the prefill's; the KV follows, overlapped with the prefill or after it.
     move = transfer_s(cfg, prefill, prompt)
@@ -45,7 +45,7 @@ def run_disaggregated(cfg, model, pools, workload, measured, reason, report) -> 
     d_out = run_pools(cfg, model, [decode], workload, measured[idx], np.zeros(idx.size, np.bool_), report,
                       arrival_s=ready[idx], prompt=prompt[idx], output=output[idx],
                       kv0=(np.ones(idx.size, np.int64), p_tok[idx]), session=np.full(idx.size, -1, np.int64),
-                      router=dis.decode_router, stream=1)
+                      router=router_for(cfg, decode.engine, dis.decode_router), stream=1)
     d_status, d_sched, _, d_finish, d_generated, d_preempts, d_max_itl, d_replica = d_out[:8]
 
     status = p_status.copy()
@@ -69,7 +69,7 @@ def run_disaggregated(cfg, model, pools, workload, measured, reason, report) -> 
         timeline = timeline[np.argsort(timeline[:, E.TL_START_S], kind="stable")]
     out = (status, p_sched, p_tok, finish, generated, preempts, max_itl, replica,
            d_out[8], d_out[9], timeline, np.concatenate([p_out[11], d_out[11]]),
-           np.concatenate([p_out[12], d_out[12]]), np.zeros(n, np.int64), arrival)
+           np.concatenate([p_out[12], d_out[12]]), p_out[13], arrival)
     went = ~np.isnan(d_first)
     extra = {
         "prefill_replica": np.where(np.isnan(p_sched), -1, p_replica).astype(np.int32),

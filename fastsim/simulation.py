@@ -111,9 +111,15 @@ def _pools(cfg: Config, engine: Engine, model: ModelSpec, default_gpu: GpuSpec, 
         if eng.enable_prefix_caching and eng.scheduler == "v0":
             raise FastsimError(f"{where}.enable_prefix_caching is modelled for scheduler v1 only; "
                                "use scheduler: v1 or turn prefix caching off")
-        if dis is not None and (eng.enable_prefix_caching or eng.framework == "sglang"):
-            raise FastsimError(f"{where}: disaggregation is modelled for vLLM and TensorRT-LLM engines without "
-                               "prefix caching; drop enable_prefix_caching / framework sglang")
+        if dis is not None and eng.framework == "sglang":
+            raise FastsimError(f"{where}: disaggregation is modelled for vLLM, TensorRT-LLM and Dynamo engines; "
+                               "drop framework sglang")
+        if dis is not None and j == 1 and eng.enable_prefix_caching:
+            # Dynamo routes by the prefill workers' caches; a decode worker's cache is not modelled.
+            if eng.framework != "dynamo" or pool.engine.get("enable_prefix_caching"):
+                raise FastsimError(f"{where}.enable_prefix_caching: prefix caching in the decode pool is not "
+                                   "modelled (the prefill pool may cache); drop it there")
+            eng = eng.model_copy(update={"enable_prefix_caching": False})
         plan = memory_plan(model, gpu, eng)
         validate_engine(eng, plan)
         out.append(ReplicaPlan(pool.name or f"pool{j}", pool.count, gpu, eng, plan))
@@ -147,11 +153,21 @@ def plan_engines(cfg: Config):
         raise FastsimError("cluster.disaggregation: multi-turn conversations are not modelled with it yet "
                            "(a turn's arrival depends on the decode pool); drop workload.clients[].conversation")
     for eng, pools in plans:
-        if cfg.cluster.router == "prefix_aware" and not any(rp.engine.enable_prefix_caching for rp in pools):
+        if router_for(cfg, eng) == "prefix_aware" and not any(rp.engine.enable_prefix_caching for rp in pools):
             raise FastsimError(f"cluster.router = 'prefix_aware' routes by what replicas cache, but engine "
                                f"{eng.name!r} has enable_prefix_caching off everywhere; turn it on or pick "
                                "another router")
     return model, gpu, plans
+
+
+def router_for(cfg: Config, engine: Engine, given: str | None = None) -> str:
+    """The router a run uses: the one given (a disaggregated pool's), else cluster.router, whose
+    default under framework dynamo is Dynamo's KV-aware router."""
+    if given:
+        return given
+    if engine.framework == "dynamo" and "router" not in cfg.cluster.model_fields_set:
+        return "kv_aware"
+    return cfg.cluster.router
 
 
 def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
@@ -224,6 +240,7 @@ def route_params(cfg: Config) -> np.ndarray:
     out[E.RP_CACHE_THRESHOLD] = cfg.cluster.cache_threshold
     out[E.RP_BALANCE_ABS] = cfg.cluster.balance_abs_threshold
     out[E.RP_BALANCE_REL] = cfg.cluster.balance_rel_threshold
+    out[E.RP_OVERLAP_WEIGHT] = cfg.cluster.kv_overlap_score_weight
     return out
 
 
@@ -274,7 +291,8 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
 
             out, extra = run_disaggregated(cfg, model, pools, workload, measured, reason, report)
         else:
-            out, extra = run_pools(cfg, model, pools, workload, measured, reason > 0, report), {}
+            out, extra = run_pools(cfg, model, pools, workload, measured, reason > 0, report,
+                                   router=router_for(cfg, eng)), {}
         wall = time.perf_counter() - wall0
         itl_hist, itl_stats, timeline, counters, gpu_time = out[8:13]
         table = request_table(eng.name, workload, reason, out)
@@ -302,7 +320,7 @@ def run_pools(cfg: Config, model: ModelSpec, pools: list[ReplicaPlan], workload:
     counter = np.zeros(1, np.int64)
     args = (arrival_s, workload.prompt_tokens if prompt is None else prompt,
             workload.output_tokens if output is None else output, rejected, measured,
-            workload.session if session is None else session, draw, E.ROUTE_NAMES[router or cfg.cluster.router],
+            workload.session if session is None else session, draw, E.ROUTE_NAMES[router_for(cfg, pools[0].engine, router)],
             route_params(cfg), rep_int, rep_params, tok_table, seq_table,
             cfg.simulation.max_sim_time_s or np.inf, cfg.output.timeline, counter,
             prefix_cache_arrays(rep_int, workload), (workload.next_turn, workload.think_s) if kv0 is None

@@ -77,6 +77,8 @@ def _route(policy, route_params, i, n_rep, rr_next, draw, session, session_repli
         return session_replica[session[i]]
     if policy == E.ROUTE_PREFIX_AWARE:
         return _route_prefix_aware(route_params, i, n_rep, outstanding, apc, rep_int, prompt)
+    if policy == E.ROUTE_KV_AWARE:
+        return _route_kv_aware(route_params, i, n_rep, outstanding, used_frac, apc, rep_int, prompt)
     best = 0
     for r in range(1, n_rep):
         if policy == E.ROUTE_LEAST_KV:
@@ -113,6 +115,22 @@ def _route_prefix_aware(route_params, i, n_rep, outstanding, apc, rep_int, promp
     if best_tokens > 0 and best_tokens >= route_params[E.RP_CACHE_THRESHOLD] * prompt[i]:
         return best
     return least
+
+
+@njit(cache=True, error_model="numpy")
+def _route_kv_aware(route_params, i, n_rep, outstanding, used_frac, apc, rep_int, prompt):
+    """NVIDIA Dynamo's KV router at temperature 0: the replica with the lowest
+    kv_overlap_score_weight x (prompt blocks it would prefill, after its cached prefix) + (blocks in
+    use, with this request's); ties to fewer outstanding requests, then the lower index."""
+    best, best_cost = 0, np.inf
+    for r in range(n_rep):
+        bs = rep_int[r, E.RI_BLOCK_SIZE]
+        cached = px.apc_match_nb(apc, r, i, prompt[i], bs)[0] * bs if rep_int[r, E.RI_APC] else 0
+        cost = (route_params[E.RP_OVERLAP_WEIGHT] * (prompt[i] - cached) / bs
+                + used_frac[r] * rep_int[r, E.RI_NUM_BLOCKS] + prompt[i] / bs)
+        if cost < best_cost or (cost == best_cost and outstanding[r] < outstanding[best]):
+            best, best_cost = r, cost
+    return best
 
 
 @njit(cache=True, error_model="numpy", nogil=True)

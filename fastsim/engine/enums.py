@@ -66,14 +66,16 @@ ROUTE_LEAST_REQUESTS = 2
 ROUTE_LEAST_KV = 3
 ROUTE_SESSION_AFFINITY = 4
 ROUTE_PREFIX_AWARE = 5
+ROUTE_KV_AWARE = 6
 ROUTE_NAMES = {"round_robin": ROUTE_ROUND_ROBIN, "random": ROUTE_RANDOM, "least_requests": ROUTE_LEAST_REQUESTS,
                "least_kv": ROUTE_LEAST_KV, "session_affinity": ROUTE_SESSION_AFFINITY,
-               "prefix_aware": ROUTE_PREFIX_AWARE}
+               "prefix_aware": ROUTE_PREFIX_AWARE, "kv_aware": ROUTE_KV_AWARE}
 # prefix_aware's parameters (route_params), named as SGLang's router names them
 RP_CACHE_THRESHOLD = 0
 RP_BALANCE_ABS = 1
 RP_BALANCE_REL = 2
-N_RP = 3
+RP_OVERLAP_WEIGHT = 3  # kv_aware: weight of the blocks to prefill against the blocks in use
+N_RP = 4
 
 # ITL histogram: log-spaced bins over [ITL_MIN_S, ITL_MAX_S]; percentiles are exact to a bin (0.14%).
 ITL_MIN_S = 1e-6
