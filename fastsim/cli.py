@@ -431,6 +431,21 @@ def generate_config_cmd(
         console.print(f"wrote {out}")
 
 
+@app.command("config-reference")
+def config_reference_cmd(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write here instead of stdout")] = None,
+) -> None:
+    """Print the configuration reference (Markdown): every key, its type, default and meaning."""
+    from fastsim.config_reference import config_reference
+
+    text = config_reference()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        write_text_atomic(out, text)
+        console.print(f"wrote {out}")
+
+
 @app.command("models")
 def models_cmd() -> None:
     """List the built-in models (any local config.json path works too)."""

@@ -101,10 +101,11 @@ Component.model_rebuild()
 
 class Dataset(_Strict):
     """(prompt, output) pairs sampled jointly, with replacement, from a file or a built-in dataset."""
-    name: Literal["sharegpt", "bwb", "arxiv"] | None = None
-    file: str | None = None
-    prompt_column: str = "prompt_tokens"
-    output_column: str = "output_tokens"
+    name: Literal["sharegpt", "bwb", "arxiv"] | None = Field(
+        default=None, description="built-in length sets: sharegpt (chat), bwb (long outputs), arxiv (summaries)")
+    file: str | None = Field(default=None, description="a CSV or Parquet file of token counts instead")
+    prompt_column: str = Field(default="prompt_tokens", description="the file's prompt-length column")
+    output_column: str = Field(default="output_tokens", description="the file's output-length column")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -145,8 +146,8 @@ class Trace(_Strict):
     Mooncake JSONL (timestamp ms, input_length, output_length, hash_ids), Vidur/etalon CSV
     (arrived_at,num_prefill_tokens,num_decode_tokens; without arrived_at the client's arrival
     process times them) or a request table fastsim wrote."""
-    format: Literal["azure", "mooncake", "vidur", "fastsim"]
-    file: str
+    format: Literal["azure", "mooncake", "vidur", "fastsim"] = Field(description="the file's layout")
+    file: str = Field(description="path of the trace")
     start_s: float = Field(default=0.0, ge=0, description="window start, seconds of trace time")
     end_s: float | None = Field(default=None, gt=0, description="window end, seconds of trace time")
     speedup: float = Field(default=1.0, gt=0, description="replay this many times faster (2 = twice the rate)")
@@ -203,14 +204,14 @@ class Conversation(_Strict):
 
 
 class Client(_Strict):
-    name: str = "default"
-    arrival: Arrival | None = None
+    name: str = Field(default="default", description="the client's name in the output")
+    arrival: Arrival | None = Field(default=None, description="arrival process (a trace may bring its own times)")
     num_requests: int | None = Field(default=None, ge=1, description="this client's share; default: "
                                      "workload.num_requests split by rate")
-    prompt_tokens: LengthDist | None = None
-    output_tokens: LengthDist | None = None
-    dataset: Dataset | None = None
-    trace: Trace | None = None
+    prompt_tokens: LengthDist | None = Field(default=None, description="prompt length distribution, tokens")
+    output_tokens: LengthDist | None = Field(default=None, description="output length distribution, tokens")
+    dataset: Dataset | None = Field(default=None, description="(prompt, output) pairs sampled jointly instead")
+    trace: Trace | None = Field(default=None, description="replay requests from a file instead")
     system_prompt_tokens: int = Field(default=0, ge=0, description="a prefix shared by every request of "
                                       "this client, added to its prompt lengths")
     conversation: Conversation | None = Field(default=None, description="multi-turn sessions; num_requests "
@@ -234,9 +235,11 @@ class Client(_Strict):
 
 
 class Workload(_Strict):
-    num_requests: int | None = Field(default=None, ge=1)
+    num_requests: int | None = Field(default=None, ge=1, description="requests in all (split across clients "
+                                     "by rate unless a client gives its own)")
     duration_s: float | None = Field(default=None, gt=0, description="generate arrivals for this long")
-    clients: list[Client] = Field(min_length=1)
+    clients: list[Client] = Field(min_length=1, description="request sources, each with its arrivals and "
+                                  "lengths")
 
     @model_validator(mode="after")
     def _size(self):
@@ -268,7 +271,7 @@ class SpeculativeConfig(_Strict):
         "head of the target's shape with its LM head. Default: draft_model when `model` is given")
     model: str | None = Field(default=None, description="draft model for draft_model: a catalog id or a "
                               "config.json path")
-    num_speculative_tokens: int = Field(ge=1, le=64)
+    num_speculative_tokens: int = Field(ge=1, le=64, description="tokens drafted per sequence per step")
     acceptance_rate: float | None = Field(
         default=None, ge=0, le=1, description="probability that a draft token is accepted given that the ones "
         "before it were (the same at every position)")
@@ -315,7 +318,7 @@ class Engine(_Strict):
     framework: sglang, SGLang's scheduler (its arguments under their vLLM names where they mean the
     same: max_num_seqs = --max-running-requests, max_num_batched_tokens = --chunked-prefill-size,
     block_size = --page-size, enable_prefix_caching = not --disable-radix-cache)."""
-    name: str = "vllm"
+    name: str = Field(default="vllm", description="this engine's name in the output (engines: variants)")
     framework: Literal["vllm", "sglang", "trtllm", "dynamo"] = Field(
         default="vllm", description="vllm: V1 scheduling (mixed prefill/decode batches, FCFS); sglang: "
         "prefill batches apart from decode batches, admission that reserves room for running requests' "
@@ -335,18 +338,22 @@ class Engine(_Strict):
     schedule_policy: Literal["fcfs", "lpm"] | None = Field(
         default=None, description="SGLang's --schedule-policy; lpm = longest cached prefix first (SGLang "
         "serves a queue of more than 128 first-come-first-served). Default: lpm with prefix caching")
-    max_num_seqs: int = Field(default=256, ge=1)
-    max_num_batched_tokens: int = Field(default=8192, ge=1)
+    max_num_seqs: int = Field(default=256, ge=1, description="most sequences in one iteration's batch")
+    max_num_batched_tokens: int = Field(default=8192, ge=1, description="most tokens (prefill chunks + decodes) "
+                                        "in one iteration")
     block_size: Literal[1, 8, 16, 32, 64, 128, 256] = Field(
         default=16, description="tokens per KV block (vLLM's choices; SGLang's --page-size, 1 by default "
         "under framework: sglang)")
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    enable_chunked_prefill: bool = True
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="share of GPU memory for weights, "
+                                          "activations and KV cache; the KV cache gets what the others leave")
+    enable_chunked_prefill: bool = Field(default=True, description="split long prefills across iterations "
+                                         "within max_num_batched_tokens (vLLM V1's default)")
     enable_prefix_caching: bool = Field(
         default=False, description="vLLM's automatic prefix caching (vLLM V1 turns it on by default; "
         "fastsim leaves it off unless asked, since runs without shared prefixes are faster without it)")
     long_prefill_token_threshold: int = Field(default=0, ge=0, description="0: no cap")
-    tensor_parallel_size: int = Field(default=1, ge=1)
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per replica sharding each layer "
+                                      "(heads, MLP, vocabulary), with two all-reduces per layer")
     pipeline_parallel_size: int = Field(default=1, ge=1, description="stages; as many micro-batches in flight")
     data_parallel_size: int = Field(default=1, ge=1, description="identical replicas behind the router")
     enable_expert_parallel: bool = Field(
@@ -369,7 +376,8 @@ class Engine(_Strict):
     kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8"] = Field(
         default="auto", description="auto: 16-bit, as vLLM (also for quantized weights); fp8 halves the KV "
         "cache's bytes per token, so it holds twice the tokens")
-    num_gpu_blocks_override: int | None = Field(default=None, ge=1)
+    num_gpu_blocks_override: int | None = Field(default=None, ge=1, description="KV blocks per GPU instead of "
+                                                  "what memory allows (vLLM's; for experiments)")
     scheduler: Literal["v1", "v0"] = Field(default="v1", description="vLLM's scheduler generation")
     framework_overhead_ms: float = Field(
         default=0.33, ge=0,
@@ -428,7 +436,7 @@ class Engine(_Strict):
 
 
 class Hardware(_Strict):
-    gpu: str = "H100-SXM"
+    gpu: str = Field(default="H100-SXM", description="GPU id from `fastsim gpus` (or your gpus_file)")
     profile: str | None = Field(default=None, description="cost profile YAML from `fastsim calibrate`")
     gpus_file: str | None = Field(default=None, description="YAML catalog of your own GPUs")
     prices_usd_per_hour: dict[str, Annotated[float, Field(gt=0)]] = Field(
@@ -437,8 +445,8 @@ class Hardware(_Strict):
 
 class Pool(_Strict):
     """`count` identical replicas: a GPU and engine arguments over the run's `engine`."""
-    name: str | None = None
-    count: int = Field(default=1, ge=1)
+    name: str | None = Field(default=None, description="the pool's name in the output")
+    count: int = Field(default=1, ge=1, description="replicas in the pool")
     gpu: str | None = Field(default=None, description="default: hardware.gpu")
     engine: dict[str, Any] = Field(default_factory=dict, description="engine arguments to override")
 
@@ -453,7 +461,8 @@ _LINKS = {  # per-GPU bandwidth (GB/s of bytes, one direction) and one-way laten
 class KvTransfer(_Strict):
     """How a request's KV cache moves from its prefill instance to its decode instance: each GPU of
     the prefill instance sends its shard over its own link."""
-    link: Literal["nvlink", "infiniband", "ethernet"] = "infiniband"
+    link: Literal["nvlink", "infiniband", "ethernet"] = Field(default="infiniband", description="sets the "
+                                                               "default bandwidth and latency")
     bandwidth_gb_s: float | None = Field(default=None, gt=0, description="per GPU, GB/s of bytes; default by "
                                          "link: nvlink 450, infiniband 50 (400 Gb/s NDR), ethernet 12.5 (100 GbE)")
     latency_us: float | None = Field(default=None, ge=0, description="per transfer; default by link: nvlink 5, "
@@ -510,7 +519,8 @@ class Cluster(_Strict):
 
 
 class Simulation(_Strict):
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, description="seeds every random draw (arrivals, lengths, routing): "
+                      "the same config and seed give byte-identical results")
     mode: Literal["exact", "fast"] = Field(
         default="fast", description="fast: steady decoding summed in closed form between events (the same "
         "scheduling decisions as exact; times agree to ~1e-12 relative); exact: every iteration stepped")
@@ -523,14 +533,16 @@ class Simulation(_Strict):
 
 class Slo(_Strict):
     """Goodput counts requests meeting every SLO given (vLLM's --goodput)."""
-    ttft_ms: float | None = Field(default=None, gt=0)
-    tpot_ms: float | None = Field(default=None, gt=0)
-    e2el_ms: float | None = Field(default=None, gt=0)
+    ttft_ms: float | None = Field(default=None, gt=0, description="time to first token")
+    tpot_ms: float | None = Field(default=None, gt=0, description="time per output token after the first "
+                                  "(per request: its mean)")
+    e2el_ms: float | None = Field(default=None, gt=0, description="end-to-end latency")
 
 
 class Output(_Strict):
-    dir: str = "fastsim-out"
-    format: Literal["parquet", "arrow", "csv"] = "parquet"
+    dir: str = Field(default="fastsim-out", description="where results are written")
+    format: Literal["parquet", "arrow", "csv"] = Field(default="parquet", description="the per-request table's "
+                                                       "format")
     timeline: bool = Field(default=False, description="also write a per-iteration timeline")
 
 
@@ -571,7 +583,8 @@ class Sweep(_Strict):
     mode: Literal["grid", "zip", "random"] = Field(
         default="grid", description="grid: every combination; zip: the i-th value of each together; "
         "random: `samples` points drawn from the values")
-    parameters: dict[str, Union[list[Any], SweepRange, SweepDistribution]] = Field(min_length=1)
+    parameters: dict[str, Union[list[Any], SweepRange, SweepDistribution]] = Field(
+        min_length=1, description="dotted config key -> values (a list, a range, or in random mode a draw)")
     samples: int | None = Field(default=None, ge=1, description="random mode: how many points")
     seed: int = Field(default=0, ge=0, description="random mode: the draws' seed")
 

@@ -37,17 +37,18 @@ def test_verify_attention_reads_the_cache_once_for_all_queries():
     tc = pairs * 4 * heads * hd / (gpu.bf16_tflops * 1e12 * prof.attention_efficiency)
     tm = (keys * 8 * hd * 2 * 2 + n * q * 2 * heads * hd * 2) / (gpu.mem_bw_gb_s * 1e9 * prof.attention_bandwidth_efficiency)
     want = prof.attention_latency_us * 1e-6 + (tc ** prof.overlap + tm ** prof.overlap) ** (1 / prof.overlap)
-    assert nb.attention_time_nb(p, n, keys, 0, 0.0, 0.0, 0, q) == pytest.approx(want, rel=1e-12)
+    assert nb.verify_attention_time_nb(p, n, keys, q) == pytest.approx(want, rel=1e-12)
     # One query per decode is the ordinary decode, bit for bit.
-    assert nb.attention_time_nb(p, n, keys, 0, 0.0, 0.0, 0, 1.0) == nb.attention_time_nb(p, n, keys, 0, 0.0, 0.0, 0)
+    assert nb.verify_attention_time_nb(p, n, keys, 1.0) == nb.attention_time_nb(p, n, keys, 0, 0.0, 0.0, 0)
 
 
 def pass_time(p, tokens, rows, n_dec, keys, queries, n_pre=0, pairs=0.0, pre_keys=0.0, pre_tokens=0):
     """A forward pass from its parts: GEMMs and all-reduces by token count, LM head by rows, attention."""
     layers = nb.token_compute_nb(p, CM.ops, tokens) + nb.token_comm_nb(p, tokens)
     head = nb.seq_compute_nb(p, rows) + nb.seq_comm_nb(p, rows)
-    return layers + head + p[nb.LAYERS] * nb.attention_time_nb(p, n_dec, keys, n_pre, pairs, pre_keys, pre_tokens,
-                                                                queries)
+    attention = (nb.attention_time_nb(p, 0, 0.0, n_pre, pairs, pre_keys, pre_tokens)
+                 + nb.verify_attention_time_nb(p, n_dec, keys, queries))
+    return layers + head + p[nb.LAYERS] * attention
 
 
 def test_iteration_is_one_over_e_of_a_verify_step():

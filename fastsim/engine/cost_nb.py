@@ -170,23 +170,34 @@ def layers_time_nb(p, ops, tokens):
 
 
 @njit(cache=True, error_model="numpy")
+def verify_attention_time_nb(p, num_decodes, decode_kv_tokens, queries):
+    """One layer's attention for decodes that each verify `queries` tokens (speculative decoding:
+    1 + draft tokens), each one key further than the one before, over a KV cache read once.
+    decode_kv_tokens: keys of the first query of every decode (its context plus one)."""
+    if num_decodes <= 0:
+        return 0.0
+    pairs = queries * decode_kv_tokens + num_decodes * queries * (queries - 1.0) * 0.5
+    return p[ATTN_LATENCY_S] + roofline_nb(
+        pairs * p[ATTN_FLOPS_PER_PAIR],
+        decode_kv_tokens * p[KV_BYTES_PER_TOKEN] + num_decodes * queries * p[Q_BYTES_PER_TOKEN],
+        p[ATTN_PEAK_FLOPS] * p[ATTN_EFF], p[MEM_BW] * p[ATTN_BW_EFF], p[OVERLAP])
+
+
+@njit(cache=True, error_model="numpy")
 def attention_time_nb(p, num_decodes, decode_kv_tokens, num_prefills, prefill_pairs,
-                      prefill_kv_tokens, prefill_tokens, queries=1.0):
+                      prefill_kv_tokens, prefill_tokens):
     """One layer's attention: decodes read their KV cache; prefill chunks are causal matmuls.
 
     decode_kv_tokens: keys attended by all decodes (each its context plus its new token);
     prefill_pairs: (query, key) pairs of all prefill chunks, causal; prefill_kv_tokens: keys they read.
-    queries: tokens each decode verifies (speculative decoding: 1 + draft tokens), each one key
-    further than the one before, over a KV cache read once.
     """
     t = 0.0
     flop_rate = p[ATTN_PEAK_FLOPS] * p[ATTN_EFF]
     byte_rate = p[MEM_BW] * p[ATTN_BW_EFF]
     if num_decodes > 0:
-        pairs = queries * decode_kv_tokens + num_decodes * queries * (queries - 1.0) * 0.5
         t += p[ATTN_LATENCY_S] + roofline_nb(
-            pairs * p[ATTN_FLOPS_PER_PAIR],
-            decode_kv_tokens * p[KV_BYTES_PER_TOKEN] + num_decodes * queries * p[Q_BYTES_PER_TOKEN],
+            decode_kv_tokens * p[ATTN_FLOPS_PER_PAIR],
+            decode_kv_tokens * p[KV_BYTES_PER_TOKEN] + num_decodes * p[Q_BYTES_PER_TOKEN],
             flop_rate, byte_rate, p[OVERLAP])
     if num_prefills > 0:
         # FlashAttention parallelises over (sequence, head, 128-query tile); too few tiles leave
@@ -301,15 +312,15 @@ def stage_time_nb(p, tok_table, seq_table, tok_off, seq_off, agg):
     if p[SPEC_TOKENS] > 0.0 and n_dec > 0:
         queries = p[SPEC_TOKENS] + 1.0
         verify = int(n_dec * queries)
-        step_body = tok_table[0, tok_off + verify + pre_tokens] + p[LAYERS] * attention_time_nb(
-            p, n_dec, dec_keys, n_pre, pairs, pre_keys, pre_tokens, queries)
+        pre_attn = attention_time_nb(p, 0, 0.0, n_pre, pairs, pre_keys, pre_tokens)
+        step_body = tok_table[0, tok_off + verify + pre_tokens] + p[LAYERS] * (
+            pre_attn + verify_attention_time_nb(p, n_dec, dec_keys, queries))
         draft = seq_table[2, seq_off + n_dec] + p[SPEC_TOKENS] * p[SPEC_DRAFT_ATTN] * p[LAYERS] * attention_time_nb(
             p, n_dec, dec_keys, 0, 0.0, 0.0, 0)
         step_head = seq_table[0, seq_off + verify + n_pre]
         pre_body = 0.0
         if pre_tokens > 0:
-            pre_body = tok_table[0, tok_off + pre_tokens] + p[LAYERS] * attention_time_nb(
-                p, 0, 0.0, n_pre, pairs, pre_keys, pre_tokens)
+            pre_body = tok_table[0, tok_off + pre_tokens] + p[LAYERS] * pre_attn
         pre_head = seq_table[0, seq_off + n_pre]
         body = pre_body + (step_body + draft - pre_body) / p[SPEC_EXPECTED]
         head = pre_head + (step_head - pre_head) / p[SPEC_EXPECTED]
