@@ -77,17 +77,34 @@ def write_json_atomic(path: str | Path, data) -> None:
     write_text_atomic(path, json.dumps(clean(data), indent=2) + "\n")
 
 
+# Measurements of this machine, not of the simulated system: written to run.json, not summary.json,
+# so that the same config and seed give byte-identical files wherever and whenever they run.
+WALL_CLOCK_KEYS = ("wall_time_s",)
+
+
+def simulated_only(summary: dict) -> dict:
+    if "engines" in summary:
+        return {"engines": {k: simulated_only(v) for k, v in summary["engines"].items()}}
+    return {k: v for k, v in summary.items() if k not in WALL_CLOCK_KEYS}
+
+
 def write_result(result, out_dir: str | Path, fmt: str) -> list[Path]:
-    """requests.<fmt>, summary.json and, if recorded, timeline.<fmt>; with several engines each also
-    gets <out>/<engine>/summary.json. Every file appears whole or not at all."""
+    """requests.<fmt>, summary.json, run.json (fastsim's version and this machine's wall time) and,
+    if recorded, timeline.<fmt>; with several engines each also gets <out>/<engine>/summary.json.
+    Every file appears whole or not at all."""
+    from fastsim import __version__
+
     out = Path(out_dir)
     written = [write_table_atomic(result.requests, out / "requests", fmt)]
-    write_json_atomic(out / "summary.json", result.summary)
+    write_json_atomic(out / "summary.json", simulated_only(result.summary))
     written.append(out / "summary.json")
     if len(result.summaries) > 1:
         for name, s in result.summaries.items():
-            write_json_atomic(out / name / "summary.json", s)
+            write_json_atomic(out / name / "summary.json", simulated_only(s))
             written.append(out / name / "summary.json")
+    write_json_atomic(out / "run.json", {"fastsim_version": __version__, "wall_time_s": {
+        name: {k: s[k] for k in WALL_CLOCK_KEYS if k in s} for name, s in result.summaries.items()}})
+    written.append(out / "run.json")
     if result.timelines:
         import pyarrow as pa
         tl = pa.concat_tables([t.append_column("engine", pa.array([name] * t.num_rows, pa.string()))

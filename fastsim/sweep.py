@@ -23,13 +23,11 @@ from fastsim.config import (Config, Sweep, SweepDistribution, SweepRange, build_
                             format_validation_error, set_path)
 from fastsim.errors import FastsimError
 from fastsim.executors import run_tasks
+from fastsim.output import WALL_CLOCK_KEYS
 
 POINTS_DIR = "points"
 REQUESTS_DIR = "requests"
 TABLE_NAME = "sweep"
-# Measurements of this machine, not of the simulated system: kept out of the summary table so that
-# the same sweep gives the same table wherever and however it runs.
-_WALL_CLOCK_KEYS = ("wall_time_s",)
 
 
 @dataclass(frozen=True)
@@ -146,7 +144,7 @@ def flat_summary(summary: dict) -> dict:
     wall-clock readings left out."""
     out = {}
     for k, v in summary.items():
-        if k in _WALL_CLOCK_KEYS or isinstance(v, list):
+        if k in WALL_CLOCK_KEYS or isinstance(v, list):
             continue
         if isinstance(v, dict):
             out.update({f"{k}_{kk}": vv for kk, vv in v.items() if not isinstance(vv, (dict, list))})

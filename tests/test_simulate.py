@@ -68,12 +68,31 @@ def test_same_seed_bit_identical_outputs(tmp_path):
         assert runner.invoke(app, ["run", str(p), "--out", str(tmp_path / d), "-q"]).exit_code == 0
     t1, t2 = pq.read_table(tmp_path / "o1/requests.parquet"), pq.read_table(tmp_path / "o2/requests.parquet")
     assert t1.equals(t2)
-    s1 = json.loads((tmp_path / "o1/summary.json").read_text())
-    s2 = json.loads((tmp_path / "o2/summary.json").read_text())
-    s1.pop("wall_time_s"), s2.pop("wall_time_s")
-    assert s1 == s2
+    # Byte for byte: the machine's wall time goes to run.json, not summary.json.
+    for name in ("requests.parquet", "summary.json"):
+        assert (tmp_path / "o1" / name).read_bytes() == (tmp_path / "o2" / name).read_bytes()
+    run = json.loads((tmp_path / "o1/run.json").read_text())
+    assert run["wall_time_s"]["vllm"]["wall_time_s"] > 0 and "wall_time_s" not in (tmp_path / "o1/summary.json").read_text()
     other = simulate(load_config(p, ["simulation.seed=2"]))
     assert not np.array_equal(other.requests.column("arrival_s").to_numpy(), t1.column("arrival_s").to_numpy())
+
+
+def test_byte_identical_across_processes_and_modes_differ_only_where_they_should(tmp_path):
+    """Two fresh processes (hash seeds differ), same config and seed: identical files. Another
+    seed: a different workload."""
+    import os
+
+    p = write_cfg(tmp_path)
+    for d, hash_seed in (("p1", "1"), ("p2", "2")):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        proc = subprocess.run([sys.executable, "-m", "fastsim.cli", "run", str(p), "-q", "--out", str(tmp_path / d)],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+    for name in ("requests.parquet", "summary.json"):
+        assert (tmp_path / "p1" / name).read_bytes() == (tmp_path / "p2" / name).read_bytes()
+    assert subprocess.run([sys.executable, "-m", "fastsim.cli", "run", str(p), "-q", "--out", str(tmp_path / "p3"),
+                           "--set", "simulation.seed=5"], capture_output=True).returncode == 0
+    assert (tmp_path / "p3/requests.parquet").read_bytes() != (tmp_path / "p1/requests.parquet").read_bytes()
 
 
 def test_output_read_by_duckdb_and_pandas(tmp_path):
