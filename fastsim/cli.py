@@ -95,6 +95,10 @@ def run_cmd(
         written = write_result(result, out or Path(cfg.output.dir), cfg.output.format)
     if not quiet:
         console.print(summary_table(result.summaries))
+    stopped = [name for name, s in result.summaries.items() if s.get("stopped_by_wall_time_budget")]
+    if stopped:
+        err_console.print(f"[bold yellow]warning:[/] simulation.max_wall_time_s ran out ({', '.join(stopped)}): "
+                          "requests not done are marked unfinished", highlight=False)
     console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 
@@ -506,8 +510,12 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("aborted")
+        err_console.print("aborted (no output file is left half-written)")
         sys.exit(130)
+    except MemoryError:
+        err_console.print("[bold red]error:[/] out of memory; lower workload.num_requests (or duration_s) or run "
+                          "fewer engines at once", highlight=False)
+        sys.exit(1)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:

@@ -526,6 +526,10 @@ class Simulation(_Strict):
         "scheduling decisions as exact; times agree to ~1e-12 relative); exact: every iteration stepped")
     max_sim_time_s: float | None = Field(default=None, gt=0,
                                          description="stop here; requests not done are 'unfinished'")
+    max_wall_time_s: float | None = Field(
+        default=None, gt=0, description="wall-clock budget for the whole run: past it the simulation stops "
+        "cleanly, requests not done are 'unfinished', and the summary says stopped_by_wall_time_budget "
+        "(results then depend on the machine's speed)")
     warmup_s: float = Field(default=0.0, ge=0, description="exclude requests arriving before this")
     cooldown_s: float = Field(default=0.0, ge=0,
                               description="exclude requests arriving in the last cooldown_s of arrivals")

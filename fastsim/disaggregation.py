@@ -20,7 +20,7 @@ def transfer_s(cfg, prefill_pool, prompt: np.ndarray) -> np.ndarray:
     return latency + prompt * prefill_pool.memory.kv_bytes_per_token / rate
 
 
-def run_disaggregated(cfg, model, pools, workload, measured, reason, report) -> tuple[tuple, dict]:
+def run_disaggregated(cfg, model, pools, workload, measured, reason, report, budget=None) -> tuple[tuple, dict]:
     """(the kernel's output tuple for the whole deployment, extra per-request columns)."""
     from fastsim.simulation import router_for, run_pools
 
@@ -31,7 +31,7 @@ def run_disaggregated(cfg, model, pools, workload, measured, reason, report) -> 
     prompt, output = workload.prompt_tokens, workload.output_tokens
     ones = np.ones(n, np.int64)
     p_out = run_pools(cfg, model, [prefill], workload, measured, rejected, report, output=ones,
-                      router=router_for(cfg, prefill.engine, dis.prefill_router), stream=0)
+                      router=router_for(cfg, prefill.engine, dis.prefill_router), stream=0, budget=budget)
     p_status, p_sched, p_tok, _, _, p_preempts, _, p_replica = p_out[:8]
     # The first token is the prefill's; the KV follows, overlapped with the prefill or after it.
     move = transfer_s(cfg, prefill, prompt)
@@ -45,7 +45,7 @@ def run_disaggregated(cfg, model, pools, workload, measured, reason, report) -> 
     d_out = run_pools(cfg, model, [decode], workload, measured[idx], np.zeros(idx.size, np.bool_), report,
                       arrival_s=ready[idx], prompt=prompt[idx], output=output[idx],
                       kv0=(np.ones(idx.size, np.int64), p_tok[idx]), session=np.full(idx.size, -1, np.int64),
-                      router=router_for(cfg, decode.engine, dis.decode_router), stream=1)
+                      router=router_for(cfg, decode.engine, dis.decode_router), stream=1, budget=budget)
     d_status, d_sched, _, d_finish, d_generated, d_preempts, d_max_itl, d_replica = d_out[:8]
 
     status = p_status.copy()

@@ -160,6 +160,55 @@ def plan_engines(cfg: Config):
     return model, gpu, plans
 
 
+# Peak memory of a run, measured with bench/speed.py: ~650 MB at 1M requests, ~3 GB at 10M (request
+# arrays, engine state, the output table); this allows for the worst of those plus a table per engine.
+BYTES_PER_REQUEST = 400
+BYTES_PER_REQUEST_PER_ENGINE = 200
+BASE_BYTES = 300e6
+
+
+def expected_requests(cfg: Config) -> int | None:
+    """Requests the workload will hold, from the config alone (None: a trace decides)."""
+    w = cfg.workload
+    if w.num_requests is not None:
+        return w.num_requests
+    total = 0.0
+    for c in w.clients:
+        if c.num_requests:
+            total += c.num_requests
+        elif c.trace is not None or c.arrival is None or not hasattr(c.arrival, "rate"):
+            return None
+        else:
+            total += c.arrival.rate * w.duration_s
+    return int(total)
+
+
+def available_memory_bytes() -> float | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(cfg: Config, engines: int) -> None:
+    """Refuse, before generating anything, a run whose arrays would not fit this machine's memory."""
+    n = expected_requests(cfg)
+    avail = available_memory_bytes()
+    if n is None or avail is None:
+        return
+    need = BASE_BYTES + n * (BYTES_PER_REQUEST + engines * BYTES_PER_REQUEST_PER_ENGINE)
+    if need > avail:
+        key = "workload.num_requests" if cfg.workload.num_requests is not None else "workload.duration_s"
+        raise FastsimError(
+            f"{key}: {n:,} requests{f' x {engines} engines' if engines > 1 else ''} need about {need / 1e9:.1f} GB "
+            f"of memory (~{BYTES_PER_REQUEST + engines * BYTES_PER_REQUEST_PER_ENGINE} bytes per request) but "
+            f"{avail / 1e9:.1f} GB is available; lower {key}, or split the run into several with other seeds")
+
+
 def router_for(cfg: Config, engine: Engine, given: str | None = None) -> str:
     """The router a run uses: the one given (a disaggregated pool's), else cluster.router, whose
     default under framework dynamo is Dynamo's KV-aware router."""
@@ -244,8 +293,19 @@ def route_params(cfg: Config) -> np.ndarray:
     return out
 
 
-def run_polled(kernel, args: tuple, progress: np.ndarray, report, interval_s: float = 0.1):
-    """Run a GIL-releasing kernel in a worker thread, calling report() while it runs."""
+@dataclass
+class WallBudget:
+    """simulation.max_wall_time_s: the time.monotonic() at which runs stop, and whether one did."""
+
+    deadline: float = float("inf")
+    hit: bool = False
+
+
+def run_polled(kernel, args: tuple, progress: np.ndarray, report, interval_s: float = 0.1,
+               budget: WallBudget | None = None):
+    """Run a GIL-releasing kernel in a worker thread, calling report() while it runs. Past the
+    budget's deadline, or on Ctrl-C, it asks the kernel to stop (progress[1]) and waits for it, so
+    nothing is left running half-way."""
     out: list = []
     errors: list = []
 
@@ -258,12 +318,20 @@ def run_polled(kernel, args: tuple, progress: np.ndarray, report, interval_s: fl
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
     # The last report comes after the worker ended, even if it ended before the first poll.
-    while True:
-        worker.join(interval_s)
-        alive = worker.is_alive()
-        report(int(progress[0]))
-        if not alive:
-            break
+    try:
+        while True:
+            if budget is not None and time.monotonic() >= budget.deadline and not progress[1]:
+                progress[1] = 1
+                budget.hit = True
+            worker.join(min(interval_s, max(budget.deadline - time.monotonic(), 0.001)) if budget else interval_s)
+            alive = worker.is_alive()
+            report(int(progress[0]))
+            if not alive:
+                break
+    except KeyboardInterrupt:
+        progress[1] = 1
+        worker.join()
+        raise
     if errors:
         raise errors[0]
     return out[0]
@@ -277,11 +345,15 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     say = progress or (lambda stage, done=0, total=0: None)
     model, gpu, plans = plan_engines(cfg)
+    check_memory(cfg, len(plans))
     say("generating workload")
     workload = generate_workload(cfg.workload, cfg.simulation.seed)
     measured = measured_mask(workload, cfg)
     tables, summaries, timelines, pool_plans = [], {}, {}, {}
+    limit = cfg.simulation.max_wall_time_s
+    deadline = time.monotonic() + limit if limit is not None else float("inf")
     for eng, pools in plans:
+        budget = WallBudget(deadline)
         reason = rejections(workload, pools)
         stage = f"simulating {eng.name}"
         report = (lambda done, stage=stage, admitted=int((reason == 0).sum()): say(stage, done, admitted))
@@ -289,10 +361,10 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
         if cfg.cluster.disaggregation is not None:
             from fastsim.disaggregation import run_disaggregated
 
-            out, extra = run_disaggregated(cfg, model, pools, workload, measured, reason, report)
+            out, extra = run_disaggregated(cfg, model, pools, workload, measured, reason, report, budget)
         else:
             out, extra = run_pools(cfg, model, pools, workload, measured, reason > 0, report,
-                                   router=router_for(cfg, eng)), {}
+                                   router=router_for(cfg, eng), budget=budget), {}
         wall = time.perf_counter() - wall0
         itl_hist, itl_stats, timeline, counters, gpu_time = out[8:13]
         table = request_table(eng.name, workload, reason, out)
@@ -300,6 +372,7 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
             table = table.append_column(name, pa.array(column))
         summaries[eng.name] = summarize(table, itl_stats_from_histogram(itl_hist, itl_stats), cfg.simulation,
                                         cfg.slo, cluster_summary(eng, pools, counters, gpu_time, table, wall))
+        summaries[eng.name]["stopped_by_wall_time_budget"] = budget.hit
         tables.append(table)
         pool_plans[eng.name] = pools
         if cfg.output.timeline:
@@ -309,7 +382,7 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
 
 def run_pools(cfg: Config, model: ModelSpec, pools: list[ReplicaPlan], workload: Workload, measured: np.ndarray,
               rejected: np.ndarray, report, *, arrival_s=None, prompt=None, output=None, kv0=None, session=None,
-              router: str | None = None, stream: int = 0) -> tuple:
+              router: str | None = None, stream: int = 0, budget: WallBudget | None = None) -> tuple:
     """One compiled run of the replicas of `pools` over the workload's requests (or the arrays given
     instead: a disaggregated decode pool sees its requests when their KV arrives)."""
     rep_int, rep_params, tok_table, seq_table = replica_arrays(model, pools, cfg.hardware.profile)
@@ -317,7 +390,7 @@ def run_pools(cfg: Config, model: ModelSpec, pools: list[ReplicaPlan], workload:
     n = len(arrival_s)
     # Random routing draws come from their own stream, so they never shift the workload's.
     draw = np.random.default_rng([cfg.simulation.seed, (1 << 20) + stream]).integers(0, rep_int.shape[0], n)
-    counter = np.zeros(1, np.int64)
+    counter = np.zeros(2, np.int64)  # [requests done, stop]
     args = (arrival_s, workload.prompt_tokens if prompt is None else prompt,
             workload.output_tokens if output is None else output, rejected, measured,
             workload.session if session is None else session, draw, E.ROUTE_NAMES[router_for(cfg, pools[0].engine, router)],
@@ -326,7 +399,7 @@ def run_pools(cfg: Config, model: ModelSpec, pools: list[ReplicaPlan], workload:
             prefix_cache_arrays(rep_int, workload), (workload.next_turn, workload.think_s) if kv0 is None
             else (np.full(n, -1, np.int64), np.full(n, -1.0)), True, cfg.simulation.mode == "fast",
             (np.zeros(n, np.int64), np.zeros(n)) if kv0 is None else kv0)
-    return run_polled(run_cluster_nb, args, counter, report)
+    return run_polled(run_cluster_nb, args, counter, report, budget=budget)
 
 
 def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray, gpu_time: np.ndarray,

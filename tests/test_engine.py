@@ -53,7 +53,7 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
                   **(content or {}))
     out = run_cluster_nb(arrivals, wl.prompt_tokens, wl.output_tokens,
                          rejected, np.ones(n, np.bool_), session, draw, policy, np.asarray(route_params, float), rep_int,
-                         np.array([params] * replicas), tok, seq, max_time_s, timeline, np.zeros(1, np.int64),
+                         np.array([params] * replicas), tok, seq, max_time_s, timeline, np.zeros(2, np.int64),
                          prefix_cache_arrays(rep_int, wl), (wl.next_turn, wl.think_s), fast_decode, fast,
                          (np.zeros(n, np.int64), np.zeros(n)) if kv0 is None
                          else (np.asarray(kv0[0], np.int64), np.asarray(kv0[1], float)))

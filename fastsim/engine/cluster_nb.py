@@ -150,6 +150,8 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     per-replica counters [iterations, peak_blocks_used, free_blocks_at_end, preemptions, requests,
     iterations stepped in decode stretches, prefix-cache evictions, prompt tokens served from the
     cache], per-replica GPU-seconds [compute, communication], per-request cached prompt tokens).
+    `progress[1]` set non-zero by another thread stops the run between two events, as if max_time_s
+    had been reached then (a wall-clock budget).
     `progress[0]` is kept at the number of requests done, for a progress bar polled from another
     thread (the kernel releases the GIL). `apc` is the prefix cache of the replicas that enable it
     (fastsim.engine.prefix_nb; rep_int[:, RI_APC]). `conv = (next_turn, think_s)`: a request with
@@ -401,6 +403,8 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
     lz_run_reqs = (prompt, output, generated, status, finish, max_itl, gen0, first_sched)
     lz_replicas = (n_running, free, stage_free, rep_time)
     while n_left > 0:
+        if progress[1] != 0:
+            break  # the caller's wall-clock budget ran out: the rest stays unfinished
         if record_timeline and n_tl >= timeline.shape[0]:
             loop_state[0], loop_state[1], loop_state[2], loop_state[3] = n_left, a, rr_next, n_tl
             return True

@@ -1,0 +1,91 @@
+"""Limits: runs too big for memory are refused up front with the estimate; a wall-clock budget stops a
+run cleanly with every request accounted for; Ctrl-C stops the kernel before leaving."""
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from fastsim.config import load_config
+from fastsim.errors import FastsimError
+from fastsim.simulation import (BASE_BYTES, BYTES_PER_REQUEST, BYTES_PER_REQUEST_PER_ENGINE, WallBudget,
+                                available_memory_bytes, check_memory, expected_requests, run_polled, simulate)
+
+
+def test_a_run_too_big_for_memory_is_refused_with_the_estimate():
+    n = 10**12
+    cfg = load_config(None, [f"workload.num_requests={n}"])
+    need = BASE_BYTES + n * (BYTES_PER_REQUEST + BYTES_PER_REQUEST_PER_ENGINE)
+    if available_memory_bytes() is None:
+        pytest.skip("no /proc/meminfo here")
+    t0 = time.perf_counter()
+    with pytest.raises(FastsimError, match=rf"workload.num_requests: 1,000,000,000,000 requests need about "
+                                           rf"{need / 1e9:.1f} GB") as e:
+        simulate(cfg)
+    assert time.perf_counter() - t0 < 5 and "\n" not in str(e.value)
+
+
+def test_expected_requests_from_rates_and_duration():
+    cfg = load_config(None, ["workload.num_requests=null", "workload.duration_s=100",
+                             "workload.clients=[{arrival: {process: poisson, rate: 3.0}, dataset: {name: sharegpt}}, "
+                             "{arrival: {process: batch}, num_requests: 50, dataset: {name: sharegpt}}]"])
+    assert expected_requests(cfg) == 350
+    check_memory(cfg, 2)  # small: passes
+
+
+def test_cli_refuses_a_huge_run_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastsim.cli", "run", "-q", "--out", str(tmp_path),
+                           "--set", "workload.num_requests=1000000000000"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "GB of memory" in proc.stderr and not list(tmp_path.iterdir())
+
+
+def test_wall_clock_budget_stops_cleanly_and_accounts_for_every_request():
+    cfg = load_config(None, ["workload.num_requests=400000", "simulation.mode=exact", "simulation.max_wall_time_s=0.2",
+                             "workload.clients.0.arrival.rate=4.5"])
+    r = simulate(cfg)
+    s, t = r.summary, r.requests.to_pandas()
+    assert s["stopped_by_wall_time_budget"] is True
+    assert len(t) == 400000 and set(t.status) <= {"finished", "unfinished", "rejected"}
+    assert s["unfinished"] > 0 and s["completed"] + s["rejected"] + s["unfinished"] == 400000
+    done = t[t.status == "finished"]
+    assert (done.finish_s >= done.first_token_s).all() and (done.generated_tokens == done.output_tokens).all()
+    assert t.request_id.nunique() == 400000  # none lost
+    quick = simulate(load_config(None, ["workload.num_requests=50", "simulation.max_wall_time_s=60"])).summary
+    assert quick["stopped_by_wall_time_budget"] is False and quick["completed"] == 50
+
+
+def test_kernel_stops_when_asked():
+    """progress[1] set before the run: nothing is simulated, every request ends unfinished."""
+    from fastsim.engine import enums as E
+    from fastsim.simulation import plan_engines, run_pools
+    from fastsim.workload import generate_workload
+
+    cfg = load_config(None, ["workload.num_requests=100"])
+    model, _, plans = plan_engines(cfg)
+    w = generate_workload(cfg.workload, 0)
+    seen = []
+
+    budget = WallBudget(deadline=0.0)  # already past
+    out = run_pools(cfg, model, plans[0][1], w, np.ones(100, bool), np.zeros(100, bool), seen.append, budget=budget)
+    assert budget.hit and (out[0] == E.UNFINISHED).all() and seen[-1] == 0
+
+
+def test_ctrl_c_stops_the_kernel_before_returning():
+    progress = np.zeros(2, np.int64)
+    stopped = threading.Event()
+
+    def kernel(progress):
+        while not progress[1]:
+            time.sleep(0.01)
+        stopped.set()
+        return "done"
+
+    def report(done):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_polled(kernel, (progress,), progress, report, interval_s=0.01)
+    assert stopped.is_set() and progress[1] == 1
