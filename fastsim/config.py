@@ -15,20 +15,25 @@ class _Strict(BaseModel):
 
 
 # -- length distributions (tokens) ---------------------------------------------------------------
+# The longest context any catalog model has is 163,840 tokens; ten million leaves room for any real
+# length while keeping arrays sized by token counts finite.
+MAX_TOKENS = 10_000_000
+
+
 class _Bounds(_Strict):
-    min: int = Field(default=1, ge=1, description="samples below are raised to this")
-    max: int | None = Field(default=None, ge=1, description="samples above are lowered to this")
+    min: int = Field(default=1, ge=1, le=MAX_TOKENS, description="samples below are raised to this")
+    max: int | None = Field(default=None, ge=1, le=MAX_TOKENS, description="samples above are lowered to this")
 
 
 class Constant(_Bounds):
     dist: Literal["constant"]
-    value: int = Field(ge=1)
+    value: int = Field(ge=1, le=MAX_TOKENS)
 
 
 class Uniform(_Bounds):
     dist: Literal["uniform"]
-    low: int = Field(ge=1)
-    high: int = Field(ge=1, description="inclusive")
+    low: int = Field(ge=1, le=MAX_TOKENS)
+    high: int = Field(ge=1, le=MAX_TOKENS, description="inclusive")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -40,34 +45,34 @@ class Uniform(_Bounds):
 class Normal(_Bounds):
     """Normal, truncated to [min, max] (resampled, not clipped)."""
     dist: Literal["normal"]
-    mean: float = Field(gt=0)
-    std: float = Field(ge=0)
+    mean: float = Field(gt=0, le=MAX_TOKENS)
+    std: float = Field(ge=0, le=MAX_TOKENS)
 
 
 class Lognormal(_Bounds):
     """Lognormal given by the mean and standard deviation of the token counts themselves
     (not of their logarithm)."""
     dist: Literal["lognormal"]
-    mean: float = Field(gt=0, description="mean, tokens")
-    std: float = Field(gt=0, description="standard deviation, tokens")
+    mean: float = Field(gt=0, le=MAX_TOKENS, description="mean, tokens")
+    std: float = Field(gt=0, le=MAX_TOKENS, description="standard deviation, tokens")
 
 
 class Gamma(_Bounds):
     dist: Literal["gamma"]
-    mean: float = Field(gt=0, description="mean, tokens")
-    std: float = Field(gt=0, description="standard deviation, tokens")
+    mean: float = Field(gt=0, le=MAX_TOKENS, description="mean, tokens")
+    std: float = Field(gt=0, le=MAX_TOKENS, description="standard deviation, tokens")
 
 
 class Weibull(_Bounds):
     dist: Literal["weibull"]
     shape: float = Field(gt=0)
-    scale: float = Field(gt=0, description="tokens")
+    scale: float = Field(gt=0, le=MAX_TOKENS, description="tokens")
 
 
 class Pareto(_Bounds):
     dist: Literal["pareto"]
     shape: float = Field(gt=0, description="tail index alpha")
-    scale: float = Field(gt=0, description="minimum value x_m, tokens")
+    scale: float = Field(gt=0, le=MAX_TOKENS, description="minimum value x_m, tokens")
 
 
 class Empirical(_Bounds):
@@ -212,7 +217,7 @@ class Client(_Strict):
     output_tokens: LengthDist | None = Field(default=None, description="output length distribution, tokens")
     dataset: Dataset | None = Field(default=None, description="(prompt, output) pairs sampled jointly instead")
     trace: Trace | None = Field(default=None, description="replay requests from a file instead")
-    system_prompt_tokens: int = Field(default=0, ge=0, description="a prefix shared by every request of "
+    system_prompt_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS, description="a prefix shared by every request of "
                                       "this client, added to its prompt lengths")
     conversation: Conversation | None = Field(default=None, description="multi-turn sessions; num_requests "
                                               "counts turns and the arrival process starts sessions")
@@ -338,8 +343,8 @@ class Engine(_Strict):
     schedule_policy: Literal["fcfs", "lpm"] | None = Field(
         default=None, description="SGLang's --schedule-policy; lpm = longest cached prefix first (SGLang "
         "serves a queue of more than 128 first-come-first-served). Default: lpm with prefix caching")
-    max_num_seqs: int = Field(default=256, ge=1, description="most sequences in one iteration's batch")
-    max_num_batched_tokens: int = Field(default=8192, ge=1, description="most tokens (prefill chunks + decodes) "
+    max_num_seqs: int = Field(default=256, ge=1, le=1 << 20, description="most sequences in one iteration's batch")
+    max_num_batched_tokens: int = Field(default=8192, ge=1, le=1 << 24, description="most tokens (prefill chunks + decodes) "
                                         "in one iteration")
     block_size: Literal[1, 8, 16, 32, 64, 128, 256] = Field(
         default=16, description="tokens per KV block (vLLM's choices; SGLang's --page-size, 1 by default "
@@ -352,10 +357,10 @@ class Engine(_Strict):
         default=False, description="vLLM's automatic prefix caching (vLLM V1 turns it on by default; "
         "fastsim leaves it off unless asked, since runs without shared prefixes are faster without it)")
     long_prefill_token_threshold: int = Field(default=0, ge=0, description="0: no cap")
-    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per replica sharding each layer "
+    tensor_parallel_size: int = Field(default=1, ge=1, le=1024, description="GPUs per replica sharding each layer "
                                       "(heads, MLP, vocabulary), with two all-reduces per layer")
     pipeline_parallel_size: int = Field(default=1, ge=1, description="stages; as many micro-batches in flight")
-    data_parallel_size: int = Field(default=1, ge=1, description="identical replicas behind the router")
+    data_parallel_size: int = Field(default=1, ge=1, le=1 << 16, description="identical replicas behind the router")
     enable_expert_parallel: bool = Field(
         default=False, description="MoE models: spread whole experts over the tensor_parallel_size x "
         "data_parallel_size GPUs (all-to-all dispatch and combine in every MoE layer; attention data "
@@ -376,7 +381,7 @@ class Engine(_Strict):
     kv_cache_dtype: Literal["auto", "bf16", "fp16", "fp8"] = Field(
         default="auto", description="auto: 16-bit, as vLLM (also for quantized weights); fp8 halves the KV "
         "cache's bytes per token, so it holds twice the tokens")
-    num_gpu_blocks_override: int | None = Field(default=None, ge=1, description="KV blocks per GPU instead of "
+    num_gpu_blocks_override: int | None = Field(default=None, ge=1, le=1 << 30, description="KV blocks per GPU instead of "
                                                   "what memory allows (vLLM's; for experiments)")
     scheduler: Literal["v1", "v0"] = Field(default="v1", description="vLLM's scheduler generation")
     framework_overhead_ms: float = Field(

@@ -414,6 +414,8 @@ def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray,
                              "pipeline_parallel_size": rp.engine.pipeline_parallel_size,
                              "num_gpu_blocks": rp.memory.num_gpu_blocks, "requests": int(c[4]),
                              "iterations": int(c[0]), "preemptions": int(c[3]), "peak_kv_blocks_used": int(c[1]),
+                             # Held by requests still running when the run ended (cached blocks count as free).
+                             "kv_blocks_in_use_at_end": rp.memory.num_gpu_blocks - int(c[2]),
                              "compute_time_s": float(gpu_time[len(replicas), 0]),
                              "comm_time_s": float(gpu_time[len(replicas), 1])})
     finished = table.column("finish_s").to_numpy()

@@ -102,6 +102,7 @@ def sample_lengths(spec, n: int, rng: np.random.Generator, field: str) -> np.nda
     """n token counts (int64) from `spec`, rounded and held within [min, max]."""
     x = np.rint(_raw(spec, n, rng, field))
     x = np.maximum(x, spec.min)
-    if spec.max is not None:
-        x = np.minimum(x, spec.max)
+    # A heavy tail may draw beyond any context; C.MAX_TOKENS keeps such a request (rejected as too
+    # long, as it would be anyway) representable.
+    x = np.minimum(x, C.MAX_TOKENS if spec.max is None else spec.max)
     return x.astype(np.int64)

@@ -4,6 +4,7 @@ identities) and names the file and line of anything malformed."""
 from __future__ import annotations
 
 import csv
+import re
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,12 +68,21 @@ def _csv_rows(path: Path, need: tuple[str, ...], fmt: str):
             yield f"{path}:{line}", row
 
 
+# Azure's traces write e.g. "2023-11-16 18:15:46.6805900"; anything else (a time zone, a truncated
+# line) is refused before numpy guesses at it.
+_AZURE_STAMP = re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,9})?")
+
+
 def read_azure(path: Path) -> TraceRows:
     """Azure LLM inference trace: TIMESTAMP (wall clock), ContextTokens, GeneratedTokens."""
     stamps, prompt, output = [], [], []
     for where, row in _csv_rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"), "Azure"):
+        stamp = row["TIMESTAMP"].strip()
+        if not _AZURE_STAMP.fullmatch(stamp):
+            raise FastsimError(f"{where}: TIMESTAMP = {row['TIMESTAMP']!r} is not a date and time "
+                               "(expected YYYY-MM-DD HH:MM:SS[.fraction])")
         try:
-            stamps.append(np.datetime64(row["TIMESTAMP"].strip().replace(" ", "T"), "ns"))
+            stamps.append(np.datetime64(stamp.replace(" ", "T"), "ns"))
         except ValueError:
             raise FastsimError(f"{where}: TIMESTAMP = {row['TIMESTAMP']!r} is not a date and time") from None
         prompt.append(_count(row["ContextTokens"], where, "ContextTokens"))
