@@ -89,3 +89,53 @@ def test_ctrl_c_stops_the_kernel_before_returning():
     with pytest.raises(KeyboardInterrupt):
         run_polled(kernel, (progress,), progress, report, interval_s=0.01)
     assert stopped.is_set() and progress[1] == 1
+
+
+def _default_sigint():
+    # A shell that starts jobs in the background ignores SIGINT in them, and the ignoring is inherited:
+    # give the child Python the default disposition, so that it installs its KeyboardInterrupt handler.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _interrupt_when(proc, ready, timeout_s=240.0):
+    import signal
+
+    t0 = time.monotonic()
+    while not ready() and proc.poll() is None and time.monotonic() - t0 < timeout_s:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    return proc.wait(timeout=120)
+
+
+def test_ctrl_c_during_a_run_leaves_no_half_written_file(tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "fastsim.cli", "run", "-q", "--out", str(out), "--set",
+                             "workload.num_requests=3000000", "--set", "simulation.mode=exact"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    code = _interrupt_when(proc, lambda: False, timeout_s=4.0)
+    assert code == 130 and "Traceback" not in proc.stderr.read()
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path):
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"workload": {"num_requests": 3000, "clients": [
+        {"arrival": {"process": "poisson", "rate": 4.0}, "dataset": {"name": "sharegpt"}}]},
+        "simulation": {"mode": "exact"}}))
+    out = tmp_path / "sw"
+    args = [sys.executable, "-m", "fastsim.cli", "sweep", str(cfg), "--grid", "engine.max_num_seqs=8,16,32,64,128,256",
+            "-j", "1", "-o", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+    points = out / "points"
+    code = _interrupt_when(proc, lambda: points.exists() and len(list(points.glob("*.json"))) >= 2)
+    done = {p.name: p.stat().st_mtime_ns for p in points.glob("*.json")}
+    assert code != 0 and len(done) >= 1 and not list(points.glob(".*.tmp"))
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in points.glob("*.json")}
+    assert len(after) == 6 and all(after[name] == mtime for name, mtime in done.items())  # not redone
