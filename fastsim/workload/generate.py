@@ -117,12 +117,17 @@ def replay(client: C.Client, limit: int | None, duration_s: float | None, rng: n
     """A trace client's (arrival_s, prompt, output): windowed, sampled, time-scaled, limited."""
     tr = client.trace
     rows = read_trace(tr.format, tr.file)
+    if not len(rows):
+        raise FastsimError(f"{field}.trace: {tr.file} holds no requests; give a trace with at least one")
     if rows.arrival_s is not None:
         t = rows.arrival_s
         keep = (t >= tr.start_s) & ((t < tr.end_s) if tr.end_s is not None else True)
         rows = rows.take(np.flatnonzero(keep))
     if tr.sample < 1.0:
         rows = rows.take(np.flatnonzero(rng.random(len(rows)) < tr.sample))
+    if not len(rows):
+        raise FastsimError(f"{field}.trace: no request of {tr.file} is left after start_s / end_s / sample; "
+                           "widen the window or raise sample")
     if rows.arrival_s is None:
         if client.arrival is None:
             raise FastsimError(f"{field}.trace: {tr.file} has lengths but no arrival times; give the client "
@@ -217,7 +222,12 @@ def generate_workload(wl: C.Workload, seed: int) -> Workload:
             parts.append({"t": t, "prompt": prompt + client.system_prompt_tokens, "output": output})
         parts[-1]["client"] = np.full(parts[-1]["t"].size, i, dtype=np.int32)
         parts[-1]["shared_tokens"] = np.full(parts[-1]["t"].size, client.system_prompt_tokens, dtype=np.int64)
-    return _assemble(wl, parts, blocks)
+    out = _assemble(wl, parts, blocks)
+    if not len(out):
+        raise FastsimError(f"workload: duration_s = {wl.duration_s:g} at these arrival rates gives no request; "
+                           "lengthen duration_s or raise the rates" if wl.duration_s is not None else
+                           "workload: no requests; give num_requests >= 1")
+    return out
 
 
 def _assemble(wl: C.Workload, parts: list[dict], blocks: dict) -> Workload:
