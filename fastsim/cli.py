@@ -95,6 +95,11 @@ def run_cmd(
         written = write_result(result, out or Path(cfg.output.dir), cfg.output.format)
     if not quiet:
         console.print(summary_table(result.summaries))
+    stalled = {name: s["stalled_requests"] for name, s in result.summaries.items() if s.get("stalled_requests")}
+    for name, count in stalled.items():
+        err_console.print(f"[bold yellow]warning:[/] {name}: {count} requests never finished although no time "
+                          "limit was set: the engine could not make progress for them (please report the config)",
+                          highlight=False)
     stopped = [name for name, s in result.summaries.items() if s.get("stopped_by_wall_time_budget")]
     if stopped:
         err_console.print(f"[bold yellow]warning:[/] simulation.max_wall_time_s ran out ({', '.join(stopped)}): "

@@ -55,7 +55,15 @@ def valid_configs(draw):
         client["conversation"] = {"turns": {"dist": "uniform", "low": 1, "high": 3},
                                   "think_time_s": {"dist": "exponential", "mean": 1.0}}
     router = draw(st.sampled_from(["round_robin", "least_requests", "least_kv", "random", "session_affinity"]))
-    raw = {"model": model, "engine": engine, "cluster": {"router": router},
+    cluster = {"router": router}
+    if framework != "sglang" and "conversation" not in client and engine.get("scheduler") != "v0" \
+            and draw(st.integers(0, 4)) == 0:
+        engine.pop("enable_prefix_caching", None)
+        cluster["disaggregation"] = {"prefill": {"count": draw(st.integers(1, 2))},
+                                     "decode": {"count": draw(st.integers(1, 2))},
+                                     "kv_transfer": {"link": draw(st.sampled_from(["nvlink", "ethernet"])),
+                                                     "overlap": draw(st.booleans())}}
+    raw = {"model": model, "engine": engine, "cluster": cluster,
            "simulation": {"seed": draw(st.integers(0, 3))},
            "workload": {"num_requests": n, "clients": [client]}}
     if draw(st.integers(0, 5)) == 0:
@@ -76,6 +84,8 @@ def check_invariants(raw: dict, result) -> None:
     rej = t[t.status == "rejected"]
     assert rej.first_token_s.isna().all() and rej.reject_reason.notna().all()
     s = result.summary
+    if "max_sim_time_s" not in raw["simulation"]:
+        assert s["unfinished"] == 0  # nothing limits the run, so every admitted request must end
     for r in s["replicas"]:
         assert 0 <= r["peak_kv_blocks_used"] <= r["num_gpu_blocks"]
         if s["unfinished"] == 0:
