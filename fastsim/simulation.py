@@ -1,6 +1,7 @@
 """Orchestration: config -> catalogs -> cost tables + workload arrays -> engine kernel -> tables."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -184,6 +185,7 @@ def expected_requests(cfg: Config) -> int | None:
 
 
 def available_memory_bytes() -> float | None:
+    """Linux's MemAvailable; elsewhere the machine's physical memory (an upper bound)."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -191,7 +193,10 @@ def available_memory_bytes() -> float | None:
                     return float(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def check_memory(cfg: Config, engines: int) -> None:
