@@ -400,7 +400,7 @@ class Engine(_Strict):
             weights = _QUANTIZED_DTYPE[data["quantization"]]
             if data.get("dtype", weights) not in (weights, "bf16", "fp16"):
                 raise ValueError(f"quantization {data['quantization']} stores weights as {weights}, but dtype is "
-                                 f"{data['dtype']}; drop one of them")
+                                 f"{data['dtype']}; drop quantization or dtype")
             data = {**data, "dtype": weights}
         if isinstance(data, dict) and data.get("framework") == "sglang":
             data = {"block_size": 1, "enable_prefix_caching": True, **data}
@@ -676,6 +676,9 @@ def format_validation_error(e: ValidationError, prefix: str = "") -> str:
         return f"config: {path} is required but missing{more}"
     if err["type"] == "extra_forbidden":
         return f"config: {path} is not a known option; check its spelling (`fastsim generate-config` lists all){more}"
+    if isinstance(err.get("input"), dict) and err["type"] == "value_error":
+        # A rule across a section's keys: the message names them; the whole section adds nothing.
+        return f"config: {path}: {msg}{more}"
     value = repr(err.get("input"))
     value = value if len(value) <= 80 else value[:77] + "..."
     return f"config: {path} = {value}: {msg}{more}"

@@ -135,7 +135,7 @@ def test_quantization_names_and_kv_capacity():
 
     m, h100 = load_model("meta-llama/Meta-Llama-3-8B"), load_gpu("H100-SXM")
     assert Engine(quantization="awq").dtype == "int4" and Engine(quantization="fp8").dtype == "fp8"
-    with pytest.raises(ValueError, match="drop one of them"):
+    with pytest.raises(ValueError, match="drop quantization or dtype"):
         Engine(quantization="awq", dtype="fp8")
     bf16 = memory_plan(m, h100, Engine())
     fp8 = memory_plan(m, h100, Engine(quantization="fp8"))
