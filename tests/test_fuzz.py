@@ -168,22 +168,35 @@ def test_random_invalid_configs_end_in_one_clean_line(path, value, unknown_key):
     check_invariants(raw, result) if isinstance(raw["workload"].get("num_requests"), int) else None
 
 
-TRACE = "TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
-    f"2023-11-16 18:15:{i:02d}.0000000,{100 + i},{10 + i}\n" for i in range(30))
+TRACES = {
+    "azure": ("trace.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:15:{i:02d}.0000000,{100 + i},{10 + i}\n" for i in range(30)), ("ContextTokens", "Context")),
+    "mooncake": ("trace.jsonl", "".join(
+        f'{{"timestamp": {i * 100}, "input_length": {600 + i}, "output_length": {5 + i}, "hash_ids": [{i}, {i + 1}]}}\n'
+        for i in range(30)), ("input_length", "input_len")),
+    "vidur": ("trace.csv", "arrived_at,num_prefill_tokens,num_decode_tokens\n" + "".join(
+        f"{i * 0.1:.1f},{100 + i},{10 + i}\n" for i in range(30)), ("num_decode_tokens", "decode")),
+}
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture], deadline=None)
-@given(st.integers(0, len(TRACE)), st.sampled_from(["cut", "garbage", "header"]))
-def test_damaged_trace_files_name_the_file(tmp_path, cut, damage):
-    text = TRACE[:cut] if damage == "cut" else TRACE[:cut] + "\x00,,x;\n" + TRACE[cut:] if damage == "garbage" \
-        else TRACE.replace("ContextTokens", "Context")
-    path = tmp_path / "trace.csv"
+@given(st.sampled_from(sorted(TRACES)), st.floats(0, 1), st.sampled_from(["cut", "garbage", "header"]))
+def test_damaged_trace_files_name_the_file(tmp_path, fmt, where, damage):
+    name, text, (column, wrong) = TRACES[fmt]
+    cut = int(where * len(text))
+    if damage == "cut":
+        text = text[:cut]
+    elif damage == "garbage":
+        text = text[:cut] + "\x00,,x;{\n" + text[cut:]
+    else:
+        text = text.replace(column, wrong)
+    path = tmp_path / name
     path.write_text(text)
     raw = copy.deepcopy(BASE)
-    raw["workload"] = {"clients": [{"trace": {"format": "azure", "file": str(path)}}]}
+    raw["workload"] = {"clients": [{"trace": {"format": fmt, "file": str(path)}}]}
     try:
         result = simulate(build_config(raw))
     except FastsimError as e:
-        assert "\n" not in str(e) and "trace.csv" in str(e)
+        assert "\n" not in str(e) and name in str(e)
         return
     assert len(result.requests) > 0
