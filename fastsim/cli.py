@@ -392,6 +392,8 @@ def validate_cmd(
     from fastsim.config import load_config
     from fastsim.simulation import plan_engines
 
+    from fastsim.memory import expert_parallel_size, kv_dtype
+
     cfg = load_config(config, list(set_ or []))
     model, gpu, plans = plan_engines(cfg)
     columns = [(f"{eng.name}" + (f" / {rp.pool}" if len(pools) > 1 else ""), rp) for eng, pools in plans
@@ -414,7 +416,20 @@ def validate_cmd(
             ("KV cache (GiB)", lambda rp: rp.memory.kv_cache_bytes / gib),
             ("KV per token (KiB)", lambda rp: rp.memory.kv_bytes_per_token / 1024),
             ("KV blocks", lambda rp: rp.memory.num_gpu_blocks), ("KV tokens", lambda rp: rp.memory.kv_tokens),
-            ("max_model_len", lambda rp: rp.memory.max_model_len)]
+            ("max_model_len", lambda rp: rp.memory.max_model_len),
+            ("weights dtype / KV dtype", lambda rp: f"{rp.engine.dtype} / {kv_dtype(rp.engine)}")]
+    if model.is_moe:
+        def experts(rp) -> str:
+            ep, tp = expert_parallel_size(model, rp.engine), rp.engine.tensor_parallel_size
+            if ep > 1:
+                return f"{model.num_local_experts // ep} whole (EP {ep})"
+            return f"{model.num_local_experts}" + (f", 1/{tp} of each (TP)" if tp > 1 else "")
+        rows.append(("routed experts per GPU", experts))
+    if any(rp.engine.speculative_config for _, rp in columns):
+        rows.append(("speculation: tokens per step", lambda rp: "-" if rp.engine.speculative_config is None else
+                     f"{rp.engine.speculative_config.expected_tokens_per_step:.2f} of "
+                     f"{rp.engine.speculative_config.num_speculative_tokens + 1} "
+                     f"({rp.engine.speculative_config.draft_method})"))
 
     def cell(v) -> str:
         return f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
