@@ -447,7 +447,10 @@ def generate_config_cmd(
     """Print a commented YAML config with every option and its default."""
     from fastsim.config_template import config_template
 
-    text = config_template()
+    _print_or_write(config_template(), out)
+
+
+def _print_or_write(text: str, out: Path | None) -> None:
     if out is None:
         sys.stdout.write(text)
     else:
@@ -462,12 +465,7 @@ def config_reference_cmd(
     """Print the configuration reference (Markdown): every key, its type, default and meaning."""
     from fastsim.config_reference import config_reference
 
-    text = config_reference()
-    if out is None:
-        sys.stdout.write(text)
-    else:
-        write_text_atomic(out, text)
-        console.print(f"wrote {out}")
+    _print_or_write(config_reference(), out)
 
 
 @app.command("models")
