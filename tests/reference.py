@@ -391,3 +391,48 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
         now = end
     return reqs, history
 
+
+
+def moe_layer_time(model, gpu, prof, tokens, tp=1, dp=1, expert_parallel=False, skew=0.0, dtype="bf16"):
+    """One MoE layer's routed-expert GEMM on the busiest GPU, expert by expert: experts are spread
+    whole over tp x dp GPUs under expert parallelism (each layer seeing every DP rank's tokens),
+    else split by TP; expert e is in a token's top-k with probability min(1, k p_e), p_e Zipf(skew)."""
+    wb = {"bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}[dtype]
+    peak = (gpu.fp8_tflops if dtype == "fp8" and gpu.fp8_tflops else gpu.bf16_tflops) * 1e12
+    flop_rate, byte_rate = peak * prof.compute_efficiency, gpu.mem_bw_gb_s * 1e9 * prof.bandwidth_efficiency
+    clock = prof.reference_clock_mhz / gpu.boost_clock_mhz if prof.reference_clock_mhz else 1.0
+    e, k, h = model.num_local_experts, model.num_experts_per_tok, model.hidden_size
+    ep = tp * dp if expert_parallel else 1
+    inter = model.moe_intermediate_size / (1 if ep > 1 else tp)
+    n = tokens * (dp if ep > 1 else 1)
+    weights = [(j + 1.0) ** -skew for j in range(e)]
+    total = sum(weights)
+    worst = 0.0
+    for g in range(ep):
+        active = routed = 0.0
+        for j in range(g * e // ep, (g + 1) * e // ep):
+            q = min(1.0, k * weights[j] / total)
+            active += 1 - (1 - q) ** n
+            routed += n * q
+        t = prof.gemm_latency_us * 1e-6 * clock + soft_max(
+            routed * 6 * h * inter / flop_rate, (active * 3 * h * inter * wb + routed * (2 * h + 3 * inter) * 2) / byte_rate,
+            prof.overlap)
+        worst = max(worst, t)
+    return worst
+
+
+def verify_attention_time(model, gpu, prof, contexts, queries, tp=1, kv_dtype="bf16"):
+    """One layer's attention for decodes each verifying `queries` tokens: query m of a sequence at
+    context c sees c + m keys; the KV cache is read once per sequence."""
+    kvb = {"bf16": 2, "fp16": 2, "fp8": 1}[kv_dtype]
+    heads, hd = model.num_attention_heads / tp, model.head_dim
+    kv_bytes = 2 * max(model.num_key_value_heads / tp, 1) * hd * kvb
+    clock = prof.reference_clock_mhz / gpu.boost_clock_mhz if prof.reference_clock_mhz else 1.0
+    if not contexts:
+        return 0.0
+    pairs = sum(c + m for c in contexts for m in range(1, queries + 1))
+    read = sum(c + 1 for c in contexts)
+    return prof.attention_latency_us * 1e-6 * clock + soft_max(
+        pairs * 4 * heads * hd / (gpu.bf16_tflops * 1e12 * prof.attention_efficiency),
+        (read * kv_bytes + len(contexts) * queries * 4 * heads * hd) / (gpu.mem_bw_gb_s * 1e9 * prof.attention_bandwidth_efficiency),
+        prof.overlap)

@@ -1,6 +1,9 @@
 """MoE: expert reads by batch size, expert parallelism, skewed routing, MLA; each against hand figures."""
 import numpy as np
 import pytest
+import reference as ref
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fastsim.catalog import load_gpu, load_model
 from fastsim.config import Engine, load_config
@@ -145,3 +148,11 @@ def test_moe_models_simulate(engine):
     cfg = load_config(None, ["model=Qwen/Qwen3-30B-A3B", "workload.num_requests=60"] + engine)
     s = simulate(cfg).summary
     assert s["completed"] == 60 and s["mean_tpot_ms"] > 0
+
+
+@given(tokens=st.integers(1, 5000), tp=st.sampled_from([1, 2]), dp=st.sampled_from([1, 2, 4]),
+       ep=st.booleans(), skew=st.sampled_from([0.0, 0.5, 1.3]))
+def test_moe_layer_matches_reference(tokens, tp, dp, ep, skew):
+    cm = CostModel.create(MIXTRAL, "H100-SXM", tp=tp, dp=dp, enable_expert_parallel=ep, expert_routing_skew=skew)
+    want = ref.moe_layer_time(cm.model, cm.gpu, cm.profile, tokens, tp, dp, ep, skew)
+    assert nb.moe_layer_time_nb(cm.params, tokens) == pytest.approx(want, rel=1e-9)

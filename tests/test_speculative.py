@@ -2,6 +2,9 @@
 engine by hand, memory of the drafter, the batch size where speculation stops paying, config checks."""
 import numpy as np
 import pytest
+import reference as ref
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fastsim.catalog import load_gpu, load_model
 from fastsim.config import Engine, SpeculativeConfig, load_config
@@ -151,3 +154,12 @@ def test_bad_speculative_config_gets_one_line(bad, match):
     with pytest.raises(FastsimError, match="pipeline_parallel_size"):
         load_config(None, ["engine.speculative_config={method: ngram, num_speculative_tokens: 2, acceptance_rate: 0.5}",
                            "engine.pipeline_parallel_size=2"])
+
+
+@given(contexts=st.lists(st.integers(0, 8000), min_size=1, max_size=20), queries=st.integers(1, 8),
+       tp=st.sampled_from([1, 2, 4]))
+def test_verify_attention_matches_reference(contexts, queries, tp):
+    cm = CostModel.create(LLAMA, "H100-SXM", tp=tp)
+    keys = float(sum(c + 1 for c in contexts))
+    want = ref.verify_attention_time(cm.model, cm.gpu, cm.profile, contexts, queries, tp)
+    assert nb.verify_attention_time_nb(cm.params, len(contexts), keys, float(queries)) == pytest.approx(want, rel=1e-9)
