@@ -10,9 +10,6 @@ import numpy as np
 
 from fastsim.engine import enums as E
 
-COLUMNS = ("prefill_replica", "prefill_queue_ms", "prefill_ms", "transfer_ms", "decode_queue_ms", "decode_ms")
-
-
 def transfer_s(cfg, prefill_pool, prompt: np.ndarray) -> np.ndarray:
     """Seconds to move each request's prompt KV: every GPU of the prefill instance sends its shard
     (KV bytes per token per GPU) over its own link, after a fixed latency."""
@@ -52,7 +49,8 @@ def run_disaggregated(cfg, model, pools, workload, measured, reason, report, bud
     finish = np.where(p_status == E.FINISHED, p_tok, np.nan)
     generated = np.where(p_status == E.FINISHED, 1, 0).astype(np.int64)
     max_itl = np.zeros(n)
-    replica = np.where(np.isnan(p_sched), -1, p_replica).astype(np.int32)  # one-token requests end there
+    prefill_replica = np.where(np.isnan(p_sched), -1, p_replica).astype(np.int32)
+    replica = prefill_replica.copy()  # one-token requests end there
     preempts = p_preempts.copy()
     d_first = np.full(n, np.nan)
     status[idx], finish[idx], generated[idx], max_itl[idx] = d_status, d_finish, d_generated, d_max_itl
@@ -60,11 +58,10 @@ def run_disaggregated(cfg, model, pools, workload, measured, reason, report, bud
     preempts[idx] += d_preempts
     d_first[idx] = d_sched
     arrival = workload.arrival_s
-    n_p = prefill.count
     timeline = p_out[10]
     if d_out[10].shape[0]:
         tl = d_out[10].copy()
-        tl[:, E.TL_REPLICA] += n_p
+        tl[:, E.TL_REPLICA] += prefill.count
         timeline = np.concatenate([timeline, tl])
         timeline = timeline[np.argsort(timeline[:, E.TL_START_S], kind="stable")]
     out = (status, p_sched, p_tok, finish, generated, preempts, max_itl, replica,
@@ -72,7 +69,7 @@ def run_disaggregated(cfg, model, pools, workload, measured, reason, report, bud
            np.concatenate([p_out[12], d_out[12]]), p_out[13], arrival)
     went = ~np.isnan(d_first)
     extra = {
-        "prefill_replica": np.where(np.isnan(p_sched), -1, p_replica).astype(np.int32),
+        "prefill_replica": prefill_replica,
         "prefill_queue_ms": (p_sched - arrival) * 1e3,
         "prefill_ms": (p_tok - p_sched) * 1e3,
         "transfer_ms": np.where(goes, (ready - p_tok) * 1e3, np.nan),

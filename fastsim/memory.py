@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from fastsim.catalog import BYTES_PER_PARAM, GpuSpec, ModelSpec
-from fastsim.catalog.models import EMBEDDING_BYTES
+from fastsim.catalog.models import EMBEDDING_BYTES, auto_kv_cache_dtype
 from fastsim.config import Engine
 from fastsim.cost.speculative import drafter
 from fastsim.errors import FastsimError
@@ -40,9 +40,7 @@ class MemoryPlan:
 
 def kv_dtype(engine: Engine) -> str:
     """vLLM's kv_cache_dtype 'auto' is the model's 16-bit type, also under weight quantization."""
-    if engine.kv_cache_dtype != "auto":
-        return engine.kv_cache_dtype
-    return "fp16" if engine.dtype == "fp16" else "bf16"
+    return engine.kv_cache_dtype if engine.kv_cache_dtype != "auto" else auto_kv_cache_dtype(engine.dtype)
 
 
 def stage_layers(model: ModelSpec, pp: int) -> int:
@@ -86,7 +84,7 @@ def _per_gpu(model: ModelSpec, engine: Engine, tp: int) -> tuple[float, float, f
     act += min(tokens, engine.max_num_seqs) * model.vocab_size * 4 * 2
     # A draft model or head is loaded beside the target, and its KV cache shares the target's blocks.
     draft = drafter(engine.speculative_config, model, tp)
-    weights += draft.weight_bytes_per_gpu(model, engine.dtype)
+    weights += draft.weight_bytes_per_gpu(engine.dtype)
     kv_tok = (kv_width * layers + draft.kv_width_layers()) * BYTES_PER_PARAM[kv_dtype(engine)]
     return weights, act, kv_tok
 
@@ -100,11 +98,7 @@ def memory_plan(model: ModelSpec, gpu: GpuSpec, engine: Engine) -> MemoryPlan:
     if engine.pipeline_parallel_size > model.num_hidden_layers:
         raise FastsimError(f"engine.pipeline_parallel_size = {engine.pipeline_parallel_size}: {model.name} has "
                            f"only {model.num_hidden_layers} layers to split; use at most that")
-    ep = expert_parallel_size(model, engine)
-    if model.is_moe and model.num_local_experts % ep:
-        raise FastsimError(f"engine.enable_expert_parallel: {model.name}'s {model.num_local_experts} experts do not "
-                           f"split evenly over tensor_parallel_size x data_parallel_size = {ep} GPUs; use sizes "
-                           "whose product divides the expert count")
+    model.check_expert_split(expert_parallel_size(model, engine))
     max_len = engine.max_model_len or model.max_position_embeddings
     total = gpu.memory_bytes
     budget = engine.gpu_memory_utilization * total

@@ -18,7 +18,6 @@ from fastsim.catalog.gpus import load_gpu_file
 from fastsim.config import Config, Engine, Pool, format_validation_error, load_config
 from fastsim.cost import CostModel
 from fastsim.cost.speculative import speculative_cost_model
-from fastsim.engine import cost_nb
 from fastsim.engine import enums as E
 from fastsim.engine import prefix_nb as px
 from fastsim.engine.cluster_nb import run_cluster_nb
@@ -43,6 +42,10 @@ class ReplicaPlan:
     gpu: GpuSpec
     engine: Engine
     memory: MemoryPlan
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.engine.tensor_parallel_size * self.engine.pipeline_parallel_size
 
 
 @dataclass
@@ -414,10 +417,15 @@ def run_pools(cfg: Config, model: ModelSpec, pools: list[ReplicaPlan], workload:
 def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray, gpu_time: np.ndarray,
                     table: pa.Table, wall: float) -> dict:
     """fastsim's own figures: memory, iterations, preemptions, per replica and in total."""
+    finished = table.column("finish_s").to_numpy()
+    sim_s = float(np.nanmax(finished)) if np.isfinite(finished).any() else 0.0
     replicas = []
     for rp in pools:
         for _ in range(rp.count):
             c = counters[len(replicas)]
+            compute_s, comm_s = float(gpu_time[len(replicas), 0]), float(gpu_time[len(replicas), 1])
+            # Each GPU of a replica is busy for the forward passes of its pipeline stage.
+            util = min((compute_s + comm_s) / rp.engine.pipeline_parallel_size / sim_s, 1.0) if sim_s > 0 else 0.0
             replicas.append({"replica": len(replicas), "pool": rp.pool, "gpu": rp.gpu.name,
                              "tensor_parallel_size": rp.engine.tensor_parallel_size,
                              "pipeline_parallel_size": rp.engine.pipeline_parallel_size,
@@ -425,18 +433,15 @@ def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray,
                              "iterations": int(c[0]), "preemptions": int(c[3]), "peak_kv_blocks_used": int(c[1]),
                              # Held by requests still running when the run ended (cached blocks count as free).
                              "kv_blocks_in_use_at_end": rp.memory.num_gpu_blocks - int(c[2]),
-                             "compute_time_s": float(gpu_time[len(replicas), 0]),
-                             "comm_time_s": float(gpu_time[len(replicas), 1])})
-    finished = table.column("finish_s").to_numpy()
-    sim_s = float(np.nanmax(finished)) if np.isfinite(finished).any() else 0.0
+                             "compute_time_s": compute_s, "comm_time_s": comm_s, "num_gpus": rp.gpus_per_replica,
+                             "gpu_utilization": util, "power_w": rp.gpu.power_w(util)})
+    # None unless every GPU of the deployment has a price (catalog or hardware.prices_usd_per_hour).
+    cost = (sum(rp.count * rp.gpus_per_replica * rp.gpu.price_usd_per_hour for rp in pools)
+            if all(rp.gpu.price_usd_per_hour for rp in pools) else None)
     return {"engine": eng.name, "num_replicas": len(replicas),
-            "num_gpus": sum(rp.count * rp.engine.tensor_parallel_size * rp.engine.pipeline_parallel_size
-                            for rp in pools),
+            "num_gpus": sum(r["num_gpus"] for r in replicas),
             "num_gpu_blocks": sum(r["num_gpu_blocks"] for r in replicas),
-            # None unless every GPU of the deployment has a price (catalog or hardware.prices_usd_per_hour).
-            "cost_usd_per_hour": (sum(rp.count * rp.engine.tensor_parallel_size * rp.engine.pipeline_parallel_size
-                                      * rp.gpu.price_usd_per_hour for rp in pools)
-                                  if all(rp.gpu.price_usd_per_hour for rp in pools) else None),
+            "cost_usd_per_hour": cost,
             "kv_cache_gb": sum(rp.count * rp.memory.kv_cache_bytes for rp in pools) / 1e9,
             "kv_cache_tokens": sum(rp.count * rp.memory.kv_tokens for rp in pools),
             "peak_kv_blocks_used": max(r["peak_kv_blocks_used"] for r in replicas),
@@ -446,37 +451,21 @@ def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray,
             # Forward-pass time summed over iterations (and stages): TP communication apart.
             "compute_time_s": float(gpu_time[:, 0].sum()), "comm_time_s": float(gpu_time[:, 1].sum()),
             "simulated_time_s": sim_s,
-            **energy_and_cost(pools, replicas, sim_s, int(pc.sum(table.column("generated_tokens")).as_py() or 0),
+            **energy_and_cost(replicas, sim_s, cost, int(pc.sum(table.column("generated_tokens")).as_py() or 0),
                               int(pc.sum(pc.equal(table.column("status"), "finished")).as_py() or 0)),
             "wall_time_s": wall, "replicas": replicas}
 
 
-def energy_and_cost(pools: list[ReplicaPlan], replicas: list[dict], sim_s: float, output_tokens: int,
+def energy_and_cost(replicas: list[dict], sim_s: float, cost_usd_per_hour: float | None, output_tokens: int,
                     finished: int) -> dict:
     """Power, energy and $ over the whole simulated run (every GPU rented and powered from time 0 to
-    the last finish): each GPU's power from its utilization (fastsim.catalog.GpuSpec.power_w), a
-    replica's GPUs busy for its forward-pass time per pipeline stage. Adds each replica's
-    gpu_utilization and power_w (per GPU). Figures are None where the catalog lacks TDP or price."""
-    energy_j, gpus, busy_gpu_s, price_ok = 0.0, 0, 0.0, True
-    power_ok = sim_s > 0
-    it = iter(replicas)
-    for rp in pools:
-        n_gpu = rp.engine.tensor_parallel_size * rp.engine.pipeline_parallel_size
-        for _ in range(rp.count):
-            r = next(it)
-            busy = (r["compute_time_s"] + r["comm_time_s"]) / rp.engine.pipeline_parallel_size
-            util = min(busy / sim_s, 1.0) if sim_s > 0 else 0.0
-            power = rp.gpu.power_w(util)
-            r["gpu_utilization"] = util
-            r["power_w"] = power
-            power_ok = power_ok and power is not None
-            if power is not None:
-                energy_j += n_gpu * power * sim_s
-            gpus += n_gpu
-            busy_gpu_s += n_gpu * busy
-        price_ok = price_ok and bool(rp.gpu.price_usd_per_hour)
-    usd = (sum(rp.count * rp.engine.tensor_parallel_size * rp.engine.pipeline_parallel_size * rp.gpu.price_usd_per_hour
-               for rp in pools) * sim_s / 3600.0) if price_ok else None
+    the last finish), from each replica's GPU count, utilization and power per GPU
+    (fastsim.catalog.GpuSpec.power_w). Figures are None where the catalog lacks TDP or price."""
+    gpus = sum(r["num_gpus"] for r in replicas)
+    busy_gpu_s = sum(r["num_gpus"] * r["gpu_utilization"] * sim_s for r in replicas)
+    power_ok = sim_s > 0 and all(r["power_w"] is not None for r in replicas)
+    energy_j = sum(r["num_gpus"] * r["power_w"] * sim_s for r in replicas) if power_ok else 0.0
+    usd = cost_usd_per_hour * sim_s / 3600.0 if cost_usd_per_hour is not None else None
     return {
         "gpu_utilization": busy_gpu_s / (gpus * sim_s) if sim_s > 0 and gpus else 0.0,
         "mean_power_w": energy_j / (gpus * sim_s) if power_ok else None,

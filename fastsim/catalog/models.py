@@ -14,6 +14,11 @@ from fastsim.errors import FastsimError, unknown
 BYTES_PER_PARAM = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
 EMBEDDING_BYTES = 2.0
 
+
+def auto_kv_cache_dtype(dtype: str) -> str:
+    """vLLM's kv_cache_dtype 'auto': the model's 16-bit type, also under weight quantization."""
+    return "fp16" if dtype == "fp16" else "bf16"
+
 _DATA = "fastsim.catalog"
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
              "max_position_embeddings")
@@ -147,6 +152,13 @@ class ModelSpec(BaseModel):
         moe = (self.num_experts_per_tok * 3 * h * self.moe_intermediate_size
                + h * self.num_local_experts + 3 * h * self.shared_expert_intermediate_size)
         return (self.moe_layers * moe + self.first_k_dense_replace * self.dense_mlp_params) / self.num_hidden_layers
+
+    def check_expert_split(self, ep: int) -> None:
+        """Expert parallelism over `ep` GPUs needs the routed experts to split evenly."""
+        if self.is_moe and self.num_local_experts % ep:
+            raise FastsimError(f"engine.enable_expert_parallel: {self.name}'s {self.num_local_experts} experts do "
+                               f"not split evenly over tensor_parallel_size x data_parallel_size = {ep} GPUs; use "
+                               "sizes whose product divides the expert count")
 
     @property
     def expert_params(self) -> int:

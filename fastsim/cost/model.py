@@ -8,6 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fastsim.catalog import BYTES_PER_PARAM, GpuSpec, ModelSpec, load_gpu, load_model
+from fastsim.catalog.models import auto_kv_cache_dtype
 from fastsim.cost.profile import CostProfile, load_profile
 from fastsim.engine import cost_nb as nb
 from fastsim.errors import FastsimError
@@ -52,7 +53,7 @@ class CostModel:
         spec = model if isinstance(model, ModelSpec) else load_model(model)
         hw = gpu if isinstance(gpu, GpuSpec) else load_gpu(gpu)
         prof = load_profile(profile)
-        kv_dtype = kv_cache_dtype or ("fp16" if dtype == "fp16" else "bf16")
+        kv_dtype = kv_cache_dtype or auto_kv_cache_dtype(dtype)
         for field, value in (("dtype", dtype), ("kv_cache_dtype", kv_dtype)):
             if value not in BYTES_PER_PARAM:
                 raise FastsimError(f"{field}: {value!r} is not supported; use one of {', '.join(BYTES_PER_PARAM)}")
@@ -68,10 +69,7 @@ class CostModel:
         if not isinstance(dp, int) or dp < 1:
             raise FastsimError(f"data_parallel_size: {dp!r} must be a positive integer")
         ep = tp * dp if enable_expert_parallel and spec.is_moe else 1
-        if spec.is_moe and spec.num_local_experts % ep:
-            raise FastsimError(f"enable_expert_parallel: {spec.name}'s {spec.num_local_experts} experts do not "
-                               f"split evenly over tensor_parallel_size x data_parallel_size = {ep} GPUs; use "
-                               "sizes whose product divides the expert count")
+        spec.check_expert_split(ep)
         if not expert_routing_skew >= 0:
             raise FastsimError(f"expert_routing_skew: {expert_routing_skew!r} must be >= 0 (0: balanced routing)")
         params, ops = _build_arrays(spec, hw, prof, tp, dtype, kv_dtype, n_layers, ep, dp if ep > 1 else 1,

@@ -29,13 +29,11 @@ class Drafter:
     layers: int
     tp: int
 
-    def weight_bytes_per_gpu(self, target: ModelSpec, dtype: str) -> float:
+    def weight_bytes_per_gpu(self, dtype: str) -> float:
+        """A draft model whole; a one-layer head a layer's share (its LM head is the target's own)."""
         if self.model is None:
             return 0.0
-        if self.model is target:  # one decoder layer; the LM head is the target's own
-            per_layer = target.weight_bytes(dtype) / target.num_hidden_layers
-            return per_layer * self.layers / self.tp
-        return self.model.weight_bytes(dtype) / self.tp
+        return self.model.weight_bytes(dtype) * self.layers / self.model.num_hidden_layers / self.tp
 
     def kv_width_layers(self) -> float:
         """Values the drafter caches per token, over its layers, per GPU."""
