@@ -51,6 +51,11 @@ _SUMMARY_ROWS = [
 ]
 
 
+def _cell(v, fmt: str) -> str:
+    """A table cell: '-' for a missing or NaN figure."""
+    return "-" if v is None or v != v else fmt.format(v)
+
+
 def summary_table(summaries: dict[str, dict]) -> Table:
     t = Table(title="fastsim summary")
     t.add_column("metric", no_wrap=True)
@@ -60,7 +65,7 @@ def summary_table(summaries: dict[str, dict]) -> Table:
         cells = []
         for s in summaries.values():
             v = s.get(key)
-            cells.append("-" if v is None or v != v else fmt.format(v))
+            cells.append(_cell(v, fmt))
         t.add_row(label, *cells)
     return t
 
@@ -182,9 +187,12 @@ def sweep_cmd(
 
         outcome = run_sweep(raw, points, out_dir, executor=executor, jobs=n_jobs, address=address,
                             save_requests=save_requests, retry_failed=retry_failed, progress=report)
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(outcome.table_path).to_pylist()
     if not quiet:
-        console.print(_sweep_table(outcome.table_path, list(spec.parameters)))
-    for line in _sweep_failures(outcome.table_path, list(spec.parameters)):
+        console.print(_sweep_table(rows, list(spec.parameters)))
+    for line in _sweep_failures(rows, list(spec.parameters)):
         err_console.print(f"[red]failed[/] {line}", highlight=False, soft_wrap=True)
     console.print(f"{outcome.total} points: {outcome.ran} run, {outcome.skipped} already done, "
                   f"{outcome.failed} failed; wrote {outcome.table_path}")
@@ -201,10 +209,7 @@ def _sweep_spec(model, data: dict):
         raise FastsimError(format_validation_error(e, prefix="sweep").replace("config: ", "", 1)) from None
 
 
-def _sweep_table(path: Path, keys: list[str], limit: int = 40) -> Table:
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(path).to_pylist()
+def _sweep_table(rows: list[dict], keys: list[str], limit: int = 40) -> Table:
     t = Table(title=f"sweep ({len(rows)} rows{'; first ' + str(limit) if len(rows) > limit else ''})")
     short = [k.rsplit(".", 1)[-1] for k in keys]  # the full keys are the table's column names
     for k, name in zip(keys, short):
@@ -217,16 +222,14 @@ def _sweep_table(path: Path, keys: list[str], limit: int = 40) -> Table:
         cells = [str(row.get(k)) for k in keys] + [str(row.get("engine") or "-")]
         for key, _, fmt in _SWEEP_COLUMNS:
             v = row.get(key)
-            cells.append("-" if v is None or v != v else fmt.format(v))
+            cells.append(_cell(v, fmt))
         cells.append(row["status"])
         t.add_row(*cells)
     return t
 
 
-def _sweep_failures(path: Path, keys: list[str], limit: int = 5) -> list[str]:
-    import pyarrow.parquet as pq
-
-    rows = [r for r in pq.read_table(path).to_pylist() if r["status"] != "ok"]
+def _sweep_failures(rows: list[dict], keys: list[str], limit: int = 5) -> list[str]:
+    rows = [r for r in rows if r["status"] != "ok"]
     lines = [f"point {r['point']} ({', '.join(f'{k}={r[k]}' for k in keys)}): {r['error']}" for r in rows[:limit]]
     if len(rows) > limit:
         lines.append(f"... and {len(rows) - limit} more (the `error` column of the table)")
