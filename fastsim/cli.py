@@ -206,7 +206,7 @@ def _sweep_spec(model, data: dict):
     try:
         return model(**data)
     except ValidationError as e:
-        raise FastsimError(format_validation_error(e, prefix="sweep").replace("config: ", "", 1)) from None
+        raise FastsimError(format_validation_error(e, prefix="sweep", label="")) from None
 
 
 def _sweep_table(rows: list[dict], keys: list[str], limit: int = 40) -> Table:

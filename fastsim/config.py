@@ -663,8 +663,8 @@ _UNION_TAGS = {"constant", "uniform", "normal", "lognormal", "gamma", "weibull",
                "mixture", "poisson", "batch", "exponential"}
 
 
-def format_validation_error(e: ValidationError, prefix: str = "") -> str:
-    """One line: the dotted field path, the value given, and what is allowed."""
+def format_validation_error(e: ValidationError, prefix: str = "", label: str = "config: ") -> str:
+    """One line: `label`, the dotted field path, the value given, and what is allowed."""
     err = e.errors()[0]
     loc = [str(p) for p in err["loc"]]
     # Tagged unions add the tag as a path element ("arrival.poisson.rate"); users wrote "arrival.rate".
@@ -673,15 +673,15 @@ def format_validation_error(e: ValidationError, prefix: str = "") -> str:
     msg = err["msg"].removeprefix("Value error, ")
     more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     if err["type"] == "missing":
-        return f"config: {path} is required but missing{more}"
+        return f"{label}{path} is required but missing{more}"
     if err["type"] == "extra_forbidden":
-        return f"config: {path} is not a known option; check its spelling (`fastsim generate-config` lists all){more}"
+        return f"{label}{path} is not a known option; check its spelling (`fastsim generate-config` lists all){more}"
     if isinstance(err.get("input"), dict) and err["type"] == "value_error":
         # A rule across a section's keys: the message names them; the whole section adds nothing.
-        return f"config: {path}: {msg}{more}"
+        return f"{label}{path}: {msg}{more}"
     value = repr(err.get("input"))
     value = value if len(value) <= 80 else value[:77] + "..."
-    return f"config: {path} = {value}: {msg}{more}"
+    return f"{label}{path} = {value}: {msg}{more}"
 
 
 def parse_overrides(items: list[str]) -> dict:

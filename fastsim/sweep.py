@@ -23,7 +23,7 @@ from fastsim.config import (Config, Sweep, SweepDistribution, SweepRange, build_
                             format_validation_error, set_path)
 from fastsim.errors import FastsimError
 from fastsim.executors import run_tasks
-from fastsim.output import WALL_CLOCK_KEYS
+from fastsim.output import simulated_only
 
 POINTS_DIR = "points"
 REQUESTS_DIR = "requests"
@@ -107,7 +107,7 @@ def parse_cli_parameter(item: str, option: str) -> tuple[str, list | SweepRange]
                 return key, SweepRange(start=start, stop=stop, step=step)
             except ValidationError as e:
                 raise FastsimError(f"{option} {item!r}: "
-                                   f"{format_validation_error(e).removeprefix('config: ')}") from None
+                                   f"{format_validation_error(e, label='')}") from None
     values = []
     for v in raw.split(","):
         try:
@@ -135,7 +135,7 @@ def check_keys(base_raw: dict, point: Point) -> None:
         Config(**_point_raw(base_raw, point.params))
     except ValidationError as e:
         if any(err["type"] == "extra_forbidden" for err in e.errors()):
-            raise FastsimError(f"sweep parameter: {format_validation_error(e).removeprefix('config: ')}") from None
+            raise FastsimError(format_validation_error(e, label="sweep parameter: ")) from None
 
 
 # -- one point, in a worker --------------------------------------------------------------------------
@@ -143,8 +143,8 @@ def flat_summary(summary: dict) -> dict:
     """The scalar metrics of one engine's summary, SLO limits as slo_<name>; per-replica detail and
     wall-clock readings left out."""
     out = {}
-    for k, v in summary.items():
-        if k in WALL_CLOCK_KEYS or isinstance(v, list):
+    for k, v in simulated_only(summary).items():
+        if isinstance(v, list):
             continue
         if isinstance(v, dict):
             out.update({f"{k}_{kk}": vv for kk, vv in v.items() if not isinstance(vv, (dict, list))})
