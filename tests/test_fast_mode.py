@@ -22,10 +22,11 @@ def step_attention(n, keys0, k):
 @given(n=st.integers(1, 256), keys0=st.integers(1, 2_000_000), k=st.integers(1, 3000))
 def test_closed_form_sum_of_iterations_matches_stepping(n, keys0, k):
     N = k - 1
-    g0, a1, a2, ok = lz.fit_nb(P, n, float(keys0), N)
+    g0 = lz.attention_nb(P, n, float(keys0))
+    a1, a2, ok = lz.fit_nb(P, n, float(keys0), g0, N)
     while not ok:  # as the engine does: a run the quadratic does not fit is cut in half
         N //= 2
-        g0, a1, a2, ok = lz.fit_nb(P, n, float(keys0), N)
+        a1, a2, ok = lz.fit_nb(P, n, float(keys0), g0, N)
     k = N + 1
     want = step_attention(n, keys0, k)
     p0, p1, p2, p3, p4 = lz.power_sums_nb(k - 1)

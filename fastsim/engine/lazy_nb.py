@@ -459,29 +459,31 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
 
 # -- runs of decode-only iterations in closed form --------------------------------------------------
 @njit(cache=True, error_model="numpy", inline="always")
-def _attention(p, n, keys):
+def attention_nb(p, n, keys):
+    """All layers' attention time of n decodes over `keys` context tokens."""
     return p[LAYERS] * attention_time_nb(p, n, keys, 0, 0.0, 0.0, 0)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def fit_nb(p, n, keys0, N):
+def fit_nb(p, n, keys0, g0, N):
     """Attention time of n decodes over keys0 + n*u context tokens, u = 0..N, as the quadratic
-    g0 + a1 u + a2 u^2 through u = 0, N/2, N (exact at N <= 2). ok: it matches the function at a
-    quarter point to 1e-13 relative."""
-    g0 = _attention(p, n, keys0)
+    g0 + a1 u + a2 u^2 through u = 0, N/2, N (exact at N <= 2); g0 = attention_nb(p, n, keys0), taken
+    from the caller, which fits a run again with a smaller N when it misses: computed in here, LLVM
+    hoists it out of that loop, and with it the soft roofline's pow call that only overlap != 4 needs.
+    Returns (a1, a2, ok), ok: it matches the function at a quarter point to 1e-13 relative."""
     if N == 0:
-        return g0, 0.0, 0.0, True
-    gN = _attention(p, n, keys0 + n * N)
+        return 0.0, 0.0, True
+    gN = attention_nb(p, n, keys0 + n * N)
     if N == 1:
-        return g0, gN - g0, 0.0, True
-    gM = _attention(p, n, keys0 + n * (N / 2.0))
+        return gN - g0, 0.0, True
+    gM = attention_nb(p, n, keys0 + n * (N / 2.0))
     a2 = 4.0 * ((g0 + gN) / 2.0 - gM) / (N * N)
     a1 = (gN - g0) / N - a2 * N
     if N == 2:
-        return g0, a1, a2, True
+        return a1, a2, True
     u = max(1, N // 4)
-    gq = _attention(p, n, keys0 + n * u)
-    return g0, a1, a2, abs(g0 + a1 * u + a2 * u * u - gq) <= 1e-13 * gq
+    gq = attention_nb(p, n, keys0 + n * u)
+    return a1, a2, abs(g0 + a1 * u + a2 * u * u - gq) <= 1e-13 * gq
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -505,8 +507,12 @@ def _elapsed(b0, a1, a2, j):
 def _blocks_used(phase, r, D, bs, n, k):
     """Blocks the lazy decoders take over the k iterations from clock D."""
     used = (k // bs) * n
-    for j in range((k // bs) * bs, k):
-        used += phase[r, (D + j) % bs]
+    f = (D + (k // bs) * bs) % bs
+    for _ in range((k // bs) * bs, k):  # the phase counts up and wraps: one division, not one a step
+        used += phase[r, f]
+        f += 1
+        if f == bs:
+            f = 0
     return used
 
 
@@ -518,12 +524,16 @@ def _blocks_fit(phase, r, D, bs, n, free, kmax):
         cyc = min(cyc, free // n)
     used = cyc * n
     j = cyc * bs
+    f = (D + j) % bs
     while j < kmax:
-        nd = phase[r, (D + j) % bs]
+        nd = phase[r, f]
         if used + nd > free:
             break
         used += nd
         j += 1
+        f += 1
+        if f == bs:
+            f = 0
     return j
 
 
@@ -605,8 +615,9 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             break
         keys0 = float(cnt[r, C_SUML] + n * D)
         N = kmax - 1
+        g0 = attention_nb(p, n, keys0)
         while True:
-            g0, a1, a2, ok = fit_nb(p, n, keys0, N)
+            a1, a2, ok = fit_nb(p, n, keys0, g0, N)
             if ok:
                 break
             N //= 2
@@ -615,16 +626,17 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         seq0, seq1 = seq_table[0, seq_off + n], seq_table[1, seq_off + n]
         b0 = overhead + tok0 + seq0 + g0  # gap of the first iteration; later ones add a1 u + a2 u^2
         # Iteration j runs if it is the call's first or the one before ended before the next
-        # arrival, and if it ends within the time limit: the most that do (monotone in j).
-        lo, hi = 0, kmax
+        # arrival, and if it ends within the time limit: the most that do (monotone in j). Most
+        # runs end at a finish, not an arrival: kmax is tried first.
+        lo, hi, j = 0, kmax, kmax
         while lo < hi:
-            j = (lo + hi + 1) // 2
             ok = (total + j == 1 or t + _elapsed(b0, a1, a2, j - 1) < t_arrival) and \
                 t + _elapsed(b0, a1, a2, j) <= max_time_s
             if ok:
                 lo = j
             else:
                 hi = j - 1
+            j = (lo + hi + 1) // 2
         k = lo
         stop = k < kmax
         if k == next_fin and t + _elapsed(b0, a1, a2, k) >= finish_by:  # ties: the arrival first
