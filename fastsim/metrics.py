@@ -82,14 +82,20 @@ def _stats(prefix: str, values: np.ndarray) -> dict[str, float]:
             f"p99_{prefix}": float(p99)}
 
 
+def itl_bin_edges_s() -> np.ndarray:
+    """The ITL histogram's ITL_BINS + 1 bin edges: each octave from ITL_MIN_S in equal steps."""
+    per_octave = 1 << E.ITL_OCTAVE_BITS
+    octave = 2.0 ** (E.ITL_MIN_EXP + np.arange(E.ITL_BINS + 1) // per_octave)
+    return octave * (1.0 + (np.arange(E.ITL_BINS + 1) % per_octave) / per_octave)
+
+
 def itl_stats_from_histogram(hist: np.ndarray, stats: np.ndarray) -> dict[str, float]:
     """ITL over every token gap of the run: mean and std exact, percentiles to one log bin."""
     count, total, sumsq = stats
     if count == 0:
         return _stats("itl_ms", np.zeros(0))
     mean = total / count
-    edges = np.exp(np.linspace(np.log(E.ITL_MIN_S), np.log(E.ITL_MAX_S), E.ITL_BINS + 1))
-    mids = np.sqrt(edges[:-1] * edges[1:]) * 1e3
+    mids = np.sqrt(itl_bin_edges_s()[:-1] * itl_bin_edges_s()[1:]) * 1e3
     cum = np.cumsum(hist)
 
     def pct(q: float) -> float:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from fastsim.engine import enums as E
 from fastsim.engine import lazy_nb as lz
 from fastsim.engine.batch_nb import itl_bin_nb
+from fastsim.metrics import itl_bin_edges_s
 from test_engine import CM, _fits, engines, long_run, preloaded, run
 
 P = CM.params
@@ -39,17 +40,33 @@ def test_closed_form_sum_of_iterations_matches_stepping(n, keys0, k):
         assert g0 + a1 * u + a2 * u * u == pytest.approx(want[u], rel=1e-12)
 
 
+def reference_bin(x):
+    """The ITL bin from the definition: octaves of 2^ITL_OCTAVE_BITS equal bins from ITL_MIN_S."""
+    if x <= 0:
+        return 0
+    m, e = math.frexp(x)  # x = (2m) 2^(e-1), 2m in [1, 2)
+    b = (e - 1 - E.ITL_MIN_EXP) * (1 << E.ITL_OCTAVE_BITS) + int((2 * m - 1) * (1 << E.ITL_OCTAVE_BITS))
+    return min(max(b, 0), E.ITL_BINS - 1)
+
+
 @given(b0=st.floats(1e-4, 1.0), slope=st.floats(0, 1e-4), k=st.integers(1, 500), count=st.integers(1, 5))
 def test_binning_a_run_of_gaps_matches_binning_each(b0, slope, k, count):
     hist = np.zeros(E.ITL_BINS, np.int64)
-    log_min = math.log(E.ITL_MIN_S)
-    inv = E.ITL_BINS / (math.log(E.ITL_MAX_S) - log_min)
-    lz._bin_run((hist, np.zeros(3), log_min, inv), b0, slope, 0.0, k, count)
+    lz._bin_run((hist, np.zeros(3)), b0, slope, 0.0, k, count)
     want = np.zeros(E.ITL_BINS, np.int64)
     for u in range(k):
-        want[int((math.log(b0 + slope * u) - log_min) * inv)] += count
+        want[reference_bin(b0 + slope * u)] += count
     np.testing.assert_array_equal(hist, want)
-    assert itl_bin_nb(b0, log_min, inv) == int((math.log(b0) - log_min) * inv)
+
+
+@given(x=st.one_of(st.floats(0, 1e6), st.sampled_from([E.ITL_MIN_S, E.ITL_MAX_S, 1.0, 0.5, 2.0 ** -30, 1e30])))
+def test_itl_bin_is_the_octave_and_leading_mantissa_bits(x):
+    b = itl_bin_nb(x)
+    assert b == reference_bin(x)
+    edges = itl_bin_edges_s()
+    if E.ITL_MIN_S <= x < E.ITL_MAX_S:  # inside the range the bin brackets the value, within 0.1%
+        assert edges[b] <= x < edges[b + 1]
+        assert edges[b + 1] / edges[b] - 1 <= 2.0 ** -E.ITL_OCTAVE_BITS
 
 
 @given(phase=st.lists(st.integers(0, 5), min_size=1, max_size=16).map(np.array), D=st.integers(0, 1000),

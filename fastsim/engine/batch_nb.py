@@ -3,10 +3,10 @@ tokens need, the aggregates the cost model takes, and where an inter-token gap g
 histogram."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit
+from numba.core import types
+from numba.core.extending import intrinsic
 
 from fastsim.engine import enums as E
 from fastsim.engine.cost_nb import chunk_pairs_nb
@@ -37,19 +37,35 @@ def add_to_batch_nb(agg, new, computed, prompt_len, window):
             pre_keys + (min(computed, window) if window > 0 else computed) + new)
 
 
+@intrinsic
+def _float_bits(typingctx, x):
+    """The IEEE 754 bits of a float64, as an int64 (a register move)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.int64))
+    return types.int64(types.float64), codegen
+
+
+# A positive double's bits >> (52 - ITL_OCTAVE_BITS) are its biased exponent followed by its leading
+# mantissa bits: the bin counted from 2^0, shifted here to count from 2^ITL_MIN_EXP.
+_BIN_SHIFT = 52 - E.ITL_OCTAVE_BITS
+_BIN_BASE = (1023 + E.ITL_MIN_EXP) << E.ITL_OCTAVE_BITS
+
+
 @njit(cache=True, error_model="numpy")
-def itl_bin_nb(itl_s, log_min, inv_log_step):
+def itl_bin_nb(itl_s):
+    """The ITL histogram bin of a gap (see enums.ITL_OCTAVE_BITS): a logarithm's bin without the
+    logarithm, which cost ~10% of fast mode's time."""
     if itl_s <= 0.0:
         return 0
-    i = int((math.log(itl_s) - log_min) * inv_log_step)
+    i = (_float_bits(itl_s) >> _BIN_SHIFT) - _BIN_BASE
     return min(max(i, 0), E.ITL_BINS - 1)
 
 
 @njit(cache=True, error_model="numpy")
 def itl_add_nb(itl_acc, gap, count):
     """`count` tokens each `gap` after their previous one: histogram, count, sum, sum of squares."""
-    itl_hist, itl, log_min, inv_log_step = itl_acc
-    itl_hist[itl_bin_nb(gap, log_min, inv_log_step)] += count
+    itl_hist, itl = itl_acc
+    itl_hist[itl_bin_nb(gap)] += count
     itl[0] += count
     itl[1] += count * gap
     itl[2] += count * gap * gap

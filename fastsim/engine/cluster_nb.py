@@ -30,7 +30,6 @@ from the replicas' state at that moment.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from numba import njit
@@ -260,8 +259,6 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     tree = np.full(2 * leaves, INF)  # next decision time per replica; INF = idle
 
     itl_hist = np.zeros(E.ITL_BINS, np.int64)
-    log_min = math.log(E.ITL_MIN_S)
-    inv_log_step = E.ITL_BINS / (math.log(E.ITL_MAX_S) - log_min)
     itl = np.zeros(3)  # count, sum, sum of squares
 
     tl_cap = 1024 if record_timeline else 1
@@ -301,7 +298,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     # The event loop's arguments, bundled (a function of more than 30 arguments cannot be inlined).
     tables = (tok_table, seq_table)
     slots = (s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
-    itl_acc = (itl_hist, itl, log_min, inv_log_step)
+    itl_acc = (itl_hist, itl)
     # Fast mode's lazy form, where it applies.
     lz_ok = np.zeros(n_rep, np.bool_)
     max_bs = 1
@@ -390,7 +387,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
     stateless, has_turns = limits[5] != 0, limits[6] != 0
     tok_table, seq_table = tables
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
-    itl_hist, itl, log_min, inv_log_step = itl_acc
+    itl_hist, itl = itl_acc
     h_t, h_i, h_n = turns[3], turns[4], turns[5]
     n = arrival.size
     n_rep = rep_int.shape[0]
@@ -470,7 +467,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 done, freed = _complete(r, fl_id[r, fl_head[r]], end, n_running, s_req, s_prompt, s_tokens,
                                         s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample,
                                         status, finish, first_tok, generated, max_itl, itl_hist, itl,
-                                        log_min, inv_log_step, apc, ri[E.RI_APC] != 0, turns)
+                                        apc, ri[E.RI_APC] != 0, turns)
             free[r] += freed
             outstanding[r] -= done
             n_left -= done
@@ -748,7 +745,7 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
 @njit(cache=True, error_model="numpy")
 def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last,
               s_max_itl, s_measured, s_sample, status, finish, first_tok, generated, max_itl, itl_hist, itl,
-              log_min, inv_log_step, apc, on, turns):
+              apc, on, turns):
     """Batch `bid` of replica r completed at `end`: each request it sampled for gets a token; finished
     requests leave their slots (and their conversation's next turn is due). Returns (requests
     finished, blocks freed)."""
@@ -781,7 +778,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
                     ref_last = s_last[k]
                     n_ref = 1
                 else:
-                    itl_hist[itl_bin_nb(gap, log_min, inv_log_step)] += 1
+                    itl_hist[itl_bin_nb(gap)] += 1
                     itl[0] += 1.0
                     itl[1] += gap
                     itl[2] += gap * gap
@@ -798,7 +795,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
                 hp.next_turn_due_nb(turns, i, end)
     if n_ref > 0:
         gap = end - ref_last
-        itl_hist[itl_bin_nb(gap, log_min, inv_log_step)] += n_ref
+        itl_hist[itl_bin_nb(gap)] += n_ref
         itl[0] += n_ref
         itl[1] += n_ref * gap
         itl[2] += n_ref * gap * gap

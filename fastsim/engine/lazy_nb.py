@@ -540,17 +540,17 @@ def _blocks_fit(phase, r, D, bs, n, free, kmax):
 @njit(cache=True, error_model="numpy", inline="always")
 def _bin_run(itl_acc, b0, a1, a2, k, count):
     """k gaps b0 + a1 u + a2 u^2 (u = 0..k-1, non-decreasing), each `count` times, into the histogram."""
-    itl_hist, _, log_min, inv_log_step = itl_acc
-    top = itl_bin_nb(b0 + a1 * (k - 1) + a2 * (k - 1) * (k - 1), log_min, inv_log_step)
+    itl_hist = itl_acc[0]
+    top = itl_bin_nb(b0 + a1 * (k - 1) + a2 * (k - 1) * (k - 1))
     lo = 0
     while lo < k:
-        b = itl_bin_nb(b0 + a1 * lo + a2 * lo * lo, log_min, inv_log_step)
+        b = itl_bin_nb(b0 + a1 * lo + a2 * lo * lo)
         hi = k - 1
         if top > b:  # the last u still in bin b
             a, z = lo, k - 1
             while a < z:
                 m = (a + z + 1) // 2
-                if itl_bin_nb(b0 + a1 * m + a2 * m * m, log_min, inv_log_step) <= b:
+                if itl_bin_nb(b0 + a1 * m + a2 * m * m) <= b:
                     a = m
                 else:
                     z = m - 1
