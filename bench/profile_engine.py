@@ -1,0 +1,185 @@
+"""Where the compiled engine's time goes, by source line: a sampling profile of one fast-mode run.
+
+Numba's JIT code has no symbols for `perf`, so this compiles the engine once more with line tables
+(NUMBA_DEBUGINFO, into its own cache: the project's cache is untouched; ~3 min the first time),
+records the run with `perf record`, and maps each sample inside the compiled kernel to a line
+through the kernel's object code (taken from that cache) and `addr2line`.
+
+Numba inlines `inline="always"` functions before LLVM sees them, and their lines keep the callee's
+line numbers under the caller's file name: a line is therefore printed with every engine function
+that has code at that number, and the reader picks the one that can be on the path.
+
+Usage: python bench/profile_engine.py [--requests 300000] [--dataset sharegpt] [--mode fast]
+       [--load 0.8] [--top 40]
+Needs Linux `perf` (perf_event_paranoid <= 2) and binutils (`addr2line`, `objcopy`).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import ctypes
+import glob
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE = ROOT / "fastsim" / "engine"
+CACHE = Path(tempfile.gettempdir()) / "fastsim-profile-cache"
+KERNEL_CACHE_FILE = "cluster_nb.run_cluster_nb-*.nbc"
+
+
+def _keep_inlining() -> None:
+    """Under NUMBA_DEBUGINFO Numba marks every function noinline, which would profile a different
+    program: put LLVM's inlining back, keeping the line tables."""
+    import numba.core.lowering as lowering
+
+    pre_lower = lowering.BaseLower.pre_lower
+
+    def patched(self):
+        pre_lower(self)
+        self.builder.function.attributes.discard("noinline")
+
+    lowering.BaseLower.pre_lower = patched
+
+
+def child(args: argparse.Namespace, dump: str) -> None:
+    """Run under perf: warm up (compile), run the measured simulation, dump the JIT code's mapping."""
+    _keep_inlining()
+    sys.path.insert(0, str(ROOT / "bench"))
+    import speed  # the speed benchmark's scenario, so the two measure the same thing
+    from fastsim.config import Config
+    from fastsim.simulation import simulate
+
+    rate = args.rate or args.load * speed.capacity(args.dataset)  # (measured outside the profile)
+    print(json.dumps({"rate": rate}), flush=True)
+    cfg = json.loads(json.dumps(speed.BASE))
+    cfg["simulation"]["mode"] = args.mode
+    cfg["workload"]["num_requests"] = args.requests
+    cfg["workload"]["clients"][0]["dataset"]["name"] = args.dataset
+    cfg["workload"]["clients"][0]["arrival"]["rate"] = rate
+    result = simulate(Config(**cfg))
+    regions = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if "x" in parts[1] and len(parts) < 6:  # anonymous executable mappings: JIT code
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                regions.append((lo, hi, ctypes.string_at(lo, hi - lo)))
+    with open(dump, "wb") as f:
+        pickle.dump({"regions": regions, "engine_wall_s": result.summary["wall_time_s"]}, f)
+
+
+def kernel_object(out: Path) -> Path:
+    """The kernel's ELF object, cut out of Numba's cache file (a pickle holding the object code)."""
+    files = glob.glob(str(CACHE / "*" / KERNEL_CACHE_FILE))
+    if not files:
+        sys.exit(f"profile_engine: no compiled kernel in {CACHE}: the profiled run did not compile it")
+    data = Path(max(files, key=os.path.getmtime)).read_bytes()
+    start = data.find(b"\x7fELF")
+    section_table = struct.unpack_from("<Q", data, start + 0x28)[0]
+    entry_size, entries = struct.unpack_from("<HH", data, start + 0x3A)
+    out.write_bytes(data[start:start + section_table + entry_size * entries])
+    return out
+
+
+def engine_lines() -> dict[tuple[str, int], tuple[str, str]]:
+    """(file stem, line) -> (function, code) for every line of code in the engine's functions."""
+    lines = {}
+    for path in ENGINE.glob("*_nb.py"):
+        text = path.read_text().splitlines()
+        for node in ast.parse("\n".join(text)).body:
+            if isinstance(node, ast.FunctionDef):
+                for n in range(node.lineno, node.end_lineno + 1):
+                    code = text[n - 1].strip()
+                    if code and not code.startswith(("#", '"""', "@")):
+                        lines[(path.stem, n)] = (node.name, code)
+    return lines
+
+
+def kernel_region(regions: list, obj: Path) -> tuple[int, int]:
+    """The mapping that holds the kernel: its code is the object's .ltext section from the mapping's
+    start (relocated addresses aside, most 16-byte windows match)."""
+    text = obj.with_suffix(".text")
+    subprocess.run(["objcopy", "-O", "binary", "--only-section=.ltext", str(obj), str(text)], check=True)
+    code = text.read_bytes()
+
+    def matches(region) -> int:
+        mem = region[2]
+        return sum(mem[i:i + 16] == code[i:i + 16] for i in range(0, min(len(code), len(mem)) - 16, 997))
+
+    best = max(regions, key=matches)
+    return best[0], best[1]
+
+
+def report(samples: list[int], dump: dict, obj: Path, top: int) -> None:
+    lo, hi = kernel_region(dump["regions"], obj)
+    offsets = collections.Counter(ip - lo for ip in samples if lo <= ip < hi)
+    in_kernel = sum(offsets.values())
+    print(f"engine wall {dump['engine_wall_s']:.3f} s; samples: {len(samples):,} in the process, "
+          f"{in_kernel:,} in the compiled kernel ({100 * in_kernel / max(len(samples), 1):.0f}%; the rest is "
+          "workload sampling, tables, summaries and math library calls such as log)")
+    keys = sorted(offsets)
+    out = subprocess.run(["addr2line", "-e", str(obj), "-j", ".ltext"] + [hex(k) for k in keys],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    by_line = collections.Counter()
+    for k, loc in zip(keys, out):
+        by_line[loc.rsplit("/", 1)[-1].split(" ")[0]] += offsets[k]
+    code = engine_lines()
+    stems = sorted({stem for stem, _ in code})
+    print(f"{'share':>6}  line (and every engine function with code at that line number)")
+    for loc, c in by_line.most_common(top):
+        print(f"{100 * c / in_kernel:5.1f}%  {loc}")
+        _, _, number = loc.rpartition(":")
+        if number.isdigit():
+            for stem in stems:
+                hit = code.get((stem, int(number)))
+                if hit:
+                    print(f"{'':8}{stem}.{hit[0]}: {hit[1][:90]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=300_000)
+    ap.add_argument("--dataset", default="sharegpt")
+    ap.add_argument("--mode", default="fast", choices=("fast", "exact"))
+    ap.add_argument("--load", type=float, default=0.8, help="arrival rate as a fraction of capacity")
+    ap.add_argument("--top", type=int, default=40, help="lines to print")
+    ap.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args, args.child)
+        return
+    for tool in ("perf", "addr2line", "objcopy"):
+        if shutil.which(tool) is None:
+            sys.exit(f"profile_engine: `{tool}` not found; install linux perf and binutils")
+    env = dict(os.environ, NUMBA_DEBUGINFO="1", NUMBA_CACHE_DIR=str(CACHE),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        dump, data = os.path.join(tmp, "jit.pkl"), os.path.join(tmp, "perf.data")
+        cmd = [sys.executable, __file__, "--child", dump, "--requests", str(args.requests), "--dataset",
+               args.dataset, "--mode", args.mode, "--load", str(args.load)]
+        print("compiling with line tables (first time ~3 min), measuring the capacity...", flush=True)
+        first = subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, text=True).stdout
+        rate = json.loads(first.strip().splitlines()[-1])["rate"]
+        print(f"recording {args.requests:,} requests at {rate:.3f} req/s...", flush=True)
+        subprocess.run(["perf", "record", "-q", "-o", data, "--"] + cmd + ["--rate", str(rate)], env=env,
+                       check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        script = subprocess.run(["perf", "script", "-i", data, "-F", "ip"], capture_output=True, text=True,
+                                check=True).stdout
+        samples = [int(x, 16) for x in script.split()]
+        with open(dump, "rb") as f:
+            report(samples, pickle.load(f), kernel_object(Path(tmp) / "kernel.o"), args.top)
+
+
+if __name__ == "__main__":
+    main()
