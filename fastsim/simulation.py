@@ -242,7 +242,7 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
         ints = np.zeros(E.N_RI, np.int64)
         ints[E.RI_MAX_SEQS] = eng.max_num_seqs
         ints[E.RI_MAX_TOKENS] = eng.max_num_batched_tokens
-        ints[E.RI_BLOCK_SIZE] = eng.block_size
+        ints[E.RI_BLOCK_SIZE] = eng.block_size  # a power of two (the config's choices): the kernels shift by it
         ints[E.RI_NUM_BLOCKS] = rp.memory.num_gpu_blocks
         ints[E.RI_CHUNKED] = eng.enable_chunked_prefill
         ints[E.RI_THRESHOLD] = eng.long_prefill_token_threshold

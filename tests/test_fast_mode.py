@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from fastsim.engine import enums as E
 from fastsim.engine import lazy_nb as lz
-from fastsim.engine.batch_nb import itl_bin_nb
+from fastsim.engine.batch_nb import ceil_div_pow2_nb, div_pow2_nb, itl_bin_nb, mod_pow2_nb
 from fastsim.metrics import itl_bin_edges_s
 from test_engine import CM, _fits, engines, long_run, preloaded, run
 
@@ -69,8 +69,15 @@ def test_itl_bin_is_the_octave_and_leading_mantissa_bits(x):
         assert edges[b + 1] / edges[b] - 1 <= 2.0 ** -E.ITL_OCTAVE_BITS
 
 
-@given(phase=st.lists(st.integers(0, 5), min_size=1, max_size=16).map(np.array), D=st.integers(0, 1000),
-       free=st.integers(0, 300), kmax=st.integers(0, 200))
+@given(a=st.integers(-10**12, 10**12), shift=st.integers(0, 8))
+def test_block_arithmetic_by_shifts_is_pythons(a, shift):
+    bs = 1 << shift
+    assert (ceil_div_pow2_nb(a, bs), div_pow2_nb(a, bs), mod_pow2_nb(a, bs)) == (-(-a // bs), a // bs, a % bs)
+
+
+@given(phase=st.sampled_from([1, 2, 4, 8, 16, 32]).flatmap(  # block sizes are powers of two
+           lambda bs: st.lists(st.integers(0, 5), min_size=bs, max_size=bs)).map(np.array),
+       D=st.integers(0, 1000), free=st.integers(0, 300), kmax=st.integers(0, 200))
 def test_blocks_taken_over_a_run_match_counting_each_iteration(phase, D, free, kmax):
     bs, n = phase.size, int(phase.sum())
     ph = phase.reshape(1, -1)

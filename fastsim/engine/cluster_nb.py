@@ -38,8 +38,9 @@ from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
 from fastsim.engine import prefix_nb as px
 from fastsim.engine import lazy_nb as lz_nb
-from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_nb,
-                                     final_blocks_nb, itl_add_nb, itl_bin_nb, reserved_blocks_nb)
+from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
+                                     div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_nb, mod_pow2_nb,
+                                     reserved_blocks_nb)
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, SPEC_TOKENS, pp_send_time_nb, stage_time_nb
 
 INF = np.inf
@@ -562,7 +563,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     if (v0 or ri[E.RI_CHUNKED] == 0) and new > budget:
                         break
                     new = min(new, budget)
-                    need = ceil_div_nb(done_tok + new, block_size) - hits
+                    need = ceil_div_pow2_nb(done_tok + new, block_size) - hits
                     if need > free[r] - watermark:
                         break
                     idle_hits = px.apc_idle_nb(apc, hit_bufs[r], hits) if ri[E.RI_APC] else 0
@@ -731,7 +732,7 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
         if on:  # calls only when blocks are taken or filled: most decode steps do neither
             if need > 0:
                 px.apc_allocate_nb(apc, r, k, need)
-            if s_computed[k] // block_size > (s_computed[k] - new) // block_size:
+            if div_pow2_nb(s_computed[k], block_size) > div_pow2_nb(s_computed[k] - new, block_size):
                 px.apc_hash_full_nb(apc, r, k, s_req[k], s_computed[k], block_size)
         if s_computed[k] == s_tokens[k]:
             s_sample[k] = bid
@@ -874,7 +875,7 @@ def _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages):
 def _stretch_blocks(apc, r, it, bs, by_phase, start, s_req, s_computed, s_blocks):
     """Iteration `it` of a decode stretch with prefix caching: in slot order, as the plain path
     goes, slots at phase it-1 take a new block and slots at phase it name the block they fill."""
-    fa, fh = (it - 1) % bs, it % bs
+    fa, fh = mod_pow2_nb(it - 1, bs), mod_pow2_nb(it, bs)
     a, a_end = start[fa], start[fa + 1]
     h, h_end = start[fh], start[fh + 1]
     if bs == 1:  # one phase: every slot takes a block and fills it
@@ -936,7 +937,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         base += s_computed[k]
         n_meas += s_measured[k]
         next_fin = min(next_fin, s_output[k] - (s_tokens[k] - s_prompt[k]))
-        phase[(s_blocks[k] * bs - s_computed[k] + 1) % bs] += 1
+        phase[mod_pow2_nb(s_blocks[k] * bs - s_computed[k] + 1, bs)] += 1
     free_r = free[r]
     # With requests waiting, a finish frees room the normal path would admit into: stop before it.
     # (Free blocks only shrink otherwise, so a head blocked now stays blocked.)
@@ -961,7 +962,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
             reserved_ok = ri[E.RI_NO_EVICT] == 0 or (
                 reserved_blocks_nb(s_prompt, s_output, s_prompt, nrun, False, bs)
                 + final_blocks_nb(prompt[i], output[i], bs) <= ri[E.RI_NUM_BLOCKS])
-            if chunk_ok and reserved_ok and ceil_div_nb(done_tok + new, bs) - hits + idle <= free_r - phase[1 % bs]:
+            if chunk_ok and reserved_ok and ceil_div_pow2_nb(done_tok + new, bs) - hits + idle <= free_r - phase[mod_pow2_nb(1, bs)]:
                 return 0, t_r, 0, 0
             cap = budget - nrun if thr <= 0 else min(thr, budget - nrun)
             if idle > 0 and prompt[i] + generated[i] > cap:
@@ -974,13 +975,13 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         by_phase, start, fill = scratch[0], scratch[4], scratch[5]
         start[: bs + 1] = 0
         for k in range(nrun):
-            start[(-s_computed[k]) % bs + 1] += 1
+            start[mod_pow2_nb(-s_computed[k], bs) + 1] += 1
         for f in range(bs):
             start[f + 1] += start[f]
         for f in range(bs):
             fill[f] = start[f]
         for k in range(nrun):
-            f = (-s_computed[k]) % bs
+            f = mod_pow2_nb(-s_computed[k], bs)
             by_phase[fill[f]] = k
             fill[f] += 1
     t = t_r
@@ -993,7 +994,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     while j < last_iter and n_act > 0:
         if j > 0 and t >= t_arrival:  # the next iteration would start at or after an arrival
             break
-        need = phase[(j + 1) % bs]
+        need = phase[mod_pow2_nb(j + 1, bs)]
         if need > free_r:  # a preemption: the normal path decides it
             break
         agg = (n_act, float(base + (j + 1) * n_act), 0, 0, 0.0, 0.0)
@@ -1022,11 +1023,11 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
                 left = s_output[k] - (s_tokens[k] - s_prompt[k])
                 if left == j:
                     i = s_req[k]
-                    free_r += px.apc_release_nb(apc, r, k) if on else max(s_blocks[k], ceil_div_nb(s_computed[k] + j, bs))
+                    free_r += px.apc_release_nb(apc, r, k) if on else max(s_blocks[k], ceil_div_pow2_nb(s_computed[k] + j, bs))
                     base -= s_computed[k]
                     n_act -= 1
                     n_meas -= s_measured[k]
-                    phase[(s_blocks[k] * bs - s_computed[k] + 1) % bs] -= 1
+                    phase[mod_pow2_nb(s_blocks[k] * bs - s_computed[k] + 1, bs)] -= 1
                     finish[i] = end
                     status[i] = E.FINISHED
                     generated[i] = s_output[k]
@@ -1054,7 +1055,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         s_measured[m] = s_measured[k]
         s_computed[m] = s_computed[k] + j
         s_tokens[m] = s_tokens[k] + j
-        s_blocks[m] = max(s_blocks[k], ceil_div_nb(s_computed[m], bs))
+        s_blocks[m] = max(s_blocks[k], ceil_div_pow2_nb(s_computed[m], bs))
         s_last[m] = t
         s_sample[m] = -1
         s_max_itl[m] = max(s_max_itl[k], worst_gap)

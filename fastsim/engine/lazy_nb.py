@@ -34,9 +34,9 @@ from numba import njit
 
 from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
-from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_nb,
-                                     final_blocks_nb, itl_add_nb, itl_bin_nb, reserved_blocks_nb,
-                                     sort_by_key_nb)
+from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
+                                     div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_nb, mod_pow2_nb,
+                                     reserved_blocks_nb, sort_by_key_nb)
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, LAYERS, attention_time_nb
 
 # slot states in lazy form
@@ -135,7 +135,7 @@ def _write_out(lz, r, k, slots, bs):
     D = cnt[r, C_D]
     s_max_itl[r, k] = max(s_max_itl[r, k], _stk_query(lz, r, s_stamp[r, k]))
     s_tokens[r, k] += D - s_stamp[r, k]
-    s_blocks[r, k] = max(s_blocks[r, k], ceil_div_nb(s_tokens[r, k] - 1, bs))
+    s_blocks[r, k] = max(s_blocks[r, k], ceil_div_pow2_nb(s_tokens[r, k] - 1, bs))
     s_stamp[r, k] = D
 
 
@@ -143,7 +143,7 @@ def _write_out(lz, r, k, slots, bs):
 def _phase(lz, r, k, slots, bs):
     """The step (mod block_size) at which lazy decoder k takes a new block: when the room left in its
     last block at its join, counted down one token a step, runs out."""
-    return (lz[3][r, k] + slots[5][r, k] * bs - (slots[2][r, k] - 1)) % bs
+    return mod_pow2_nb(lz[3][r, k] + slots[5][r, k] * bs - (slots[2][r, k] - 1), bs)
 
 
 # -- joining and leaving the lazy decoders --------------------------------------------------------
@@ -377,7 +377,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
     left = ri[E.RI_MAX_TOKENS] - n
     if left < 0:
         return False, 0, agg
-    need = phase[r, D % bs] if n > 0 else 0
+    need = phase[r, mod_pow2_nb(D, bs)] if n > 0 else 0
     for x in range(cnt[r, C_NEX]):
         k = ex_slot[r, x]
         wish, new = _chunk(s_tokens[r, k] - s_computed[r, k], thr, left)
@@ -417,7 +417,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         if ri[E.RI_CHUNKED] == 0 and new > left:
             break
         new = min(new, left)
-        need = ceil_div_nb(done + new, bs)
+        need = ceil_div_pow2_nb(done + new, bs)
         if need > free[r]:
             break
         final = final_blocks_nb(prompt[i], output[i], bs)
@@ -506,9 +506,10 @@ def _elapsed(b0, a1, a2, j):
 @njit(cache=True, error_model="numpy", inline="always")
 def _blocks_used(phase, r, D, bs, n, k):
     """Blocks the lazy decoders take over the k iterations from clock D."""
-    used = (k // bs) * n
-    f = (D + (k // bs) * bs) % bs
-    for _ in range((k // bs) * bs, k):  # the phase counts up and wraps: one division, not one a step
+    cycles = div_pow2_nb(k, bs)
+    used = cycles * n
+    f = mod_pow2_nb(D + cycles * bs, bs)
+    for _ in range(cycles * bs, k):  # the phase counts up and wraps, not a modulo a step
         used += phase[r, f]
         f += 1
         if f == bs:
@@ -519,12 +520,12 @@ def _blocks_used(phase, r, D, bs, n, k):
 @njit(cache=True, error_model="numpy", inline="always")
 def _blocks_fit(phase, r, D, bs, n, free, kmax):
     """The most iterations (<= kmax) from clock D whose block allocations fit in `free`."""
-    cyc = kmax // bs
+    cyc = div_pow2_nb(kmax, bs)
     if n > 0:
         cyc = min(cyc, free // n)
     used = cyc * n
     j = cyc * bs
-    f = (D + j) % bs
+    f = mod_pow2_nb(D + j, bs)
     while j < kmax:
         nd = phase[r, f]
         if used + nd > free:
@@ -600,7 +601,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             reserved_ok = ri[E.RI_NO_EVICT] == 0 or (
                 reserved_blocks_nb(s_prompt[r], s_output[r], lz[5][r], lz[5].shape[1], True, bs)
                 + final_blocks_nb(prompt[i], output[i], bs) <= ri[E.RI_NUM_BLOCKS])
-            if chunk_ok and reserved_ok and ceil_div_nb(done + new, bs) <= free_r - phase[r, D % bs]:
+            if chunk_ok and reserved_ok and ceil_div_pow2_nb(done + new, bs) <= free_r - phase[r, mod_pow2_nb(D, bs)]:
                 return 0, t_r, 0, 0
     overhead = p[FRAMEWORK_OVERHEAD_S]
     tok_off, seq_off = ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF]

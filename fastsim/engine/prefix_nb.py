@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from fastsim.engine.batch_nb import div_pow2_nb
+
 EMPTY = -1
 ROOT_KEY = 0x2545F4914F6CDD1D  # the chain's seed: the "parent" of every first block
 _MASK63 = (1 << 63) - 1
@@ -223,7 +225,7 @@ def apc_lookup_nb(apc, r, req, num_tokens, block_size, hit_buf):
     else:
         rep[r, MEMO_STAMP] += 1
     stamp = rep[r, MEMO_STAMP]
-    while hits < (num_tokens - 1) // block_size:
+    while hits < div_pow2_nb(num_tokens - 1, block_size):
         k = mix_nb(key, block_content_nb(req, hits, block_size, content, rep[r, SOURCE_TOKENS]))
         b = ht_find_nb(keys, vals, k)
         if b == EMPTY:
@@ -243,7 +245,7 @@ def apc_match_nb(apc, r, req, num_tokens, block_size, hits=0, key=ROOT_KEY):
     Resumes from (hits, key) of an earlier match if no block was evicted since. Returns (hits, key)."""
     rep, content = apc[2], apc[4]
     keys, vals = _table(apc, r)
-    while hits < (num_tokens - 1) // block_size:
+    while hits < div_pow2_nb(num_tokens - 1, block_size):
         k = mix_nb(key, block_content_nb(req, hits, block_size, content, rep[r, SOURCE_TOKENS]))
         if keys[_probe(keys, k)] != k:
             break
