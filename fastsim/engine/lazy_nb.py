@@ -521,8 +521,8 @@ def _blocks_used(phase, r, D, bs, n, k):
 def _blocks_fit(phase, r, D, bs, n, free, kmax):
     """The most iterations (<= kmax) from clock D whose block allocations fit in `free`."""
     cyc = div_pow2_nb(kmax, bs)
-    if n > 0:
-        cyc = min(cyc, free // n)
+    if cyc * n > free:  # (a division only when the blocks run out first)
+        cyc = free // n
     used = cyc * n
     j = cyc * bs
     f = mod_pow2_nb(D + j, bs)
