@@ -400,54 +400,58 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
     lz_done_reqs = (prompt, generated, status, finish, max_itl, first_tok)
     lz_run_reqs = (prompt, output, generated, status, finish, max_itl, gen0, first_sched)
     lz_replicas = (n_running, free, stage_free, rep_time)
+    chain_t = -1.0  # >= 0: replica r decides again at this time without going through the tree
     while n_left > 0:
         if progress[1] != 0:
             break  # the caller's wall-clock budget ran out: the rest stays unfinished
-        if record_timeline and n_tl >= timeline.shape[0]:
-            loop_state[0], loop_state[1], loop_state[2], loop_state[3] = n_left, a, rr_next, n_tl
-            return True
-        t_arr = arrival[a] if a < n else INF
-        ai = a
-        if h_n[0] > 0 and h_t[0, 0] < t_arr:
-            t_arr = h_t[0, 0]
-            ai = h_i[0, 0]
-        r = _tree_argmin(tree, leaves)
-        t_r = tree[leaves + r]
-        if t_arr == INF and t_r == INF:
-            break  # nothing can move: the rest stays unfinished
-        if t_arr <= t_r:  # an arrival at the very time of a decision is seen by it
-            if t_arr > max_time_s:
-                break
-            if ai == a:
-                a += 1
-                while a < n and think_s[a] >= 0:
+        if chain_t >= 0.0:  # the same replica decides again: nothing else can happen before
+            t_r, chain_t = chain_t, -1.0
+        else:
+            if record_timeline and n_tl >= timeline.shape[0]:
+                loop_state[0], loop_state[1], loop_state[2], loop_state[3] = n_left, a, rr_next, n_tl
+                return True
+            t_arr = arrival[a] if a < n else INF
+            ai = a
+            if h_n[0] > 0 and h_t[0, 0] < t_arr:
+                t_arr = h_t[0, 0]
+                ai = h_i[0, 0]
+            r = _tree_argmin(tree, leaves)
+            t_r = tree[leaves + r]
+            if t_arr == INF and t_r == INF:
+                break  # nothing can move: the rest stays unfinished
+            if t_arr <= t_r:  # an arrival at the very time of a decision is seen by it
+                if t_arr > max_time_s:
+                    break
+                if ai == a:
                     a += 1
-            else:
-                hp.heap_pop_nb(h_t, h_i, h_n, 0)
-            if not rejected[ai]:
-                if stateless:
-                    dst = dest[ai]
-                    own_next[dst] = next_same[ai]
+                    while a < n and think_s[a] >= 0:
+                        a += 1
                 else:
-                    dst = _route(policy, route_params, ai, n_rep, rr_next, draw, session, session_replica,
-                                 outstanding, used_frac, apc, rep_int, prompt)
-                    rr_next += 1
-                if session[ai] >= 0 and session_replica[session[ai]] < 0:
-                    session_replica[session[ai]] = dst
-                replica[ai] = dst
-                rep_requests[dst] += 1
-                outstanding[dst] += 1
-                if q_tail[dst] < 0:
-                    q_head[dst] = ai
-                else:
-                    q_next[q_tail[dst]] = ai
-                q_tail[dst] = ai
-                n_waiting[dst] += 1
-                if tree[leaves + dst] == INF:
-                    _tree_update(tree, leaves, dst, t_arr)
-            continue
-        if t_r > max_time_s:
-            break
+                    hp.heap_pop_nb(h_t, h_i, h_n, 0)
+                if not rejected[ai]:
+                    if stateless:
+                        dst = dest[ai]
+                        own_next[dst] = next_same[ai]
+                    else:
+                        dst = _route(policy, route_params, ai, n_rep, rr_next, draw, session, session_replica,
+                                     outstanding, used_frac, apc, rep_int, prompt)
+                        rr_next += 1
+                    if session[ai] >= 0 and session_replica[session[ai]] < 0:
+                        session_replica[session[ai]] = dst
+                    replica[ai] = dst
+                    rep_requests[dst] += 1
+                    outstanding[dst] += 1
+                    if q_tail[dst] < 0:
+                        q_head[dst] = ai
+                    else:
+                        q_next[q_tail[dst]] = ai
+                    q_tail[dst] = ai
+                    n_waiting[dst] += 1
+                    if tree[leaves + dst] == INF:
+                        _tree_update(tree, leaves, dst, t_arr)
+                continue
+            if t_r > max_time_s:
+                break
 
         # ---- replica r's decision at time t_r ------------------------------------------------
         ri = rep_int[r]
@@ -670,7 +674,14 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             nxt = max(stage_free[r, 0], t_r + p[FRAMEWORK_OVERHEAD_S])  # the next micro-batch
         else:
             nxt = fl_end[r, fl_head[r]]  # every virtual engine busy: wait for the oldest batch
-        _tree_update(tree, leaves, r, nxt)
+        if lazy_r and lz[0][r, lz_nb.C_ON] != 0 and stages == 1 and n_sched > 0 and nxt <= max_time_s and \
+                nxt < _outside_events(r, nxt, stateless, arrival, own_next, a, n, h_t, h_n, has_turns, n_rep, policy,
+                                      tree, leaves)[0]:
+            # Fast mode: nothing can arrive before this batch ends and nothing else reads this replica,
+            # so it decides at its end next, straight away (the tree keeps its old time until then).
+            chain_t = nxt
+        else:
+            _tree_update(tree, leaves, r, nxt)
 
     loop_state[0], loop_state[1], loop_state[2], loop_state[3] = n_left, a, rr_next, n_tl
     return False
