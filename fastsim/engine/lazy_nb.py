@@ -630,9 +630,9 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         # arrival, and if it ends within the time limit: the most that do (monotone in j). Most
         # runs end at a finish, not an arrival: kmax is tried first.
         lo, hi, j = 0, kmax, kmax
-        while lo < hi:
-            ok = (total + j == 1 or t + _elapsed(b0, a1, a2, j - 1) < t_arrival) and \
-                t + _elapsed(b0, a1, a2, j) <= max_time_s
+        while lo < hi:  # (an infinite bound needs no sum: most runs have no time limit)
+            ok = (total + j == 1 or t_arrival == np.inf or t + _elapsed(b0, a1, a2, j - 1) < t_arrival) and \
+                (max_time_s == np.inf or t + _elapsed(b0, a1, a2, j) <= max_time_s)
             if ok:
                 lo = j
             else:
@@ -640,7 +640,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             j = (lo + hi + 1) // 2
         k = lo
         stop = k < kmax
-        if k == next_fin and t + _elapsed(b0, a1, a2, k) >= finish_by:  # ties: the arrival first
+        if k == next_fin and finish_by < np.inf and t + _elapsed(b0, a1, a2, k) >= finish_by:  # ties: arrival first
             k -= 1
             stop = True
         if k == 0:
