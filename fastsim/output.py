@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -13,18 +16,38 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+@contextmanager
+def _uninterruptible():
+    """Ctrl-C waits until the file is whole or gone: a SIGINT that comes meanwhile is noted and sent
+    again when the block ends. Catching KeyboardInterrupt is not enough: it can land after the
+    temporary file is made and before there is a name to remove (an interrupted sweep left one
+    behind). Python handles signals in the main thread only; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if came:
+            os.kill(os.getpid(), signal.SIGINT)  # now handled as it would have been
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _uninterruptible():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            os.chmod(tmp, _umask_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _tmp_path(path: Path) -> Path:
@@ -41,22 +64,23 @@ def write_table_atomic(table, path: str | Path, fmt: str) -> Path:
 
     path = Path(path).with_suffix({"parquet": ".parquet", "arrow": ".arrow", "csv": ".csv"}[fmt])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        if fmt == "parquet":
-            pq.write_table(table, tmp)
-        elif fmt == "arrow":
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-        else:  # CSV has no dictionary type: write plain strings
-            plain = table.cast(pa.schema([pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type)
-                                          else f for f in table.schema]))
-            pacsv.write_csv(plain, tmp)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _uninterruptible():
+        tmp = _tmp_path(path)
+        try:
+            if fmt == "parquet":
+                pq.write_table(table, tmp)
+            elif fmt == "arrow":
+                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                    writer.write_table(table)
+            else:  # CSV has no dictionary type: write plain strings
+                plain = table.cast(pa.schema([pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type)
+                                              else f for f in table.schema]))
+                pacsv.write_csv(plain, tmp)
+            os.chmod(tmp, _umask_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 

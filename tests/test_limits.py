@@ -119,6 +119,33 @@ def test_ctrl_c_during_a_run_leaves_no_half_written_file(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.parametrize("kind", ["json", "table"])
+def test_ctrl_c_in_the_middle_of_a_write_waits_for_the_whole_file(tmp_path, monkeypatch, kind):
+    """A SIGINT that comes while a result file is being written: the file is finished (renamed into
+    place, no temporary left) and only then does the KeyboardInterrupt come."""
+    import os
+    import signal
+
+    import pyarrow as pa
+
+    from fastsim import output
+
+    real_replace = os.replace
+
+    def interrupted_replace(src, dst):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C just before the rename
+        time.sleep(0.01)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(output.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        if kind == "json":
+            output.write_json_atomic(tmp_path / "point.json", {"status": "ok"})
+        else:
+            output.write_table_atomic(pa.table({"x": [1, 2, 3]}), tmp_path / "requests", "parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["point.json"] if kind == "json" else ["requests.parquet"])
+
+
 def test_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path):
     import yaml
 
