@@ -35,25 +35,31 @@ def _uninterruptible():
             os.kill(os.getpid(), signal.SIGINT)  # now handled as it would have been
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _uninterruptible():
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.chmod(tmp, _umask_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
 def _tmp_path(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     return Path(tmp)
+
+
+@contextmanager
+def _replacing(path: Path):
+    """Yields a temporary path beside `path`: if the block completes, it becomes `path`; if not, it
+    is removed. The one way results are written, so every writer gets the same guarantees."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _uninterruptible():
+        tmp = _tmp_path(path)
+        try:
+            yield tmp
+            os.chmod(tmp, _umask_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with _replacing(Path(path)) as tmp:
+        tmp.write_text(text)
 
 
 def write_table_atomic(table, path: str | Path, fmt: str) -> Path:
@@ -63,24 +69,16 @@ def write_table_atomic(table, path: str | Path, fmt: str) -> Path:
     import pyarrow.parquet as pq
 
     path = Path(path).with_suffix({"parquet": ".parquet", "arrow": ".arrow", "csv": ".csv"}[fmt])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _uninterruptible():
-        tmp = _tmp_path(path)
-        try:
-            if fmt == "parquet":
-                pq.write_table(table, tmp)
-            elif fmt == "arrow":
-                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                    writer.write_table(table)
-            else:  # CSV has no dictionary type: write plain strings
-                plain = table.cast(pa.schema([pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type)
-                                              else f for f in table.schema]))
-                pacsv.write_csv(plain, tmp)
-            os.chmod(tmp, _umask_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    with _replacing(path) as tmp:
+        if fmt == "parquet":
+            pq.write_table(table, tmp)
+        elif fmt == "arrow":
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+        else:  # CSV has no dictionary type: write plain strings
+            plain = table.cast(pa.schema([pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type)
+                                          else f for f in table.schema]))
+            pacsv.write_csv(plain, tmp)
     return path
 
 
