@@ -90,12 +90,13 @@ def itl_bin_edges_s() -> np.ndarray:
 
 
 def itl_stats_from_histogram(hist: np.ndarray, stats: np.ndarray) -> dict[str, float]:
-    """ITL over every token gap of the run: mean and std exact, percentiles to one log bin."""
+    """ITL over every token gap of the run: mean and std exact, percentiles to one bin."""
     count, total, sumsq = stats
     if count == 0:
         return _stats("itl_ms", np.zeros(0))
     mean = total / count
-    mids = np.sqrt(itl_bin_edges_s()[:-1] * itl_bin_edges_s()[1:]) * 1e3
+    edges = itl_bin_edges_s()
+    mids = np.sqrt(edges[:-1] * edges[1:]) * 1e3
     cum = np.cumsum(hist)
 
     def pct(q: float) -> float:
