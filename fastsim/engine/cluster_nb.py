@@ -410,6 +410,8 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             if record_timeline and n_tl >= timeline.shape[0]:
                 loop_state[0], loop_state[1], loop_state[2], loop_state[3] = n_left, a, rr_next, n_tl
                 return True
+            while a < n and replica[a] >= 0:  # already taken in at its replica's decision (see below)
+                a += 1
             t_arr = arrival[a] if a < n else INF
             ai = a
             if h_n[0] > 0 and h_t[0, 0] < t_arr:
@@ -436,17 +438,8 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                         dst = _route(policy, route_params, ai, n_rep, rr_next, draw, session, session_replica,
                                      outstanding, used_frac, apc, rep_int, prompt)
                         rr_next += 1
-                    if session[ai] >= 0 and session_replica[session[ai]] < 0:
-                        session_replica[session[ai]] = dst
-                    replica[ai] = dst
-                    rep_requests[dst] += 1
-                    outstanding[dst] += 1
-                    if q_tail[dst] < 0:
-                        q_head[dst] = ai
-                    else:
-                        q_next[q_tail[dst]] = ai
-                    q_tail[dst] = ai
-                    n_waiting[dst] += 1
+                    _enqueue(ai, dst, session, session_replica, replica, rep_requests, outstanding, q_head, q_tail,
+                             q_next, n_waiting)
                     if tree[leaves + dst] == INF:
                         _tree_update(tree, leaves, dst, t_arr)
                 continue
@@ -462,6 +455,16 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
         v0 = ri[E.RI_V0] != 0
         lazy_r = lz_ok[r]
         on = lazy_r and lz[0][r, lz_nb.C_ON] != 0
+        own = stateless and lazy_r  # takes in its own arrivals and decides in a chain (fast mode)
+        if own:
+            # Routing reads no state, so this replica's arrivals concern no one else: it takes in
+            # those due by now itself (as the loop would have, just before this decision), and the
+            # loop's pointer skips them.
+            while own_next[r] >= 0 and arrival[own_next[r]] <= t_r:
+                ai = own_next[r]
+                own_next[r] = next_same[ai]
+                _enqueue(ai, r, session, session_replica, replica, rep_requests, outstanding, q_head, q_tail,
+                         q_next, n_waiting)
         # 1. batches that have completed by now deliver their tokens
         while fl_count[r] > 0 and fl_end[r, fl_head[r]] <= t_r:
             end = fl_end[r, fl_head[r]]
@@ -517,7 +520,10 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 rep_peak[r] = max(rep_peak[r], peak)
                 used_frac[r] = (ri[E.RI_NUM_BLOCKS] - free[r]) / ri[E.RI_NUM_BLOCKS]
                 # Busy until the last stepped iteration ends, even if every request has left.
-                _tree_update(tree, leaves, r, t_end)
+                if own and on and t_end <= max_time_s:
+                    chain_t = t_end
+                else:
+                    _tree_update(tree, leaves, r, t_end)
                 continue
 
         # 2. a new batch, if a virtual engine is free
@@ -674,11 +680,14 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             nxt = max(stage_free[r, 0], t_r + p[FRAMEWORK_OVERHEAD_S])  # the next micro-batch
         else:
             nxt = fl_end[r, fl_head[r]]  # every virtual engine busy: wait for the oldest batch
-        if lazy_r and lz[0][r, lz_nb.C_ON] != 0 and stages == 1 and n_sched > 0 and nxt <= max_time_s and \
-                nxt < _outside_events(r, nxt, stateless, arrival, own_next, a, n, h_t, h_n, has_turns, n_rep, policy,
-                                      tree, leaves)[0]:
-            # Fast mode: nothing can arrive before this batch ends and nothing else reads this replica,
-            # so it decides at its end next, straight away (the tree keeps its old time until then).
+        if own and nxt == INF and own_next[r] >= 0:
+            nxt = arrival[own_next[r]]  # idle: its own next arrival wakes it
+        if lazy_r and lz[0][r, lz_nb.C_ON] != 0 and stages == 1 and (n_sched > 0 or own) and nxt <= max_time_s and nxt < INF and \
+                (own or nxt < _outside_events(r, nxt, stateless, arrival, own_next, a, n, h_t, h_n, has_turns, n_rep,
+                                              policy, tree, leaves)[0]):
+            # Fast mode: nothing can arrive before this batch ends (or what arrives is this replica's
+            # own, taken in at the decision) and nothing else reads this replica, so it decides at its
+            # end next, straight away (the tree keeps its old time until then).
             chain_t = nxt
         else:
             _tree_update(tree, leaves, r, nxt)
@@ -852,6 +861,22 @@ def _longest_prefix_first(apc, r, head, q_next, prompt, generated, block_size, l
         before = i
         i = q_next[i]
     return best, best_before
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _enqueue(i, r, session, session_replica, replica, rep_requests, outstanding, q_head, q_tail, q_next, n_waiting):
+    """Request i, arrived, joins the back of replica r's waiting queue."""
+    if session[i] >= 0 and session_replica[session[i]] < 0:
+        session_replica[session[i]] = r
+    replica[i] = r
+    rep_requests[r] += 1
+    outstanding[r] += 1
+    if q_tail[r] < 0:
+        q_head[r] = i
+    else:
+        q_next[q_tail[r]] = i
+    q_tail[r] = i
+    n_waiting[r] += 1
 
 
 @njit(cache=True, error_model="numpy", inline="always")
