@@ -1,4 +1,4 @@
-"""The arrival heap against heapq on random pushes and pops."""
+"""The heaps against heapq on random pushes and pops."""
 import heapq
 
 import numpy as np
@@ -22,3 +22,21 @@ def test_heap_pops_in_time_then_index_order_like_heapq(ops):
         assert h_n[1] == len(ref) and h_n[0] == 0
     while ref:
         assert hp.heap_pop_nb(h_t, h_i, h_n, 1) == heapq.heappop(ref)
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.booleans()), max_size=80))
+def test_key_heap_pops_its_smallest_key_like_heapq(ops):
+    """Fast mode's finish heap: distinct int64 keys (iteration, then slot, packed)."""
+    n = len(ops)
+    h, h_n = np.zeros((2, max(n, 1)), np.int64), np.zeros(2, np.int64)
+    ref = []
+    for i, (v, pop) in enumerate(ops):
+        if pop and ref:
+            assert hp.key_pop_nb(h, h_n, 1) == heapq.heappop(ref)
+        else:
+            key = (v << 20) | i
+            hp.key_push_nb(h, h_n, 1, key)
+            heapq.heappush(ref, key)
+        assert h_n[1] == len(ref) and h_n[0] == 0
+    while ref:
+        assert hp.key_pop_nb(h, h_n, 1) == heapq.heappop(ref)

@@ -1,6 +1,7 @@
-"""Binary min-heaps of (time, index) in the rows of 2-D arrays (one heap per row, its size in h_n[row]),
-popped in time order, ties by index so runs repeat exactly: the arrivals the simulation creates as
-it runs (the next turn of a conversation), and in fast mode each replica's finishing decoders.
+"""Binary min-heaps in the rows of 2-D arrays (one heap per row, its size in h_n[row]): of (time, index),
+popped in time order, ties by index so runs repeat exactly, for the arrivals the simulation creates
+as it runs (the next turn of a conversation); and of distinct integer keys, for fast mode's
+finishing decoders (iteration and slot in one int64: one comparison, one array).
 Heaps are addressed by row, not passed as row views: a view costs an atomic reference count."""
 from __future__ import annotations
 
@@ -53,6 +54,43 @@ def heap_pop_nb(h_t, h_i, h_n, row):
         _swap(h_t, h_i, row, k, c)
         k = c
     return t, i
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def key_push_nb(h, h_n, row, key):
+    """Add `key` (distinct from every key in it) to heap `row` of h."""
+    k = h_n[row]
+    h_n[row] = k + 1
+    while k > 0:  # the new key sinks in from the bottom: parents move down into its hole
+        parent = (k - 1) >> 1
+        up = h[row, parent]
+        if up < key:
+            break
+        h[row, k] = up
+        k = parent
+    h[row, k] = key
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def key_pop_nb(h, h_n, row):
+    """Remove and return the smallest key of heap `row` of h."""
+    top = h[row, 0]
+    last = h_n[row] - 1
+    h_n[row] = last
+    key = h[row, last]
+    k = 0
+    while True:  # the last key settles from the root: smaller children move up into its hole
+        c = 2 * k + 1
+        if c >= last:
+            break
+        if c + 1 < last and h[row, c + 1] < h[row, c]:
+            c += 1
+        if h[row, c] > key:
+            break
+        h[row, k] = h[row, c]
+        k = c
+    h[row, k] = key
+    return top
 
 
 @njit(cache=True, error_model="numpy", inline="always")  # a call in the completion loops slows them

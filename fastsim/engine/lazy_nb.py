@@ -58,6 +58,8 @@ C_STKN = 9       # max-gap stack size
 C_COOL = 10      # decisions to wait before trying lazy form again
 N_C = 11
 
+# A finishing decoder's heap key: the iteration it finishes at, then its slot (max_num_seqs <= 2^20).
+SLOT_BITS = 20
 STACK_CAP = 1024
 COOLDOWN = 8
 
@@ -75,19 +77,18 @@ def lazy_state_nb(n_rep, max_seqs, max_bs, on):
     s_state = np.zeros((n_rep, max_seqs), np.int64)
     free_slots = np.zeros((n_rep, max_seqs), np.int64)
     ex_slot = np.zeros((n_rep, max_seqs), np.int64)
-    fh_t = np.zeros((n_rep, max_seqs))
-    fh_i = np.zeros((n_rep, max_seqs), np.int64)
+    fh = np.zeros((n_rep, max_seqs), np.int64)
     fh_n = np.zeros(n_rep, np.int64)
     stk_d = np.zeros((n_rep, STACK_CAP), np.int64)
     stk_g = np.zeros((n_rep, STACK_CAP))
-    return (cnt, t_last, phase, s_stamp, s_seq, s_state, free_slots, ex_slot, fh_t, fh_i, fh_n, stk_d, stk_g)
+    return (cnt, t_last, phase, s_stamp, s_seq, s_state, free_slots, ex_slot, fh, fh_n, stk_d, stk_g)
 
 
 # -- per-request worst gap: a stack of (iteration, gap) with gaps falling from bottom to top --------
 @njit(cache=True, error_model="numpy", inline="always")
 def _stk_query(lz, r, lo):
     """The largest gap of the iterations after `lo` (0.0 if none)."""
-    cnt, stk_d, stk_g = lz[0], lz[11], lz[12]
+    cnt, stk_d, stk_g = lz[0], lz[10], lz[11]
     n = cnt[r, C_STKN]
     a, b = 0, n
     while a < b:  # first entry with iteration > lo; every later one is smaller
@@ -102,7 +103,7 @@ def _stk_query(lz, r, lo):
 @njit(cache=True, error_model="numpy", inline="always")
 def _stk_push(lz, r, d, g, slots, bs):
     """Iteration d (the latest) had gap g. A full stack is folded into the slots' own maxima."""
-    cnt, stk_d, stk_g = lz[0], lz[11], lz[12]
+    cnt, stk_d, stk_g = lz[0], lz[10], lz[11]
     n = cnt[r, C_STKN]
     while n > 0 and stk_g[r, n - 1] <= g:
         n -= 1
@@ -150,7 +151,7 @@ def _phase(lz, r, k, slots, bs):
 @njit(cache=True, error_model="numpy", inline="always")
 def _join(lz, r, k, slots, bs):
     """Slot k has just sampled a token and decodes from now on (its KV is one token behind)."""
-    cnt, phase, s_stamp, s_seq, s_state, fh_t, fh_i = lz[0], lz[2], lz[3], lz[4], lz[5], lz[8], lz[9]
+    cnt, phase, s_stamp, s_seq, s_state = lz[0], lz[2], lz[3], lz[4], lz[5]
     s_prompt, s_tokens, s_output, s_measured = slots[1], slots[2], slots[4], slots[8]
     D = cnt[r, C_D]
     tokens = s_tokens[r, k]
@@ -161,7 +162,7 @@ def _join(lz, r, k, slots, bs):
     cnt[r, C_NMEAS] += s_measured[r, k]
     cnt[r, C_MAXDEC] = max(cnt[r, C_MAXDEC], s_seq[r, k])
     phase[r, _phase(lz, r, k, slots, bs)] += 1
-    hp.heap_push_nb(fh_t, fh_i, lz[10], r, float(D + s_output[r, k] - (tokens - s_prompt[r, k])), k)
+    hp.key_push_nb(lz[8], lz[9], r, ((D + s_output[r, k] - (tokens - s_prompt[r, k])) << SLOT_BITS) | k)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -184,12 +185,12 @@ def _leave(lz, r, k, slots, bs):
 def _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns):
     """Lazy decoders whose last token came at `end` (the clock now) leave. Returns (requests finished,
     blocks freed, the earliest next turn they make due)."""
-    cnt, fh_t, fh_i, fh_n = lz[0], lz[8], lz[9], lz[10]
+    cnt, fh, fh_n = lz[0], lz[8], lz[9]
     s_req, s_output = slots[0], slots[4]
     D = cnt[r, C_D]
     done, freed, due = 0, 0, np.inf
-    while fh_n[r] > 0 and fh_t[r, 0] <= D:
-        _, k = hp.heap_pop_nb(fh_t, fh_i, fh_n, r)
+    while fh_n[r] > 0 and fh[r, 0] >> SLOT_BITS <= D:
+        k = hp.key_pop_nb(fh, fh_n, r) & ((1 << SLOT_BITS) - 1)
         blocks, worst = _leave(lz, r, k, slots, bs)
         i = s_req[r, k]
         finish[i] = end
@@ -215,7 +216,7 @@ def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs):
         phase[r, f] = 0
     for c in (C_NDEC, C_SUML, C_NMEAS, C_NEX, C_STKN):
         cnt[r, c] = 0
-    lz[10][r] = 0
+    lz[9][r] = 0
     cnt[r, C_MAXDEC] = -1
     t_last[r] = t_r
     for k in range(n):
@@ -568,7 +569,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     stretch: an arrival, a due preemption, a finish while requests wait or after `finish_by`, the
     time limit), summed in closed form between the finishes on the way. Returns
     (iterations, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0)."""
-    cnt, phase, fh_t = lz[0], lz[2], lz[8]
+    cnt, phase, fh = lz[0], lz[2], lz[8]
     tok_table, seq_table = tables
     n_running, free, stage_free, rep_time = replicas
     q_head, n_waiting = queue[0], queue[3]
@@ -586,7 +587,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     if n_waiting[r] > 0:
         # A finish frees room the scheduler would admit into: stop before it. A head blocked now
         # stays blocked until then (free blocks only shrink, the batch is unchanged).
-        last_iter = int(fh_t[r, 0]) - D - 1
+        last_iter = (fh[r, 0] >> SLOT_BITS) - D - 1
         if last_iter <= 0:
             return 0, t_r, 0, 0
         if n_running[r] < ri[E.RI_MAX_SEQS] and budget - n > 0:
@@ -610,7 +611,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     done = 0
     peak = 0
     while n > 0:
-        next_fin = int(fh_t[r, 0]) - D
+        next_fin = (fh[r, 0] >> SLOT_BITS) - D
         kmax = _blocks_fit(phase, r, D, bs, n, free_r, min(next_fin, last_iter - total))
         if kmax <= 0:
             break
