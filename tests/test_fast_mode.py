@@ -59,7 +59,8 @@ def test_binning_a_run_of_gaps_matches_binning_each(b0, slope, k, count):
     np.testing.assert_array_equal(hist, want)
 
 
-@given(x=st.one_of(st.floats(0, 1e6), st.sampled_from([E.ITL_MIN_S, E.ITL_MAX_S, 1.0, 0.5, 2.0 ** -30, 1e30])))
+@given(x=st.one_of(st.floats(-1e6, 1e6), st.sampled_from([E.ITL_MIN_S, E.ITL_MAX_S, 1.0, 0.5, 2.0 ** -30, 1e30, 0.0,
+                                                            -0.0, -1e-300, -1e30])))
 def test_itl_bin_is_the_octave_and_leading_mantissa_bits(x):
     b = itl_bin_nb(x)
     assert b == reference_bin(x)

@@ -61,6 +61,7 @@ N_C = 11
 # A finishing decoder's heap key: the iteration it finishes at, then its slot (max_num_seqs <= 2^20).
 SLOT_BITS = 20
 STACK_CAP = 1024
+BIN_EACH_MAX = 32  # runs up to this many iterations bin each gap; longer ones bisect for the bin edges
 COOLDOWN = 8
 
 
@@ -543,6 +544,12 @@ def _blocks_fit(phase, r, D, bs, n, free, kmax):
 def _bin_run(itl_acc, b0, a1, a2, k, count):
     """k gaps b0 + a1 u + a2 u^2 (u = 0..k-1, non-decreasing), each `count` times, into the histogram."""
     itl_hist = itl_acc[0]
+    if k <= BIN_EACH_MAX:
+        # Binning each gap costs a few instructions and no branch; a bisection's branches are
+        # coin flips, so it pays only for long runs.
+        for u in range(k):
+            itl_hist[itl_bin_nb(b0 + a1 * u + a2 * u * u)] += count
+        return
     top = itl_bin_nb(b0 + a1 * (k - 1) + a2 * (k - 1) * (k - 1))
     lo = 0
     while lo < k:
