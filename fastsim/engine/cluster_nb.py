@@ -480,7 +480,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             outstanding[r] -= done
             n_left -= done
             progress[0] += done
-            fl_head[r] = (fl_head[r] + 1) % max_stages
+            fl_head[r] = _wrap(fl_head[r] + 1, max_stages)
             fl_count[r] -= 1
         if h_n[0] > 0 and h_t[0, 0] <= t_r:
             # A next turn due now (no think time) is an arrival at this decision: let it arrive first.
@@ -648,7 +648,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 start = max(t, stage_free[r, s])
                 t = start + body + (head if s == stages - 1 else send)
                 stage_free[r, s] = t
-            slot = (fl_head[r] + fl_count[r]) % max_stages
+            slot = _wrap(fl_head[r] + fl_count[r], max_stages)
             fl_end[r, slot] = t
             fl_id[r, slot] = bid
             fl_count[r] += 1
@@ -861,6 +861,13 @@ def _longest_prefix_first(apc, r, head, q_next, prompt, generated, block_size, l
         before = i
         i = q_next[i]
     return best, best_before
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _wrap(i, m):
+    """i mod m for 0 <= i < 2m: a position in a ring of m, without an integer division (~40 cycles,
+    twice per batch)."""
+    return i - m if i >= m else i
 
 
 @njit(cache=True, error_model="numpy", inline="always")
