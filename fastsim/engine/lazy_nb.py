@@ -490,10 +490,12 @@ def fit_nb(p, n, keys0, g0, N):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def power_sums_nb(m):
-    """Sums of u^0..u^4 over u = 0..m, as floats."""
+    """Sums of u^0..u^4 over u = 0..m, as floats (to an ulp or two: the thirds and thirtieths are
+    multiplications, a division would lengthen every run's chain of dependent arithmetic)."""
     f = float(m)
-    return (f + 1.0, f * (f + 1.0) / 2.0, f * (f + 1.0) * (2.0 * f + 1.0) / 6.0, (f * (f + 1.0) / 2.0) ** 2,
-            f * (f + 1.0) * (2.0 * f + 1.0) * (3.0 * f * f + 3.0 * f - 1.0) / 30.0)
+    h = f * (f + 1.0) * 0.5
+    return (f + 1.0, h, h * (2.0 * f + 1.0) * (1.0 / 3.0), h * h,
+            h * (2.0 * f + 1.0) * (3.0 * f * f + 3.0 * f - 1.0) * (1.0 / 15.0))
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -523,6 +525,8 @@ def _blocks_used(phase, r, D, bs, n, k):
 def _blocks_fit(phase, r, D, bs, n, free, kmax):
     """The most iterations (<= kmax) from clock D whose block allocations fit in `free`."""
     cyc = div_pow2_nb(kmax, bs)
+    if (cyc + 1) * n <= free:  # each decoder takes at most one block per block_size iterations
+        return kmax
     if cyc * n > free:  # (a division only when the blocks run out first)
         cyc = free // n
     used = cyc * n
