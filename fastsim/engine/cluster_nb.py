@@ -455,9 +455,10 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
         v0 = ri[E.RI_V0] != 0
         lazy_r = lz_ok[r]
         on = lazy_r and lz[0][r, lz_nb.C_ON] != 0
-        # Fast mode, one replica under stateless routing: it takes in its own arrivals and decides
-        # in a chain. (With more replicas the chain must yield whenever another replica decides
-        # earlier, and 64 replicas measured slower that way than through the tree: not used there.)
+        # Fast mode, a lone replica under stateless routing: nothing else can happen, so it takes in
+        # its own arrivals and decides in a chain, never through the tree. (With more replicas a
+        # chain must yield to any replica deciding earlier; 64 replicas measured slower that way
+        # than through the tree, so they go through it.)
         own = stateless and lazy_r and n_rep == 1
         if own:
             # Routing reads no state, so this replica's arrivals concern no one else: it takes in
@@ -523,9 +524,10 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 rep_peak[r] = max(rep_peak[r], peak)
                 used_frac[r] = (ri[E.RI_NUM_BLOCKS] - free[r]) / ri[E.RI_NUM_BLOCKS]
                 # Busy until the last stepped iteration ends, even if every request has left.
-                _tree_update(tree, leaves, r, t_end)
-                if own and on and t_end <= max_time_s and tree[1] >= t_end:
-                    chain_t = t_end  # (see the end of the decision)
+                if own and on and t_end <= max_time_s:
+                    chain_t = t_end
+                else:
+                    _tree_update(tree, leaves, r, t_end)
                 continue
 
         # 2. a new batch, if a virtual engine is free
@@ -684,20 +686,15 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             nxt = fl_end[r, fl_head[r]]  # every virtual engine busy: wait for the oldest batch
         if own and nxt == INF and own_next[r] >= 0:
             nxt = arrival[own_next[r]]  # idle: its own next arrival wakes it
-        chainable = lazy_r and lz[0][r, lz_nb.C_ON] != 0 and stages == 1 and nxt <= max_time_s and nxt < INF
-        if chainable and n_sched > 0 and nxt < _outside_events(r, nxt, stateless, arrival, own_next, a, n, h_t, h_n,
-                                                               has_turns, n_rep, policy, tree, leaves)[0]:
-            # Fast mode: nothing can arrive before this batch ends and nothing else reads this replica,
-            # so it decides at its end next, straight away (the tree keeps its old time until then).
+        if lazy_r and lz[0][r, lz_nb.C_ON] != 0 and stages == 1 and nxt <= max_time_s and nxt < INF and (
+                own or n_sched > 0 and nxt < _outside_events(r, nxt, stateless, arrival, own_next, a, n, h_t, h_n,
+                                                             has_turns, n_rep, policy, tree, leaves)[0]):
+            # Fast mode: nothing can arrive before this batch ends (or what arrives is a lone
+            # replica's own, taken in at its decision) and nothing else reads this replica, so it
+            # decides next straight away (the tree keeps its old time until the chain ends).
             chain_t = nxt
         else:
             _tree_update(tree, leaves, r, nxt)
-            if own and chainable and tree[1] >= nxt:
-                # What arrives here before then is this replica's own, taken in at its decision, so
-                # when no other replica decides earlier it goes on straight away. (Not further
-                # ahead: a replica chained through its whole workload walks the request arrays with
-                # a stride of the replica count; 64 replicas took 1.3x as long.)
-                chain_t = nxt
 
     loop_state[0], loop_state[1], loop_state[2], loop_state[3] = n_left, a, rr_next, n_tl
     return False

@@ -490,8 +490,8 @@ def fit_nb(p, n, keys0, g0, N):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def power_sums_nb(m):
-    """Sums of u^0..u^4 over u = 0..m, as floats (to an ulp or two: the thirds and thirtieths are
-    multiplications, a division would lengthen every run's chain of dependent arithmetic)."""
+    """Sums of u^0..u^4 over u = 0..m, as floats (to an ulp or two: the thirds and fifteenths are
+    multiplications, as a division would lengthen every run's chain of dependent arithmetic)."""
     f = float(m)
     h = f * (f + 1.0) * 0.5
     return (f + 1.0, h, h * (2.0 * f + 1.0) * (1.0 / 3.0), h * h,
