@@ -82,13 +82,17 @@ def roofline_nb(flops, nbytes, flop_rate, byte_rate, overlap):
     """
     tc = flops / flop_rate
     tm = nbytes / byte_rate
+    if overlap == 4.0:
+        # The default p: two square roots of tc^4 + tm^4, with no division by the larger bound
+        # (fast mode's closed-form runs evaluate this in their chain of dependent arithmetic).
+        # Kernel times lie far from where a fourth power under- or overflows (1e-77 .. 1e77 s).
+        tc2 = tc * tc
+        tm2 = tm * tm
+        return math.sqrt(math.sqrt(tc2 * tc2 + tm2 * tm2))
     hi = max(tc, tm)
     if hi <= 0.0:
         return 0.0
     r = min(tc, tm) / hi
-    if overlap == 4.0:  # the default: two square roots instead of two pow calls, per iteration
-        r2 = r * r
-        return hi * math.sqrt(math.sqrt(1.0 + r2 * r2))
     return hi * (1.0 + r ** overlap) ** (1.0 / overlap)
 
 
