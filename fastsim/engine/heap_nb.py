@@ -56,6 +56,9 @@ def heap_pop_nb(h_t, h_i, h_n, row):
     return t, i
 
 
+_KEY_MAX = np.iinfo(np.int64).max
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def key_push_nb(h, h_n, row, key):
     """Add `key` (distinct from every key in it) to heap `row` of h."""
@@ -73,22 +76,30 @@ def key_push_nb(h, h_n, row, key):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def key_pop_nb(h, h_n, row):
-    """Remove and return the smallest key of heap `row` of h."""
+    """Remove and return the smallest key of heap `row` of h.
+
+    Bottom-up: the hole at the root sinks to a leaf along the smaller children (a select, not a
+    branch: which child is smaller is a coin flip a predictor misses half the time), then the last
+    key, itself from the bottom, rises from there (rarely more than a level)."""
     top = h[row, 0]
     last = h_n[row] - 1
     h_n[row] = last
     key = h[row, last]
+    h[row, last] = _KEY_MAX  # a missing right child is never the smaller one
     k = 0
-    while True:  # the last key settles from the root: smaller children move up into its hole
-        c = 2 * k + 1
-        if c >= last:
-            break
-        if c + 1 < last and h[row, c + 1] < h[row, c]:
-            c += 1
-        if h[row, c] > key:
-            break
+    c = 1
+    while c < last:
+        c += h[row, c + 1] < h[row, c]
         h[row, k] = h[row, c]
         k = c
+        c = 2 * k + 1
+    while k > 0:
+        parent = (k - 1) >> 1
+        up = h[row, parent]
+        if up < key:
+            break
+        h[row, k] = up
+        k = parent
     h[row, k] = key
     return top
 
