@@ -508,6 +508,14 @@ def _elapsed(b0, a1, a2, j):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _runs(t, b0, a1, a2, j, total, t_arrival, max_time_s):
+    """Whether a run's j-th iteration from t runs: it is the call's first or the one before it ends
+    before the next arrival, and it ends within the time limit (an infinite bound needs no sum)."""
+    return (total + j == 1 or t_arrival == np.inf or t + _elapsed(b0, a1, a2, j - 1) < t_arrival) and \
+        (max_time_s == np.inf or t + _elapsed(b0, a1, a2, j) <= max_time_s)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _blocks_used(phase, r, D, bs, n, k):
     """Blocks the lazy decoders take over the k iterations from clock D."""
     cycles = div_pow2_nb(k, bs)
@@ -641,16 +649,23 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         # Iteration j runs if it is the call's first or the one before ended before the next
         # arrival, and if it ends within the time limit: the most that do (monotone in j). Most
         # runs end at a finish, not an arrival: kmax is tried first.
-        lo, hi, j = 0, kmax, kmax
-        while lo < hi:  # (an infinite bound needs no sum: most runs have no time limit)
-            ok = (total + j == 1 or t_arrival == np.inf or t + _elapsed(b0, a1, a2, j - 1) < t_arrival) and \
-                (max_time_s == np.inf or t + _elapsed(b0, a1, a2, j) <= max_time_s)
-            if ok:
-                lo = j
-            else:
-                hi = j - 1
-            j = (lo + hi + 1) // 2
-        k = lo
+        k = kmax
+        if not _runs(t, b0, a1, a2, k, total, t_arrival, max_time_s):
+            # Every gap is at least b0, so no more than (time left) / b0 + 1 iterations fit: start
+            # there (+1 for rounding) and step, about once, to the last that runs, where a
+            # bisection would take log2(kmax) steps whose branches are coin flips.
+            k = kmax - 1
+            fits = min(t_arrival - t, max_time_s - t + b0) / b0
+            if fits < k - 2.0:
+                k = int(fits) + 2 if fits > 0.0 else 1
+            if k > 0:
+                if _runs(t, b0, a1, a2, k, total, t_arrival, max_time_s):
+                    while k + 1 < kmax and _runs(t, b0, a1, a2, k + 1, total, t_arrival, max_time_s):
+                        k += 1
+                else:
+                    k -= 1
+                    while k > 0 and not _runs(t, b0, a1, a2, k, total, t_arrival, max_time_s):
+                        k -= 1
         stop = k < kmax
         if k == next_fin and finish_by < np.inf and t + _elapsed(b0, a1, a2, k) >= finish_by:  # ties: arrival first
             k -= 1
