@@ -76,7 +76,7 @@ def test_block_arithmetic_by_shifts_is_pythons(a, shift):
     assert (ceil_div_pow2_nb(a, bs), div_pow2_nb(a, bs), mod_pow2_nb(a, bs)) == (-(-a // bs), a // bs, a % bs)
 
 
-@given(phase=st.sampled_from([1, 2, 4, 8, 16, 32]).flatmap(  # block sizes are powers of two
+@given(phase=st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128]).flatmap(  # powers of two; <= 32 masks, above loops
            lambda bs: st.lists(st.integers(0, 5), min_size=bs, max_size=bs)).map(np.array),
        D=st.integers(0, 1000), free=st.integers(0, 300), kmax=st.integers(0, 200))
 def test_blocks_taken_over_a_run_match_counting_each_iteration(phase, D, free, kmax):

@@ -521,7 +521,14 @@ def _blocks_used(phase, r, D, bs, n, k):
     cycles = div_pow2_nb(k, bs)
     used = cycles * n
     f = mod_pow2_nb(D + cycles * bs, bs)
-    for _ in range(cycles * bs, k):  # the phase counts up and wraps, not a modulo a step
+    rest = k - cycles * bs
+    if bs <= 32:
+        # Every phase, masked to the `rest` from f on: a loop of fixed length (vectorised), where
+        # one of `rest` steps would mispredict its exit (callgrind: 13% of mispredicts).
+        for g in range(bs):
+            used += phase[r, g] * (mod_pow2_nb(g - f, bs) < rest)
+        return used
+    for _ in range(rest):  # the phase counts up and wraps, not a modulo a step
         used += phase[r, f]
         f += 1
         if f == bs:
