@@ -9,9 +9,17 @@ Numba inlines `inline="always"` functions before LLVM sees them, and their lines
 line numbers under the caller's file name: a line is therefore printed with every engine function
 that has code at that number, and the reader picks the one that can be on the path.
 
+With --counts it counts instead of sampling: the run goes under valgrind's callgrind, which
+counts every instruction the kernel executes and every conditional branch its simple predictor
+model mispredicts. Counts are the same from run to run, where times on a shared machine swing by
+more than the change being measured; they are per request and by line. (The code is compiled for a
+fixed CPU, haswell, that valgrind can run, into a cache of its own; valgrind is ~50x slower, hence
+20,000 requests by default.)
+
 Usage: python bench/profile_engine.py [--requests 300000] [--dataset sharegpt] [--mode fast]
-       [--load 0.8] [--top 40]
-Needs Linux `perf` (perf_event_paranoid <= 2) and binutils (`addr2line`, `objcopy`).
+       [--load 0.8] [--top 40] [--counts]
+Needs Linux `perf` (perf_event_paranoid <= 2), or valgrind for --counts, and binutils
+(`addr2line`, `objcopy`, `nm`).
 """
 from __future__ import annotations
 
@@ -33,7 +41,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ROOT / "fastsim" / "engine"
 CACHE = Path(tempfile.gettempdir()) / "fastsim-profile-cache"
+COUNTS_CACHE = Path(tempfile.gettempdir()) / "fastsim-counts-cache"
 KERNEL_CACHE_FILE = "cluster_nb.run_cluster_nb-*.nbc"
+# --counts: a CPU valgrind emulates (it has no AVX-512), named, so that the native compile and the
+# run under valgrind find the same cached code (Numba keys its cache by the CPU it compiled for).
+COUNTS_CPU = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": (
+    "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,+sse,+sse2,"
+    "+sse3,+sse4.1,+sse4.2,+ssse3,+sahf")}
+EVENTS_FN = "_events_nb"  # the event loop: callgrind's busiest anonymous (JIT) function
 
 
 def _keep_inlining() -> None:
@@ -77,11 +92,11 @@ def child(args: argparse.Namespace, dump: str) -> None:
         pickle.dump({"regions": regions, "engine_wall_s": result.summary["wall_time_s"]}, f)
 
 
-def kernel_object(out: Path) -> Path:
+def kernel_object(out: Path, cache: Path = CACHE) -> Path:
     """The kernel's ELF object, cut out of Numba's cache file (a pickle holding the object code)."""
-    files = glob.glob(str(CACHE / "*" / KERNEL_CACHE_FILE))
+    files = glob.glob(str(cache / "*" / KERNEL_CACHE_FILE))
     if not files:
-        sys.exit(f"profile_engine: no compiled kernel in {CACHE}: the profiled run did not compile it")
+        sys.exit(f"profile_engine: no compiled kernel in {cache}: the profiled run did not compile it")
     data = Path(max(files, key=os.path.getmtime)).read_bytes()
     start = data.find(b"\x7fELF")
     section_table = struct.unpack_from("<Q", data, start + 0x28)[0]
@@ -119,24 +134,23 @@ def kernel_region(regions: list, obj: Path) -> tuple[int, int]:
     return best[0], best[1]
 
 
-def report(samples: list[int], dump: dict, obj: Path, top: int) -> None:
-    lo, hi = kernel_region(dump["regions"], obj)
-    offsets = collections.Counter(ip - lo for ip in samples if lo <= ip < hi)
-    in_kernel = sum(offsets.values())
-    print(f"engine wall {dump['engine_wall_s']:.3f} s; samples: {len(samples):,} in the process, "
-          f"{in_kernel:,} in the compiled kernel ({100 * in_kernel / max(len(samples), 1):.0f}%; the rest is "
-          "workload sampling, tables, summaries and math library calls such as log)")
-    keys = sorted(offsets)
+def print_lines(costs: dict[int, tuple], names: tuple[str, ...], obj: Path, top: int) -> None:
+    """Each metric's share by source line, the lines sorted by the first metric; `costs` by offset
+    in the kernel object's .ltext section."""
+    keys = sorted(costs)
     out = subprocess.run(["addr2line", "-e", str(obj), "-j", ".ltext"] + [hex(k) for k in keys],
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    by_line = collections.Counter()
+    by_line = collections.defaultdict(lambda: [0] * len(names))
     for k, loc in zip(keys, out):
-        by_line[loc.rsplit("/", 1)[-1].split(" ")[0]] += offsets[k]
+        row = by_line[loc.rsplit("/", 1)[-1].split(" ")[0]]
+        for m, value in enumerate(costs[k]):
+            row[m] += value
+    totals = [max(sum(row[m] for row in by_line.values()), 1) for m in range(len(names))]
     code = engine_lines()
     stems = sorted({stem for stem, _ in code})
-    print(f"{'share':>6}  line (and every engine function with code at that line number)")
-    for loc, c in by_line.most_common(top):
-        print(f"{100 * c / in_kernel:5.1f}%  {loc}")
+    print("  ".join(f"{name:>6}" for name in names) + "  line (and every engine function with code at that line number)")
+    for loc, row in sorted(by_line.items(), key=lambda kv: -kv[1][0])[:top]:
+        print("  ".join(f"{100 * row[m] / totals[m]:5.1f}%" for m in range(len(names))) + f"  {loc}")
         _, _, number = loc.rpartition(":")
         if number.isdigit():
             for stem in stems:
@@ -145,24 +159,114 @@ def report(samples: list[int], dump: dict, obj: Path, top: int) -> None:
                     print(f"{'':8}{stem}.{hit[0]}: {hit[1][:90]}")
 
 
+def report(samples: list[int], dump: dict, obj: Path, top: int) -> None:
+    lo, hi = kernel_region(dump["regions"], obj)
+    offsets = collections.Counter(ip - lo for ip in samples if lo <= ip < hi)
+    in_kernel = sum(offsets.values())
+    print(f"engine wall {dump['engine_wall_s']:.3f} s; samples: {len(samples):,} in the process, "
+          f"{in_kernel:,} in the compiled kernel ({100 * in_kernel / max(len(samples), 1):.0f}%; the rest is "
+          "workload sampling, tables, summaries and math library calls such as log)")
+    print_lines({k: (c,) for k, c in offsets.items()}, ("share",), obj, top)
+
+
+def read_callgrind(path: str) -> tuple[collections.Counter, dict[int, list[int]], list[str]]:
+    """A callgrind file written with --dump-instr=yes: (Ir by function, [Ir, Bc, Bcm] by instruction
+    address of the anonymous functions, which are the JIT code)."""
+    names: dict[str, str] = {}
+    events: list[str] = []
+    positions = 1
+    fn, skip = None, False
+    last = [0, 0]
+    fn_ir: collections.Counter = collections.Counter()
+    costs: dict[int, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+
+    def position(tok: str, i: int) -> int:  # callgrind compresses positions: "*" same, "+n"/"-n" relative
+        if tok == "*":
+            return last[i]
+        if tok[0] in "+-":
+            return last[i] + int(tok, 0)
+        return int(tok, 0)
+
+    for line in open(path):
+        if line.startswith(("fn=", "cfn=")):
+            ident, _, name = line.rstrip("\n").partition("=")[2].partition(" ")
+            if name:
+                names[ident] = name
+            if line.startswith("fn="):
+                fn = names.get(ident, ident)
+            continue
+        if line.startswith("calls="):
+            skip = True  # the next cost line is the call's inclusive cost
+            continue
+        if line.startswith("events:"):
+            events = line.split()[1:]
+            continue
+        if line.startswith("positions:"):
+            positions = len(line.split()) - 1
+            continue
+        if not line[:1].isdigit() and line[:1] not in ("+", "-", "*"):
+            continue
+        tok = line.split()
+        for i in range(positions):
+            last[i] = position(tok[i], i)
+        if skip:
+            skip = False
+            continue
+        if fn and fn.startswith("0x"):
+            values = dict(zip(events, (int(x) for x in tok[positions:])))
+            c = costs[last[0]]
+            c[0] += values.get("Ir", 0)
+            c[1] += values.get("Bc", 0)
+            c[2] += values.get("Bcm", 0)
+            fn_ir[fn] += values.get("Ir", 0)
+    return fn_ir, costs, events
+
+
+def counts(args: argparse.Namespace, cmd: list[str], env: dict, tmp: str) -> None:
+    """Run the measured simulation under callgrind and print its counts per request and by line."""
+    out = os.path.join(tmp, "callgrind.out")
+    print(f"counting {args.requests:,} requests under callgrind (~50x slower than native)...", flush=True)
+    subprocess.run(["valgrind", "--tool=callgrind", "--separate-threads=yes", "--dump-instr=yes",
+                    "--branch-sim=yes", f"--callgrind-out-file={out}", "--"] + cmd, env=env, check=True,
+                   stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    threads = [read_callgrind(p) for p in sorted(glob.glob(out + "-*"))]
+    fn_ir, costs, _ = max(threads, key=lambda t: sum(t[0].values()))  # the kernel's thread
+    obj = kernel_object(Path(tmp) / "kernel.o", COUNTS_CACHE)
+    symbols = subprocess.run(["nm", "--defined-only", str(obj)], capture_output=True, text=True, check=True).stdout
+    offset = next(int(line.split()[0], 16) for line in symbols.splitlines()
+                  if EVENTS_FN in line and line.split()[1] in "TtWw")
+    base = int(fn_ir.most_common(1)[0][0], 16) - offset
+    total = [sum(c[m] for c in costs.values()) for m in range(3)]
+    n = args.requests
+    print(f"per request: {total[0] / n:,.0f} instructions, {total[1] / n:,.0f} conditional branches, "
+          f"{total[2] / n:,.1f} mispredicted (callgrind's predictor model; a real CPU's is better)")
+    print_lines({a - base: (c[0], c[2]) for a, c in costs.items() if a >= base}, ("Ir", "Bcm"), obj, args.top)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=300_000)
+    ap.add_argument("--requests", type=int, help="default 300,000 (20,000 with --counts)")
     ap.add_argument("--dataset", default="sharegpt")
     ap.add_argument("--mode", default="fast", choices=("fast", "exact"))
     ap.add_argument("--load", type=float, default=0.8, help="arrival rate as a fraction of capacity")
     ap.add_argument("--top", type=int, default=40, help="lines to print")
+    ap.add_argument("--counts", action="store_true",
+                    help="count instructions and mispredicted branches under valgrind instead of sampling")
     ap.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.requests is None:
+        args.requests = 20_000 if args.counts else 300_000
     if args.child:
         child(args, args.child)
         return
-    for tool in ("perf", "addr2line", "objcopy"):
+    for tool in ("valgrind" if args.counts else "perf", "addr2line", "objcopy", "nm"):
         if shutil.which(tool) is None:
-            sys.exit(f"profile_engine: `{tool}` not found; install linux perf and binutils")
-    env = dict(os.environ, NUMBA_DEBUGINFO="1", NUMBA_CACHE_DIR=str(CACHE),
+            sys.exit(f"profile_engine: `{tool}` not found; install {tool if args.counts else 'linux perf'} and binutils")
+    env = dict(os.environ, NUMBA_DEBUGINFO="1", NUMBA_CACHE_DIR=str(COUNTS_CACHE if args.counts else CACHE),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if args.counts:
+        env.update(COUNTS_CPU)
     with tempfile.TemporaryDirectory() as tmp:
         dump, data = os.path.join(tmp, "jit.pkl"), os.path.join(tmp, "perf.data")
         cmd = [sys.executable, __file__, "--child", dump, "--requests", str(args.requests), "--dataset",
@@ -171,6 +275,9 @@ def main() -> None:
         first = subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, text=True).stdout
         rate = json.loads(first.strip().splitlines()[-1])["rate"]
+        if args.counts:
+            counts(args, cmd + ["--rate", str(rate)], env, tmp)
+            return
         print(f"recording {args.requests:,} requests at {rate:.3f} req/s...", flush=True)
         subprocess.run(["perf", "record", "-q", "-o", data, "--"] + cmd + ["--rate", str(rate)], env=env,
                        check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
