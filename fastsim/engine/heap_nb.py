@@ -60,11 +60,9 @@ _KEY_MAX = np.iinfo(np.int64).max
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def key_push_nb(h, h_n, row, key):
-    """Add `key` (distinct from every key in it) to heap `row` of h."""
-    k = h_n[row]
-    h_n[row] = k + 1
-    while k > 0:  # the new key sinks in from the bottom: parents move down into its hole
+def _key_rise(h, row, k, key):
+    """Put `key` in the hole at k, or higher: larger parents move down into the hole."""
+    while k > 0:
         parent = (k - 1) >> 1
         up = h[row, parent]
         if up < key:
@@ -72,6 +70,14 @@ def key_push_nb(h, h_n, row, key):
         h[row, k] = up
         k = parent
     h[row, k] = key
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def key_push_nb(h, h_n, row, key):
+    """Add `key` (distinct from every key in it) to heap `row` of h: it rises from the bottom."""
+    k = h_n[row]
+    h_n[row] = k + 1
+    _key_rise(h, row, k, key)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -93,14 +99,7 @@ def key_pop_nb(h, h_n, row):
         h[row, k] = h[row, c]
         k = c
         c = 2 * k + 1
-    while k > 0:
-        parent = (k - 1) >> 1
-        up = h[row, parent]
-        if up < key:
-            break
-        h[row, k] = up
-        k = parent
-    h[row, k] = key
+    _key_rise(h, row, k, key)
     return top
 
 
