@@ -76,6 +76,23 @@ def test_block_arithmetic_by_shifts_is_pythons(a, shift):
     assert (ceil_div_pow2_nb(a, bs), div_pow2_nb(a, bs), mod_pow2_nb(a, bs)) == (-(-a // bs), a // bs, a % bs)
 
 
+@given(b0=st.floats(1e-3, 0.1), slope=st.floats(-1 / 400, 0.01), a2=st.floats(0, 1e-5), kmax=st.integers(0, 200),
+       total=st.integers(0, 2), t=st.floats(0, 100),
+       to_arrival=st.one_of(st.just(math.inf), st.floats(-1.0, 30.0)),
+       to_limit=st.one_of(st.just(math.inf), st.floats(-1.0, 30.0)))
+def test_iterations_a_run_takes_are_the_last_that_runs(b0, slope, a2, kmax, total, t, to_arrival, to_limit):
+    """The search from (time left) / b0 against trying every iteration in turn. A negative slope
+    makes gaps shorter than b0 (down to b0 / 2 at u = 200): the start is then low and it steps up."""
+    a1 = slope * b0
+    t_arrival, max_time_s = t + to_arrival, t + to_limit
+    last = 0
+    for j in range(1, kmax + 1):  # reference: iterations run while each runs
+        if not lz._runs(t, b0, a1, a2, j, total, t_arrival, max_time_s):
+            break
+        last = j
+    assert lz._last_run(t, b0, a1, a2, kmax, total, t_arrival, max_time_s) == last
+
+
 @given(phase=st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128]).flatmap(  # powers of two; <= 32 masks, above loops
            lambda bs: st.lists(st.integers(0, 5), min_size=bs, max_size=bs)).map(np.array),
        D=st.integers(0, 1000), free=st.integers(0, 300), kmax=st.integers(0, 200))

@@ -516,6 +516,30 @@ def _runs(t, b0, a1, a2, j, total, t_arrival, max_time_s):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _last_run(t, b0, a1, a2, kmax, total, t_arrival, max_time_s):
+    """How many of a run's kmax iterations from t run (_runs is monotone in j: the largest j that
+    does, 0 if none). Most runs end at a finish, not an arrival: kmax is tried first."""
+    if _runs(t, b0, a1, a2, kmax, total, t_arrival, max_time_s):
+        return kmax
+    # Every gap is at least b0, so no more than (time left) / b0 + 1 iterations fit: start there
+    # (+1 for rounding) and step to the last that runs, about once, where a bisection would take
+    # log2(kmax) steps whose branches are coin flips. (The start only saves steps: from any start
+    # the steps find the same iteration.)
+    k = kmax - 1
+    fits = min(t_arrival - t, max_time_s - t + b0) / b0
+    if k > 1 and fits < k - 2.0:  # (never past kmax - 1, nor up from 0)
+        k = int(fits) + 2 if fits > 0.0 else 1
+    if k > 0 and _runs(t, b0, a1, a2, k, total, t_arrival, max_time_s):
+        while k + 1 < kmax and _runs(t, b0, a1, a2, k + 1, total, t_arrival, max_time_s):
+            k += 1
+        return k
+    k -= 1
+    while k > 0 and not _runs(t, b0, a1, a2, k, total, t_arrival, max_time_s):
+        k -= 1
+    return max(k, 0)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _blocks_used(phase, r, D, bs, n, k):
     """Blocks the lazy decoders take over the k iterations from clock D."""
     cycles = div_pow2_nb(k, bs)
@@ -653,26 +677,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         tok0, tok1 = tok_table[0, tok_off + n], tok_table[1, tok_off + n]
         seq0, seq1 = seq_table[0, seq_off + n], seq_table[1, seq_off + n]
         b0 = overhead + tok0 + seq0 + g0  # gap of the first iteration; later ones add a1 u + a2 u^2
-        # Iteration j runs if it is the call's first or the one before ended before the next
-        # arrival, and if it ends within the time limit: the most that do (monotone in j). Most
-        # runs end at a finish, not an arrival: kmax is tried first.
-        k = kmax
-        if not _runs(t, b0, a1, a2, k, total, t_arrival, max_time_s):
-            # Every gap is at least b0, so no more than (time left) / b0 + 1 iterations fit: start
-            # there (+1 for rounding) and step, about once, to the last that runs, where a
-            # bisection would take log2(kmax) steps whose branches are coin flips.
-            k = kmax - 1
-            fits = min(t_arrival - t, max_time_s - t + b0) / b0
-            if fits < k - 2.0:
-                k = int(fits) + 2 if fits > 0.0 else 1
-            if k > 0:
-                if _runs(t, b0, a1, a2, k, total, t_arrival, max_time_s):
-                    while k + 1 < kmax and _runs(t, b0, a1, a2, k + 1, total, t_arrival, max_time_s):
-                        k += 1
-                else:
-                    k -= 1
-                    while k > 0 and not _runs(t, b0, a1, a2, k, total, t_arrival, max_time_s):
-                        k -= 1
+        k = _last_run(t, b0, a1, a2, kmax, total, t_arrival, max_time_s)
         stop = k < kmax
         if k == next_fin and finish_by < np.inf and t + _elapsed(b0, a1, a2, k) >= finish_by:  # ties: arrival first
             k -= 1
