@@ -169,7 +169,7 @@ def report(samples: list[int], dump: dict, obj: Path, top: int) -> None:
     print_lines({k: (c,) for k, c in offsets.items()}, ("share",), obj, top)
 
 
-def read_callgrind(path: str) -> tuple[collections.Counter, dict[int, list[int]], list[str]]:
+def read_callgrind(path: str) -> tuple[collections.Counter, dict[int, list[int]]]:
     """A callgrind file written with --dump-instr=yes: (Ir by function, [Ir, Bc, Bcm] by instruction
     address of the anonymous functions, which are the JIT code)."""
     names: dict[str, str] = {}
@@ -219,7 +219,7 @@ def read_callgrind(path: str) -> tuple[collections.Counter, dict[int, list[int]]
             c[1] += values.get("Bc", 0)
             c[2] += values.get("Bcm", 0)
             fn_ir[fn] += values.get("Ir", 0)
-    return fn_ir, costs, events
+    return fn_ir, costs
 
 
 def counts(args: argparse.Namespace, cmd: list[str], env: dict, tmp: str) -> None:
@@ -230,7 +230,7 @@ def counts(args: argparse.Namespace, cmd: list[str], env: dict, tmp: str) -> Non
                     "--branch-sim=yes", f"--callgrind-out-file={out}", "--"] + cmd, env=env, check=True,
                    stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     threads = [read_callgrind(p) for p in sorted(glob.glob(out + "-*"))]
-    fn_ir, costs, _ = max(threads, key=lambda t: sum(t[0].values()))  # the kernel's thread
+    fn_ir, costs = max(threads, key=lambda t: sum(t[0].values()))  # the kernel's thread
     obj = kernel_object(Path(tmp) / "kernel.o", COUNTS_CACHE)
     symbols = subprocess.run(["nm", "--defined-only", str(obj)], capture_output=True, text=True, check=True).stdout
     offset = next(int(line.split()[0], 16) for line in symbols.splitlines()
