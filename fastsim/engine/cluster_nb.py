@@ -66,8 +66,15 @@ def _tree_argmin(tree, leaves):
 
 
 # -- router ----------------------------------------------------------------------------------------
+@njit(cache=True, error_model="numpy", inline="always")
+def _used_frac(rep_int, free, r):
+    """Replica r's KV blocks in use, as a fraction, as of its last decision (free blocks change
+    only at decisions, so routers read them here rather than each decision storing it)."""
+    return (rep_int[r, E.RI_NUM_BLOCKS] - free[r]) / rep_int[r, E.RI_NUM_BLOCKS]
+
+
 @njit(cache=True, error_model="numpy")
-def _route(policy, route_params, i, n_rep, rr_next, draw, session, session_replica, outstanding, used_frac,
+def _route(policy, route_params, i, n_rep, rr_next, draw, session, session_replica, outstanding, free,
            apc, rep_int, prompt):
     if policy == E.ROUTE_ROUND_ROBIN:
         return rr_next % n_rep
@@ -78,12 +85,12 @@ def _route(policy, route_params, i, n_rep, rr_next, draw, session, session_repli
     if policy == E.ROUTE_PREFIX_AWARE:
         return _route_prefix_aware(route_params, i, n_rep, outstanding, apc, rep_int, prompt)
     if policy == E.ROUTE_KV_AWARE:
-        return _route_kv_aware(route_params, i, n_rep, outstanding, used_frac, apc, rep_int, prompt)
+        return _route_kv_aware(route_params, i, n_rep, outstanding, free, apc, rep_int, prompt)
     best = 0
     for r in range(1, n_rep):
         if policy == E.ROUTE_LEAST_KV:
-            if used_frac[r] < used_frac[best] or (used_frac[r] == used_frac[best]
-                                                 and outstanding[r] < outstanding[best]):
+            u, u_best = _used_frac(rep_int, free, r), _used_frac(rep_int, free, best)
+            if u < u_best or (u == u_best and outstanding[r] < outstanding[best]):
                 best = r
         elif outstanding[r] < outstanding[best]:
             best = r
@@ -118,7 +125,7 @@ def _route_prefix_aware(route_params, i, n_rep, outstanding, apc, rep_int, promp
 
 
 @njit(cache=True, error_model="numpy")
-def _route_kv_aware(route_params, i, n_rep, outstanding, used_frac, apc, rep_int, prompt):
+def _route_kv_aware(route_params, i, n_rep, outstanding, free, apc, rep_int, prompt):
     """NVIDIA Dynamo's KV router at temperature 0: the replica with the lowest
     kv_overlap_score_weight x (prompt blocks it would prefill, after its cached prefix) + (blocks in
     use, with this request's); ties to fewer outstanding requests, then the lower index."""
@@ -127,7 +134,7 @@ def _route_kv_aware(route_params, i, n_rep, outstanding, used_frac, apc, rep_int
         bs = rep_int[r, E.RI_BLOCK_SIZE]
         cached = px.apc_match_nb(apc, r, i, prompt[i], bs)[0] * bs if rep_int[r, E.RI_APC] else 0
         cost = (route_params[E.RP_OVERLAP_WEIGHT] * (prompt[i] - cached) / bs
-                + used_frac[r] * rep_int[r, E.RI_NUM_BLOCKS] + prompt[i] / bs)
+                + _used_frac(rep_int, free, r) * rep_int[r, E.RI_NUM_BLOCKS] + prompt[i] / bs)
         if cost < best_cost or (cost == best_cost and outstanding[r] < outstanding[best]):
             best, best_cost = r, cost
     return best
@@ -235,7 +242,6 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     q_tail = np.full(n_rep, -1, np.int64)
     n_waiting = np.zeros(n_rep, np.int64)
     outstanding = np.zeros(n_rep, np.int64)
-    used_frac = np.zeros(n_rep)
     stage_free = np.zeros((n_rep, max_stages))
     fl_end = np.empty((n_rep, max_stages))              # in-flight batches: a FIFO ring per replica
     fl_id = np.empty((n_rep, max_stages), np.int64)
@@ -314,7 +320,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64))
     reqs = (arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,
             preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo, gen0)
-    reps = (n_running, free, q_head, q_tail, n_waiting, outstanding, used_frac, stage_free, fl_end, fl_id, fl_head,
+    reps = (n_running, free, q_head, q_tail, n_waiting, outstanding, stage_free, fl_end, fl_id, fl_head,
             fl_count, batch_seq, nt_ratio, hit_bufs, session_replica, tree)
     counts = (rep_iters, rep_peak, rep_preempts, rep_requests, rep_stretched, rep_time)
     routing = (policy, route_params, dest, next_same, own_next)
@@ -379,7 +385,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
     NRT_decref)."""
     (arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,
      preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo, gen0) = reqs
-    (n_running, free, q_head, q_tail, n_waiting, outstanding, used_frac, stage_free, fl_end, fl_id, fl_head,
+    (n_running, free, q_head, q_tail, n_waiting, outstanding, stage_free, fl_end, fl_id, fl_head,
      fl_count, batch_seq, nt_ratio, hit_bufs, session_replica, tree) = reps
     rep_iters, rep_peak, rep_preempts, rep_requests, rep_stretched, rep_time = counts
     policy, route_params, dest, next_same, own_next = routing
@@ -436,7 +442,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                         own_next[dst] = next_same[ai]
                     else:
                         dst = _route(policy, route_params, ai, n_rep, rr_next, draw, session, session_replica,
-                                     outstanding, used_frac, apc, rep_int, prompt)
+                                     outstanding, free, apc, rep_int, prompt)
                         rr_next += 1
                     _enqueue(ai, dst, session, session_replica, replica, rep_requests, outstanding, q_head, q_tail,
                              q_next, n_waiting)
@@ -488,7 +494,6 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             fl_count[r] -= 1
         if h_n[0] > 0 and h_t[0, 0] <= t_r:
             # A next turn due now (no think time) is an arrival at this decision: let it arrive first.
-            used_frac[r] = (ri[E.RI_NUM_BLOCKS] - free[r]) / ri[E.RI_NUM_BLOCKS]
             _tree_update(tree, leaves, r, t_r)
             continue
 
@@ -522,8 +527,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 n_left -= done
                 progress[0] += done
                 rep_peak[r] = max(rep_peak[r], peak)
-                used_frac[r] = (ri[E.RI_NUM_BLOCKS] - free[r]) / ri[E.RI_NUM_BLOCKS]
-                # Busy until the last stepped iteration ends, even if every request has left.
+                    # Busy until the last stepped iteration ends, even if every request has left.
                 if own and on and t_end <= max_time_s:
                     chain_t = t_end
                 else:
@@ -675,7 +679,6 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 row[E.TL_PREEMPTIONS] = step_preempts
                 row[E.TL_REPLICA] = r
                 n_tl += 1
-        used_frac[r] = (ri[E.RI_NUM_BLOCKS] - free[r]) / ri[E.RI_NUM_BLOCKS]
 
         # 3. when this replica decides next
         if fl_count[r] == 0:
