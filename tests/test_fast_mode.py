@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from fastsim.engine import enums as E
 from fastsim.engine import lazy_nb as lz
 from fastsim.engine.batch_nb import ceil_div_pow2_nb, div_pow2_nb, itl_bin_nb, mod_pow2_nb
+from fastsim.engine.cost_nb import LAYERS, OVERLAP, attention_time_nb
 from fastsim.metrics import itl_bin_edges_s
 from test_engine import CM, _fits, engines, long_run, preloaded, run
 
@@ -17,17 +18,26 @@ P = CM.params
 
 def step_attention(n, keys0, k):
     """Reference: the attention time of each of k iterations, one by one."""
-    return [P[lz.LAYERS] * lz.attention_time_nb(P, n, float(keys0 + n * u), 0, 0.0, 0.0, 0) for u in range(k)]
+    return [P[LAYERS] * attention_time_nb(P, n, float(keys0 + n * u), 0, 0.0, 0.0, 0) for u in range(k)]
+
+
+@given(n=st.integers(1, 256), keys=st.integers(1, 2_000_000), overlap=st.sampled_from([4.0, 2.5]))
+def test_run_attention_is_the_cost_models_to_rounding(n, keys, overlap):
+    p = P.copy()
+    p[OVERLAP] = overlap
+    want = p[LAYERS] * attention_time_nb(p, n, float(keys), 0, 0.0, 0.0, 0)
+    assert lz.attention_nb(lz.attention_coefs_nb(p), n, float(keys)) == pytest.approx(want, rel=1e-14)
 
 
 @given(n=st.integers(1, 256), keys0=st.integers(1, 2_000_000), k=st.integers(1, 3000))
 def test_closed_form_sum_of_iterations_matches_stepping(n, keys0, k):
     N = k - 1
-    g0 = lz.attention_nb(P, n, float(keys0))
-    a1, a2, ok = lz.fit_nb(P, n, float(keys0), g0, N)
+    c = lz.attention_coefs_nb(P)
+    g0 = lz.attention_nb(c, n, float(keys0))
+    a1, a2, ok = lz.fit_nb(c, n, float(keys0), g0, N)
     while not ok:  # as the engine does: a run the quadratic does not fit is cut in half
         N //= 2
-        a1, a2, ok = lz.fit_nb(P, n, float(keys0), g0, N)
+        a1, a2, ok = lz.fit_nb(c, n, float(keys0), g0, N)
     k = N + 1
     want = step_attention(n, keys0, k)
     p0, p1, p2, p3, p4 = lz.power_sums_nb(k - 1)

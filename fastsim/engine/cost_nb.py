@@ -80,8 +80,12 @@ def roofline_nb(flops, nbytes, flop_rate, byte_rate, overlap):
     Real kernels near the ridge point neither fully overlap compute with memory (max) nor fully
     serialise them (sum); the p-norm sits between, p fitted to measured GEMMs.
     """
-    tc = flops / flop_rate
-    tm = nbytes / byte_rate
+    return soft_max_nb(flops / flop_rate, nbytes / byte_rate, overlap)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def soft_max_nb(tc, tm, overlap):
+    """roofline_nb from the two bounds' times."""
     if overlap == 4.0:
         # The default p: two square roots of tc^4 + tm^4, with no division by the larger bound
         # (fast mode's closed-form runs evaluate this in their chain of dependent arithmetic).

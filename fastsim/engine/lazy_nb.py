@@ -37,7 +37,9 @@ from fastsim.engine import heap_nb as hp
 from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
                                      div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_nb, mod_pow2_nb,
                                      reserved_blocks_nb, sort_by_key_nb)
-from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, LAYERS, attention_time_nb
+from fastsim.engine.cost_nb import (ATTN_BW_EFF, ATTN_EFF, ATTN_FLOPS_PER_PAIR, ATTN_LATENCY_S, ATTN_PEAK_FLOPS,
+                                    FRAMEWORK_OVERHEAD_S, KV_BYTES_PER_TOKEN, LAYERS, MEM_BW, OVERLAP,
+                                    Q_BYTES_PER_TOKEN, soft_max_nb)
 
 # slot states in lazy form
 FREE = 0
@@ -461,30 +463,43 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
 
 # -- runs of decode-only iterations in closed form --------------------------------------------------
 @njit(cache=True, error_model="numpy", inline="always")
-def attention_nb(p, n, keys):
-    """All layers' attention time of n decodes over `keys` context tokens."""
-    return p[LAYERS] * attention_time_nb(p, n, keys, 0, 0.0, 0.0, 0)
+def attention_coefs_nb(p):
+    """What attention_nb needs of the cost parameters, the rates inverted once per run: a run
+    evaluates it about four times a segment, and a division would sit in each evaluation's chain."""
+    flop_rate = p[ATTN_PEAK_FLOPS] * p[ATTN_EFF]
+    byte_rate = p[MEM_BW] * p[ATTN_BW_EFF]
+    return (p[LAYERS], p[ATTN_LATENCY_S], p[ATTN_FLOPS_PER_PAIR] / flop_rate, p[KV_BYTES_PER_TOKEN] / byte_rate,
+            p[Q_BYTES_PER_TOKEN] / byte_rate, p[OVERLAP])
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def fit_nb(p, n, keys0, g0, N):
+def attention_nb(c, n, keys):
+    """All layers' attention time of n decodes over `keys` context tokens (c: attention_coefs_nb):
+    attention_time_nb's decode term, to rounding."""
+    layers, latency, flop_s, kv_s, q_s, overlap = c
+    return layers * (latency + soft_max_nb(keys * flop_s, keys * kv_s + n * q_s, overlap))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def fit_nb(c, n, keys0, g0, N):
     """Attention time of n decodes over keys0 + n*u context tokens, u = 0..N, as the quadratic
-    g0 + a1 u + a2 u^2 through u = 0, N/2, N (exact at N <= 2); g0 = attention_nb(p, n, keys0), taken
+    g0 + a1 u + a2 u^2 through u = 0, N/2, N (exact at N <= 2); g0 = attention_nb(c, n, keys0), taken
     from the caller, which fits a run again with a smaller N when it misses: computed in here, LLVM
     hoists it out of that loop, and with it the soft roofline's pow call that only overlap != 4 needs.
     Returns (a1, a2, ok), ok: it matches the function at a quarter point to 1e-13 relative."""
     if N == 0:
         return 0.0, 0.0, True
-    gN = attention_nb(p, n, keys0 + n * N)
+    inv = 1.0 / N  # (computed beside the evaluations, not after them)
+    gN = attention_nb(c, n, keys0 + n * N)
     if N == 1:
         return gN - g0, 0.0, True
-    gM = attention_nb(p, n, keys0 + n * (N / 2.0))
-    a2 = 4.0 * ((g0 + gN) / 2.0 - gM) / (N * N)
-    a1 = (gN - g0) / N - a2 * N
+    gM = attention_nb(c, n, keys0 + n * (N * 0.5))
+    a2 = 4.0 * ((g0 + gN) * 0.5 - gM) * (inv * inv)
+    a1 = (gN - g0) * inv - a2 * N
     if N == 2:
         return a1, a2, True
     u = max(1, N // 4)
-    gq = attention_nb(p, n, keys0 + n * u)
+    gq = attention_nb(c, n, keys0 + n * u)
     return a1, a2, abs(g0 + a1 * u + a2 * u * u - gq) <= 1e-13 * gq
 
 
@@ -655,6 +670,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             if chunk_ok and reserved_ok and ceil_div_pow2_nb(done + new, bs) <= free_r - phase[r, mod_pow2_nb(D, bs)]:
                 return 0, t_r, 0, 0
     overhead = p[FRAMEWORK_OVERHEAD_S]
+    coefs = attention_coefs_nb(p)
     tok_off, seq_off = ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF]
     t = t_r
     total = 0
@@ -667,9 +683,9 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             break
         keys0 = float(cnt[r, C_SUML] + n * D)
         N = kmax - 1
-        g0 = attention_nb(p, n, keys0)
+        g0 = attention_nb(coefs, n, keys0)
         while True:
-            a1, a2, ok = fit_nb(p, n, keys0, g0, N)
+            a1, a2, ok = fit_nb(coefs, n, keys0, g0, N)
             if ok:
                 break
             N //= 2
