@@ -28,6 +28,7 @@ import ast
 import collections
 import ctypes
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -40,8 +41,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ROOT / "fastsim" / "engine"
-CACHE = Path(tempfile.gettempdir()) / "fastsim-profile-cache"
-COUNTS_CACHE = Path(tempfile.gettempdir()) / "fastsim-counts-cache"
+
+
+def _engine_cache(kind: str) -> Path:
+    """This build's cache directory, named by a digest of the engine's sources. Numba checks only
+    the compiled function's own file: after an edit to a function it inlines from another module,
+    a fixed directory would hand back the old code, and the counts would measure it unchanged.
+    Directories of other digests are removed."""
+    digest = hashlib.sha1(b"".join(f.read_bytes() for f in sorted(ENGINE.glob("*.py")))).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"fastsim-{kind}-cache-{digest}"
+    for old in glob.glob(str(path.parent / f"fastsim-{kind}-cache*")):
+        if old != str(path):
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
 KERNEL_CACHE_FILE = "cluster_nb.run_cluster_nb-*.nbc"
 # --counts: a CPU valgrind emulates (it has no AVX-512), named, so that the native compile and the
 # run under valgrind find the same cached code (Numba keys its cache by the CPU it compiled for).
@@ -92,7 +106,7 @@ def child(args: argparse.Namespace, dump: str) -> None:
         pickle.dump({"regions": regions, "engine_wall_s": result.summary["wall_time_s"]}, f)
 
 
-def kernel_object(out: Path, cache: Path = CACHE) -> Path:
+def kernel_object(out: Path, cache: Path) -> Path:
     """The kernel's ELF object, cut out of Numba's cache file (a pickle holding the object code)."""
     files = glob.glob(str(cache / "*" / KERNEL_CACHE_FILE))
     if not files:
@@ -222,7 +236,7 @@ def read_callgrind(path: str) -> tuple[collections.Counter, dict[int, list[int]]
     return fn_ir, costs
 
 
-def counts(args: argparse.Namespace, cmd: list[str], env: dict, tmp: str) -> None:
+def counts(args: argparse.Namespace, cmd: list[str], env: dict, tmp: str, cache: Path) -> None:
     """Run the measured simulation under callgrind and print its counts per request and by line."""
     out = os.path.join(tmp, "callgrind.out")
     print(f"counting {args.requests:,} requests under callgrind (~50x slower than native)...", flush=True)
@@ -231,7 +245,7 @@ def counts(args: argparse.Namespace, cmd: list[str], env: dict, tmp: str) -> Non
                    stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     threads = [read_callgrind(p) for p in sorted(glob.glob(out + "-*"))]
     fn_ir, costs = max(threads, key=lambda t: sum(t[0].values()))  # the kernel's thread
-    obj = kernel_object(Path(tmp) / "kernel.o", COUNTS_CACHE)
+    obj = kernel_object(Path(tmp) / "kernel.o", cache)
     symbols = subprocess.run(["nm", "--defined-only", str(obj)], capture_output=True, text=True, check=True).stdout
     offset = next(int(line.split()[0], 16) for line in symbols.splitlines()
                   if EVENTS_FN in line and line.split()[1] in "TtWw")
@@ -263,7 +277,8 @@ def main() -> None:
     for tool in ("valgrind" if args.counts else "perf", "addr2line", "objcopy", "nm"):
         if shutil.which(tool) is None:
             sys.exit(f"profile_engine: `{tool}` not found; install {tool if args.counts else 'linux perf'} and binutils")
-    env = dict(os.environ, NUMBA_DEBUGINFO="1", NUMBA_CACHE_DIR=str(COUNTS_CACHE if args.counts else CACHE),
+    cache = _engine_cache("counts" if args.counts else "profile")
+    env = dict(os.environ, NUMBA_DEBUGINFO="1", NUMBA_CACHE_DIR=str(cache),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if args.counts:
         env.update(COUNTS_CPU)
@@ -276,7 +291,7 @@ def main() -> None:
                                stdout=subprocess.PIPE, text=True).stdout
         rate = json.loads(first.strip().splitlines()[-1])["rate"]
         if args.counts:
-            counts(args, cmd + ["--rate", str(rate)], env, tmp)
+            counts(args, cmd + ["--rate", str(rate)], env, tmp, cache)
             return
         print(f"recording {args.requests:,} requests at {rate:.3f} req/s...", flush=True)
         subprocess.run(["perf", "record", "-q", "-o", data, "--"] + cmd + ["--rate", str(rate)], env=env,
@@ -285,7 +300,7 @@ def main() -> None:
                                 check=True).stdout
         samples = [int(x, 16) for x in script.split()]
         with open(dump, "rb") as f:
-            report(samples, pickle.load(f), kernel_object(Path(tmp) / "kernel.o"), args.top)
+            report(samples, pickle.load(f), kernel_object(Path(tmp) / "kernel.o", cache), args.top)
 
 
 if __name__ == "__main__":
