@@ -2,9 +2,12 @@
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fastsim.config import load_config
 from fastsim.cost import CostModel
+from fastsim.engine import cluster_nb as cl
 from fastsim.engine import cost_nb as nb
 from fastsim.engine import enums as E
 from fastsim.errors import FastsimError
@@ -12,6 +15,17 @@ from fastsim.simulation import simulate
 from test_engine import OVERHEAD, run
 
 LLAMA = "meta-llama/Meta-Llama-3-8B"
+
+
+@given(times=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, np.inf]), min_size=1, max_size=70))
+def test_the_replica_deciding_first_is_the_earliest_then_the_lowest_numbered(times):
+    leaves = 1 << (len(times) - 1).bit_length()
+    tree = np.full(2 * leaves, np.inf)
+    for r, t in enumerate(times):
+        cl._tree_update(tree, leaves, r, t)
+    assert tree[1] == min(times)
+    if min(times) < np.inf:
+        assert cl._tree_argmin(tree, leaves) == times.index(min(times))
 
 
 def test_round_robin_assignment_is_exact():

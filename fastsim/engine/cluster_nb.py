@@ -61,7 +61,9 @@ def _tree_update(tree, leaves, r, t):
 def _tree_argmin(tree, leaves):
     i = 1
     while i < leaves:
-        i = 2 * i if tree[2 * i] <= tree[2 * i + 1] else 2 * i + 1
+        # The right child when it is strictly earlier (ties go left), added as a 0/1 rather than
+        # branched on: with many replicas which child is earlier is a coin flip at every level.
+        i = 2 * i + (tree[2 * i + 1] < tree[2 * i])
     return i - leaves
 
 
