@@ -529,7 +529,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 n_left -= done
                 progress[0] += done
                 rep_peak[r] = max(rep_peak[r], peak)
-                    # Busy until the last stepped iteration ends, even if every request has left.
+                # Busy until the last stepped iteration ends, even if every request has left.
                 if own and on and t_end <= max_time_s:
                     chain_t = t_end
                 else:
