@@ -27,6 +27,7 @@ def test_run_attention_is_the_cost_models_to_rounding(n, keys, overlap):
     p[OVERLAP] = overlap
     want = p[LAYERS] * attention_time_nb(p, n, float(keys), 0, 0.0, 0.0, 0)
     assert lz.attention_nb(lz.attention_coefs_nb(p), n, float(keys)) == pytest.approx(want, rel=1e-14)
+    assert lz.attention_nb(lz.attention_coefs_nb(p), n, float(keys)) == want  # one formula: bit for bit
 
 
 @given(n=st.integers(1, 256), keys0=st.integers(1, 2_000_000), k=st.integers(1, 3000))

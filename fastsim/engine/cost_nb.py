@@ -177,6 +177,26 @@ def layers_time_nb(p, ops, tokens):
     return t
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def cache_attention_coefs_nb(p):
+    """What cache_attention_nb needs of the cost parameters: the latency, the seconds of compute per
+    (query, key) pair, of reads per cached key and per query row, the overlap. The rates are
+    inverted here, once: fast mode's closed-form runs take these once per run and evaluate decode
+    attention ~4 times a segment, where a division would sit in every evaluation's chain."""
+    flop_rate = p[ATTN_PEAK_FLOPS] * p[ATTN_EFF]
+    byte_rate = p[MEM_BW] * p[ATTN_BW_EFF]
+    return (p[ATTN_LATENCY_S], p[ATTN_FLOPS_PER_PAIR] / flop_rate, p[KV_BYTES_PER_TOKEN] / byte_rate,
+            p[Q_BYTES_PER_TOKEN] / byte_rate, p[OVERLAP])
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def cache_attention_nb(c, pairs, kv_tokens, query_rows):
+    """One layer's attention of query rows against KV caches read once: decodes (a row and a pair
+    per key each) and speculative verification (several rows per decode). c: cache_attention_coefs_nb."""
+    latency, flop_s, kv_s, q_s, overlap = c
+    return latency + soft_max_nb(pairs * flop_s, kv_tokens * kv_s + query_rows * q_s, overlap)
+
+
 @njit(cache=True, error_model="numpy")
 def verify_attention_time_nb(p, num_decodes, decode_kv_tokens, queries):
     """One layer's attention for decodes that each verify `queries` tokens (speculative decoding:
@@ -185,10 +205,7 @@ def verify_attention_time_nb(p, num_decodes, decode_kv_tokens, queries):
     if num_decodes <= 0:
         return 0.0
     pairs = queries * decode_kv_tokens + num_decodes * queries * (queries - 1.0) * 0.5
-    return p[ATTN_LATENCY_S] + roofline_nb(
-        pairs * p[ATTN_FLOPS_PER_PAIR],
-        decode_kv_tokens * p[KV_BYTES_PER_TOKEN] + num_decodes * queries * p[Q_BYTES_PER_TOKEN],
-        p[ATTN_PEAK_FLOPS] * p[ATTN_EFF], p[MEM_BW] * p[ATTN_BW_EFF], p[OVERLAP])
+    return cache_attention_nb(cache_attention_coefs_nb(p), pairs, decode_kv_tokens, num_decodes * queries)
 
 
 @njit(cache=True, error_model="numpy")
@@ -203,10 +220,7 @@ def attention_time_nb(p, num_decodes, decode_kv_tokens, num_prefills, prefill_pa
     flop_rate = p[ATTN_PEAK_FLOPS] * p[ATTN_EFF]
     byte_rate = p[MEM_BW] * p[ATTN_BW_EFF]
     if num_decodes > 0:
-        t += p[ATTN_LATENCY_S] + roofline_nb(
-            decode_kv_tokens * p[ATTN_FLOPS_PER_PAIR],
-            decode_kv_tokens * p[KV_BYTES_PER_TOKEN] + num_decodes * p[Q_BYTES_PER_TOKEN],
-            flop_rate, byte_rate, p[OVERLAP])
+        t += cache_attention_nb(cache_attention_coefs_nb(p), decode_kv_tokens, decode_kv_tokens, num_decodes)
     if num_prefills > 0:
         # FlashAttention parallelises over (sequence, head, 128-query tile); too few tiles leave
         # SMs idle. Each chunk's last tile is on average half full, hence + num_prefills / 2.

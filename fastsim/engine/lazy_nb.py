@@ -37,9 +37,7 @@ from fastsim.engine import heap_nb as hp
 from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
                                      div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_nb, mod_pow2_nb,
                                      reserved_blocks_nb, sort_by_key_nb)
-from fastsim.engine.cost_nb import (ATTN_BW_EFF, ATTN_EFF, ATTN_FLOPS_PER_PAIR, ATTN_LATENCY_S, ATTN_PEAK_FLOPS,
-                                    FRAMEWORK_OVERHEAD_S, KV_BYTES_PER_TOKEN, LAYERS, MEM_BW, OVERLAP,
-                                    Q_BYTES_PER_TOKEN, soft_max_nb)
+from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, LAYERS, cache_attention_coefs_nb, cache_attention_nb
 
 # slot states in lazy form
 FREE = 0
@@ -464,20 +462,16 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
 # -- runs of decode-only iterations in closed form --------------------------------------------------
 @njit(cache=True, error_model="numpy", inline="always")
 def attention_coefs_nb(p):
-    """What attention_nb needs of the cost parameters, the rates inverted once per run: a run
-    evaluates it about four times a segment, and a division would sit in each evaluation's chain."""
-    flop_rate = p[ATTN_PEAK_FLOPS] * p[ATTN_EFF]
-    byte_rate = p[MEM_BW] * p[ATTN_BW_EFF]
-    return (p[LAYERS], p[ATTN_LATENCY_S], p[ATTN_FLOPS_PER_PAIR] / flop_rate, p[KV_BYTES_PER_TOKEN] / byte_rate,
-            p[Q_BYTES_PER_TOKEN] / byte_rate, p[OVERLAP])
+    """What attention_nb needs of the cost parameters, taken once per run."""
+    return p[LAYERS], cache_attention_coefs_nb(p)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def attention_nb(c, n, keys):
     """All layers' attention time of n decodes over `keys` context tokens (c: attention_coefs_nb):
-    attention_time_nb's decode term, to rounding."""
-    layers, latency, flop_s, kv_s, q_s, overlap = c
-    return layers * (latency + soft_max_nb(keys * flop_s, keys * kv_s + n * q_s, overlap))
+    what stage_time_nb charges for them, bit for bit."""
+    layers, cache = c
+    return layers * cache_attention_nb(cache, keys, keys, n)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
