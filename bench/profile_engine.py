@@ -1,7 +1,7 @@
 """Where the compiled engine's time goes, by source line: a sampling profile of one fast-mode run.
 
 Numba's JIT code has no symbols for `perf`, so this compiles the engine once more with line tables
-(NUMBA_DEBUGINFO, into its own cache: the project's cache is untouched; ~3 min the first time),
+(NUMBA_DEBUGINFO, into its own cache: the project's cache is untouched; ~3-10 min after an engine change),
 records the run with `perf record`, and maps each sample inside the compiled kernel to a line
 through the kernel's object code (taken from that cache) and `addr2line`.
 
@@ -280,7 +280,7 @@ def main() -> None:
         return
     for tool in ("valgrind" if args.counts else "perf", "addr2line", "objcopy", "nm"):
         if shutil.which(tool) is None:
-            sys.exit(f"profile_engine: `{tool}` not found; install {tool if args.counts else 'linux perf'} and binutils")
+            sys.exit(f"profile_engine: `{tool}` not found; install {'valgrind' if args.counts else 'linux perf'} and binutils")
     cache = _engine_cache("counts" if args.counts else "profile")
     env = dict(os.environ, NUMBA_DEBUGINFO="1", NUMBA_CACHE_DIR=str(cache),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -290,7 +290,7 @@ def main() -> None:
         dump, data = os.path.join(tmp, "jit.pkl"), os.path.join(tmp, "perf.data")
         cmd = [sys.executable, __file__, "--child", dump, "--requests", str(args.requests), "--dataset",
                args.dataset, "--mode", args.mode, "--load", str(args.load), "--replicas", str(args.replicas)]
-        print("compiling with line tables (first time ~3 min), measuring the capacity...", flush=True)
+        print("compiling with line tables (after an engine change: ~3-10 min), measuring the capacity...", flush=True)
         first = subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, text=True).stdout
         rate = json.loads(first.strip().splitlines()[-1])["rate"]
