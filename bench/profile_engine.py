@@ -6,8 +6,9 @@ records the run with `perf record`, and maps each sample inside the compiled ker
 through the kernel's object code (taken from that cache) and `addr2line`.
 
 Numba inlines `inline="always"` functions before LLVM sees them, and their lines keep the callee's
-line numbers under the caller's file name: a line is therefore printed with every engine function
-that has code at that number, and the reader picks the one that can be on the path.
+line numbers under the caller's file name. So the profiled build runs a copy of the package whose
+engine files are shifted apart (file i's line n becomes (i + 1) * LINE_STRIDE + n): every line then
+names one engine function, and the report adds the lines up by function too.
 
 With --counts it counts instead of sampling: the run goes under valgrind's callgrind, which
 counts every instruction the kernel executes and every conditional branch its simple predictor
@@ -19,7 +20,7 @@ fixed CPU, haswell, that valgrind can run, into a cache of its own; valgrind is 
 Usage: python bench/profile_engine.py [--requests 300000] [--dataset sharegpt] [--mode fast]
        [--load 0.8] [--replicas 1] [--top 40] [--counts]
 Needs Linux `perf` (perf_event_paranoid <= 2), or valgrind for --counts, and binutils
-(`addr2line`, `objcopy`, `nm`).
+(`addr2line`, `objcopy`).
 """
 from __future__ import annotations
 
@@ -56,13 +57,37 @@ def _engine_cache(kind: str) -> Path:
     return path
 
 
+LINE_STRIDE = 100_000  # engine files are shorter: the line number says which file
+ENGINE_FILES = sorted(ENGINE.glob("*_nb.py"))
+
+
+def shifted_copy(cache: Path) -> Path:
+    """A copy of the `fastsim` package beside `cache` (so one per engine digest, kept with it: the
+    compiled code is found again by path and modification time), its engine files shifted apart."""
+    root = cache / "src"
+    if not (root / "fastsim").is_dir():
+        tmp = cache / "src-partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ROOT / "fastsim", tmp / "fastsim", ignore=shutil.ignore_patterns("__pycache__"))
+        for i, path in enumerate(ENGINE_FILES):
+            target = tmp / "fastsim" / "engine" / path.name
+            target.write_text("\n" * ((i + 1) * LINE_STRIDE) + path.read_text())
+        tmp.rename(root)
+    return root
+
+
+def source_line(line: int) -> tuple[str, int] | None:
+    """(engine file stem, line) of a line number in the shifted copy; None outside the engine files."""
+    i, n = divmod(line, LINE_STRIDE)
+    return (ENGINE_FILES[i - 1].stem, n) if 1 <= i <= len(ENGINE_FILES) else None
+
+
 KERNEL_CACHE_FILE = "cluster_nb.run_cluster_nb-*.nbc"
 # --counts: a CPU valgrind emulates (it has no AVX-512), named, so that the native compile and the
 # run under valgrind find the same cached code (Numba keys its cache by the CPU it compiled for).
 COUNTS_CPU = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": (
     "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,+sse,+sse2,"
     "+sse3,+sse4.1,+sse4.2,+ssse3,+sahf")}
-EVENTS_FN = "_events_nb"  # the event loop: callgrind's busiest anonymous (JIT) function
 
 
 def _keep_inlining() -> None:
@@ -88,7 +113,9 @@ def child(args: argparse.Namespace, dump: str) -> None:
     from fastsim.simulation import simulate
 
     rate = args.rate or args.load * speed.capacity(args.dataset)  # (measured outside the profile)
-    print(json.dumps({"rate": rate}), flush=True)
+    import fastsim
+
+    print(json.dumps({"rate": rate, "package": fastsim.__file__}), flush=True)
     cfg = json.loads(json.dumps(speed.BASE))
     cfg["simulation"]["mode"] = args.mode
     cfg["workload"]["num_requests"] = args.requests
@@ -123,16 +150,14 @@ def kernel_object(out: Path, cache: Path) -> Path:
 
 
 def engine_lines() -> dict[tuple[str, int], tuple[str, str]]:
-    """(file stem, line) -> (function, code) for every line of code in the engine's functions."""
+    """(file stem, line) -> (function, code) for every line of the engine's functions."""
     lines = {}
     for path in ENGINE.glob("*_nb.py"):
         text = path.read_text().splitlines()
         for node in ast.parse("\n".join(text)).body:
             if isinstance(node, ast.FunctionDef):
                 for n in range(node.lineno, node.end_lineno + 1):
-                    code = text[n - 1].strip()
-                    if code and not code.startswith(("#", '"""', "@")):
-                        lines[(path.stem, n)] = (node.name, code)
+                    lines[(path.stem, n)] = (node.name, text[n - 1].strip())
     return lines
 
 
@@ -152,28 +177,37 @@ def kernel_region(regions: list, obj: Path) -> tuple[int, int]:
 
 
 def print_lines(costs: dict[int, tuple], names: tuple[str, ...], obj: Path, top: int) -> None:
-    """Each metric's share by source line, the lines sorted by the first metric; `costs` by offset
-    in the kernel object's .ltext section."""
+    """Each metric's share by engine function and by source line, sorted by the first metric;
+    `costs` by offset in the kernel object's .ltext section."""
     keys = sorted(costs)
     out = subprocess.run(["addr2line", "-e", str(obj), "-j", ".ltext"] + [hex(k) for k in keys],
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    by_line = collections.defaultdict(lambda: [0] * len(names))
-    for k, loc in zip(keys, out):
-        row = by_line[loc.rsplit("/", 1)[-1].split(" ")[0]]
-        for m, value in enumerate(costs[k]):
-            row[m] += value
-    totals = [max(sum(row[m] for row in by_line.values()), 1) for m in range(len(names))]
     code = engine_lines()
-    stems = sorted({stem for stem, _ in code})
-    print("  ".join(f"{name:>6}" for name in names) + "  line (and every engine function with code at that line number)")
-    for loc, row in sorted(by_line.items(), key=lambda kv: -kv[1][0])[:top]:
-        print("  ".join(f"{100 * row[m] / totals[m]:5.1f}%" for m in range(len(names))) + f"  {loc}")
-        _, _, number = loc.rpartition(":")
-        if number.isdigit():
-            for stem in stems:
-                hit = code.get((stem, int(number)))
-                if hit:
-                    print(f"{'':8}{stem}.{hit[0]}: {hit[1][:90]}")
+    by_line = collections.defaultdict(lambda: [0] * len(names))
+    by_fn = collections.defaultdict(lambda: [0] * len(names))
+    for k, loc in zip(keys, out):
+        number = loc.rsplit(":", 1)[-1].split(" ")[0]
+        where = source_line(int(number)) if number.isdigit() else None
+        label = f"{where[0]}.py:{where[1]}" if where else "(no line)"
+        fn = code.get(where, ("?", ""))[0] if where else "(no line: moves, spills, LLVM's own code)"
+        for m, value in enumerate(costs[k]):
+            by_line[label][m] += value
+            by_fn[f"{where[0]}.{fn}" if where else fn][m] += value
+    totals = [max(sum(row[m] for row in by_line.values()), 1) for m in range(len(names))]
+
+    def shares(row):
+        return "  ".join(f"{100 * row[m] / totals[m]:5.1f}%" for m in range(len(names)))
+
+    head = "  ".join(f"{name:>6}" for name in names)
+    print(f"{head}  function (its own lines; what it inlines is counted where that is written)")
+    for fn, row in sorted(by_fn.items(), key=lambda kv: -kv[1][0]):
+        if row[0] > 0.002 * totals[0] or (len(row) > 1 and row[1] > 0.002 * totals[1]):
+            print(f"{shares(row)}  {fn}")
+    print(f"\n{head}  line")
+    for label, row in sorted(by_line.items(), key=lambda kv: -kv[1][0])[:top]:
+        stem, _, number = label.partition(".py:")
+        hit = code.get((stem, int(number))) if number.isdigit() else None
+        print(f"{shares(row)}  {label}" + (f"  {hit[0]}: {hit[1][:80]}" if hit else ""))
 
 
 def report(samples: list[int], dump: dict, obj: Path, top: int) -> None:
@@ -246,18 +280,22 @@ def counts(args: argparse.Namespace, cmd: list[str], env: dict, tmp: str, cache:
     subprocess.run(["valgrind", "--tool=callgrind", "--separate-threads=yes", "--dump-instr=yes",
                     "--branch-sim=yes", f"--callgrind-out-file={out}", "--"] + cmd, env=env, check=True,
                    stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    threads = [read_callgrind(p) for p in sorted(glob.glob(out + "-*"))]
-    fn_ir, costs = max(threads, key=lambda t: sum(t[0].values()))  # the kernel's thread
+    with open(cmd[cmd.index("--child") + 1], "rb") as f:
+        dump = pickle.load(f)
     obj = kernel_object(Path(tmp) / "kernel.o", cache)
-    symbols = subprocess.run(["nm", "--defined-only", str(obj)], capture_output=True, text=True, check=True).stdout
-    offset = next(int(line.split()[0], 16) for line in symbols.splitlines()
-                  if EVENTS_FN in line and line.split()[1] in "TtWw")
-    base = int(fn_ir.most_common(1)[0][0], 16) - offset
+    base, end = kernel_region(dump["regions"], obj)  # the kernel's code, as mapped in that run
+
+    def in_kernel(thread) -> int:
+        return sum(c[0] for a, c in thread[1].items() if base <= a < end)
+
+    # The kernel's thread (it runs without the GIL, in a thread of its own). Not simply the busiest
+    # in JIT code: the interpreter's own unnamed code can outweigh a short run's kernel.
+    _, costs = max((read_callgrind(p) for p in sorted(glob.glob(out + "-*"))), key=in_kernel)
     total = [sum(c[m] for c in costs.values()) for m in range(3)]
     n = args.requests
     print(f"per request: {total[0] / n:,.0f} instructions, {total[1] / n:,.0f} conditional branches, "
           f"{total[2] / n:,.1f} mispredicted (callgrind's predictor model; a real CPU's is better)")
-    print_lines({a - base: (c[0], c[2]) for a, c in costs.items() if a >= base}, ("Ir", "Bcm"), obj, args.top)
+    print_lines({a - base: (c[0], c[2]) for a, c in costs.items() if base <= a < end}, ("Ir", "Bcm"), obj, args.top)
 
 
 def main() -> None:
@@ -278,12 +316,12 @@ def main() -> None:
     if args.child:
         child(args, args.child)
         return
-    for tool in ("valgrind" if args.counts else "perf", "addr2line", "objcopy", "nm"):
+    for tool in ("valgrind" if args.counts else "perf", "addr2line", "objcopy"):
         if shutil.which(tool) is None:
             sys.exit(f"profile_engine: `{tool}` not found; install {'valgrind' if args.counts else 'linux perf'} and binutils")
     cache = _engine_cache("counts" if args.counts else "profile")
     env = dict(os.environ, NUMBA_DEBUGINFO="1", NUMBA_CACHE_DIR=str(cache),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(shifted_copy(cache)), os.environ.get("PYTHONPATH", "")]))
     if args.counts:
         env.update(COUNTS_CPU)
     with tempfile.TemporaryDirectory() as tmp:
@@ -293,7 +331,10 @@ def main() -> None:
         print("compiling with line tables (after an engine change: ~3-10 min), measuring the capacity...", flush=True)
         first = subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, text=True).stdout
-        rate = json.loads(first.strip().splitlines()[-1])["rate"]
+        info = json.loads(first.strip().splitlines()[-1])
+        if not info["package"].startswith(str(cache)):
+            sys.exit(f"profile_engine: the profiled run imported {info['package']}, not the shifted copy in {cache}")
+        rate = info["rate"]
         if args.counts:
             counts(args, cmd + ["--rate", str(rate)], env, tmp, cache)
             return
