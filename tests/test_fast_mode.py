@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from fastsim.engine import enums as E
 from fastsim.engine import lazy_nb as lz
-from fastsim.engine.batch_nb import ceil_div_pow2_nb, div_pow2_nb, itl_bin_nb, mod_pow2_nb
+from fastsim.engine.batch_nb import ceil_div_pow2_nb, div_pow2_nb, itl_bin_low_nb, itl_bin_nb, mod_pow2_nb
 from fastsim.engine.cost_nb import LAYERS, OVERLAP, attention_time_nb
 from fastsim.metrics import itl_bin_edges_s
 from test_engine import CM, _fits, engines, long_run, preloaded, run
@@ -60,14 +60,26 @@ def reference_bin(x):
     return min(max(b, 0), E.ITL_BINS - 1)
 
 
-@given(b0=st.floats(1e-4, 1.0), slope=st.floats(0, 1e-4), k=st.integers(1, 500), count=st.integers(1, 5))
-def test_binning_a_run_of_gaps_matches_binning_each(b0, slope, k, count):
+@given(b0=st.one_of(st.floats(1e-4, 1.0), st.sampled_from([0.0, 2.0 ** -21, 0.0625, 2.0 ** 14])),
+       slope=st.one_of(st.floats(0, 1e-4), st.just(0.0), st.floats(0, 1.0)),
+       a2=st.one_of(st.just(0.0), st.floats(0, 1e-7), st.floats(0, 1e-3)),
+       k=st.integers(1, 500), count=st.integers(1, 5))
+def test_binning_a_run_of_gaps_matches_binning_each(b0, slope, a2, k, count):
+    """Bins found by solving for their edges are those of each gap alone, out to the clamped ends
+    (gaps from below ITL_MIN_S to above ITL_MAX_S), whether a run crosses no edge or hundreds."""
     hist = np.zeros(E.ITL_BINS, np.int64)
-    lz._bin_run((hist, np.zeros(3)), b0, slope, 0.0, k, count)
+    lz._bin_run((hist, np.zeros(3)), b0, slope, a2, k, count)
     want = np.zeros(E.ITL_BINS, np.int64)
     for u in range(k):
-        want[reference_bin(b0 + slope * u)] += count
+        want[reference_bin(b0 + slope * u + a2 * u * u)] += count
     np.testing.assert_array_equal(hist, want)
+
+
+@given(i=st.integers(1, E.ITL_BINS - 1))
+def test_a_bins_low_edge_is_the_smallest_gap_in_it(i):
+    x = itl_bin_low_nb(i)
+    assert x == itl_bin_edges_s()[i]
+    assert itl_bin_nb(x) == i and itl_bin_nb(math.nextafter(x, 0.0)) == i - 1
 
 
 @given(x=st.one_of(st.floats(-1e6, 1e6), st.sampled_from([E.ITL_MIN_S, E.ITL_MAX_S, 1.0, 0.5, 2.0 ** -30, 1e30, 0.0,

@@ -61,6 +61,14 @@ def _float_bits(typingctx, x):
     return types.int64(types.float64), codegen
 
 
+@intrinsic
+def _bits_float(typingctx, bits):
+    """The float64 whose IEEE 754 bits are these (_float_bits's inverse)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float64))
+    return types.float64(types.int64), codegen
+
+
 # A positive double's bits >> (52 - ITL_OCTAVE_BITS) are its biased exponent followed by its leading
 # mantissa bits: the bin counted from 2^0, shifted here to count from 2^ITL_MIN_EXP.
 _BIN_SHIFT = 52 - E.ITL_OCTAVE_BITS
@@ -74,6 +82,12 @@ def itl_bin_nb(itl_s):
     integer) land in bin 0 through the clamp, without a branch."""
     i = (_float_bits(itl_s) >> _BIN_SHIFT) - _BIN_BASE
     return min(max(i, 0), E.ITL_BINS - 1)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def itl_bin_low_nb(i):
+    """The smallest gap in ITL bin i (1 <= i < ITL_BINS): the float of itl_bin_nb's bits."""
+    return _bits_float((i + _BIN_BASE) << _BIN_SHIFT)
 
 
 @njit(cache=True, error_model="numpy")
