@@ -609,7 +609,7 @@ def _bin_run(itl_acc, b0, a1, a2, k, count):
     b = itl_bin_nb(b0)
     top = itl_bin_nb(b0 + a1 * (k - 1) + a2 * (k - 1) * (k - 1))
     # g(u) - b0 <= u (a1 + a2 (k - 1)) on the run: solving that line for an edge gives a u at or
-    # just before g's own (the curvature is tiny), without a square root; the checks below step on.
+    # just before g's own crossing (the curvature is tiny); the checks below step to the exact one.
     inv_slope = 1.0 / (a1 + a2 * (k - 1))
     while b < top:
         x = (itl_bin_low_nb(b + 1) - b0) * inv_slope
