@@ -34,8 +34,8 @@ def test_roofline_soft_max_between_max_and_sum():
 @given(hi=st.floats(1e-9, 10.0), ratio=st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.1, 0.0999999, 0.1000001])),
        swap=st.booleans())
 def test_soft_max_at_p4_is_the_fourth_root_of_the_sum_of_fourth_powers(hi, ratio, swap):
-    """The default overlap takes a series where one bound is under a tenth of the other: it agrees with
-    the fourth root to rounding on both sides of that switch, either bound the larger."""
+    """The default overlap's closed form agrees with the fourth root of the exact sum to rounding, for
+    bounds far apart (memory-bound decode attention) and close, either bound the larger."""
     lo = hi * ratio
     tc, tm = (lo, hi) if swap else (hi, lo)
     want = float((Fraction(tc) ** 4 + Fraction(tm) ** 4) ** 0.25) if lo > 0 else hi

@@ -87,18 +87,11 @@ def roofline_nb(flops, nbytes, flop_rate, byte_rate, overlap):
 def soft_max_nb(tc, tm, overlap):
     """roofline_nb from the two bounds' times."""
     if overlap == 4.0:
-        # The default p. Fast mode's closed-form runs evaluate this in their chain of dependent
-        # arithmetic, where two square roots (~20 cycles each, and ~8 between two) cost more
-        # than a division: when one bound is under a tenth of the other (decode attention is
-        # memory-bound ~50x), hi (1 + e)^(1/4), e = (lo/hi)^4 <= 1e-4, is its binomial series to
-        # e^3 (the next term is under 4e-18 of the sum). Otherwise, the fourth root of tc^4 + tm^4;
-        # kernel times lie far from where a fourth power under- or overflows (1e-77 .. 1e77 s).
-        hi = max(tc, tm)
-        lo = min(tc, tm)
-        if lo < 0.1 * hi:
-            r = lo / hi
-            e = (r * r) * (r * r)
-            return hi + hi * (e * (0.25 - e * (0.09375 - e * 0.0546875)))
+        # The default p: two square roots of tc^4 + tm^4, with no division by the larger bound
+        # (fast mode's closed-form runs evaluate this in their chain of dependent arithmetic).
+        # Kernel times lie far from where a fourth power under- or overflows (1e-77 .. 1e77 s).
+        # (A binomial series where one bound is under a tenth of the other, one division instead
+        # of the roots, measured no faster in interleaved runs: dropped.)
         tc2 = tc * tc
         tm2 = tm * tm
         return math.sqrt(math.sqrt(tc2 * tc2 + tm2 * tm2))
