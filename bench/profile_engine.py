@@ -62,17 +62,18 @@ ENGINE_FILES = sorted(ENGINE.glob("*_nb.py"))
 
 
 def shifted_copy(cache: Path) -> Path:
-    """A copy of the `fastsim` package beside `cache` (so one per engine digest, kept with it: the
-    compiled code is found again by path and modification time), its engine files shifted apart."""
+    """A copy of the `fastsim` package beside `cache`, its engine files shifted apart, made afresh
+    each run (the rest of the package may have changed since the digest's first run). Each file
+    keeps its original's modification time, so that Numba finds the shifted engine's compiled code
+    again (it keys that by path and modification time; the digest names the engine's version)."""
     root = cache / "src"
-    if not (root / "fastsim").is_dir():
-        tmp = cache / "src-partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(ROOT / "fastsim", tmp / "fastsim", ignore=shutil.ignore_patterns("__pycache__"))
-        for i, path in enumerate(ENGINE_FILES):
-            target = tmp / "fastsim" / "engine" / path.name
-            target.write_text("\n" * ((i + 1) * LINE_STRIDE) + path.read_text())
-        tmp.rename(root)
+    shutil.copytree(ROOT / "fastsim", root / "fastsim", ignore=shutil.ignore_patterns("__pycache__"),
+                    dirs_exist_ok=True)  # (copies keep modification times)
+    for i, path in enumerate(ENGINE_FILES):
+        target = root / "fastsim" / "engine" / path.name
+        target.write_text("\n" * ((i + 1) * LINE_STRIDE) + path.read_text())
+        stat = path.stat()
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     return root
 
 
@@ -152,7 +153,7 @@ def kernel_object(out: Path, cache: Path) -> Path:
 def engine_lines() -> dict[tuple[str, int], tuple[str, str]]:
     """(file stem, line) -> (function, code) for every line of the engine's functions."""
     lines = {}
-    for path in ENGINE.glob("*_nb.py"):
+    for path in ENGINE_FILES:
         text = path.read_text().splitlines()
         for node in ast.parse("\n".join(text)).body:
             if isinstance(node, ast.FunctionDef):
@@ -188,11 +189,13 @@ def print_lines(costs: dict[int, tuple], names: tuple[str, ...], obj: Path, top:
     for k, loc in zip(keys, out):
         number = loc.rsplit(":", 1)[-1].split(" ")[0]
         where = source_line(int(number)) if number.isdigit() else None
-        label = f"{where[0]}.py:{where[1]}" if where else "(no line)"
-        fn = code.get(where, ("?", ""))[0] if where else "(no line: moves, spills, LLVM's own code)"
+        if where:
+            label, fn = f"{where[0]}.py:{where[1]}", f"{where[0]}.{code.get(where, ('?',))[0]}"
+        else:
+            label, fn = "(no line)", "(no line: moves, spills, LLVM's own code)"
         for m, value in enumerate(costs[k]):
             by_line[label][m] += value
-            by_fn[f"{where[0]}.{fn}" if where else fn][m] += value
+            by_fn[fn][m] += value
     totals = [max(sum(row[m] for row in by_line.values()), 1) for m in range(len(names))]
 
     def shares(row):
