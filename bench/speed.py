@@ -3,9 +3,13 @@ mode and fast mode (simulation.mode) side by side.
 
 Llama-3-8B on H100-SXM, Poisson arrivals at ~80% of a replica's capacity (measured first with an
 offline batch run): ShareGPT lengths on one replica at each size, then 64 data-parallel replicas
-(round-robin router, 64x the rate) at 1M requests; and BWB lengths (long outputs, ~1,600 tokens).
+(round-robin router, 64x the rate) at 1M requests; and BWB lengths (long outputs, ~1,600 tokens),
+at 80% and, overloaded, at 100% of the offline capacity (more than a replica sustains online: the
+queue grows and the KV cache runs out, so requests are preempted again and again — a sweep over
+rates runs into this).
 
 Usage: python bench/speed.py [--sizes 10000,100000,1000000] [--replicas 1,64] [--bwb 20000]
+       [--overload 1.0]
 Each run is its own process so its peak RSS is its own. Compile time is measured cold (an empty
 Numba cache) and cached.
 """
@@ -55,6 +59,7 @@ def one_run(n: int, rate: float, repeats: int, replicas: int, mode: str, dataset
         best_engine = min(best_engine, s["wall_time_s"])
     return {"n": n, "engine_wall_s": best_engine, "total_wall_s": best_total, "iterations": s["iterations"],
             "completed": s["completed"], "request_throughput": s["request_throughput"],
+            "preemptions": s["preemptions"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -82,7 +87,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--repeats", type=int, default=3, help="runs per size; the best is reported")
     ap.add_argument("--replicas", default="1,64", help="data-parallel replica counts to run")
-    ap.add_argument("--bwb", type=int, default=20000, help="requests of the long-output run (0: none)")
+    ap.add_argument("--bwb", type=int, default=20000, help="requests of the long-output runs (0: none)")
+    ap.add_argument("--overload", type=float, default=1.0,
+                    help="load of the overloaded long-output run, as a fraction of capacity (0: none)")
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -93,33 +100,36 @@ def main() -> None:
         cold = compile_seconds(d)
         warm = compile_seconds(d)
     print(f"first run of 1,000 requests incl. imports: cold Numba cache {cold:.1f} s, cached {warm:.2f} s")
-    rates = {}
+    caps = {}
     for dataset in ("sharegpt", "bwb") if a.bwb else ("sharegpt",):
-        cap = capacity(dataset)
-        rates[dataset] = 0.8 * cap
-        print(f"capacity (offline batch, {dataset} lengths): {cap:.2f} req/s; running Poisson at {rates[dataset]:.2f} req/s")
+        caps[dataset] = capacity(dataset)
+        print(f"capacity (offline batch, {dataset} lengths): {caps[dataset]:.2f} req/s; running Poisson at "
+              f"{0.8 * caps[dataset]:.2f} req/s" + (f" and {a.overload * caps[dataset]:.2f}" if dataset == "bwb"
+                                                    and a.overload else ""))
     print("engine s = the compiled simulation loop; total s = config to tables, incl. workload sampling")
-    head = f"{'dataset':>8} {'replicas':>8} {'requests':>10}"
+    head = f"{'dataset':>8} {'load':>4} {'replicas':>8} {'requests':>10}"
     for mode in MODES:
         head += f" | {mode + ' engine s':>15} {'req/s':>10} {'total s':>8} {'RSS MB':>7}"
-    print(head + f" | {'fast/exact':>10} {'iterations':>11}")
-    runs = [("sharegpt", 1, int(x)) for x in a.sizes.split(",")] if "1" in a.replicas.split(",") else []
-    runs += [("sharegpt", int(k), 1_000_000) for k in a.replicas.split(",") if k != "1"]
-    runs += [("bwb", 1, a.bwb)] if a.bwb else []
-    for dataset, replicas, n in runs:
-        line = f"{dataset:>8} {replicas:>8} {n:>10,}"
+    print(head + f" | {'fast/exact':>10} {'iterations':>11} {'preempted':>9}")
+    runs = [("sharegpt", 0.8, 1, int(x)) for x in a.sizes.split(",")] if "1" in a.replicas.split(",") else []
+    runs += [("sharegpt", 0.8, int(k), 1_000_000) for k in a.replicas.split(",") if k != "1"]
+    runs += [("bwb", 0.8, 1, a.bwb)] if a.bwb else []
+    runs += [("bwb", a.overload, 1, a.bwb)] if a.bwb and a.overload else []
+    for dataset, load, replicas, n in runs:
+        line = f"{dataset:>8} {load:>4.2f} {replicas:>8} {n:>10,}"
         got = {}
         for mode in MODES:
             # Best of several even at 1M in fast mode: the target is stated there, and one run on a
             # shared machine can land in a slow minute (exact mode's seconds-long runs once).
             reps = a.repeats if n <= 100_000 or mode == "fast" else 1
-            out = subprocess.run([sys.executable, __file__, "--child", str(n), str(rates[dataset]), str(reps),
+            out = subprocess.run([sys.executable, __file__, "--child", str(n), str(load * caps[dataset]), str(reps),
                                   str(replicas), mode, dataset], capture_output=True, text=True, check=True)
             r = got[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             line += (f" | {r['engine_wall_s']:>15.3f} {n / r['engine_wall_s']:>10,.0f} {r['total_wall_s']:>8.2f} "
                      f"{r['peak_rss_mb']:>7,.0f}")
         speedup = got["exact"]["engine_wall_s"] / got["fast"]["engine_wall_s"]
-        print(line + f" | {speedup:>9.1f}x {got['exact']['iterations']:>11,}", flush=True)
+        print(line + f" | {speedup:>9.1f}x {got['exact']['iterations']:>11,} {got['exact']['preemptions'] / n:>8.2f}/req",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -185,8 +185,23 @@ def test_fast_mode_sums_most_iterations_and_stays_exact_on_a_long_run_with_preem
     a = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=True)
     b = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=False)
     compare(a, b, 256)
-    assert b["preempts"].sum() > 0  # exact mode decides around the preemptions, lazy form elsewhere
+    assert b["preempts"].sum() > 0
+    assert a["counters"][8] == 0  # every preemption decided in lazy form, none by going back to exact form
     assert a["counters"][5] > 0.8 * a["counters"][0]  # iterations summed in closed form
+
+
+@pytest.mark.parametrize("num_blocks", [100, 130])
+def test_a_chunked_prefill_preempted_in_lazy_form_matches_exact_mode(num_blocks):
+    """Two decoders grow while a 2,000-token prompt is prefilled in chunks the budget cuts (256
+    tokens a step): the cache runs out mid-prefill, and the newest request, that prefill, is
+    preempted (with 100 blocks it can never fit, and is preempted until the run ends)."""
+    arrivals, prompts, outputs = [0.0, 0.0, 0.5], [100, 100, 2000], [600, 600, 5]
+    kw = dict(max_num_batched_tokens=256, num_blocks=num_blocks, timeline=False)
+    a = run(arrivals, prompts, outputs, fast=True, **kw)
+    b = run(arrivals, prompts, outputs, fast=False, **kw)
+    compare(a, b, 256)
+    assert b["preempts"][:2].tolist() == [0, 0] and b["preempts"][2] > 10
+    assert a["counters"][8] == 0
 
 
 def test_without_decoders_to_sum_fast_mode_still_matches():

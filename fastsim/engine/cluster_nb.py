@@ -158,7 +158,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     max_itl_s, replica), then (itl_hist, itl_stats=[count, sum, sum of squares], timeline,
     per-replica counters [iterations, peak_blocks_used, free_blocks_at_end, preemptions, requests,
     iterations stepped in decode stretches, prefix-cache evictions, prompt tokens served from the
-    cache], per-replica GPU-seconds [compute, communication], per-request cached prompt tokens).
+    cache, times fast mode's lazy form went back to exact form to decide], per-replica GPU-seconds [compute, communication], per-request cached prompt tokens).
     `progress[1]` set non-zero by another thread stops the run between two events, as if max_time_s
     had been reached then (a wall-clock budget).
     `progress[0]` is kept at the number of requests done, for a progress bar polled from another
@@ -350,7 +350,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     for i in range(n):
         if status[i] == E.PENDING or status[i] == E.RUNNING:
             status[i] = E.UNFINISHED
-    counters = np.empty((n_rep, 8), np.int64)
+    counters = np.empty((n_rep, 9), np.int64)
     for r in range(n_rep):
         counters[r, 0] = rep_iters[r]
         counters[r, 1] = rep_peak[r]
@@ -360,6 +360,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         counters[r, 5] = rep_stretched[r]
         counters[r, 6] = apc[2][r, px.EVICTIONS] if rep_int[r, E.RI_APC] else 0
         counters[r, 7] = apc[2][r, px.HIT_TOKENS] if rep_int[r, E.RI_APC] else 0
+        counters[r, 8] = lz[0][r, lz_nb.C_EXITS] if lz_ok[r] else 0
     return (status, first_sched, first_tok, finish, generated, preempts, max_itl, replica,
             itl_hist, itl, timeline[:n_tl].copy(), counters, rep_time, cached, arrival)
 
@@ -404,7 +405,8 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
     requests = (prompt, generated, status, finish, max_itl, output, gen0, first_sched)
     replicas = (n_running, free, q_head, n_waiting, stage_free, rep_time)
     lz_queue = (q_head, q_tail, q_next, n_waiting)
-    lz_sched_reqs = (prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached, gen0)
+    lz_sched_reqs = (prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached, gen0,
+                     preempts)
     lz_done_reqs = (prompt, generated, status, finish, max_itl, first_tok)
     lz_run_reqs = (prompt, output, generated, status, finish, max_itl, gen0, first_sched)
     lz_replicas = (n_running, free, stage_free, rep_time)
@@ -543,10 +545,11 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
         bid = batch_seq[r]
         handled = False
         if on:
-            handled, n_sched, agg = lz_nb.schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, lz_queue,
-                                                      lz_sched_reqs)
-            if not handled:  # a preemption is due, or the order of admission matters: exact mode decides
+            handled, n_sched, agg, step_preempts = lz_nb.schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free,
+                                                                     lz_queue, lz_sched_reqs)
+            if not handled:  # the order of admission matters: exact mode decides
                 lz_nb.to_exact_nb(lz, r, slots, n_running, block_size, scratch)
+                lz[0][r, lz_nb.C_EXITS] += 1
         if not handled and fl_count[r] < stages:
             budget = ri[E.RI_MAX_TOKENS]
             sg = ri[E.RI_SGLANG] != 0

@@ -82,25 +82,42 @@ def key_push_nb(h, h_n, row, key):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def key_pop_nb(h, h_n, row):
-    """Remove and return the smallest key of heap `row` of h.
-
-    Bottom-up: the hole at the root sinks to a leaf along the smaller children (a select, not a
-    branch: which child is smaller is a coin flip a predictor misses half the time), then the last
-    key, itself from the bottom, rises from there (rarely more than a level)."""
+    """Remove and return the smallest key of heap `row` of h."""
     top = h[row, 0]
+    _key_take(h, h_n, row, 0)
+    return top
+
+
+@njit(cache=True, error_model="numpy")
+def key_remove_nb(h, h_n, row, key):
+    """Remove `key` from heap `row` of h (found by a scan: for the rare removal out of order).
+    Returns whether it was there."""
+    for k in range(h_n[row]):
+        if h[row, k] == key:
+            _key_take(h, h_n, row, k)
+            return True
+    return False
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _key_take(h, h_n, row, k):
+    """Remove the key at position k of heap `row`.
+
+    Bottom-up: the hole at k sinks to a leaf along the smaller children (a select, not a branch:
+    which child is smaller is a coin flip a predictor misses half the time), then the last key,
+    itself from the bottom, rises from there (rarely more than a level; above k, if it is smaller
+    than k's parents: the path from the root to the hole stays sorted)."""
     last = h_n[row] - 1
     h_n[row] = last
     key = h[row, last]
     h[row, last] = _KEY_MAX  # a missing right child is never the smaller one
-    k = 0
-    c = 1
+    c = 2 * k + 1
     while c < last:
         c += h[row, c + 1] < h[row, c]
         h[row, k] = h[row, c]
         k = c
         c = 2 * k + 1
     _key_rise(h, row, k, key)
-    return top
 
 
 @njit(cache=True, error_model="numpy", inline="always")  # a call in the completion loops slows them

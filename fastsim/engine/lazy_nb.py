@@ -22,10 +22,13 @@ neighbouring bin, and an arrival within rounding of an iteration's end may be se
 apart. Everything else — which requests run when, blocks, preemptions, finish order — is the
 exact scheduler's.
 
-Whenever the lazy form cannot reproduce the scheduler's order of decisions (a preemption is due,
-or the token budget runs out at an explicit slot older than some decoder) the replica is written
-back to exact form (slots in admission order) for that decision, and returns to lazy form a few
-decisions later.
+A preemption is decided in lazy form too: exact mode preempts newest first, so the lazy form
+preempts the request with the highest admission number until the others' blocks fit (a scan of the
+slots and of the finish heap per preempted request, where exact form would touch every slot at
+each of the next several decisions; an overloaded replica preempts every few iterations). Whenever
+the lazy form cannot reproduce the scheduler's order of decisions (the token budget runs out at an
+explicit slot older than some decoder) the replica is written back to exact form (slots in
+admission order) for that decision, and returns to lazy form a few decisions later.
 """
 from __future__ import annotations
 
@@ -56,7 +59,8 @@ C_NFREE = 7      # free slots
 C_NEX = 8        # explicit slots
 C_STKN = 9       # max-gap stack size
 C_COOL = 10      # decisions to wait before trying lazy form again
-N_C = 11
+C_EXITS = 11     # times the replica went back to exact form to decide
+N_C = 12
 
 # A finishing decoder's heap key: the iteration it finishes at, then its slot (max_num_seqs <= 2^20).
 SLOT_BITS = 20
@@ -163,7 +167,14 @@ def _join(lz, r, k, slots, bs):
     cnt[r, C_NMEAS] += s_measured[r, k]
     cnt[r, C_MAXDEC] = max(cnt[r, C_MAXDEC], s_seq[r, k])
     phase[r, _phase(lz, r, k, slots, bs)] += 1
-    hp.key_push_nb(lz[8], lz[9], r, ((D + s_output[r, k] - (tokens - s_prompt[r, k])) << SLOT_BITS) | k)
+    hp.key_push_nb(lz[8], lz[9], r, _finish_key(lz, r, k, slots))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _finish_key(lz, r, k, slots):
+    """Lazy decoder k's key in the finish heap: the clock at its last token, then its slot."""
+    s_prompt, s_tokens, s_output = slots[1], slots[2], slots[4]
+    return ((lz[3][r, k] + s_output[r, k] - (s_tokens[r, k] - s_prompt[r, k])) << SLOT_BITS) | k
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -364,13 +375,13 @@ def _chunk(remaining, threshold, left):
 def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
     """Replica r's next batch as exact mode's vLLM V1 scheduler forms it (without prefix caching):
     every lazy decoder one token, explicit slots their next chunk, then waiting requests first come
-    first served. Returns (True, scheduled, batch aggregates), or (False, 0, _) when exact mode
-    must decide: a preemption is due, or the budget runs out at an explicit slot older than some
-    decoder (the lazy form takes decoders first; exact mode takes admission order)."""
+    first served. Returns (True, scheduled, batch aggregates, preemptions), or (False, 0, _, 0) when
+    exact mode must decide: the budget runs out at an explicit slot older than some decoder (the
+    lazy form takes decoders first; exact mode takes admission order)."""
     cnt, phase, s_seq, s_state, free_slots, ex_slot = lz[0], lz[2], lz[4], lz[5], lz[6], lz[7]
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
     q_head, q_tail, q_next, n_waiting = queue
-    prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached, gen0 = reqs
+    prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached, gen0, preempts = reqs
     bs = ri[E.RI_BLOCK_SIZE]
     thr = ri[E.RI_THRESHOLD]
     n = cnt[r, C_NDEC]
@@ -378,19 +389,31 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
     agg = (0, 0.0, 0, 0, 0.0, 0.0)
     left = ri[E.RI_MAX_TOKENS] - n
     if left < 0:
-        return False, 0, agg
+        return False, 0, agg, 0
     need = phase[r, mod_pow2_nb(D, bs)] if n > 0 else 0
     for x in range(cnt[r, C_NEX]):
         k = ex_slot[r, x]
         wish, new = _chunk(s_tokens[r, k] - s_computed[r, k], thr, left)
         if new < wish and s_seq[r, k] < cnt[r, C_MAXDEC]:
-            return False, 0, agg
+            return False, 0, agg, 0
         if new > 0:
             need += blocks_needed_nb(s_computed[r, k], new, s_blocks[r, k], bs)
             left -= new
+    n_preempted = 0
     if need > free[r]:
-        return False, 0, agg
-    # Nothing is preempted: apply.
+        # Exact mode, taking the slots in admission order, preempts the newest running request
+        # while the slot at hand cannot get its blocks, until it can or is itself the newest. As
+        # the blocks needed up to a slot only grow, that leaves the longest run of the oldest slots
+        # whose needs fit in the free blocks plus those of the newer ones: preempt from the newest
+        # until the needs of the rest fit. (What the rest are given of the budget is unchanged:
+        # only newer slots, all preempted, came after them.)
+        left0 = ri[E.RI_MAX_TOKENS] - n
+        while need > free[r]:
+            need -= _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_tok, max_itl,
+                                    preempts, thr, left0)
+            n_preempted += 1
+        n = cnt[r, C_NDEC]
+    # Apply.
     free[r] -= need
     agg = (n, float(cnt[r, C_SUML] + n * D), 0, 0, 0.0, 0.0)
     n_sched = n
@@ -407,6 +430,8 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
             s_sample[r, k] = bid
         n_sched += 1
         left -= new
+    if n_preempted > 0:  # (vLLM admits no waiting request in a step that preempted)
+        return True, n_sched, agg, n_preempted
     no_evict = ri[E.RI_NO_EVICT] != 0
     reserved = reserved_blocks_nb(s_prompt[r], s_output[r], s_state[r], s_state.shape[1], True, bs) \
         if no_evict and n_waiting[r] > 0 else 0
@@ -456,7 +481,56 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         agg = add_to_batch_nb(agg, new, done, prompt[i], 0)
         n_sched += 1
         left -= new
-    return True, n_sched, agg
+    return True, n_sched, agg, 0
+
+
+@njit(cache=True, error_model="numpy")
+def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_tok, max_itl, preempts, thr, left0):
+    """Preempt replica r's newest running request (the highest admission number), as exact mode
+    does: its progress written back, its blocks freed, itself to the front of the waiting queue.
+    Returns the blocks it needed this step (a lazy decoder: one, at its block phase; an explicit
+    slot: its chunk's, as schedule_nb gave out the budget, `left0` after the decoders)."""
+    cnt, t_last, s_seq, s_state, free_slots, ex_slot = lz[0], lz[1], lz[4], lz[5], lz[6], lz[7]
+    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl = slots[:8]
+    q_head, q_tail, q_next, n_waiting = queue
+    v = -1
+    for k in range(s_state.shape[1]):  # (a scan: preemptions are rare next to decode steps)
+        if s_state[r, k] != FREE and (v < 0 or s_seq[r, k] > s_seq[r, v]):
+            v = k
+    if s_state[r, v] == LAZY:
+        D = cnt[r, C_D]
+        need = 1 if _phase(lz, r, v, slots, bs) == mod_pow2_nb(D, bs) else 0
+        hp.key_remove_nb(lz[8], lz[9], r, _finish_key(lz, r, v, slots))
+        _leave(lz, r, v, slots, bs)
+        s_last[r, v] = t_last[r]
+    else:
+        left, need, m = left0, 0, 0
+        for x in range(cnt[r, C_NEX]):  # in admission order, as the budget was given out
+            k = ex_slot[r, x]
+            _, new = _chunk(s_tokens[r, k] - s_computed[r, k], thr, left)
+            left -= new
+            if k == v:
+                need = blocks_needed_nb(s_computed[r, k], new, s_blocks[r, k], bs) if new > 0 else 0
+            else:
+                ex_slot[r, m] = k
+                m += 1
+        cnt[r, C_NEX] = m
+        s_state[r, v] = FREE
+        free_slots[r, cnt[r, C_NFREE]] = v
+        cnt[r, C_NFREE] += 1
+    i = s_req[r, v]
+    generated[i] = s_tokens[r, v] - s_prompt[r, v]
+    last_tok[i] = s_last[r, v]
+    max_itl[i] = s_max_itl[r, v]
+    preempts[i] += 1
+    free[r] += s_blocks[r, v]
+    n_running[r] -= 1
+    q_next[i] = q_head[r]  # to the front of the waiting queue
+    q_head[r] = i
+    if q_tail[r] < 0:
+        q_tail[r] = i
+    n_waiting[r] += 1
+    return need
 
 
 # -- runs of decode-only iterations in closed form --------------------------------------------------
