@@ -4,12 +4,12 @@ mode and fast mode (simulation.mode) side by side.
 Llama-3-8B on H100-SXM, Poisson arrivals at ~80% of a replica's capacity (measured first with an
 offline batch run): ShareGPT lengths on one replica at each size, then 64 data-parallel replicas
 (round-robin router, 64x the rate) at 1M requests; and BWB lengths (long outputs, ~1,600 tokens),
-at 80% and, overloaded, at 100% of the offline capacity (more than a replica sustains online: the
+at 80% and, overloaded, at 120% of the offline capacity (more than a replica sustains: the
 queue grows and the KV cache runs out, so requests are preempted again and again — a sweep over
 rates runs into this).
 
 Usage: python bench/speed.py [--sizes 10000,100000,1000000] [--replicas 1,64] [--bwb 20000]
-       [--overload 1.0]
+       [--overload 1.2]
 Each run is its own process so its peak RSS is its own. Compile time is measured cold (an empty
 Numba cache) and cached.
 """
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per size; the best is reported")
     ap.add_argument("--replicas", default="1,64", help="data-parallel replica counts to run")
     ap.add_argument("--bwb", type=int, default=20000, help="requests of the long-output runs (0: none)")
-    ap.add_argument("--overload", type=float, default=1.0,
+    ap.add_argument("--overload", type=float, default=1.2,
                     help="load of the overloaded long-output run, as a fraction of capacity (0: none)")
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args()
