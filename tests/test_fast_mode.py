@@ -232,3 +232,29 @@ def test_worst_gap_record_overflowing_is_folded_into_the_requests():
         record.append(gap)
         deepest = max(deepest, len(record))
     assert deepest > lz.STACK_CAP
+
+
+@given(st.lists(st.tuples(st.sampled_from(["admit", "admit", "finish", "preempt"]), st.integers(0, 10**6)),
+                max_size=300), st.integers(1, 6))
+def test_admission_stack_gives_the_newest_running_slot(ops, max_seqs):
+    """Admissions, finishes of any running slot and preemptions of the newest, in any order: the
+    stack (squeezed whenever its 2 x max_seqs entries fill) names the running slot of the highest
+    admission number, as a scan of the slots does."""
+    state = lz.lazy_state_nb(1, max_seqs, 16, True)
+    cnt, s_seq, s_state = state[0], state[4], state[5]
+    seq = 0
+    for op, pick in ops:
+        running = [k for k in range(max_seqs) if s_state[0, k] != lz.FREE]
+        free = [k for k in range(max_seqs) if s_state[0, k] == lz.FREE]
+        if op == "admit" and free:
+            k = free[pick % len(free)]
+            s_state[0, k], s_seq[0, k] = (lz.LAZY, lz.EXPLICIT)[pick % 2], seq
+            seq += 1
+            lz._order_push(state, 0, k)
+        elif op == "finish" and running:
+            s_state[0, running[pick % len(running)]] = lz.FREE
+        elif op == "preempt" and running:
+            newest = max(running, key=lambda k: s_seq[0, k])
+            assert lz._order_pop_newest(state, 0) == newest
+            s_state[0, newest] = lz.FREE
+        assert cnt[0, lz.C_ORDN] <= 2 * max_seqs

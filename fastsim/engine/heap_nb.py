@@ -92,11 +92,13 @@ def key_pop_nb(h, h_n, row):
 def key_remove_nb(h, h_n, row, key):
     """Remove `key` from heap `row` of h (found by a scan: for the rare removal out of order).
     Returns whether it was there."""
-    for k in range(h_n[row]):
-        if h[row, k] == key:
-            _key_take(h, h_n, row, k)
-            return True
-    return False
+    at = 0
+    for k in range(h_n[row]):  # no exit at the match: the loop runs vectorised
+        at = max(at, (k + 1) * (h[row, k] == key))
+    if at == 0:
+        return False
+    _key_take(h, h_n, row, at - 1)
+    return True
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -23,9 +23,9 @@ apart. Everything else — which requests run when, blocks, preemptions, finish 
 exact scheduler's.
 
 A preemption is decided in lazy form too: exact mode preempts newest first, so the lazy form
-preempts the request with the highest admission number until the others' blocks fit (a scan of the
-slots and of the finish heap per preempted request, where exact form would touch every slot at
-each of the next several decisions; an overloaded replica preempts every few iterations). Whenever
+preempts the request with the highest admission number (the top of a stack in admission order)
+until the others' blocks fit, where exact form would touch every slot at each of the next several
+decisions (an overloaded replica preempts every few iterations). Whenever
 the lazy form cannot reproduce the scheduler's order of decisions (the token budget runs out at an
 explicit slot older than some decoder) the replica is written back to exact form (slots in
 admission order) for that decision, and returns to lazy form a few decisions later.
@@ -60,7 +60,8 @@ C_NEX = 8        # explicit slots
 C_STKN = 9       # max-gap stack size
 C_COOL = 10      # decisions to wait before trying lazy form again
 C_EXITS = 11     # times the replica went back to exact form to decide
-N_C = 12
+C_ORDN = 12      # entries of the admission-order stack
+N_C = 13
 
 # A finishing decoder's heap key: the iteration it finishes at, then its slot (max_num_seqs <= 2^20).
 SLOT_BITS = 20
@@ -86,7 +87,42 @@ def lazy_state_nb(n_rep, max_seqs, max_bs, on):
     fh_n = np.zeros(n_rep, np.int64)
     stk_d = np.zeros((n_rep, STACK_CAP), np.int64)
     stk_g = np.zeros((n_rep, STACK_CAP))
-    return (cnt, t_last, phase, s_stamp, s_seq, s_state, free_slots, ex_slot, fh, fh_n, stk_d, stk_g)
+    ord_slot = np.zeros((n_rep, 2 * max_seqs), np.int64)
+    ord_seq = np.zeros((n_rep, 2 * max_seqs), np.int64)
+    return (cnt, t_last, phase, s_stamp, s_seq, s_state, free_slots, ex_slot, fh, fh_n, stk_d, stk_g, ord_slot,
+            ord_seq)
+
+
+# -- the newest running request: a stack of (slot, admission number) in admission order -------------
+# An entry is current while its slot holds the request it was pushed for; finishes leave the rest
+# behind, skipped when reached, and squeezed out when the stack fills (each squeeze frees at least
+# max_num_seqs entries: O(1) a push, amortised).
+@njit(cache=True, error_model="numpy", inline="always")
+def _order_push(lz, r, k):
+    cnt, s_seq, s_state, ord_slot, ord_seq = lz[0], lz[4], lz[5], lz[12], lz[13]
+    m = cnt[r, C_ORDN]
+    if m == ord_slot.shape[1]:
+        m = 0
+        for x in range(ord_slot.shape[1]):
+            j = ord_slot[r, x]
+            if s_state[r, j] != FREE and s_seq[r, j] == ord_seq[r, x]:
+                ord_slot[r, m] = j
+                ord_seq[r, m] = ord_seq[r, x]
+                m += 1
+    ord_slot[r, m] = k
+    ord_seq[r, m] = s_seq[r, k]
+    cnt[r, C_ORDN] = m + 1
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _order_pop_newest(lz, r):
+    """The running slot admitted last, taken off the stack (there is one)."""
+    cnt, s_seq, s_state, ord_slot, ord_seq = lz[0], lz[4], lz[5], lz[12], lz[13]
+    m = cnt[r, C_ORDN] - 1
+    while s_state[r, ord_slot[r, m]] == FREE or s_seq[r, ord_slot[r, m]] != ord_seq[r, m]:
+        m -= 1
+    cnt[r, C_ORDN] = m
+    return ord_slot[r, m]
 
 
 # -- per-request worst gap: a stack of (iteration, gap) with gaps falling from bottom to top --------
@@ -242,6 +278,9 @@ def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs):
             ex_slot[r, cnt[r, C_NEX]] = k
             cnt[r, C_NEX] += 1
     cnt[r, C_SEQ] = n
+    cnt[r, C_ORDN] = 0
+    for k in range(n):
+        _order_push(lz, r, k)
     m = 0
     for k in range(max_seqs - 1, n - 1, -1):  # popped from the end: the lowest slot first
         free_slots[r, m] = k
@@ -472,6 +511,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         s_seq[r, k] = cnt[r, C_SEQ]
         cnt[r, C_SEQ] += 1
         s_state[r, k] = EXPLICIT
+        _order_push(lz, r, k)
         ex_slot[r, cnt[r, C_NEX]] = k
         cnt[r, C_NEX] += 1
         status[i] = E.RUNNING
@@ -484,7 +524,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
     return True, n_sched, agg, 0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_tok, max_itl, preempts, thr, left0):
     """Preempt replica r's newest running request (the highest admission number), as exact mode
     does: its progress written back, its blocks freed, itself to the front of the waiting queue.
@@ -493,10 +533,7 @@ def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_to
     cnt, t_last, s_seq, s_state, free_slots, ex_slot = lz[0], lz[1], lz[4], lz[5], lz[6], lz[7]
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl = slots[:8]
     q_head, q_tail, q_next, n_waiting = queue
-    v = -1
-    for k in range(s_state.shape[1]):  # (a scan: preemptions are rare next to decode steps)
-        if s_state[r, k] != FREE and (v < 0 or s_seq[r, k] > s_seq[r, v]):
-            v = k
+    v = _order_pop_newest(lz, r)
     if s_state[r, v] == LAZY:
         D = cnt[r, C_D]
         need = 1 if _phase(lz, r, v, slots, bs) == mod_pow2_nb(D, bs) else 0
