@@ -25,10 +25,10 @@ exact scheduler's.
 A preemption is decided in lazy form too: exact mode preempts newest first, so the lazy form
 preempts the request with the highest admission number (the top of a stack in admission order)
 until the others' blocks fit, where exact form would touch every slot at each of the next several
-decisions (an overloaded replica preempts every few iterations). Whenever
-the lazy form cannot reproduce the scheduler's order of decisions (the token budget runs out at an
-explicit slot older than some decoder) the replica is written back to exact form (slots in
-admission order) for that decision, and returns to lazy form a few decisions later.
+decisions (an overloaded replica preempts every few iterations). Whenever the lazy form cannot
+reproduce the scheduler's order of decisions (the token budget runs out at an explicit slot older
+than some decoder) the replica is written back to exact form (slots in admission order) for that
+decision, and returns to lazy form a few decisions later.
 """
 from __future__ import annotations
 
@@ -99,6 +99,7 @@ def lazy_state_nb(n_rep, max_seqs, max_bs, on):
 # max_num_seqs entries: O(1) a push, amortised).
 @njit(cache=True, error_model="numpy", inline="always")
 def _order_push(lz, r, k):
+    """Slot k has just been admitted (or, going to lazy form, is taken in admission order)."""
     cnt, s_seq, s_state, ord_slot, ord_seq = lz[0], lz[4], lz[5], lz[12], lz[13]
     m = cnt[r, C_ORDN]
     if m == ord_slot.shape[1]:
