@@ -103,14 +103,13 @@ def main() -> None:
     caps = {}
     for dataset in ("sharegpt", "bwb") if a.bwb else ("sharegpt",):
         caps[dataset] = capacity(dataset)
-        print(f"capacity (offline batch, {dataset} lengths): {caps[dataset]:.2f} req/s; running Poisson at "
-              f"{0.8 * caps[dataset]:.2f} req/s" + (f" and {a.overload * caps[dataset]:.2f}" if dataset == "bwb"
-                                                    and a.overload else ""))
-    print("engine s = the compiled simulation loop; total s = config to tables, incl. workload sampling")
+        print(f"capacity (offline batch, {dataset} lengths): {caps[dataset]:.2f} req/s")
+    print("Poisson arrivals at `load` x capacity; engine s = the compiled simulation loop; total s = config to "
+          "tables, incl. workload sampling")
     head = f"{'dataset':>8} {'load':>4} {'replicas':>8} {'requests':>10}"
     for mode in MODES:
         head += f" | {mode + ' engine s':>15} {'req/s':>10} {'total s':>8} {'RSS MB':>7}"
-    print(head + f" | {'fast/exact':>10} {'iterations':>11} {'preempted':>9}")
+    print(head + f" | {'fast/exact':>10} {'iterations':>11} {'preempts/req':>12}")
     runs = [("sharegpt", 0.8, 1, int(x)) for x in a.sizes.split(",")] if "1" in a.replicas.split(",") else []
     runs += [("sharegpt", 0.8, int(k), 1_000_000) for k in a.replicas.split(",") if k != "1"]
     runs += [("bwb", 0.8, 1, a.bwb)] if a.bwb else []
@@ -128,8 +127,8 @@ def main() -> None:
             line += (f" | {r['engine_wall_s']:>15.3f} {n / r['engine_wall_s']:>10,.0f} {r['total_wall_s']:>8.2f} "
                      f"{r['peak_rss_mb']:>7,.0f}")
         speedup = got["exact"]["engine_wall_s"] / got["fast"]["engine_wall_s"]
-        print(line + f" | {speedup:>9.1f}x {got['exact']['iterations']:>11,} {got['exact']['preemptions'] / n:>8.2f}/req",
-              flush=True)
+        exact = got["exact"]
+        print(line + f" | {speedup:>9.1f}x {exact['iterations']:>11,} {exact['preemptions'] / n:>12.2f}", flush=True)
 
 
 if __name__ == "__main__":

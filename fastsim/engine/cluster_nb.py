@@ -158,7 +158,8 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     max_itl_s, replica), then (itl_hist, itl_stats=[count, sum, sum of squares], timeline,
     per-replica counters [iterations, peak_blocks_used, free_blocks_at_end, preemptions, requests,
     iterations stepped in decode stretches, prefix-cache evictions, prompt tokens served from the
-    cache, times fast mode's lazy form went back to exact form to decide], per-replica GPU-seconds [compute, communication], per-request cached prompt tokens).
+    cache, times fast mode's lazy form went back to exact form to decide], per-replica GPU-seconds
+    [compute, communication], per-request cached prompt tokens).
     `progress[1]` set non-zero by another thread stops the run between two events, as if max_time_s
     had been reached then (a wall-clock budget).
     `progress[0]` is kept at the number of requests done, for a progress bar polled from another

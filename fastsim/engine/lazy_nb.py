@@ -194,7 +194,7 @@ def _phase(lz, r, k, slots, bs):
 def _join(lz, r, k, slots, bs):
     """Slot k has just sampled a token and decodes from now on (its KV is one token behind)."""
     cnt, phase, s_stamp, s_seq, s_state = lz[0], lz[2], lz[3], lz[4], lz[5]
-    s_prompt, s_tokens, s_output, s_measured = slots[1], slots[2], slots[4], slots[8]
+    s_tokens, s_measured = slots[2], slots[8]
     D = cnt[r, C_D]
     tokens = s_tokens[r, k]
     s_state[r, k] = LAZY
@@ -215,17 +215,25 @@ def _finish_key(lz, r, k, slots):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _release_slot(lz, r, k):
+    """Slot k's request has left (finished or preempted): the slot is free for the next admission."""
+    cnt, s_state, free_slots = lz[0], lz[5], lz[6]
+    s_state[r, k] = FREE
+    free_slots[r, cnt[r, C_NFREE]] = k
+    cnt[r, C_NFREE] += 1
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _leave(lz, r, k, slots, bs):
-    """Lazy decoder k finishes at the current clock: (its blocks, returned; its worst gap)."""
-    cnt, phase, s_stamp, s_state, free_slots = lz[0], lz[2], lz[3], lz[5], lz[6]
+    """Lazy decoder k leaves at the current clock, finished or preempted: (its blocks, returned; its
+    worst gap)."""
+    cnt, phase, s_stamp = lz[0], lz[2], lz[3]
     s_tokens, s_blocks, s_max_itl, s_measured = slots[2], slots[5], slots[7], slots[8]
     phase[r, _phase(lz, r, k, slots, bs)] -= 1
     cnt[r, C_NDEC] -= 1
     cnt[r, C_SUML] -= s_tokens[r, k] - s_stamp[r, k]
     cnt[r, C_NMEAS] -= s_measured[r, k]
-    s_state[r, k] = FREE
-    free_slots[r, cnt[r, C_NFREE]] = k
-    cnt[r, C_NFREE] += 1
+    _release_slot(lz, r, k)
     _write_out(lz, r, k, slots, bs)
     return s_blocks[r, k], s_max_itl[r, k]
 
@@ -345,7 +353,7 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns)
     """Batch `bid` of lazy replica r completed at `end`: the lazy decoders (all in it) each gain a
     token, those at their last leave; explicit slots it sampled for gain theirs, and join the lazy
     decoders unless finished. Returns (requests finished, blocks freed)."""
-    cnt, t_last, ex_slot, s_state, free_slots = lz[0], lz[1], lz[7], lz[5], lz[6]
+    cnt, t_last, ex_slot = lz[0], lz[1], lz[7]
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
     _, generated, status, finish, max_itl, first_tok = requests
     done = 0
@@ -386,9 +394,7 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns)
             generated[i] = gen
             max_itl[i] = s_max_itl[r, k]
             freed += s_blocks[r, k]
-            s_state[r, k] = FREE
-            free_slots[r, cnt[r, C_NFREE]] = k
-            cnt[r, C_NFREE] += 1
+            _release_slot(lz, r, k)
             done += 1
             if turns[0][i] >= 0:
                 hp.next_turn_due_nb(turns, i, end)
@@ -427,7 +433,8 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
     n = cnt[r, C_NDEC]
     D = cnt[r, C_D]
     agg = (0, 0.0, 0, 0, 0.0, 0.0)
-    left = ri[E.RI_MAX_TOKENS] - n
+    left0 = ri[E.RI_MAX_TOKENS] - n  # the budget left after the decoders
+    left = left0
     if left < 0:
         return False, 0, agg, 0
     need = phase[r, mod_pow2_nb(D, bs)] if n > 0 else 0
@@ -447,7 +454,6 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         # whose needs fit in the free blocks plus those of the newer ones: preempt from the newest
         # until the needs of the rest fit. (What the rest are given of the budget is unchanged:
         # only newer slots, all preempted, came after them.)
-        left0 = ri[E.RI_MAX_TOKENS] - n
         while need > free[r]:
             need -= _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_tok, max_itl,
                                     preempts, thr, left0)
@@ -531,8 +537,9 @@ def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_to
     does: its progress written back, its blocks freed, itself to the front of the waiting queue.
     Returns the blocks it needed this step (a lazy decoder: one, at its block phase; an explicit
     slot: its chunk's, as schedule_nb gave out the budget, `left0` after the decoders)."""
-    cnt, t_last, s_seq, s_state, free_slots, ex_slot = lz[0], lz[1], lz[4], lz[5], lz[6], lz[7]
-    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl = slots[:8]
+    cnt, t_last, s_state, ex_slot = lz[0], lz[1], lz[5], lz[7]
+    s_req, s_prompt, s_tokens, s_computed = slots[0], slots[1], slots[2], slots[3]
+    s_blocks, s_last, s_max_itl = slots[5], slots[6], slots[7]
     q_head, q_tail, q_next, n_waiting = queue
     v = _order_pop_newest(lz, r)
     if s_state[r, v] == LAZY:
@@ -553,9 +560,7 @@ def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_to
                 ex_slot[r, m] = k
                 m += 1
         cnt[r, C_NEX] = m
-        s_state[r, v] = FREE
-        free_slots[r, cnt[r, C_NFREE]] = v
-        cnt[r, C_NFREE] += 1
+        _release_slot(lz, r, v)
     i = s_req[r, v]
     generated[i] = s_tokens[r, v] - s_prompt[r, v]
     last_tok[i] = s_last[r, v]
