@@ -18,7 +18,7 @@ fixed CPU, haswell, that valgrind can run, into a cache of its own; valgrind is 
 20,000 requests by default.)
 
 Usage: python bench/profile_engine.py [--requests 300000] [--dataset sharegpt] [--mode fast]
-       [--load 0.8] [--replicas 1] [--top 40] [--counts]
+       [--load 0.8] [--replicas 1] [--prefix-caching] [--top 40] [--counts]
 Needs Linux `perf` (perf_event_paranoid <= 2), or valgrind for --counts, and binutils
 (`addr2line`, `objcopy`).
 """
@@ -125,6 +125,7 @@ def child(args: argparse.Namespace, dump: str) -> None:
     if args.replicas > 1:  # as bench/speed.py runs them: round-robin, each replica at the load
         cfg["engine"]["data_parallel_size"] = args.replicas
         cfg["cluster"] = {"router": "round_robin"}
+    cfg["engine"]["enable_prefix_caching"] = args.prefix_caching
     result = simulate(Config(**cfg))
     regions = []
     with open("/proc/self/maps") as f:
@@ -308,6 +309,7 @@ def main() -> None:
     ap.add_argument("--mode", default="fast", choices=("fast", "exact"))
     ap.add_argument("--load", type=float, default=0.8, help="arrival rate as a fraction of capacity")
     ap.add_argument("--replicas", type=int, default=1, help="data-parallel replicas (round-robin)")
+    ap.add_argument("--prefix-caching", action="store_true", help="engine.enable_prefix_caching: true")
     ap.add_argument("--top", type=int, default=40, help="lines to print")
     ap.add_argument("--counts", action="store_true",
                     help="count instructions and mispredicted branches under valgrind instead of sampling")
@@ -331,6 +333,7 @@ def main() -> None:
         dump, data = os.path.join(tmp, "jit.pkl"), os.path.join(tmp, "perf.data")
         cmd = [sys.executable, __file__, "--child", dump, "--requests", str(args.requests), "--dataset",
                args.dataset, "--mode", args.mode, "--load", str(args.load), "--replicas", str(args.replicas)]
+        cmd += ["--prefix-caching"] if args.prefix_caching else []
         print("compiling with line tables (after an engine change: ~3-10 min), measuring the capacity...", flush=True)
         first = subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, text=True).stdout
