@@ -6,10 +6,11 @@ offline batch run): ShareGPT lengths on one replica at each size, then 64 data-p
 (round-robin router, 64x the rate) at 1M requests; and BWB lengths (long outputs, ~1,600 tokens),
 at 80% and, overloaded, at 120% of the offline capacity (more than a replica sustains: the
 queue grows and the KV cache runs out, so requests are preempted again and again — a sweep over
-rates runs into this).
+rates runs into this); and ShareGPT at 80% with prefix caching on (vLLM V1's default; no prompt
+shares content, so it changes no result, only the work).
 
 Usage: python bench/speed.py [--sizes 10000,100000,1000000] [--replicas 1,64] [--bwb 20000]
-       [--overload 1.2]
+       [--overload 1.2] [--prefix-caching 100000]
 Each run is its own process so its peak RSS is its own. Compile time is measured cold (an empty
 Numba cache) and cached.
 """
@@ -35,7 +36,7 @@ BASE = {
 }
 
 
-def one_run(n: int, rate: float, repeats: int, replicas: int, mode: str, dataset: str) -> dict:
+def one_run(n: int, rate: float, repeats: int, replicas: int, mode: str, dataset: str, apc: bool = False) -> dict:
     """Best of `repeats` (shared machines are noisy; the minimum is the reproducible figure)."""
     from fastsim.config import Config
     from fastsim.simulation import simulate
@@ -47,6 +48,7 @@ def one_run(n: int, rate: float, repeats: int, replicas: int, mode: str, dataset
     cfg["workload"]["clients"][0]["arrival"]["rate"] = rate * replicas
     cfg["engine"]["data_parallel_size"] = replicas
     cfg["cluster"] = {"router": "round_robin"}
+    cfg["engine"]["enable_prefix_caching"] = apc
     small = json.loads(json.dumps(cfg))
     small["workload"]["num_requests"] = 1000
     simulate(Config(**small))  # loads the compiled kernel: a one-off cost, not the engine's speed
@@ -90,11 +92,13 @@ def main() -> None:
     ap.add_argument("--bwb", type=int, default=20000, help="requests of the long-output runs (0: none)")
     ap.add_argument("--overload", type=float, default=1.2,
                     help="load of the overloaded long-output run, as a fraction of capacity (0: none)")
-    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--prefix-caching", type=int, default=100_000,
+                    help="requests of the ShareGPT run with prefix caching on (0: none)")
+    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        n, rate, reps, replicas, mode, dataset = a.child
-        print(json.dumps(one_run(int(n), float(rate), int(reps), int(replicas), mode, dataset)))
+        n, rate, reps, replicas, mode, dataset, apc = a.child
+        print(json.dumps(one_run(int(n), float(rate), int(reps), int(replicas), mode, dataset, apc == "1")))
         return
     with tempfile.TemporaryDirectory() as d:
         cold = compile_seconds(d)
@@ -106,23 +110,25 @@ def main() -> None:
         print(f"capacity (offline batch, {dataset} lengths): {caps[dataset]:.2f} req/s")
     print("Poisson arrivals at `load` x capacity; engine s = the compiled simulation loop; total s = config to "
           "tables, incl. workload sampling")
-    head = f"{'dataset':>8} {'load':>4} {'replicas':>8} {'requests':>10}"
+    head = f"{'dataset':>8} {'load':>4} {'apc':>3} {'replicas':>8} {'requests':>10}"
     for mode in MODES:
         head += f" | {mode + ' engine s':>15} {'req/s':>10} {'total s':>8} {'RSS MB':>7}"
     print(head + f" | {'fast/exact':>10} {'iterations':>11} {'preempts/req':>12}")
-    runs = [("sharegpt", 0.8, 1, int(x)) for x in a.sizes.split(",")] if "1" in a.replicas.split(",") else []
-    runs += [("sharegpt", 0.8, int(k), 1_000_000) for k in a.replicas.split(",") if k != "1"]
-    runs += [("bwb", 0.8, 1, a.bwb)] if a.bwb else []
-    runs += [("bwb", a.overload, 1, a.bwb)] if a.bwb and a.overload else []
-    for dataset, load, replicas, n in runs:
-        line = f"{dataset:>8} {load:>4.2f} {replicas:>8} {n:>10,}"
+    runs = [("sharegpt", 0.8, 1, int(x), False) for x in a.sizes.split(",")] if "1" in a.replicas.split(",") else []
+    runs += [("sharegpt", 0.8, int(k), 1_000_000, False) for k in a.replicas.split(",") if k != "1"]
+    runs += [("bwb", 0.8, 1, a.bwb, False)] if a.bwb else []
+    runs += [("bwb", a.overload, 1, a.bwb, False)] if a.bwb and a.overload else []
+    runs += [("sharegpt", 0.8, 1, a.prefix_caching, True)] if a.prefix_caching else []
+    for dataset, load, replicas, n, apc in runs:
+        line = f"{dataset:>8} {load:>4.2f} {'on' if apc else 'off':>3} {replicas:>8} {n:>10,}"
         got = {}
         for mode in MODES:
             # Best of several even at 1M in fast mode: the target is stated there, and one run on a
             # shared machine can land in a slow minute (exact mode's seconds-long runs once).
             reps = a.repeats if n <= 100_000 or mode == "fast" else 1
             out = subprocess.run([sys.executable, __file__, "--child", str(n), str(load * caps[dataset]), str(reps),
-                                  str(replicas), mode, dataset], capture_output=True, text=True, check=True)
+                                  str(replicas), mode, dataset, str(int(apc))], capture_output=True, text=True,
+                                 check=True)
             r = got[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             line += (f" | {r['engine_wall_s']:>15.3f} {n / r['engine_wall_s']:>10,.0f} {r['total_wall_s']:>8.2f} "
                      f"{r['peak_rss_mb']:>7,.0f}")

@@ -267,29 +267,34 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
 
 def prefix_cache_arrays(rep_int: np.ndarray, workload: Workload) -> tuple:
     """The `apc` tuple run_cluster_nb takes: room for the blocks and hash tables of the replicas
-    that enable prefix caching (a token of it for the others), and the requests' block identities."""
+    that enable prefix caching (a token of it for the others), the requests' block identities, and how
+    many of their tokens another request may share (a copy of its own: a preemption changes it)."""
     n_rep = rep_int.shape[0]
     rep = np.zeros((n_rep, px.N_REP_COLS), np.int64)
-    blk = ht = 0
+    blk = int(rep_int[rep_int[:, E.RI_APC] != 0, E.RI_NUM_BLOCKS].sum())
+    base = ht = 0
     for r in range(n_rep):
         rep[r, px.SOURCE_TOKENS] = workload.block_tokens
         if rep_int[r, E.RI_APC]:
-            rep[r, px.BLK_BASE] = blk
+            rep[r, px.BLK_BASE] = base
+            rep[r, px.EXT_BASE] = blk + base  # its extents' nodes, after every replica's blocks
             rep[r, px.HT_BASE] = ht
             size = 1 << int(2 * rep_int[r, E.RI_NUM_BLOCKS] + 1).bit_length()  # load factor < 1/2
             rep[r, px.HT_SIZE] = size
-            blk += rep_int[r, E.RI_NUM_BLOCKS]
+            base += rep_int[r, E.RI_NUM_BLOCKS]
             ht += size
     seqs = int(rep_int[:, E.RI_MAX_SEQS].max()) if blk else 1
     # A block table holds the longest request's blocks (not max_model_len's: rows cost memory).
     longest = int((workload.prompt_tokens + workload.output_tokens).max()) if len(workload) else 1
     width = -(-longest // int(rep_int[:, E.RI_BLOCK_SIZE].min())) if blk else 1
-    pool = np.full((px.N_POOL_ROWS, max(blk, 1)), px.EMPTY, np.int64)
+    pool = np.full((px.N_POOL_ROWS, max(2 * blk, 1)), px.EMPTY, np.int64)
     table = np.full((2, max(ht, 1)), px.EMPTY, np.int64)
     slots = np.full((n_rep, px.N_SLOT_COLS, seqs), px.EMPTY, np.int64)
     rows = np.full((n_rep if blk else 1, seqs, width), px.EMPTY, np.int64)
     free_rows = np.zeros((n_rep, seqs), np.int64)
-    return (pool, table, rep, slots, workload.content(), rows, free_rows)
+    content = workload.content()
+    shareable = px.shareable_tokens(content, workload.block_tokens) if blk else np.zeros(len(workload), np.int64)
+    return (pool, table, rep, slots, content + (shareable,), rows, free_rows)
 
 
 def route_params(cfg: Config) -> np.ndarray:

@@ -208,7 +208,7 @@ class PrefixCache:
 def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, max_num_batched_tokens,
                        block_size, num_blocks, chunked_prefill=True, long_prefill_token_threshold=0,
                        v0=False, overhead_s=0.0, max_time_s=float("inf"), content=None, turns=None,
-                       sglang=False, lpm=False, no_evict=False, kv0=None):
+                       sglang=False, lpm=False, no_evict=False, kv0=None, stats=None):
     """Per-request results (list of Req, by id) and the list of (start, used_blocks) per iteration.
     `content(request, block)`: with it, prefix caching is on, blocks named by that content.
 
@@ -224,6 +224,8 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
 
     `turns = (next_turn, think_s)`: a request with think_s >= 0 arrives think_s after the one whose
     next_turn it is has finished (first turns of the same instant go first).
+
+    `stats`: a dict, given the prefix cache's evictions at the end.
 
     Requests that could never fit (more blocks than the cache) must be left out by the caller.
     """
@@ -389,6 +391,8 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                         pending = sorted(pending + [child], key=order)
         running = [r for r in running if r.finish is None]
         now = end
+    if stats is not None:
+        stats["evictions"] = cache.evictions if cache else 0
     return reqs, history
 
 

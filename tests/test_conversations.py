@@ -54,10 +54,12 @@ def test_conversations_match_reference(sessions, bs, max_seqs, budget, apc, syst
     num_blocks = max(-(-(p + o) // bs) for p, o in zip(prompts, outputs)) + 8
     r = run(arrivals, prompts, outputs, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
             num_blocks=num_blocks, turns=turns, content=content, prefix_caching=apc, timeline=False)
+    stats = {}
     reqs, _ = ref.simulate_reference(
         CM, arrivals, prompts, outputs, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
         num_blocks=num_blocks, overhead_s=OVERHEAD, turns=turns,
-        content=content_fn(prompts, content, bs) if apc else None)
+        content=content_fn(prompts, content, bs) if apc else None, stats=stats)
+    assert r["counters"][6] == stats["evictions"]
     for i, q in enumerate(reqs):
         assert r["preempts"][i] == q.preemptions, i
         assert r["cached"][i] == q.cached, i

@@ -91,3 +91,170 @@ def test_mix_is_never_empty_and_spreads():
     vals = {int(px.mix_nb(a, b)) for a in range(50) for b in range(50)}
     assert len(vals) == 2500 and min(vals) >= 0
 
+
+
+# -- the engine's cache (private blocks as extents) against reference.PrefixCache (a block each) ----
+def _content(prompts, outputs, ids_per_req, seq, shared_len, shared_id):
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids_per_req])]).astype(np.int64)
+    ids = np.array([i for x in ids_per_req for i in x], np.int64)
+    return (offsets, ids, np.asarray(prompts, np.int64), np.asarray(seq, np.int64),
+            np.asarray(shared_len, np.int64), np.asarray(shared_id, np.int64))
+
+
+def _cache(content, source, num_blocks, bs, max_seqs, longest):
+    from fastsim.engine import enums as E
+    from fastsim.simulation import prefix_cache_arrays
+    from fastsim.workload import Workload
+
+    n = content[2].size
+    ints = np.zeros(E.N_RI, np.int64)
+    ints[[E.RI_APC, E.RI_NUM_BLOCKS, E.RI_MAX_SEQS, E.RI_BLOCK_SIZE]] = [1, num_blocks, max_seqs, bs]
+    wl = Workload(np.zeros(n), content[2], np.full(n, longest, np.int64) - content[2], np.zeros(n, np.int32), ("c",),
+                  content[0], content[1], source, seq_id=content[3], shared_tokens=content[4], shared_id=content[5])
+    apc = prefix_cache_arrays(np.array([ints]), wl)
+    px.apc_init_nb(apc, 0, num_blocks)
+    return apc
+
+
+workloads = st.integers(2, 7).flatmap(lambda n: st.tuples(
+    st.lists(st.lists(st.integers(0, 2), min_size=0, max_size=4), min_size=n, max_size=n),  # id choices
+    st.lists(st.integers(1, 100), min_size=n, max_size=n),                                  # prompt
+    st.lists(st.integers(0, 3), min_size=n, max_size=n),                                    # seq group
+    st.lists(st.sampled_from([0, 0, 20]), min_size=n, max_size=n)))                        # system prompt
+
+
+@given(wl=workloads, bs=st.sampled_from([4, 8, 16]), num_blocks=st.integers(12, 40),
+       ops=st.lists(st.tuples(st.sampled_from(["admit", "grow", "finish", "preempt"]), st.integers(0, 6),
+                              st.integers(1, 40)), min_size=30, max_size=80))
+def test_cache_with_private_blocks_matches_a_block_per_block_cache(wl, bs, num_blocks, ops):
+    """Random admissions (lookup, cached blocks taken, chunk allocated and named), growth, finishes
+    and preemptions (publish, release, looked up again later): every lookup's hits, the free count
+    and the evictions agree with reference.PrefixCache, which names and tracks every block; so do
+    matches of the requests waiting to run (first or again)."""
+    import reference as ref
+
+    choices, prompts, seqs, sys_len = wl
+    n = len(prompts)
+    ids = [[hash(tuple(c[: j + 1])) & 0xFFFF for j in range(len(c))] for c in choices]
+    prompts = [max(p, 8 * len(c)) for p, c in zip(prompts, choices)]
+    longest = max(prompts) + 40
+    content = _content(prompts, [longest - p for p in prompts], ids, seqs, sys_len, [0] * n)
+    source = 8
+    apc = _cache(content, source, num_blocks, bs, n, longest)
+    cache = ref.PrefixCache(num_blocks, bs, lambda q, m: int(px.block_content_nb(q, m, bs, content, source)))
+    reqs = [ref.Req(i, 0.0, prompts[i], longest - prompts[i]) for i in range(n)]
+    slot = {}    # request -> engine slot
+    done = set()  # finished requests: never looked up again
+    free = num_blocks
+    hit_buf = np.zeros(num_blocks, np.int64)
+    for op, who, amount in ops:
+        q = reqs[who % n]
+        if op == "admit" and q.id not in slot and q.id not in done:
+            hits, key = px.apc_lookup_nb(apc, 0, q.id, q.num_tokens, bs, hit_buf)
+            want, want_key = cache.lookup(q)
+            assert hits == len(want)
+            new = min(amount, q.num_tokens - hits * bs)
+            need = -(-(hits * bs + new) // bs) - hits
+            idle = px.apc_idle_nb(apc, hit_buf, hits)
+            assert idle == sum(cache.ref[b] == 0 for b in want)
+            if need + idle > free:
+                continue
+            k = len(slot)
+            slot[q.id] = k
+            free -= px.apc_start_nb(apc, 0, k, q.id, bs, hit_buf, hits, key) + need
+            cache.start(q, want, want_key)
+            q.computed, q.blocks = hits * bs + new, hits + need
+            px.apc_allocate_nb(apc, 0, k, need)
+            cache.allocate(q, need)
+            px.apc_hash_full_nb(apc, 0, k, q.id, q.computed, bs)
+            cache.hash_full(q)
+        elif op == "grow" and q.id in slot:
+            new = min(amount, q.prompt + q.output - q.computed)
+            need = -(-(q.computed + new) // bs) - q.blocks
+            if need > free:
+                continue
+            free -= need
+            q.computed += new
+            q.blocks += need
+            q.generated = max(q.generated, q.computed - q.prompt)
+            px.apc_allocate_nb(apc, 0, slot[q.id], need)
+            cache.allocate(q, need)
+            px.apc_hash_full_nb(apc, 0, slot[q.id], q.id, q.computed, bs)
+            cache.hash_full(q)
+        elif op in ("finish", "preempt") and q.id in slot:
+            k = slot.pop(q.id)
+            if op == "finish":
+                done.add(q.id)
+            if op == "preempt":
+                px.apc_publish_nb(apc, 0, k, q.id, bs)
+            freed = px.apc_release_nb(apc, 0, k)
+            assert freed == cache.release(q)
+            free += freed
+            q.computed = q.blocks = 0
+            last = len(slot)  # the engine keeps slots 0..n-1: the last one moves into the hole
+            for other, j in slot.items():
+                if j == last:
+                    px.apc_move_slot_nb(apc, 0, j, k)
+                    slot[other] = k
+        assert free == len(cache.free)
+        assert apc[2][0, px.EVICTIONS] == cache.evictions
+        for p in reqs:
+            if p.id not in slot and p.id not in done:
+                assert px.apc_match_nb(apc, 0, p.id, p.num_tokens, bs)[0] == len(cache.lookup(p)[0])
+
+
+def test_shareable_tokens_by_hand():
+    # 0 and 1 share their first two source ids (8 tokens each), 2 only the first with them; 3 and 4
+    # are turns of one conversation; 5 and 6 one client's 20-token system prompt, 7 another's alone.
+    ids = [[1, 2, 3], [1, 2, 4], [1, 5], [], [], [], [], []]
+    content = _content([24, 30, 12, 50, 60, 40, 40, 40], [0] * 8, ids, [0, 1, 2, 3, 3, 5, 6, 7],
+                       [0, 0, 0, 0, 0, 20, 20, 20], [0, 0, 0, 0, 0, 1, 1, 2])
+    got = px.shareable_tokens(content, 8)
+    assert got.tolist() == [16, 16, 8, px.SHARED_ALL, px.SHARED_ALL, 20, 20, 0]
+    # A shared prefix is capped at the prompt: past it a block holds the request's own answer.
+    assert px.shareable_tokens(_content([10, 30], [0, 0], [[1, 2], [1, 2]], [0, 1], [0, 0], [0, 0]), 8).tolist() \
+        == [10, 16]
+
+
+@given(wl=workloads, bs=st.sampled_from([1, 4, 8, 16]))
+def test_no_block_past_the_shareable_tokens_is_anyone_elses(wl, bs):
+    """Brute force: every block (prompt and answer) of every request, keyed as the cache keys it;
+    a block ending past its request's shareable tokens has a key no other request has."""
+    choices, prompts, seqs, sys_len = wl
+    ids = [[hash(tuple(c[: j + 1])) & 0xFFFF for j in range(len(c))] for c in choices]
+    prompts = [max(p, 8 * len(c)) for p, c in zip(prompts, choices)]
+    content = _content(prompts, [0] * len(prompts), ids, seqs, sys_len, [0] * len(prompts))
+    shareable = px.shareable_tokens(content, 8)
+    owners = {}
+    for i, p in enumerate(prompts):
+        key = px.ROOT_KEY
+        for m in range((p + 40) // bs):
+            key = int(px.mix_nb(key, px.block_content_nb(i, m, bs, content, 8)))
+            owners.setdefault(key, set()).add(i)
+            if (m + 1) * bs > shareable[i]:
+                assert owners[key] == {i}, (i, m)
+    for i, p in enumerate(prompts):  # (and afterwards too: the check above saw only earlier requests)
+        key = px.ROOT_KEY
+        for m in range((p + 40) // bs):
+            key = int(px.mix_nb(key, px.block_content_nb(i, m, bs, content, 8)))
+            if (m + 1) * bs > shareable[i]:
+                assert owners[key] == {i}, (i, m)
+
+
+def test_partly_filled_last_block_is_evicted_first_and_not_counted():
+    # A (6 tokens, 4-token blocks) holds a named block and a partly filled one; after A finishes, B
+    # takes all 4 blocks: the 2 never used, A's partly filled last block (not cached: no eviction),
+    # then A's first block (cached: one eviction), as a block-per-block cache evicts them.
+    content = _content([6, 16], [0, 0], [[], []], [0, 1], [0, 0], [0, 0])
+    apc = _cache(content, 0, 4, 4, 2, 20)
+    hit_buf = np.zeros(4, np.int64)
+    for k, (req, tokens) in enumerate([(0, 6), (1, 16)]):
+        hits, key = px.apc_lookup_nb(apc, 0, req, tokens, 4, hit_buf)
+        assert hits == 0
+        px.apc_start_nb(apc, 0, k, req, 4, hit_buf, hits, key)
+        px.apc_allocate_nb(apc, 0, k, -(-tokens // 4))
+        px.apc_hash_full_nb(apc, 0, k, req, tokens, 4)
+        if req == 0:
+            assert px.apc_release_nb(apc, 0, k) == 2
+            assert apc[2][0, px.EVICTIONS] == 0
+    assert apc[2][0, px.EVICTIONS] == 1

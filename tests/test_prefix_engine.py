@@ -55,10 +55,12 @@ def test_prefix_caching_matches_reference(wl, bs, num_blocks, max_seqs, budget, 
     r = run(arr, pr, out, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
             num_blocks=num_blocks, threshold=threshold, timeline=True, prefix_caching=True,
             block_ids=(sub_off, sub_ids, 32))
+    stats = {}
     reqs, history = ref.simulate_reference(
         CM, arr, pr, out, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
         num_blocks=num_blocks, long_prefill_token_threshold=threshold, overhead_s=OVERHEAD,
-        content=content_fn(sub_off, sub_ids, bs, 32, pr))
+        content=content_fn(sub_off, sub_ids, bs, 32, pr), stats=stats)
+    assert r["counters"][6] == stats["evictions"]
     for i, q in enumerate(reqs):
         assert r["cached"][i] == q.cached, i
         assert r["preempts"][i] == q.preemptions, i

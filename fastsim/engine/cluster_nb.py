@@ -614,7 +614,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     k = n_running[r]
                     n_running[r] += 1
                     if ri[E.RI_APC]:
-                        free[r] -= px.apc_start_nb(apc, r, k, hit_bufs[r], hits, hit_key) + need
+                        free[r] -= px.apc_start_nb(apc, r, k, i, block_size, hit_bufs[r], hits, hit_key) + need
                         px.apc_allocate_nb(apc, r, k, need)
                         px.apc_hash_full_nb(apc, r, k, i, done_tok + new, block_size)
                         apc[2][r, px.HIT_TOKENS] += done_tok
@@ -749,6 +749,8 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
             last_tok[i] = s_last[v]
             max_itl[i] = s_max_itl[v]
             preempts[i] += 1
+            if on:
+                px.apc_publish_nb(apc, r, v, i, block_size)
             free_r += px.apc_release_nb(apc, r, v) if on else s_blocks[v]
             preempted += 1
             q_next[i] = head  # to the front of the waiting queue
