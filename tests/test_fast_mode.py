@@ -139,6 +139,7 @@ def compare(a, b, batch):
     for key in ("first_sched", "first_tok", "finish", "arrival", "max_itl"):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-9, atol=1e-12, err_msg=key)
     np.testing.assert_array_equal(a["counters"][..., :5], b["counters"][..., :5])
+    np.testing.assert_array_equal(a["counters"][..., 6:8], b["counters"][..., 6:8])  # prefix cache evictions, hits
     np.testing.assert_allclose(a["gpu_time"], b["gpu_time"], rtol=1e-9)
     np.testing.assert_allclose(a["itl_stats"], b["itl_stats"], rtol=1e-9)
     # A gap within rounding of a bin edge may land in the next bin: the cumulative counts agree
@@ -154,11 +155,14 @@ def compare(a, b, batch):
            st.lists(st.integers(1, 60), min_size=n, max_size=n),
            st.lists(st.sampled_from([-1.0, -1.0, 0.0, 0.05]), min_size=n, max_size=n))),
        e=engines, replicas=st.integers(1, 3), caching=st.booleans(), max_time=st.sampled_from([np.inf, 1.5]),
-       policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV]))
-def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time, policy):
+       policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV,
+                               E.ROUTE_PREFIX_AWARE]),
+       system_prompt=st.sampled_from([0, 0, 24, 100]))
+def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time, policy, system_prompt):
     """Random workloads through both modes: chunked prefill, long-prefill thresholds, preemptions
-    (small caches), conversations (a request's next turn after a think time), 1-3 replicas, four
-    routers, a time limit, V0 and prefix-cached replicas (which fast mode steps as exact mode)."""
+    (small caches), conversations (a request's next turn after a think time), 1-3 replicas, five
+    routers, a time limit, V0 (which fast mode steps as exact mode), and prefix caching with shared
+    content: a system prompt, and the turns of a conversation sharing their tokens."""
     arrivals, prompts, outputs, think = wl
     kept = _fits(prompts, outputs, e)
     if not kept:
@@ -176,6 +180,13 @@ def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time,
               policy=policy, max_time_s=max_time, prefix_caching=caching, turns=(nxt, think_s),
               no_evict=e["no_evict"] and not caching)
     kw["kv0"] = preloaded(arrivals, outputs, not caching and n % 2 == 0)
+    if caching:
+        seq = list(range(n))
+        for i in range(n):
+            if nxt[i] >= 0:
+                seq[nxt[i]] = seq[i]
+        kw["content"] = {"seq_id": np.array(seq, np.int64), "shared_tokens": np.full(n, system_prompt, np.int64),
+                         "shared_id": np.zeros(n, np.int64)}
     compare(run(arrivals, prompts, outputs, fast=True, **kw), run(arrivals, prompts, outputs, fast=False, **kw),
             e["max_num_seqs"] * replicas)
 
@@ -188,6 +199,27 @@ def test_fast_mode_sums_most_iterations_and_stays_exact_on_a_long_run_with_preem
     assert b["preempts"].sum() > 0
     assert a["counters"][8] == 0  # every preemption decided in lazy form, none by going back to exact form
     assert a["counters"][5] > 0.8 * a["counters"][0]  # iterations summed in closed form
+
+
+@pytest.mark.parametrize("shared", ["none", "system prompt", "conversations"])
+def test_prefix_caching_in_lazy_form_matches_exact_mode(shared):
+    """A long run with prefix caching on a cache that runs out (evictions, preemptions): nothing
+    shared (every block private), a 64-token system prompt shared by all, or pairs of requests as
+    two turns of one conversation (all their blocks shared). Fast mode sums most iterations in
+    closed form and matches exact mode request by request, evictions and hits included."""
+    arrivals, prompts, outputs = long_run(400)
+    n = len(prompts)
+    seq = np.arange(n) // 2 if shared == "conversations" else np.arange(n)
+    content = {"seq_id": seq.astype(np.int64), "shared_tokens": np.full(n, 64 if shared == "system prompt" else 0),
+               "shared_id": np.zeros(n, np.int64)}
+    kw = dict(timeline=False, num_blocks=1000, prefix_caching=True, content=content)
+    a = run(arrivals, prompts, outputs, fast=True, **kw)
+    b = run(arrivals, prompts, outputs, fast=False, **kw)
+    compare(a, b, 256)
+    assert b["preempts"].sum() > 0 and b["counters"][6] > 0
+    assert b["counters"][7] > 0  # tokens found in the cache (a preempted request's own, at least)
+    if shared != "conversations":  # (turns of a conversation decode as explicit slots)
+        assert a["counters"][5] > 0.8 * a["counters"][0]
 
 
 @pytest.mark.parametrize("num_blocks", [100, 130])

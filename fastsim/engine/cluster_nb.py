@@ -312,10 +312,13 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     # Fast mode's lazy form, where it applies.
     lz_ok = np.zeros(n_rep, np.bool_)
     max_bs = 1
+    # (A router that reads the replicas' prefix caches would read them between decisions, where the
+    # lazy form leaves its decoders' blocks on the free list until its next decision.)
+    reads_caches = policy == E.ROUTE_PREFIX_AWARE or policy == E.ROUTE_KV_AWARE
     for r in range(n_rep):
         lz_ok[r] = (lazy and not record_timeline and rep_int[r, E.RI_STAGES] == 1 and rep_int[r, E.RI_WINDOW] == 0
-                    and not rep_int[r, E.RI_V0] and not rep_int[r, E.RI_APC] and not rep_int[r, E.RI_SGLANG]
-                    and rep_params[r, SPEC_TOKENS] == 0.0)
+                    and not rep_int[r, E.RI_V0] and not (rep_int[r, E.RI_APC] and reads_caches)
+                    and not rep_int[r, E.RI_SGLANG] and rep_params[r, SPEC_TOKENS] == 0.0)
         max_bs = max(max_bs, rep_int[r, E.RI_BLOCK_SIZE])
     lz = lz_nb.lazy_state_nb(n_rep, max_seqs, max_bs, lz_ok.any())
     # Working arrays of to_exact_nb (the first three) and _decode_run (all but the third).
@@ -343,7 +346,8 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     # Requests still in a slot when the run stops: write their progress back.
     for r in range(n_rep):
         if lz_ok[r] and lz[0][r, lz_nb.C_ON]:
-            lz_nb.to_exact_nb(lz, r, slots, n_running, rep_int[r, E.RI_BLOCK_SIZE], scratch)
+            lz_nb.to_exact_nb(lz, r, slots, n_running, rep_int[r, E.RI_BLOCK_SIZE], scratch, apc,
+                              rep_int[r, E.RI_APC] != 0)
         for k in range(n_running[r]):
             i = s_req[r, k]
             generated[i] = s_tokens[r, k] - s_prompt[r, k]
@@ -485,7 +489,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             end = fl_end[r, fl_head[r]]
             if on:
                 done, freed = lz_nb.complete_nb(lz, r, fl_id[r, fl_head[r]], end, slots, n_running, block_size,
-                                                lz_done_reqs, itl_acc, turns)
+                                                lz_done_reqs, itl_acc, turns, apc, ri[E.RI_APC] != 0)
             else:
                 done, freed = _complete(r, fl_id[r, fl_head[r]], end, n_running, s_req, s_prompt, s_tokens,
                                         s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample,
@@ -507,7 +511,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             if lz[0][r, lz_nb.C_COOL] > 0:
                 lz[0][r, lz_nb.C_COOL] -= 1
             else:
-                lz_nb.to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, block_size)
+                lz_nb.to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, block_size, apc, ri[E.RI_APC] != 0)
                 on = True
 
         # 1b. steady decoding: step every iteration up to the next event in O(1) each (fast mode:
@@ -519,7 +523,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             if on:
                 k_iters, t_end, done, peak = lz_nb.run_nb(
                     lz, r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, slots, lz_replicas, lz_queue,
-                    lz_run_reqs, itl_acc, turns)
+                    lz_run_reqs, itl_acc, turns, apc, hit_bufs[r])
             else:
                 k_iters, t_end, done, peak = _decode_run(
                     r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas,
@@ -547,9 +551,9 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
         handled = False
         if on:
             handled, n_sched, agg, step_preempts = lz_nb.schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free,
-                                                                     lz_queue, lz_sched_reqs)
+                                                                     lz_queue, lz_sched_reqs, apc, hit_bufs[r])
             if not handled:  # the order of admission matters: exact mode decides
-                lz_nb.to_exact_nb(lz, r, slots, n_running, block_size, scratch)
+                lz_nb.to_exact_nb(lz, r, slots, n_running, block_size, scratch, apc, ri[E.RI_APC] != 0)
                 lz[0][r, lz_nb.C_EXITS] += 1
         if not handled and fl_count[r] < stages:
             budget = ri[E.RI_MAX_TOKENS]

@@ -37,6 +37,7 @@ from numba import njit
 
 from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
+from fastsim.engine import prefix_nb as px
 from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
                                      div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_low_nb, itl_bin_nb,
                                      mod_pow2_nb, reserved_blocks_nb, sort_by_key_nb)
@@ -61,7 +62,8 @@ C_STKN = 9       # max-gap stack size
 C_COOL = 10      # decisions to wait before trying lazy form again
 C_EXITS = 11     # times the replica went back to exact form to decide
 C_ORDN = 12      # entries of the admission-order stack
-N_C = 13
+C_PEND = 13      # prefix caching: blocks the lazy decoders took, not yet taken off the free list
+N_C = 14
 
 # A finishing decoder's heap key: the iteration it finishes at, then its slot (max_num_seqs <= 2^20).
 SLOT_BITS = 20
@@ -223,6 +225,57 @@ def _release_slot(lz, r, k):
     cnt[r, C_NFREE] += 1
 
 
+# -- prefix caching -------------------------------------------------------------------------------
+# A lazy decoder's blocks are all private (it joins only once its shared blocks are full and
+# named), so which blocks it takes does not matter, only how many: the count builds up (C_PEND) and
+# leaves the head of the free list when the list is next read or taken from other than by a
+# return to its tail (a lookup, an admission's or a prefill's blocks, a preemption). Taking blocks
+# later changes nothing: the list is first in, first out, and those blocks were there before
+# anything returned since.
+@njit(cache=True, error_model="numpy", inline="always")
+def _apc_flush(lz, r, apc):
+    """The blocks the lazy decoders took, off the free list now."""
+    c = lz[0][r, C_PEND]
+    if c > 0:
+        px.apc_pop_nb(apc, r, c)
+        lz[0][r, C_PEND] = 0
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _apc_joins(apc, apc_on, r, k):
+    """Whether slot k may decode lazily as far as the prefix cache goes: every block it fills and
+    takes from now on is private."""
+    return not apc_on or apc[3][r, px.HASHED, k] >= apc[3][r, px.SHARED, k]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _apc_sync(apc, r, k, slots, bs):
+    """Lazy decoder k, just written out: its private blocks and named blocks in the cache's slot."""
+    aps = apc[3]
+    aps[r, px.PRIV, k] = slots[5][r, k] - aps[r, px.NBLK, k]
+    aps[r, px.HASHED, k] = max(aps[r, px.HASHED, k], div_pow2_nb(slots[2][r, k] - 1, bs))
+
+
+@njit(cache=True, error_model="numpy")
+def _apc_release_left(lz, r, apc, start):
+    """The requests that left at one completion (the slots freed since the free-slot stack's entry
+    `start`) let go of their blocks in admission order, as exact mode's slot order has them: the
+    order in which they join the free list is the order of their eviction. Returns the blocks freed."""
+    cnt, s_seq, free_slots = lz[0], lz[4], lz[6]
+    end = cnt[r, C_NFREE]
+    for x in range(start + 1, end):  # (insertion sort: one or a few)
+        k = free_slots[r, x]
+        y = x
+        while y > start and s_seq[r, free_slots[r, y - 1]] > s_seq[r, k]:
+            free_slots[r, y] = free_slots[r, y - 1]
+            y -= 1
+        free_slots[r, y] = k
+    freed = 0
+    for x in range(start, end):
+        freed += px.apc_release_nb(apc, r, free_slots[r, x])
+    return freed
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def _leave(lz, r, k, slots, bs):
     """Lazy decoder k leaves at the current clock, finished or preempted: (its blocks, returned; its
@@ -239,7 +292,7 @@ def _leave(lz, r, k, slots, bs):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns):
+def _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns, apc, apc_on):
     """Lazy decoders whose last token came at `end` (the clock now) leave. Returns (requests finished,
     blocks freed, the earliest next turn they make due)."""
     cnt, fh, fh_n = lz[0], lz[8], lz[9]
@@ -249,6 +302,8 @@ def _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns
     while fh_n[r] > 0 and fh[r, 0] >> SLOT_BITS <= D:
         k = hp.key_pop_nb(fh, fh_n, r) & ((1 << SLOT_BITS) - 1)
         blocks, worst = _leave(lz, r, k, slots, bs)
+        if apc_on:  # (its blocks go back with _apc_release_left's)
+            _apc_sync(apc, r, k, slots, bs)
         i = s_req[r, k]
         finish[i] = end
         status[i] = E.FINISHED
@@ -263,7 +318,7 @@ def _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns
 
 # -- conversions ------------------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy")
-def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs):
+def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs, apc, apc_on):
     """Replica r, at a decision with nothing in flight, in exact form (slots 0..n-1 in admission
     order): take its steady decoders into lazy form, the rest as explicit slots."""
     cnt, t_last, phase, s_seq, s_state, free_slots, ex_slot = lz[0], lz[1], lz[2], lz[4], lz[5], lz[6], lz[7]
@@ -271,7 +326,7 @@ def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs):
     n = n_running[r]
     for f in range(bs):
         phase[r, f] = 0
-    for c in (C_NDEC, C_SUML, C_NMEAS, C_NEX, C_STKN):
+    for c in (C_NDEC, C_SUML, C_NMEAS, C_NEX, C_STKN, C_PEND):
         cnt[r, c] = 0
     lz[9][r] = 0
     cnt[r, C_MAXDEC] = -1
@@ -280,7 +335,7 @@ def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs):
         s_seq[r, k] = k
         room = s_blocks[r, k] * bs - s_computed[r, k]
         if (s_tokens[r, k] - s_computed[r, k] == 1 and s_computed[r, k] >= s_prompt[r, k]
-                and s_last[r, k] == t_r and 0 <= room < bs):
+                and s_last[r, k] == t_r and 0 <= room < bs and _apc_joins(apc, apc_on, r, k)):
             _join(lz, r, k, slots, bs)
         else:
             s_state[r, k] = EXPLICIT
@@ -300,12 +355,14 @@ def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs):
 
 
 @njit(cache=True, error_model="numpy")
-def to_exact_nb(lz, r, slots, n_running, bs, scratch):
+def to_exact_nb(lz, r, slots, n_running, bs, scratch, apc, apc_on):
     """Write replica r's lazy decoders out and put its slots back in admission order. `scratch`
     starts with two int64 and one float64 array of max_num_seqs entries (nothing is allocated here)."""
     cnt, t_last, s_seq, s_state = lz[0], lz[1], lz[4], lz[5]
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
     used, seqs, tmp = scratch[0], scratch[1], scratch[2]
+    if apc_on:
+        _apc_flush(lz, r, apc)
     m = 0
     for k in range(s_state.shape[1]):
         st = s_state[r, k]
@@ -313,6 +370,8 @@ def to_exact_nb(lz, r, slots, n_running, bs, scratch):
             continue
         if st == LAZY:
             _write_out(lz, r, k, slots, bs)
+            if apc_on:
+                _apc_sync(apc, r, k, slots, bs)
             s_computed[r, k] = s_tokens[r, k] - 1
             s_last[r, k] = t_last[r]
             s_sample[r, k] = -1
@@ -330,6 +389,9 @@ def to_exact_nb(lz, r, slots, n_running, bs, scratch):
     _permute(s_sample[r], used, m, seqs)
     _permute(s_last[r], used, m, tmp)
     _permute(s_max_itl[r], used, m, tmp)
+    if apc_on:
+        for c in range(px.N_SLOT_COLS):
+            _permute(apc[3][r, c], used, m, seqs)
     for j in range(m):
         seqs[j] = s_measured[r, used[j]]
     for j in range(m):
@@ -349,7 +411,7 @@ def _permute(row, order, m, buf):
 
 # -- a completed batch -----------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy", inline="always")
-def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns):
+def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns, apc, apc_on):
     """Batch `bid` of lazy replica r completed at `end`: the lazy decoders (all in it) each gain a
     token, those at their last leave; explicit slots it sampled for gain theirs, and join the lazy
     decoders unless finished. Returns (requests finished, blocks freed)."""
@@ -358,6 +420,7 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns)
     _, generated, status, finish, max_itl, first_tok = requests
     done = 0
     freed = 0
+    left_from = cnt[r, C_NFREE]
     if cnt[r, C_NDEC] > 0:
         cnt[r, C_D] += 1
         D = cnt[r, C_D]
@@ -366,7 +429,7 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns)
         if nm > 0:
             itl_add_nb(itl_acc, gap, nm)
         _stk_push(lz, r, D, gap, slots, bs)
-        done, freed, _ = _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns)
+        done, freed, _ = _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns, apc, apc_on)
     t_last[r] = end
     m = 0
     for x in range(cnt[r, C_NEX]):
@@ -393,18 +456,21 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns)
             status[i] = E.FINISHED
             generated[i] = gen
             max_itl[i] = s_max_itl[r, k]
-            freed += s_blocks[r, k]
+            if not apc_on:
+                freed += s_blocks[r, k]
             _release_slot(lz, r, k)
             done += 1
             if turns[0][i] >= 0:
                 hp.next_turn_due_nb(turns, i, end)
-        elif 0 <= s_blocks[r, k] * bs - s_computed[r, k] < bs:
+        elif 0 <= s_blocks[r, k] * bs - s_computed[r, k] < bs and _apc_joins(apc, apc_on, r, k):
             _join(lz, r, k, slots, bs)
         else:
             ex_slot[r, m] = k
             m += 1
     cnt[r, C_NEX] = m
     n_running[r] -= done
+    if apc_on and done > 0:
+        freed = _apc_release_left(lz, r, apc, left_from)
     return done, freed
 
 
@@ -418,10 +484,10 @@ def _chunk(remaining, threshold, left):
 
 # -- one iteration ------------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy", inline="always")
-def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
-    """Replica r's next batch as exact mode's vLLM V1 scheduler forms it (without prefix caching):
-    every lazy decoder one token, explicit slots their next chunk, then waiting requests first come
-    first served. Returns (True, scheduled, batch aggregates, preemptions), or (False, 0, _, 0) when
+def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, hit_buf):
+    """Replica r's next batch as exact mode's vLLM V1 scheduler forms it: every lazy decoder one
+    token, explicit slots their next chunk, then waiting requests first come first served (with
+    prefix caching, each prefilling only what the cache does not hold). Returns (True, scheduled, batch aggregates, preemptions), or (False, 0, _, 0) when
     exact mode must decide: the budget runs out at an explicit slot older than some decoder (the
     lazy form takes decoders first; exact mode takes admission order)."""
     cnt, phase, s_seq, s_state, free_slots, ex_slot = lz[0], lz[2], lz[4], lz[5], lz[6], lz[7]
@@ -430,6 +496,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
     prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached, gen0, preempts = reqs
     bs = ri[E.RI_BLOCK_SIZE]
     thr = ri[E.RI_THRESHOLD]
+    apc_on = ri[E.RI_APC] != 0
     n = cnt[r, C_NDEC]
     D = cnt[r, C_D]
     agg = (0, 0.0, 0, 0, 0.0, 0.0)
@@ -456,11 +523,19 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         # only newer slots, all preempted, came after them.)
         while need > free[r]:
             need -= _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_tok, max_itl,
-                                    preempts, thr, left0)
+                                    preempts, thr, left0, apc, apc_on)
             n_preempted += 1
         n = cnt[r, C_NDEC]
     # Apply.
     free[r] -= need
+    # Prefix caching: this step's decoders take their blocks, in exact mode, among the explicit
+    # slots' in admission order; the order matters only where an explicit slot names a shared
+    # block (a decoder's block may evict a cached copy of it first), so the decoders older than
+    # such a slot take theirs before it names (_older_decoders), the rest after every slot.
+    dec_now = phase[r, mod_pow2_nb(D, bs)] if n > 0 else 0
+    taken_now = 0
+    if apc_on and (cnt[r, C_NEX] > 0 or n_waiting[r] > 0):
+        _apc_flush(lz, r, apc)
     agg = (n, float(cnt[r, C_SUML] + n * D), 0, 0, 0.0, 0.0)
     n_sched = n
     left = ri[E.RI_MAX_TOKENS] - n
@@ -469,13 +544,28 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         _, new = _chunk(s_tokens[r, k] - s_computed[r, k], thr, left)
         if new <= 0:
             continue
-        s_blocks[r, k] += blocks_needed_nb(s_computed[r, k], new, s_blocks[r, k], bs)
+        more = blocks_needed_nb(s_computed[r, k], new, s_blocks[r, k], bs)
+        s_blocks[r, k] += more
         agg = add_to_batch_nb(agg, new, s_computed[r, k], s_prompt[r, k], 0)
         s_computed[r, k] += new
+        if apc_on:
+            if more > 0:
+                px.apc_allocate_nb(apc, r, k, more)
+            if div_pow2_nb(s_computed[r, k], bs) > div_pow2_nb(s_computed[r, k] - new, bs):
+                if dec_now > taken_now and apc[3][r, px.HASHED, k] < apc[3][r, px.SHARED, k]:
+                    older = _older_decoders(lz, r, k, slots, bs)
+                    if older > taken_now:
+                        px.apc_pop_nb(apc, r, older - taken_now)
+                        taken_now = older
+                px.apc_hash_full_nb(apc, r, k, s_req[r, k], s_computed[r, k], bs)
         if s_computed[r, k] == s_tokens[r, k]:
             s_sample[r, k] = bid
         n_sched += 1
         left -= new
+    if apc_on:
+        cnt[r, C_PEND] += dec_now - taken_now
+        if n_waiting[r] > 0:
+            _apc_flush(lz, r, apc)
     if n_preempted > 0:  # (vLLM admits no waiting request in a step that preempted)
         return True, n_sched, agg, n_preempted
     no_evict = ri[E.RI_NO_EVICT] != 0
@@ -483,15 +573,23 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         if no_evict and n_waiting[r] > 0 else 0
     while n_waiting[r] > 0 and left > 0 and n_running[r] < ri[E.RI_MAX_SEQS]:
         i = q_head[r]
-        done = arrived_kv_nb(gen0, first_sched, i, prompt[i] + generated[i])
+        hits, hit_key = 0, px.ROOT_KEY
+        if apc_on:  # the longest cached prefix is not computed again
+            hits, hit_key = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], bs, hit_buf)
+            done = hits * bs
+        else:
+            done = arrived_kv_nb(gen0, first_sched, i, prompt[i] + generated[i])
         new = prompt[i] + generated[i] - done
         if thr > 0 and new > thr:
             new = thr
         if ri[E.RI_CHUNKED] == 0 and new > left:
             break
         new = min(new, left)
-        need = ceil_div_pow2_nb(done + new, bs)
+        need = ceil_div_pow2_nb(done + new, bs) - hits
         if need > free[r]:
+            break
+        idle_hits = px.apc_idle_nb(apc, hit_buf, hits) if apc_on else 0
+        if need + idle_hits > free[r]:
             break
         final = final_blocks_nb(prompt[i], output[i], bs)
         if no_evict and reserved + final > ri[E.RI_NUM_BLOCKS]:
@@ -504,13 +602,19 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         cnt[r, C_NFREE] -= 1
         k = free_slots[r, cnt[r, C_NFREE]]
         n_running[r] += 1
-        free[r] -= need
+        if apc_on:
+            free[r] -= px.apc_start_nb(apc, r, k, i, bs, hit_buf, hits, hit_key) + need
+            px.apc_allocate_nb(apc, r, k, need)
+            px.apc_hash_full_nb(apc, r, k, i, done + new, bs)
+            apc[2][r, px.HIT_TOKENS] += done
+        else:
+            free[r] -= need
         s_req[r, k] = i
         s_prompt[r, k] = prompt[i]
         s_tokens[r, k] = prompt[i] + generated[i]
         s_computed[r, k] = done + new
         s_output[r, k] = output[i]
-        s_blocks[r, k] = need
+        s_blocks[r, k] = hits + need
         s_last[r, k] = last_tok[i]
         s_max_itl[r, k] = max_itl[i]
         s_measured[r, k] = measured[i]
@@ -524,15 +628,29 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs):
         status[i] = E.RUNNING
         if np.isnan(first_sched[i]):
             first_sched[i] = t_r
-            cached[i] = 0
+            cached[i] = hits * bs
         agg = add_to_batch_nb(agg, new, done, prompt[i], 0)
         n_sched += 1
         left -= new
     return True, n_sched, agg, 0
 
 
+@njit(cache=True, error_model="numpy")
+def _older_decoders(lz, r, k, slots, bs):
+    """How many lazy decoders admitted before slot k take a block at this step. (A scan: only when a
+    slot names a shared block while decoders take blocks.)"""
+    cnt, s_seq, s_state = lz[0], lz[4], lz[5]
+    f = mod_pow2_nb(cnt[r, C_D], bs)
+    older = 0
+    for j in range(s_state.shape[1]):
+        if s_state[r, j] == LAZY and s_seq[r, j] < s_seq[r, k] and _phase(lz, r, j, slots, bs) == f:
+            older += 1
+    return older
+
+
 @njit(cache=True, error_model="numpy", inline="always")
-def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_tok, max_itl, preempts, thr, left0):
+def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_tok, max_itl, preempts, thr, left0,
+                    apc, apc_on):
     """Preempt replica r's newest running request (the highest admission number), as exact mode
     does: its progress written back, its blocks freed, itself to the front of the waiting queue.
     Returns the blocks it needed this step (a lazy decoder: one, at its block phase; an explicit
@@ -542,7 +660,8 @@ def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_to
     s_blocks, s_last, s_max_itl = slots[5], slots[6], slots[7]
     q_head, q_tail, q_next, n_waiting = queue
     v = _order_pop_newest(lz, r)
-    if s_state[r, v] == LAZY:
+    lazy = s_state[r, v] == LAZY
+    if lazy:
         D = cnt[r, C_D]
         need = 1 if _phase(lz, r, v, slots, bs) == mod_pow2_nb(D, bs) else 0
         hp.key_remove_nb(lz[8], lz[9], r, _finish_key(lz, r, v, slots))
@@ -566,7 +685,14 @@ def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_to
     last_tok[i] = s_last[r, v]
     max_itl[i] = s_max_itl[r, v]
     preempts[i] += 1
-    free[r] += s_blocks[r, v]
+    if apc_on:  # it may find its own blocks again: they become public (see prefix_nb)
+        _apc_flush(lz, r, apc)
+        if lazy:
+            _apc_sync(apc, r, v, slots, bs)
+        px.apc_publish_nb(apc, r, v, i, bs)
+        free[r] += px.apc_release_nb(apc, r, v)
+    else:
+        free[r] += s_blocks[r, v]
     n_running[r] -= 1
     q_next[i] = q_head[r]  # to the front of the waiting queue
     q_head[r] = i
@@ -749,7 +875,7 @@ def _bin_run(itl_acc, b0, a1, a2, k, count):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, replicas, queue, reqs, itl_acc,
-           turns):
+           turns, apc, hit_buf):
     """Lazy replica r at t_r, nothing in flight, only lazy decoders running: the decode iterations
     exact mode would run before anything else can happen (the same stopping rules as its decode
     stretch: an arrival, a due preemption, a finish while requests wait or after `finish_by`, the
@@ -764,6 +890,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     itl = itl_acc[1]
     bs = ri[E.RI_BLOCK_SIZE]
     budget = ri[E.RI_MAX_TOKENS]
+    apc_on = ri[E.RI_APC] != 0
     n = cnt[r, C_NDEC]
     if n == 0 or cnt[r, C_NEX] > 0 or n > budget:
         return 0, t_r, 0, 0
@@ -778,7 +905,14 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             return 0, t_r, 0, 0
         if n_running[r] < ri[E.RI_MAX_SEQS] and budget - n > 0:
             i = q_head[r]
-            done = arrived_kv_nb(gen0, first_sched, i, prompt[i] + generated[i])
+            hits, idle = 0, 0
+            if apc_on:  # (as exact mode's decode stretch: the first iteration's blocks can only evict hits)
+                _apc_flush(lz, r, apc)
+                hits, _ = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], bs, hit_buf)
+                idle = px.apc_idle_nb(apc, hit_buf, hits)
+                done = hits * bs
+            else:
+                done = arrived_kv_nb(gen0, first_sched, i, prompt[i] + generated[i])
             new = prompt[i] + generated[i] - done
             thr = ri[E.RI_THRESHOLD]
             if thr > 0 and new > thr:
@@ -788,7 +922,13 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             reserved_ok = ri[E.RI_NO_EVICT] == 0 or (
                 reserved_blocks_nb(s_prompt[r], s_output[r], lz[5][r], lz[5].shape[1], True, bs)
                 + final_blocks_nb(prompt[i], output[i], bs) <= ri[E.RI_NUM_BLOCKS])
-            if chunk_ok and reserved_ok and ceil_div_pow2_nb(done + new, bs) <= free_r - phase[r, mod_pow2_nb(D, bs)]:
+            if chunk_ok and reserved_ok and \
+                    ceil_div_pow2_nb(done + new, bs) - hits + idle <= free_r - phase[r, mod_pow2_nb(D, bs)]:
+                return 0, t_r, 0, 0
+            cap = budget - n if thr <= 0 else min(thr, budget - n)
+            if idle > 0 and prompt[i] + generated[i] > cap:
+                # Evicting its idle hits could leave a chunk cut to the budget, needing less than
+                # now: it could become admissible. Exact mode's scheduler decides.
                 return 0, t_r, 0, 0
     overhead = p[FRAMEWORK_OVERHEAD_S]
     coefs = attention_coefs_nb(p)
@@ -834,7 +974,10 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         attn = g0 * p0 + a1 * p1 + a2 * p2
         rep_time[r, 0] += k * (tok0 - tok1 + seq0 - seq1) + attn
         rep_time[r, 1] += k * (tok1 + seq1)
-        free_r -= _blocks_used(phase, r, D, bs, n, k)
+        used = _blocks_used(phase, r, D, bs, n, k)
+        free_r -= used
+        if apc_on:
+            cnt[r, C_PEND] += used
         peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
         D += k
         cnt[r, C_D] = D
@@ -845,7 +988,10 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             break
         if k < next_fin:  # a shorter fit, or the blocks or the waiting requests end the run here
             continue
-        left, freed, due = _finish_due(lz, r, t, slots, bs, finish, status, generated, max_itl, turns)
+        left_from = cnt[r, C_NFREE]
+        left, freed, due = _finish_due(lz, r, t, slots, bs, finish, status, generated, max_itl, turns, apc, apc_on)
+        if apc_on:
+            freed = _apc_release_left(lz, r, apc, left_from)
         free_r += freed
         n_running[r] -= left
         done += left

@@ -11,7 +11,7 @@ So a block past its request's shareable tokens (shareable_tokens: what the workl
 other request too) gets no identity: its owner counts it, and lets go of its private blocks as
 one free-list node, an extent (how many, how many named), which evictions eat from its head side.
 A preempted request's private blocks get identities, names and hash-table entries then (publish),
-and all of its blocks are public afterwards. Which blocks are evicted when, every count and every
+and stay public when it runs again. Which blocks are evicted when, every count and every
 lookup are as with a node per block; the work per private block is gone.
 Every kernel here has a plain-Python twin in tests/test_prefix.py.
 """
@@ -238,7 +238,7 @@ def shareable_tokens(content: tuple, source_tokens: int) -> np.ndarray:
 #                      last public one named, PRIV private blocks held, SHARED its first blocks
 #                      that may be public (shareable_tokens in blocks)
 #   content           the requests' block contents (see block_content_nb), then their shareable
-#                      tokens (a copy: a preemption sets its request's to SHARED_ALL)
+#                      tokens (a copy: a preemption extends its request's over what it named)
 #   rows[r, row, j]    block tables (a request's public blocks in order; shared ones in several)
 #   free_rows[r, i]    a stack of unused block-table rows
 KEY, REF, PREV, FNEXT, MARK, STACK = range(6)
@@ -474,19 +474,30 @@ def _allocate_nb(apc, r, k, count):
             table_row[nblk] = b
             nblk += 1
         slots[r, NBLK, k] = nblk
-    private = count - public
-    slots[r, PRIV, k] += private
-    while private > 0:
+    slots[r, PRIV, k] += count - public
+    apc_pop_nb(apc, r, count - public)
+
+
+@njit(cache=True, error_model="numpy")
+def apc_pop_nb(apc, r, count):
+    """`count` blocks off the head of the free list into private use, evicting cached ones: only how
+    many matters, not which (fast mode's lazy decoders take theirs so, as a count, later)."""
+    pool, rep = apc[0], apc[2]
+    prev, nxt, ends = pool[PREV], pool[FNEXT], rep[r, FL_HEAD:FL_TAIL + 1]
+    keys, vals = _table(apc, r)
+    stamp = rep[r, MEMO_STAMP]
+    ext = rep[r, EXT_BASE]
+    while count > 0:
         x = ends[0]
         if x >= ext:
-            t = min(private, pool[SIZE, x])
+            t = min(count, pool[SIZE, x])
             _take_from_extent(pool, rep, r, prev, nxt, ends, x, t)
-            private -= t
+            count -= t
         else:
             b = _take_block(pool, rep, r, prev, nxt, ends, keys, vals, stamp)
             pool[STACK, rep[r, BLK_BASE] + rep[r, IDS_FREE]] = b  # its identity is not needed
             rep[r, IDS_FREE] += 1
-            private -= 1
+            count -= 1
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -526,11 +537,12 @@ def _hash_full_nb(apc, r, k, req, computed, block_size):
 @njit(cache=True, error_model="numpy")
 def apc_publish_nb(apc, r, k, req, block_size):
     """Slot k's request is preempted: it may look its own blocks up again, so its private blocks
-    become public (identities, names in the hash table, as they would have had all along), and all
-    of its blocks are public from now on."""
+    become public (identities, names in the hash table, as they would have had all along), and so
+    do, when it runs again, those up to its last named one (it may name them again; anything past
+    them nobody has had yet)."""
     pool, rep, slots, content, rows = apc[0], apc[2], apc[3], apc[4], apc[5]
-    content[CONTENT_SHAREABLE][req] = SHARED_ALL
-    slots[r, SHARED, k] = SHARED_ALL
+    shareable = content[CONTENT_SHAREABLE]
+    shareable[req] = max(shareable[req], slots[r, HASHED, k] * block_size)
     if slots[r, PRIV, k] == 0:
         return
     keys, vals = _table(apc, r)
