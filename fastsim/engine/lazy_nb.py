@@ -549,15 +549,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
         agg = add_to_batch_nb(agg, new, s_computed[r, k], s_prompt[r, k], 0)
         s_computed[r, k] += new
         if apc_on:
-            if more > 0:
-                px.apc_allocate_nb(apc, r, k, more)
-            if div_pow2_nb(s_computed[r, k], bs) > div_pow2_nb(s_computed[r, k] - new, bs):
-                if dec_now > taken_now and apc[3][r, px.HASHED, k] < apc[3][r, px.SHARED, k]:
-                    older = _older_decoders(lz, r, k, slots, bs)
-                    if older > taken_now:
-                        px.apc_pop_nb(apc, r, older - taken_now)
-                        taken_now = older
-                px.apc_hash_full_nb(apc, r, k, s_req[r, k], s_computed[r, k], bs)
+            taken_now = _apc_chunk(lz, r, k, apc, slots, bs, more, new, dec_now, taken_now)
         if s_computed[r, k] == s_tokens[r, k]:
             s_sample[r, k] = bid
         n_sched += 1
@@ -603,10 +595,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
         k = free_slots[r, cnt[r, C_NFREE]]
         n_running[r] += 1
         if apc_on:
-            free[r] -= px.apc_start_nb(apc, r, k, i, bs, hit_buf, hits, hit_key) + need
-            px.apc_allocate_nb(apc, r, k, need)
-            px.apc_hash_full_nb(apc, r, k, i, done + new, bs)
-            apc[2][r, px.HIT_TOKENS] += done
+            free[r] -= _apc_admit(apc, r, k, i, bs, hit_buf, hits, hit_key, need, done + new) + need
         else:
             free[r] -= need
         s_req[r, k] = i
@@ -633,6 +622,37 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
         n_sched += 1
         left -= new
     return True, n_sched, agg, 0
+
+
+# (Called, not inlined: schedule_nb is inlined into the event loop, and runs without prefix
+# caching need none of this code there.)
+@njit(cache=True, error_model="numpy")
+def _apc_chunk(lz, r, k, apc, slots, bs, more, new, dec_now, taken_now):
+    """Explicit slot k's chunk of `new` tokens: `more` blocks from the cache, the full ones named
+    (after the decoders admitted before it took theirs, if it names a shared block). Returns how
+    many of this step's `dec_now` decoder blocks have been taken."""
+    computed = slots[3][r, k]
+    if more > 0:
+        px.apc_allocate_nb(apc, r, k, more)
+    if div_pow2_nb(computed, bs) > div_pow2_nb(computed - new, bs):
+        if dec_now > taken_now and apc[3][r, px.HASHED, k] < apc[3][r, px.SHARED, k]:
+            older = _older_decoders(lz, r, k, slots, bs)
+            if older > taken_now:
+                px.apc_pop_nb(apc, r, older - taken_now)
+                taken_now = older
+        px.apc_hash_full_nb(apc, r, k, slots[0][r, k], computed, bs)
+    return taken_now
+
+
+@njit(cache=True, error_model="numpy")
+def _apc_admit(apc, r, k, i, bs, hit_buf, hits, hit_key, need, computed):
+    """Request i admitted into slot k: its cached prefix (`hits` blocks) and `need` new blocks, the
+    full ones named. Returns how many cached blocks it took off the free list."""
+    taken = px.apc_start_nb(apc, r, k, i, bs, hit_buf, hits, hit_key)
+    px.apc_allocate_nb(apc, r, k, need)
+    px.apc_hash_full_nb(apc, r, k, i, computed, bs)
+    apc[2][r, px.HIT_TOKENS] += hits * bs
+    return taken
 
 
 @njit(cache=True, error_model="numpy")
