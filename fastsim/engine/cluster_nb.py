@@ -618,10 +618,8 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     k = n_running[r]
                     n_running[r] += 1
                     if ri[E.RI_APC]:
-                        free[r] -= px.apc_start_nb(apc, r, k, i, block_size, hit_bufs[r], hits, hit_key) + need
-                        px.apc_allocate_nb(apc, r, k, need)
-                        px.apc_hash_full_nb(apc, r, k, i, done_tok + new, block_size)
-                        apc[2][r, px.HIT_TOKENS] += done_tok
+                        free[r] -= px.apc_admit_nb(apc, r, k, i, block_size, hit_bufs[r], hits, hit_key, need,
+                                                   done_tok + new)
                     else:
                         free[r] -= need
                     s_req[r, k] = i
@@ -1008,29 +1006,10 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         last_iter = next_fin - 1
         if last_iter <= 0:
             return 0, t_r, 0, 0
-        if nrun < ri[E.RI_MAX_SEQS] and budget - nrun > 0:
-            i = q_head[r]
-            hits, idle = 0, 0
-            if on:  # (iteration 1's allocations can only evict its hits: this errs toward the plain path)
-                hits, _ = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], bs, hit_buf)
-                idle = px.apc_idle_nb(apc, hit_buf, hits)
-            done_tok = hits * bs if on else arrived_kv_nb(gen0, first_sched, i, prompt[i] + generated[i])
-            new = prompt[i] + generated[i] - done_tok
-            thr = ri[E.RI_THRESHOLD]
-            if thr > 0 and new > thr:
-                new = thr
-            chunk_ok = ri[E.RI_CHUNKED] != 0 or new <= budget - nrun
-            new = min(new, budget - nrun)
-            reserved_ok = ri[E.RI_NO_EVICT] == 0 or (
-                reserved_blocks_nb(s_prompt, s_output, s_prompt, nrun, False, bs)
-                + final_blocks_nb(prompt[i], output[i], bs) <= ri[E.RI_NUM_BLOCKS])
-            if chunk_ok and reserved_ok and ceil_div_pow2_nb(done_tok + new, bs) - hits + idle <= free_r - phase[mod_pow2_nb(1, bs)]:
-                return 0, t_r, 0, 0
-            cap = budget - nrun if thr <= 0 else min(thr, budget - nrun)
-            if idle > 0 and prompt[i] + generated[i] > cap:
-                # Evicting its idle hits could leave a chunk cut to the budget, needing less than
-                # now: it could become admissible. The plain path decides.
-                return 0, t_r, 0, 0
+        reserved = reserved_blocks_nb(s_prompt, s_output, s_prompt, nrun, False, bs) if ri[E.RI_NO_EVICT] else 0
+        if lz_nb.head_may_start_nb(apc, on, r, q_head[r], ri, nrun, phase[mod_pow2_nb(1, bs)], free_r, reserved, prompt,
+                                   output, generated, gen0, first_sched, hit_buf):
+            return 0, t_r, 0, 0  # the plain path decides
     if on:
         # Slots by the iteration phase at which they fill a block (computed % bs == 0): a slot
         # fills one at phase f and takes a new one at f + 1. Counting sort keeps slot order.

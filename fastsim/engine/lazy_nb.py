@@ -277,9 +277,10 @@ def _apc_release_left(lz, r, apc, start):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _leave(lz, r, k, slots, bs):
+def _leave(lz, r, k, slots, bs, apc, apc_on):
     """Lazy decoder k leaves at the current clock, finished or preempted: (its blocks, returned; its
-    worst gap)."""
+    worst gap). With prefix caching its blocks are the cache's to return (they are counted in its
+    slot there)."""
     cnt, phase, s_stamp = lz[0], lz[2], lz[3]
     s_tokens, s_blocks, s_max_itl, s_measured = slots[2], slots[5], slots[7], slots[8]
     phase[r, _phase(lz, r, k, slots, bs)] -= 1
@@ -288,28 +289,30 @@ def _leave(lz, r, k, slots, bs):
     cnt[r, C_NMEAS] -= s_measured[r, k]
     _release_slot(lz, r, k)
     _write_out(lz, r, k, slots, bs)
+    if apc_on:
+        _apc_sync(apc, r, k, slots, bs)
     return s_blocks[r, k], s_max_itl[r, k]
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns, apc, apc_on):
     """Lazy decoders whose last token came at `end` (the clock now) leave. Returns (requests finished,
-    blocks freed, the earliest next turn they make due)."""
+    blocks freed, the earliest next turn they make due); with prefix caching no blocks yet: the
+    caller returns them (_apc_release_left), with any other request leaving at this completion."""
     cnt, fh, fh_n = lz[0], lz[8], lz[9]
     s_req, s_output = slots[0], slots[4]
     D = cnt[r, C_D]
     done, freed, due = 0, 0, np.inf
     while fh_n[r] > 0 and fh[r, 0] >> SLOT_BITS <= D:
         k = hp.key_pop_nb(fh, fh_n, r) & ((1 << SLOT_BITS) - 1)
-        blocks, worst = _leave(lz, r, k, slots, bs)
-        if apc_on:  # (its blocks go back with _apc_release_left's)
-            _apc_sync(apc, r, k, slots, bs)
+        blocks, worst = _leave(lz, r, k, slots, bs, apc, apc_on)
         i = s_req[r, k]
         finish[i] = end
         status[i] = E.FINISHED
         generated[i] = s_output[r, k]
         max_itl[i] = worst
-        freed += blocks
+        if not apc_on:
+            freed += blocks
         done += 1
         if turns[0][i] >= 0:
             due = min(due, hp.next_turn_due_nb(turns, i, end))
@@ -487,9 +490,10 @@ def _chunk(remaining, threshold, left):
 def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, hit_buf):
     """Replica r's next batch as exact mode's vLLM V1 scheduler forms it: every lazy decoder one
     token, explicit slots their next chunk, then waiting requests first come first served (with
-    prefix caching, each prefilling only what the cache does not hold). Returns (True, scheduled, batch aggregates, preemptions), or (False, 0, _, 0) when
-    exact mode must decide: the budget runs out at an explicit slot older than some decoder (the
-    lazy form takes decoders first; exact mode takes admission order)."""
+    prefix caching, each prefilling only what the cache does not hold). Returns (True, scheduled,
+    batch aggregates, preemptions), or (False, 0, _, 0) when exact mode must decide: the budget runs
+    out at an explicit slot older than some decoder (the lazy form takes decoders first; exact mode
+    takes admission order)."""
     cnt, phase, s_seq, s_state, free_slots, ex_slot = lz[0], lz[2], lz[4], lz[5], lz[6], lz[7]
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
     q_head, q_tail, q_next, n_waiting = queue
@@ -595,7 +599,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
         k = free_slots[r, cnt[r, C_NFREE]]
         n_running[r] += 1
         if apc_on:
-            free[r] -= _apc_admit(apc, r, k, i, bs, hit_buf, hits, hit_key, need, done + new) + need
+            free[r] -= px.apc_admit_nb(apc, r, k, i, bs, hit_buf, hits, hit_key, need, done + new)
         else:
             free[r] -= need
         s_req[r, k] = i
@@ -625,7 +629,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
 
 
 # (Called, not inlined: schedule_nb is inlined into the event loop, and runs without prefix
-# caching need none of this code there.)
+# caching need none of this code there; so is apc_admit_nb.)
 @njit(cache=True, error_model="numpy")
 def _apc_chunk(lz, r, k, apc, slots, bs, more, new, dec_now, taken_now):
     """Explicit slot k's chunk of `new` tokens: `more` blocks from the cache, the full ones named
@@ -642,17 +646,6 @@ def _apc_chunk(lz, r, k, apc, slots, bs, more, new, dec_now, taken_now):
                 taken_now = older
         px.apc_hash_full_nb(apc, r, k, slots[0][r, k], computed, bs)
     return taken_now
-
-
-@njit(cache=True, error_model="numpy")
-def _apc_admit(apc, r, k, i, bs, hit_buf, hits, hit_key, need, computed):
-    """Request i admitted into slot k: its cached prefix (`hits` blocks) and `need` new blocks, the
-    full ones named. Returns how many cached blocks it took off the free list."""
-    taken = px.apc_start_nb(apc, r, k, i, bs, hit_buf, hits, hit_key)
-    px.apc_allocate_nb(apc, r, k, need)
-    px.apc_hash_full_nb(apc, r, k, i, computed, bs)
-    apc[2][r, px.HIT_TOKENS] += hits * bs
-    return taken
 
 
 @njit(cache=True, error_model="numpy")
@@ -680,12 +673,11 @@ def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_to
     s_blocks, s_last, s_max_itl = slots[5], slots[6], slots[7]
     q_head, q_tail, q_next, n_waiting = queue
     v = _order_pop_newest(lz, r)
-    lazy = s_state[r, v] == LAZY
-    if lazy:
+    if s_state[r, v] == LAZY:
         D = cnt[r, C_D]
         need = 1 if _phase(lz, r, v, slots, bs) == mod_pow2_nb(D, bs) else 0
         hp.key_remove_nb(lz[8], lz[9], r, _finish_key(lz, r, v, slots))
-        _leave(lz, r, v, slots, bs)
+        _leave(lz, r, v, slots, bs, apc, apc_on)
         s_last[r, v] = t_last[r]
     else:
         left, need, m = left0, 0, 0
@@ -707,8 +699,6 @@ def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_to
     preempts[i] += 1
     if apc_on:  # it may find its own blocks again: they become public (see prefix_nb)
         _apc_flush(lz, r, apc)
-        if lazy:
-            _apc_sync(apc, r, v, slots, bs)
         px.apc_publish_nb(apc, r, v, i, bs)
         free[r] += px.apc_release_nb(apc, r, v)
     else:
@@ -894,6 +884,37 @@ def _bin_run(itl_acc, b0, a1, a2, k, count):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def head_may_start_nb(apc, apc_on, r, i, ri, running, dec_need, free_r, reserved, prompt, output, generated, gen0,
+                      first_sched, hit_buf):
+    """Whether the queue's head i could be admitted at the next iteration beside `running` decoding
+    requests taking `dec_need` blocks, or might be once its idle cached blocks are evicted: then a
+    run of decode-only iterations must not start (fast mode's run_nb and exact mode's decode
+    stretch). `reserved`: the blocks guaranteed_no_evict has promised (read only then)."""
+    bs = ri[E.RI_BLOCK_SIZE]
+    room = ri[E.RI_MAX_TOKENS] - running
+    if running >= ri[E.RI_MAX_SEQS] or room <= 0:
+        return False
+    hits, idle = 0, 0
+    if apc_on:  # (the first iteration's blocks can only evict its hits: this errs toward not starting)
+        hits, _ = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], bs, hit_buf)
+        idle = px.apc_idle_nb(apc, hit_buf, hits)
+        done = hits * bs
+    else:
+        done = arrived_kv_nb(gen0, first_sched, i, prompt[i] + generated[i])
+    new = prompt[i] + generated[i] - done
+    thr = ri[E.RI_THRESHOLD]
+    if thr > 0 and new > thr:
+        new = thr
+    chunk_ok = ri[E.RI_CHUNKED] != 0 or new <= room
+    new = min(new, room)
+    reserved_ok = ri[E.RI_NO_EVICT] == 0 or reserved + final_blocks_nb(prompt[i], output[i], bs) <= ri[E.RI_NUM_BLOCKS]
+    if chunk_ok and reserved_ok and ceil_div_pow2_nb(done + new, bs) - hits + idle <= free_r - dec_need:
+        return True
+    # Evicting its idle hits could leave a chunk cut to the budget needing less than now.
+    return idle > 0 and prompt[i] + generated[i] > (room if thr <= 0 else min(thr, room))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, replicas, queue, reqs, itl_acc,
            turns, apc, hit_buf):
     """Lazy replica r at t_r, nothing in flight, only lazy decoders running: the decode iterations
@@ -923,33 +944,13 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         last_iter = (fh[r, 0] >> SLOT_BITS) - D - 1
         if last_iter <= 0:
             return 0, t_r, 0, 0
-        if n_running[r] < ri[E.RI_MAX_SEQS] and budget - n > 0:
-            i = q_head[r]
-            hits, idle = 0, 0
-            if apc_on:  # (as exact mode's decode stretch: the first iteration's blocks can only evict hits)
-                _apc_flush(lz, r, apc)
-                hits, _ = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], bs, hit_buf)
-                idle = px.apc_idle_nb(apc, hit_buf, hits)
-                done = hits * bs
-            else:
-                done = arrived_kv_nb(gen0, first_sched, i, prompt[i] + generated[i])
-            new = prompt[i] + generated[i] - done
-            thr = ri[E.RI_THRESHOLD]
-            if thr > 0 and new > thr:
-                new = thr
-            chunk_ok = ri[E.RI_CHUNKED] != 0 or new <= budget - n
-            new = min(new, budget - n)
-            reserved_ok = ri[E.RI_NO_EVICT] == 0 or (
-                reserved_blocks_nb(s_prompt[r], s_output[r], lz[5][r], lz[5].shape[1], True, bs)
-                + final_blocks_nb(prompt[i], output[i], bs) <= ri[E.RI_NUM_BLOCKS])
-            if chunk_ok and reserved_ok and \
-                    ceil_div_pow2_nb(done + new, bs) - hits + idle <= free_r - phase[r, mod_pow2_nb(D, bs)]:
-                return 0, t_r, 0, 0
-            cap = budget - n if thr <= 0 else min(thr, budget - n)
-            if idle > 0 and prompt[i] + generated[i] > cap:
-                # Evicting its idle hits could leave a chunk cut to the budget, needing less than
-                # now: it could become admissible. Exact mode's scheduler decides.
-                return 0, t_r, 0, 0
+        if apc_on:
+            _apc_flush(lz, r, apc)  # (the head's lookup reads the free list)
+        reserved = reserved_blocks_nb(s_prompt[r], s_output[r], lz[5][r], lz[5].shape[1], True, bs) \
+            if ri[E.RI_NO_EVICT] != 0 else 0
+        if head_may_start_nb(apc, apc_on, r, q_head[r], ri, n, phase[r, mod_pow2_nb(D, bs)], free_r, reserved, prompt,
+                             output, generated, gen0, first_sched, hit_buf):
+            return 0, t_r, 0, 0
     overhead = p[FRAMEWORK_OVERHEAD_S]
     coefs = attention_coefs_nb(p)
     tok_off, seq_off = ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF]

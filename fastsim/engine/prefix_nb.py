@@ -381,6 +381,18 @@ def apc_start_nb(apc, r, k, req, block_size, hit_buf, hits, key):
     return taken
 
 
+@njit(cache=True, error_model="numpy")
+def apc_admit_nb(apc, r, k, req, block_size, hit_buf, hits, key, need, computed):
+    """Request req admitted into slot k: the cached blocks of its prefix (`hits`, found by
+    apc_lookup_nb) and `need` fresh ones, those its `computed` tokens fill named. Returns how many
+    blocks left the free list."""
+    taken = apc_start_nb(apc, r, k, req, block_size, hit_buf, hits, key)
+    apc_allocate_nb(apc, r, k, need)
+    apc_hash_full_nb(apc, r, k, req, computed, block_size)
+    apc[2][r, HIT_TOKENS] += hits * block_size
+    return taken + need
+
+
 # -- the free list's nodes ------------------------------------------------------------------------
 # (They take the list's arrays, views made once by the caller: in a function compiled with
 # reference counting, each view made in a loop costs atomic increments and decrements.)
@@ -395,12 +407,19 @@ def _push_extent(pool, rep, r, prev, nxt, ends, size, named):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _take_from_extent(pool, rep, r, prev, nxt, ends, x, count):
-    """`count` blocks off the head side of extent x (the free list's head): unnamed ones first."""
+def _eat_extent(pool, rep, r, x, count):
+    """`count` blocks off the head side of extent x: its unnamed ones first, then cached ones
+    (evicted). (The caller takes an emptied extent off the list.)"""
     evicted = max(count - (pool[SIZE, x] - pool[NAMED, x]), 0)
     pool[NAMED, x] -= evicted
     pool[SIZE, x] -= count
     rep[r, EVICTIONS] += evicted
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _take_from_extent(pool, rep, r, prev, nxt, ends, x, count):
+    """`count` blocks off the head side of extent x, the free list's head (off the list if emptied)."""
+    _eat_extent(pool, rep, r, x, count)
     if pool[SIZE, x] == 0:
         fl_pop_head_nb(prev, nxt, ends)
         pool[STACK, rep[r, EXT_BASE] + rep[r, EXTS_FREE]] = x
@@ -441,11 +460,8 @@ def apc_allocate_nb(apc, r, k, count):
     pool, rep, slots = apc[0], apc[2], apc[3]
     x = rep[r, FL_HEAD]
     if slots[r, NBLK, k] + slots[r, PRIV, k] >= slots[r, SHARED, k] and x >= rep[r, EXT_BASE] \
-            and pool[SIZE, x] > count:
-        evicted = max(count - (pool[SIZE, x] - pool[NAMED, x]), 0)
-        pool[NAMED, x] -= evicted
-        pool[SIZE, x] -= count
-        rep[r, EVICTIONS] += evicted
+            and pool[SIZE, x] > count:  # (the extent outlives it: the list is not touched)
+        _eat_extent(pool, rep, r, x, count)
         slots[r, PRIV, k] += count
     else:
         _allocate_nb(apc, r, k, count)
