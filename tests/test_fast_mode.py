@@ -205,8 +205,9 @@ def test_fast_mode_sums_most_iterations_and_stays_exact_on_a_long_run_with_preem
 def test_prefix_caching_in_lazy_form_matches_exact_mode(shared):
     """A long run with prefix caching on a cache that runs out (evictions, preemptions): nothing
     shared (every block private), a 64-token system prompt shared by all, or pairs of requests as
-    two turns of one conversation (all their blocks shared). Fast mode sums most iterations in
-    closed form and matches exact mode request by request, evictions and hits included."""
+    two turns of one conversation (all their blocks shared). Fast mode matches exact mode request by
+    request, evictions and hits included, and sums most iterations in closed form (but with
+    conversations, whose turns are stepped)."""
     arrivals, prompts, outputs = long_run(400)
     n = len(prompts)
     seq = np.arange(n) // 2 if shared == "conversations" else np.arange(n)
