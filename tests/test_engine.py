@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 from fastsim.cost import CostModel
-from fastsim.engine import cost_nb as nb
+from fastsim.cost.speculative import speculative_cost_model
 from fastsim.engine import enums as E
 from fastsim.engine.cluster_nb import run_cluster_nb
 from fastsim.simulation import prefix_cache_arrays
@@ -17,11 +17,10 @@ OVERHEAD = 0.3e-3
 
 
 def replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked, threshold, v0,
-                   overhead_s, stages=1):
-    """One replica's rows for run_cluster_nb, as fastsim.simulation builds them."""
-    params = cm.params.copy()
-    params[nb.FRAMEWORK_OVERHEAD_S] = overhead_s
-    tok, seq = nb.build_tables_nb(params, cm.ops, max_num_batched_tokens, max_num_seqs)
+                   overhead_s, stages=1, spec=None):
+    """One replica's rows for run_cluster_nb, as fastsim.simulation builds them (spec: a
+    SpeculativeConfig)."""
+    params, tok, seq = speculative_cost_model(cm, spec, max_num_seqs, max_num_batched_tokens, overhead_s)
     ints = np.zeros(E.N_RI, np.int64)
     ints[[E.RI_MAX_SEQS, E.RI_MAX_TOKENS, E.RI_BLOCK_SIZE, E.RI_NUM_BLOCKS, E.RI_CHUNKED, E.RI_THRESHOLD, E.RI_V0,
           E.RI_STAGES, E.RI_WINDOW]] = [max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked,
@@ -33,9 +32,9 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
         num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
         timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None,
         fast_decode=True, prefix_caching=False, block_ids=None, turns=None, content=None,
-        route_params=(0.5, 32, 1.0001), sglang=False, lpm=False, fast=False, no_evict=False, kv0=None):
+        route_params=(0.5, 32, 1.0001), sglang=False, lpm=False, fast=False, no_evict=False, kv0=None, spec=None):
     ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
-                                            chunked, threshold, v0, overhead_s, stages)
+                                            chunked, threshold, v0, overhead_s, stages, spec)
     arrivals = np.asarray(arrivals, dtype=np.float64)
     n = arrivals.size
     rejected = np.zeros(n, np.bool_) if rejected is None else np.asarray(rejected)

@@ -9,38 +9,60 @@ from hypothesis import strategies as st
 from fastsim.engine import enums as E
 from fastsim.engine import lazy_nb as lz
 from fastsim.engine.batch_nb import ceil_div_pow2_nb, div_pow2_nb, itl_bin_low_nb, itl_bin_nb, mod_pow2_nb
-from fastsim.engine.cost_nb import LAYERS, OVERLAP, attention_time_nb
+from fastsim.config import SpeculativeConfig
+from fastsim.cost.speculative import speculative_cost_model
+from fastsim.engine.cost_nb import (LAYERS, OVERLAP, SPEC_DRAFT_ATTN, SPEC_EXPECTED, SPEC_TOKENS, attention_time_nb,
+                                    decode_only_nb, stage_time_nb, verify_attention_time_nb)
 from fastsim.metrics import itl_bin_edges_s
 from test_engine import CM, _fits, engines, long_run, preloaded, run
 
-P = CM.params
+
+def step_attention(p, n, keys0, k):
+    """Reference: the attention time of each of k iterations, one by one (with speculation: 1/E of
+    the verification's and the drafter's)."""
+    if p[SPEC_TOKENS] == 0.0:
+        return [p[LAYERS] * attention_time_nb(p, n, float(keys0 + n * u), 0, 0.0, 0.0, 0) for u in range(k)]
+    q, draft = p[SPEC_TOKENS] + 1.0, p[SPEC_TOKENS] * p[SPEC_DRAFT_ATTN]
+    return [p[LAYERS] * (verify_attention_time_nb(p, n, float(keys0 + n * u), q)
+                         + draft * attention_time_nb(p, n, float(keys0 + n * u), 0, 0.0, 0.0, 0)) / p[SPEC_EXPECTED]
+            for u in range(k)]
 
 
-def step_attention(n, keys0, k):
-    """Reference: the attention time of each of k iterations, one by one."""
-    return [P[LAYERS] * attention_time_nb(P, n, float(keys0 + n * u), 0, 0.0, 0.0, 0) for u in range(k)]
+# Speculative decoding: n-gram drafts (no drafter on the GPU) and a drafter with a KV cache of its own.
+SPECS = [None, SpeculativeConfig(method="ngram", num_speculative_tokens=4, acceptance_rate=0.8),
+         SpeculativeConfig(method="eagle", num_speculative_tokens=3, acceptance_probs=[0.9, 0.7, 0.5])]
+TABLES = [speculative_cost_model(CM, sc, 256, 8192, 0.3e-3) for sc in SPECS]
 
 
-@given(n=st.integers(1, 256), keys=st.integers(1, 2_000_000), overlap=st.sampled_from([4.0, 2.5]))
-def test_run_attention_is_the_cost_models_to_rounding(n, keys, overlap):
-    p = P.copy()
+@given(n=st.integers(1, 256), keys=st.integers(1, 2_000_000), overlap=st.sampled_from([4.0, 2.5]),
+       spec=st.sampled_from(range(len(SPECS))))
+def test_run_iteration_is_the_cost_models_to_rounding(n, keys, overlap, spec):
+    """A decode-only iteration as the closed-form runs split it (the rest, attention) against
+    stage_time_nb, with and without speculation."""
+    p, tok, seq = (a.copy() for a in TABLES[spec])
     p[OVERLAP] = overlap
-    want = p[LAYERS] * attention_time_nb(p, n, float(keys), 0, 0.0, 0.0, 0)
-    assert lz.attention_nb(lz.attention_coefs_nb(p), n, float(keys)) == pytest.approx(want, rel=1e-14)
-    assert lz.attention_nb(lz.attention_coefs_nb(p), n, float(keys)) == want  # one formula: bit for bit
+    body, head = stage_time_nb(p, tok, seq, 0, 0, (n, float(keys), 0, 0, 0.0, 0.0))
+    rest, comm = decode_only_nb(p, tok, seq, 0, 0, n)
+    attention = lz.attention_nb(lz.attention_coefs_nb(p), n, float(keys))
+    assert rest + attention == pytest.approx(body + head, rel=1e-14)
+    assert comm == tok[1, n] + seq[1, n]
+    if SPECS[spec] is None:  # one formula: bit for bit
+        assert attention == p[LAYERS] * attention_time_nb(p, n, float(keys), 0, 0.0, 0.0, 0)
 
 
-@given(n=st.integers(1, 256), keys0=st.integers(1, 2_000_000), k=st.integers(1, 3000))
-def test_closed_form_sum_of_iterations_matches_stepping(n, keys0, k):
+@given(n=st.integers(1, 256), keys0=st.integers(1, 2_000_000), k=st.integers(1, 3000),
+       spec=st.sampled_from(range(len(SPECS))))
+def test_closed_form_sum_of_iterations_matches_stepping(n, keys0, k, spec):
     N = k - 1
-    c = lz.attention_coefs_nb(P)
+    p = TABLES[spec][0]
+    c = lz.attention_coefs_nb(p)
     g0 = lz.attention_nb(c, n, float(keys0))
     a1, a2, ok = lz.fit_nb(c, n, float(keys0), g0, N)
     while not ok:  # as the engine does: a run the quadratic does not fit is cut in half
         N //= 2
         a1, a2, ok = lz.fit_nb(c, n, float(keys0), g0, N)
     k = N + 1
-    want = step_attention(n, keys0, k)
+    want = step_attention(p, n, keys0, k)
     p0, p1, p2, p3, p4 = lz.power_sums_nb(k - 1)
     assert (p0, p1, p2, p3, p4) == pytest.approx([sum(u ** m for u in range(k)) for m in range(5)], rel=1e-15)
     assert g0 * p0 + a1 * p1 + a2 * p2 == pytest.approx(math.fsum(want), rel=1e-12)
@@ -157,12 +179,13 @@ def compare(a, b, batch):
        e=engines, replicas=st.integers(1, 3), caching=st.booleans(), max_time=st.sampled_from([np.inf, 1.5]),
        policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV,
                                E.ROUTE_PREFIX_AWARE]),
-       system_prompt=st.sampled_from([0, 0, 24, 100]))
-def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time, policy, system_prompt):
+       system_prompt=st.sampled_from([0, 0, 24, 100]), spec=st.sampled_from([0, 0, 1, 2]))
+def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time, policy, system_prompt, spec):
     """Random workloads through both modes: chunked prefill, long-prefill thresholds, preemptions
     (small caches), conversations (a request's next turn after a think time), 1-3 replicas, five
-    routers, a time limit, V0 (which fast mode steps as exact mode), and prefix caching with shared
-    content: a system prompt, and the turns of a conversation sharing their tokens."""
+    routers, a time limit, V0 (which fast mode steps as exact mode), prefix caching with shared
+    content (a system prompt, and the turns of a conversation sharing their tokens), and
+    speculative decoding."""
     arrivals, prompts, outputs, think = wl
     kept = _fits(prompts, outputs, e)
     if not kept:
@@ -178,7 +201,7 @@ def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time,
               block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
               threshold=e["threshold"], v0=e["v0"] and not caching, timeline=False, replicas=replicas,
               policy=policy, max_time_s=max_time, prefix_caching=caching, turns=(nxt, think_s),
-              no_evict=e["no_evict"] and not caching)
+              no_evict=e["no_evict"] and not caching, spec=SPECS[spec])
     kw["kv0"] = preloaded(arrivals, outputs, not caching and n % 2 == 0)
     if caching:
         seq = list(range(n))
@@ -191,10 +214,12 @@ def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time,
             e["max_num_seqs"] * replicas)
 
 
-def test_fast_mode_sums_most_iterations_and_stays_exact_on_a_long_run_with_preemptions():
+@pytest.mark.parametrize("spec", range(len(SPECS)))
+def test_fast_mode_sums_most_iterations_and_stays_exact_on_a_long_run_with_preemptions(spec):
+    """Without speculation, and with it (each iteration 1/E of a speculative step)."""
     arrivals, prompts, outputs = long_run(400)
-    a = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=True)
-    b = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=False)
+    a = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=True, spec=SPECS[spec])
+    b = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=False, spec=SPECS[spec])
     compare(a, b, 256)
     assert b["preempts"].sum() > 0
     assert a["counters"][8] == 0  # every preemption decided in lazy form, none by going back to exact form

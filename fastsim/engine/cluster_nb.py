@@ -41,7 +41,7 @@ from fastsim.engine import lazy_nb as lz_nb
 from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
                                      div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_nb, mod_pow2_nb,
                                      reserved_blocks_nb)
-from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, SPEC_TOKENS, pp_send_time_nb, stage_time_nb
+from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, pp_send_time_nb, stage_time_nb
 
 INF = np.inf
 
@@ -173,8 +173,9 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     last_token_s is the time of its previous token. None: every request starts from nothing.
     `fast_decode` lets steady decoding stretches advance in O(1) per iteration (same iterations,
     same arithmetic; off only to test that it changes nothing).
-    `lazy` is fast mode (fastsim.engine.lazy_nb) for the replicas it applies to: vLLM V1 without
-    prefix caching, one pipeline stage, no sliding window, no timeline.
+    `lazy` is fast mode (fastsim.engine.lazy_nb) for the replicas it applies to: vLLM V1, one
+    pipeline stage, no sliding window, no timeline, no prefix caching behind a router that reads
+    the caches.
     """
     fast_decode = fast_decode and not record_timeline
     n = arrival_s.size
@@ -318,7 +319,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     for r in range(n_rep):
         lz_ok[r] = (lazy and not record_timeline and rep_int[r, E.RI_STAGES] == 1 and rep_int[r, E.RI_WINDOW] == 0
                     and not rep_int[r, E.RI_V0] and not (rep_int[r, E.RI_APC] and reads_caches)
-                    and not rep_int[r, E.RI_SGLANG] and rep_params[r, SPEC_TOKENS] == 0.0)
+                    and not rep_int[r, E.RI_SGLANG])
         max_bs = max(max_bs, rep_int[r, E.RI_BLOCK_SIZE])
     lz = lz_nb.lazy_state_nb(n_rep, max_seqs, max_bs, lz_ok.any())
     # Working arrays of to_exact_nb (the first three) and _decode_run (all but the third).

@@ -206,8 +206,24 @@ def verify_attention_time_nb(p, num_decodes, decode_kv_tokens, queries):
     decode_kv_tokens: keys of the first query of every decode (its context plus one)."""
     if num_decodes <= 0:
         return 0.0
+    return verify_attention_nb(cache_attention_coefs_nb(p), num_decodes, decode_kv_tokens, queries)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def verify_attention_nb(c, num_decodes, decode_kv_tokens, queries):
+    """verify_attention_time_nb with the coefficients taken (c: cache_attention_coefs_nb)."""
     pairs = queries * decode_kv_tokens + num_decodes * queries * (queries - 1.0) * 0.5
-    return cache_attention_nb(cache_attention_coefs_nb(p), pairs, decode_kv_tokens, num_decodes * queries)
+    return cache_attention_nb(c, pairs, decode_kv_tokens, num_decodes * queries)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def spec_decode_attention_nb(c, layers, spec_tokens, draft_attn, num_decodes, decode_kv_tokens):
+    """All layers' attention of the decodes in one speculative step: the target verifying
+    spec_tokens + 1 queries per decode, and the drafter's spec_tokens passes, each reading
+    draft_attn (SPEC_DRAFT_ATTN) of the target's decode attention. c: cache_attention_coefs_nb."""
+    return layers * (verify_attention_nb(c, num_decodes, decode_kv_tokens, spec_tokens + 1.0)
+                     + spec_tokens * draft_attn * cache_attention_nb(c, decode_kv_tokens, decode_kv_tokens,
+                                                                     num_decodes))
 
 
 @njit(cache=True, error_model="numpy")
@@ -334,21 +350,30 @@ def stage_time_nb(p, tok_table, seq_table, tok_off, seq_off, agg):
         p, n_dec, dec_keys, n_pre, pairs, pre_keys, pre_tokens)
     head = seq_table[0, seq_off + n_dec + n_pre]
     if p[SPEC_TOKENS] > 0.0 and n_dec > 0:
-        queries = p[SPEC_TOKENS] + 1.0
-        verify = int(n_dec * queries)
-        pre_attn = attention_time_nb(p, 0, 0.0, n_pre, pairs, pre_keys, pre_tokens)
-        step_body = tok_table[0, tok_off + verify + pre_tokens] + p[LAYERS] * (
-            pre_attn + verify_attention_time_nb(p, n_dec, dec_keys, queries))
-        draft = seq_table[2, seq_off + n_dec] + p[SPEC_TOKENS] * p[SPEC_DRAFT_ATTN] * p[LAYERS] * attention_time_nb(
-            p, n_dec, dec_keys, 0, 0.0, 0.0, 0)
-        step_head = seq_table[0, seq_off + verify + n_pre]
-        pre_body = 0.0
-        if pre_tokens > 0:
-            pre_body = tok_table[0, tok_off + pre_tokens] + p[LAYERS] * pre_attn
+        verify = int(n_dec * (p[SPEC_TOKENS] + 1.0))
+        pre_attn = p[LAYERS] * attention_time_nb(p, 0, 0.0, n_pre, pairs, pre_keys, pre_tokens)
+        pre_body = tok_table[0, tok_off + pre_tokens] + pre_attn if pre_tokens > 0 else 0.0
         pre_head = seq_table[0, seq_off + n_pre]
-        body = pre_body + (step_body + draft - pre_body) / p[SPEC_EXPECTED]
-        head = pre_head + (step_head - pre_head) / p[SPEC_EXPECTED]
+        step_body = (tok_table[0, tok_off + verify + pre_tokens] + seq_table[2, seq_off + n_dec] + pre_attn
+                     + spec_decode_attention_nb(cache_attention_coefs_nb(p), p[LAYERS], p[SPEC_TOKENS],
+                                                p[SPEC_DRAFT_ATTN], n_dec, dec_keys))
+        body = pre_body + (step_body - pre_body) / p[SPEC_EXPECTED]
+        head = pre_head + (seq_table[0, seq_off + verify + n_pre] - pre_head) / p[SPEC_EXPECTED]
     return body, head
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def decode_only_nb(p, tok_table, seq_table, tok_off, seq_off, n_dec):
+    """(time, communication) of an iteration of n_dec decodes and nothing else, apart from their
+    attention: what stage_time_nb charges for it beside p[LAYERS] x cache_attention_nb (or, with
+    speculation, spec_decode_attention_nb / E). Fast mode's closed-form runs sum the two apart."""
+    comm = tok_table[1, tok_off + n_dec] + seq_table[1, seq_off + n_dec]  # (_account's split)
+    if p[SPEC_TOKENS] > 0.0:
+        verify = int(n_dec * (p[SPEC_TOKENS] + 1.0))
+        pre_head = seq_table[0, seq_off]
+        return ((tok_table[0, tok_off + verify] + seq_table[2, seq_off + n_dec]) / p[SPEC_EXPECTED] + pre_head
+                + (seq_table[0, seq_off + verify] - pre_head) / p[SPEC_EXPECTED]), comm
+    return tok_table[0, tok_off + n_dec] + seq_table[0, seq_off + n_dec], comm
 
 
 @njit(cache=True, error_model="numpy")

@@ -41,7 +41,9 @@ from fastsim.engine import prefix_nb as px
 from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
                                      div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_low_nb, itl_bin_nb,
                                      mod_pow2_nb, reserved_blocks_nb, sort_by_key_nb)
-from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, LAYERS, cache_attention_coefs_nb, cache_attention_nb
+from fastsim.engine.cost_nb import (FRAMEWORK_OVERHEAD_S, LAYERS, SPEC_DRAFT_ATTN, SPEC_EXPECTED, SPEC_TOKENS,
+                                    cache_attention_coefs_nb, cache_attention_nb, decode_only_nb,
+                                    spec_decode_attention_nb)
 
 # slot states in lazy form
 FREE = 0
@@ -716,15 +718,18 @@ def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_to
 @njit(cache=True, error_model="numpy", inline="always")
 def attention_coefs_nb(p):
     """What attention_nb needs of the cost parameters, taken once per run."""
-    return p[LAYERS], cache_attention_coefs_nb(p)
+    return p[LAYERS], cache_attention_coefs_nb(p), p[SPEC_TOKENS], p[SPEC_DRAFT_ATTN], p[SPEC_EXPECTED]
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def attention_nb(c, n, keys):
-    """All layers' attention time of n decodes over `keys` context tokens (c: attention_coefs_nb):
-    what stage_time_nb charges for them, bit for bit."""
-    layers, cache = c
-    return layers * cache_attention_nb(cache, keys, keys, n)
+    """All layers' attention time of an iteration of n decodes over `keys` context tokens (c:
+    attention_coefs_nb): what stage_time_nb charges for it beside decode_only_nb, bit for bit
+    without speculation (with it, to rounding: stage_time_nb divides the step's sum by E)."""
+    layers, cache, spec_tokens, draft_attn, expected = c
+    if spec_tokens == 0.0:
+        return layers * cache_attention_nb(cache, keys, keys, n)
+    return spec_decode_attention_nb(cache, layers, spec_tokens, draft_attn, n, keys) / expected
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -972,9 +977,8 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
                 break
             N //= 2
         kmax = N + 1
-        tok0, tok1 = tok_table[0, tok_off + n], tok_table[1, tok_off + n]
-        seq0, seq1 = seq_table[0, seq_off + n], seq_table[1, seq_off + n]
-        b0 = overhead + tok0 + seq0 + g0  # gap of the first iteration; later ones add a1 u + a2 u^2
+        dense, comm = decode_only_nb(p, tok_table, seq_table, tok_off, seq_off, n)
+        b0 = overhead + dense + g0  # gap of the first iteration; later ones add a1 u + a2 u^2
         k = _last_run(t, b0, a1, a2, kmax, total, t_arrival, max_time_s)
         stop = k < kmax
         if k == next_fin and finish_by < np.inf and t + _elapsed(b0, a1, a2, k) >= finish_by:  # ties: arrival first
@@ -993,8 +997,8 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             itl[1] += nm * s1
             itl[2] += nm * s2
         attn = g0 * p0 + a1 * p1 + a2 * p2
-        rep_time[r, 0] += k * (tok0 - tok1 + seq0 - seq1) + attn
-        rep_time[r, 1] += k * (tok1 + seq1)
+        rep_time[r, 0] += k * (dense - comm) + attn
+        rep_time[r, 1] += k * comm
         used = _blocks_used(phase, r, D, bs, n, k)
         free_r -= used
         if apc_on:
