@@ -452,6 +452,7 @@ def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray,
             "peak_kv_blocks_used": max(r["peak_kv_blocks_used"] for r in replicas),
             "iterations": int(counters[:, 0].sum()), "preemptions": int(counters[:, 3].sum()),
             "decode_stretch_iterations": int(counters[:, 5].sum()),
+            "closed_form_iterations": int(counters[:, 9].sum()),  # fast mode's (of the stretches)
             "prefix_cache_evictions": int(counters[:, 6].sum()),
             # Forward-pass time summed over iterations (and stages): TP communication apart.
             "compute_time_s": float(gpu_time[:, 0].sum()), "comm_time_s": float(gpu_time[:, 1].sum()),

@@ -156,15 +156,18 @@ def test_round_robin_takes_turns_when_conversations_decide_the_arrival_order():
 
 @given(sessions=conversations, bs=st.sampled_from([1, 4]), max_seqs=st.integers(1, 6), budget=st.integers(40, 300),
        apc=st.booleans(), lpm=st.booleans(), spare=st.integers(0, 40), system_prompt=st.sampled_from([0, 20]),
-       chunked=st.booleans())
-def test_sglang_scheduler_matches_reference(sessions, bs, max_seqs, budget, apc, lpm, spare, system_prompt, chunked):
+       chunked=st.booleans(), timeline=st.booleans())
+def test_sglang_scheduler_matches_reference(sessions, bs, max_seqs, budget, apc, lpm, spare, system_prompt, chunked,
+                                            timeline):
+    """SGLang's scheduler against the reference, iteration by iteration (a timeline) or with steady
+    decoding stepped in O(1) each (without)."""
     arrivals, prompts, outputs, turns, content = build(sessions, system_prompt)
     keep = [p + o <= budget or chunked for p, o in zip(prompts, outputs)]
     if not all(keep):
         return  # (unchunked prompts longer than the budget are refused before simulation)
     num_blocks = max(-(-(p + o) // bs) for p, o in zip(prompts, outputs)) + spare
     r = run(arrivals, prompts, outputs, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
-            num_blocks=num_blocks, turns=turns, content=content, prefix_caching=apc, timeline=True,
+            num_blocks=num_blocks, turns=turns, content=content, prefix_caching=apc, timeline=timeline,
             sglang=True, lpm=lpm, chunked=chunked)
     reqs, history = ref.simulate_reference(
         CM, arrivals, prompts, outputs, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,

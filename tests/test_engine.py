@@ -216,9 +216,11 @@ def test_kernel_matches_reference_scheduler(wl, e, preload):
 
 
 @given(wl=workloads, e=engines, replicas=st.integers(1, 3), window=st.booleans(),
-       policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV]))
-def test_decode_stretches_change_nothing(wl, e, replicas, window, policy):
-    """Stepping steady decodes in O(1) each gives bit-identical results to the plain loop."""
+       policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV]),
+       sglang=st.booleans())
+def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang):
+    """Stepping steady decodes in O(1) each gives bit-identical results to the plain loop (vLLM V1
+    and V0, and SGLang's scheduler)."""
     arrivals, prompts, outputs = wl
     kept = _fits(prompts, outputs, e)
     if not kept:
@@ -227,8 +229,9 @@ def test_decode_stretches_change_nothing(wl, e, replicas, window, policy):
     prompts, outputs = [k[0] for k in kept], [k[1] * 5 for k in kept]
     kw = dict(max_num_seqs=e["max_num_seqs"], max_num_batched_tokens=e["max_num_batched_tokens"],
               block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
-              threshold=e["threshold"], v0=e["v0"], timeline=False, replicas=replicas,
-              policy=policy, max_time_s=2.0 if window else np.inf, no_evict=e["no_evict"])
+              threshold=e["threshold"], v0=e["v0"] and not sglang, timeline=False, replicas=replicas,
+              policy=policy, max_time_s=2.0 if window else np.inf, no_evict=e["no_evict"] and not sglang,
+              sglang=sglang)
     a = run(arrivals, prompts, outputs, fast_decode=True, **kw)
     b = run(arrivals, prompts, outputs, fast_decode=False, **kw)
     for key in ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",

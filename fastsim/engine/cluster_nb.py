@@ -158,7 +158,8 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     max_itl_s, replica), then (itl_hist, itl_stats=[count, sum, sum of squares], timeline,
     per-replica counters [iterations, peak_blocks_used, free_blocks_at_end, preemptions, requests,
     iterations stepped in decode stretches, prefix-cache evictions, prompt tokens served from the
-    cache, times fast mode's lazy form went back to exact form to decide], per-replica GPU-seconds
+    cache, times fast mode's lazy form went back to exact form to decide, iterations it summed in
+    closed form], per-replica GPU-seconds
     [compute, communication], per-request cached prompt tokens).
     `progress[1]` set non-zero by another thread stops the run between two events, as if max_time_s
     had been reached then (a wall-clock budget).
@@ -286,6 +287,10 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     while a < n and think_s[a] >= 0:
         a += 1
     rr_next = 0
+    if n_rep == 1:
+        # Every router sends everything to the one replica; one that reads the replicas' state
+        # (their prefix caches) would keep fast mode from holding that state lazily for nothing.
+        policy = E.ROUTE_ROUND_ROBIN
     # Round-robin and random routing do not depend on the replicas' state: route every request up
     # front, so a replica knows its own next arrival and can step steady decodes up to it (unless
     # conversations create arrivals as they go).
@@ -356,7 +361,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     for i in range(n):
         if status[i] == E.PENDING or status[i] == E.RUNNING:
             status[i] = E.UNFINISHED
-    counters = np.empty((n_rep, 9), np.int64)
+    counters = np.empty((n_rep, 10), np.int64)
     for r in range(n_rep):
         counters[r, 0] = rep_iters[r]
         counters[r, 1] = rep_peak[r]
@@ -367,6 +372,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         counters[r, 6] = apc[2][r, px.EVICTIONS] if rep_int[r, E.RI_APC] else 0
         counters[r, 7] = apc[2][r, px.HIT_TOKENS] if rep_int[r, E.RI_APC] else 0
         counters[r, 8] = lz[0][r, lz_nb.C_EXITS] if lz_ok[r] else 0
+        counters[r, 9] = lz[0][r, lz_nb.C_SUMMED] if lz_ok[r] else 0
     return (status, first_sched, first_tok, finish, generated, preempts, max_itl, replica,
             itl_hist, itl, timeline[:n_tl].copy(), counters, rep_time, cached, arrival)
 
@@ -517,8 +523,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
 
         # 1b. steady decoding: step every iteration up to the next event in O(1) each (fast mode:
         # the same iterations summed in closed form)
-        if (on or fast_decode) and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0 \
-                and not ri[E.RI_SGLANG]:
+        if (on or fast_decode) and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0:
             t_next_arrival, finish_by = _outside_events(r, t_r, stateless, arrival, own_next, a, n, h_t, h_n, has_turns,
                                                         n_rep, policy, tree, leaves)
             if on:
@@ -528,7 +533,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             else:
                 k_iters, t_end, done, peak = _decode_run(
                     r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas,
-                    itl_acc, turns, apc, ri[E.RI_APC] != 0, hit_bufs, scratch)
+                    itl_acc, turns, apc, ri[E.RI_APC] != 0, hit_bufs, scratch, nt_ratio)
             if k_iters > 0:
                 rep_iters[r] += k_iters
                 rep_stretched[r] += k_iters
@@ -959,7 +964,7 @@ def _stretch_blocks(apc, r, it, bs, by_phase, start, s_req, s_computed, s_blocks
 
 @njit(cache=True, error_model="numpy")
 def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas, itl_acc,
-                turns, apc, on, hit_bufs, scratch):
+                turns, apc, on, hit_bufs, scratch, nt_ratio):
     """Replica r at t_r has every running request ready to decode, nothing in flight: step the
     decode iterations that the normal path would run before anything else can happen (an arrival,
     a preemption, an admission; a request finishing too, unless nothing waits) in O(1) each, and
@@ -973,6 +978,11 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     touching only the slots whose turn it is). Returns
     (iterations run, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0) when
     the stretch does not apply.
+
+    SGLang: with nothing waiting, its scheduler's step is a decode of every running request, as
+    V1's is, and each such step lowers its new-token ratio (nt_ratio) by the decay; with requests
+    waiting, its admission rule (memory held back for the running requests' expected output, which
+    shrinks every step) is decided by the plain path.
     """
     tok_table, seq_table = tables
     hit_buf = hit_bufs[r]
@@ -984,7 +994,8 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     nrun = n_running[r]
     bs = ri[E.RI_BLOCK_SIZE]
     budget = ri[E.RI_MAX_TOKENS]
-    if nrun > budget or v0:  # V0 tries a prefill before decoding; only V1 is stretched
+    sg = ri[E.RI_SGLANG] != 0
+    if nrun > budget or v0 or (sg and n_waiting[r] > 0):  # V0 tries a prefill before decoding
         return 0, t_r, 0, 0
     # Every slot: one token ready to decode, sampled at this very completion.
     base = 0       # sum of the active slots' computed tokens at the start
@@ -1085,6 +1096,9 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     if j == 0:
         return 0, t_r, 0, 0
     free[r] = free_r
+    if sg:
+        for _ in range(j):  # (step by step: the plain path's rounding)
+            nt_ratio[r] = max(nt_ratio[r] - E.SGL_NEW_TOKEN_RATIO_DECAY, E.SGL_MIN_NEW_TOKEN_RATIO)
     m = 0
     for k in range(nrun):
         if s_blocks[k] < 0:

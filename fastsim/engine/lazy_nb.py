@@ -65,7 +65,8 @@ C_COOL = 10      # decisions to wait before trying lazy form again
 C_EXITS = 11     # times the replica went back to exact form to decide
 C_ORDN = 12      # entries of the admission-order stack
 C_PEND = 13      # prefix caching: blocks the lazy decoders took, not yet taken off the free list
-N_C = 14
+C_SUMMED = 14    # iterations summed in closed form
+N_C = 15
 
 # A finishing decoder's heap key: the iteration it finishes at, then its slot (max_num_seqs <= 2^20).
 SLOT_BITS = 20
@@ -1028,4 +1029,5 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     free[r] = free_r
     stage_free[r, 0] = t
     lz[1][r] = t  # the lazy decoders' last token
+    cnt[r, C_SUMMED] += total
     return total, t, done, peak
