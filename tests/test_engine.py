@@ -217,10 +217,11 @@ def test_kernel_matches_reference_scheduler(wl, e, preload):
 
 @given(wl=workloads, e=engines, replicas=st.integers(1, 3), window=st.booleans(),
        policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV]),
-       sglang=st.booleans())
-def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang):
+       sglang=st.booleans(), caching=st.booleans(), system_prompt=st.sampled_from([0, 24]))
+def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang, caching, system_prompt):
     """Stepping steady decodes in O(1) each gives bit-identical results to the plain loop (vLLM V1
-    and V0, and SGLang's scheduler)."""
+    and V0, and SGLang's scheduler), with prefix caching too (a shared system prompt, the rest of
+    each request private: blocks taken as a count)."""
     arrivals, prompts, outputs = wl
     kept = _fits(prompts, outputs, e)
     if not kept:
@@ -231,13 +232,19 @@ def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang
               block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
               threshold=e["threshold"], v0=e["v0"] and not sglang, timeline=False, replicas=replicas,
               policy=policy, max_time_s=2.0 if window else np.inf, no_evict=e["no_evict"] and not sglang,
-              sglang=sglang)
+              sglang=sglang, prefix_caching=caching)
+    if caching:
+        n = len(prompts)
+        kw["v0"] = kw["no_evict"] = False
+        kw["content"] = {"seq_id": np.arange(n, dtype=np.int64), "shared_tokens": np.full(n, system_prompt),
+                         "shared_id": np.zeros(n, np.int64)}
     a = run(arrivals, prompts, outputs, fast_decode=True, **kw)
     b = run(arrivals, prompts, outputs, fast_decode=False, **kw)
     for key in ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",
                 "itl_hist"):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     np.testing.assert_array_equal(a["counters"][..., :5], b["counters"][..., :5])
+    np.testing.assert_array_equal(a["counters"][..., 6:8], b["counters"][..., 6:8])  # evictions, cache hits
     np.testing.assert_allclose(a["gpu_time"], b["gpu_time"], rtol=1e-12)
     np.testing.assert_allclose(a["itl_stats"], b["itl_stats"], rtol=1e-12)
 

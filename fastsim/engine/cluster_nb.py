@@ -1022,7 +1022,15 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         if lz_nb.head_may_start_nb(apc, on, r, q_head[r], ri, nrun, phase[mod_pow2_nb(1, bs)], free_r, reserved, prompt,
                                    output, generated, gen0, first_sched, hit_buf):
             return 0, t_r, 0, 0  # the plain path decides
+    # With prefix caching, when every slot's blocks from here on are private, only how many blocks
+    # the stretch takes matters: they leave the head of the free list as a count, before anything
+    # returns to it (pend; fast mode's lazy form takes them so too). Otherwise, slot by slot.
+    by_count = on
     if on:
+        for k in range(nrun):
+            by_count = by_count and px.apc_private_from_here_nb(apc, r, k)
+    pend = 0
+    if on and not by_count:
         # Slots by the iteration phase at which they fill a block (computed % bs == 0): a slot
         # fills one at phase f and takes a new one at f + 1. Counting sort keeps slot order.
         by_phase, start, fill = scratch[0], scratch[4], scratch[5]
@@ -1057,7 +1065,8 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
             break
         _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, 1)
         free_r -= need
-        if on:
+        pend += need
+        if on and not by_count:
             _stretch_blocks(apc, r, j + 1, bs, by_phase, start, s_req, s_computed, s_blocks)
         peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
         gap = end - t
@@ -1076,7 +1085,12 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
                 left = s_output[k] - (s_tokens[k] - s_prompt[k])
                 if left == j:
                     i = s_req[k]
-                    free_r += px.apc_release_nb(apc, r, k) if on else max(s_blocks[k], ceil_div_pow2_nb(s_computed[k] + j, bs))
+                    held = max(s_blocks[k], ceil_div_pow2_nb(s_computed[k] + j, bs))
+                    if by_count:
+                        px.apc_pop_nb(apc, r, pend)
+                        pend = 0
+                        px.apc_sync_private_nb(apc, r, k, held, s_computed[k] + j, bs)
+                    free_r += px.apc_release_nb(apc, r, k) if on else held
                     base -= s_computed[k]
                     n_act -= 1
                     n_meas -= s_measured[k]
@@ -1096,6 +1110,8 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     if j == 0:
         return 0, t_r, 0, 0
     free[r] = free_r
+    if by_count:
+        px.apc_pop_nb(apc, r, pend)
     if sg:
         for _ in range(j):  # (step by step: the plain path's rounding)
             nt_ratio[r] = max(nt_ratio[r] - E.SGL_NEW_TOKEN_RATIO_DECAY, E.SGL_MIN_NEW_TOKEN_RATIO)
@@ -1112,6 +1128,8 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         s_computed[m] = s_computed[k] + j
         s_tokens[m] = s_tokens[k] + j
         s_blocks[m] = max(s_blocks[k], ceil_div_pow2_nb(s_computed[m], bs))
+        if by_count:
+            px.apc_sync_private_nb(apc, r, m, s_blocks[m], s_computed[m], bs)
         s_last[m] = t
         s_sample[m] = -1
         s_max_itl[m] = max(s_max_itl[k], worst_gap)

@@ -248,15 +248,13 @@ def _apc_flush(lz, r, apc):
 def _apc_joins(apc, apc_on, r, k):
     """Whether slot k may decode lazily as far as the prefix cache goes: every block it fills and
     takes from now on is private."""
-    return not apc_on or apc[3][r, px.HASHED, k] >= apc[3][r, px.SHARED, k]
+    return not apc_on or px.apc_private_from_here_nb(apc, r, k)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _apc_sync(apc, r, k, slots, bs):
     """Lazy decoder k, just written out: its private blocks and named blocks in the cache's slot."""
-    aps = apc[3]
-    aps[r, px.PRIV, k] = slots[5][r, k] - aps[r, px.NBLK, k]
-    aps[r, px.HASHED, k] = max(aps[r, px.HASHED, k], div_pow2_nb(slots[2][r, k] - 1, bs))
+    px.apc_sync_private_nb(apc, r, k, slots[5][r, k], slots[2][r, k] - 1, bs)
 
 
 @njit(cache=True, error_model="numpy")

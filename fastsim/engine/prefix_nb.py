@@ -517,6 +517,23 @@ def apc_pop_nb(apc, r, count):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def apc_private_from_here_nb(apc, r, k):
+    """Whether every block slot k fills and takes from now on is private (its shareable ones are
+    all named): then only how many it takes matters (apc_pop_nb, apc_sync_private_nb)."""
+    return apc[3][r, HASHED, k] >= apc[3][r, SHARED, k]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def apc_sync_private_nb(apc, r, k, blocks, computed, block_size):
+    """Slot k (apc_private_from_here_nb), now holding `blocks` blocks with `computed` tokens in
+    them, the new ones taken as a count: its columns as taking and naming them one by one leaves
+    them."""
+    slots = apc[3]
+    slots[r, PRIV, k] = blocks - slots[r, NBLK, k]
+    slots[r, HASHED, k] = max(slots[r, HASHED, k], div_pow2_nb(computed, block_size))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def apc_hash_full_nb(apc, r, k, req, computed, block_size):
     """Name and cache slot k's blocks that `computed` tokens have filled (private ones: counted;
     public ones named by a call, as apc_allocate_nb says why)."""
