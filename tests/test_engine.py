@@ -1,10 +1,13 @@
 """The replica kernel against hand-computed cases, invariants, and the pure-Python reference."""
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import reference as ref
+from fastsim.catalog import load_model
 from fastsim.cost import CostModel
 from fastsim.cost.speculative import speculative_cost_model
 from fastsim.engine import enums as E
@@ -215,13 +218,22 @@ def test_kernel_matches_reference_scheduler(wl, e, preload):
         assert (r["preempts"] == 0).all()  # what guaranteed_no_evict guarantees
 
 
+@functools.cache
+def windowed(window):
+    """Mistral-7B with its sliding window cut to `window` tokens."""
+    return CostModel.create(load_model("mistralai/Mistral-7B-v0.1").model_copy(update={"sliding_window": window}),
+                            "H100-SXM")
+
+
 @given(wl=workloads, e=engines, replicas=st.integers(1, 3), window=st.booleans(),
        policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV]),
-       sglang=st.booleans(), caching=st.booleans(), system_prompt=st.sampled_from([0, 24]))
-def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang, caching, system_prompt):
+       sglang=st.booleans(), caching=st.booleans(), system_prompt=st.sampled_from([0, 24]),
+       sliding=st.sampled_from([0, 0, 40, 300]))
+def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang, caching, system_prompt, sliding):
     """Stepping steady decodes in O(1) each gives bit-identical results to the plain loop (vLLM V1
     and V0, and SGLang's scheduler), with prefix caching too (a shared system prompt, the rest of
-    each request private: blocks taken as a count)."""
+    each request private: blocks taken as a count), and with a sliding window (Mistral-7B's, cut
+    short so that decodes reach it)."""
     arrivals, prompts, outputs = wl
     kept = _fits(prompts, outputs, e)
     if not kept:
@@ -232,7 +244,7 @@ def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang
               block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
               threshold=e["threshold"], v0=e["v0"] and not sglang, timeline=False, replicas=replicas,
               policy=policy, max_time_s=2.0 if window else np.inf, no_evict=e["no_evict"] and not sglang,
-              sglang=sglang, prefix_caching=caching)
+              sglang=sglang, prefix_caching=caching, cm=windowed(sliding) if sliding else CM)
     if caching:
         n = len(prompts)
         kw["v0"] = kw["no_evict"] = False

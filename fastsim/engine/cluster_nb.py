@@ -40,7 +40,7 @@ from fastsim.engine import prefix_nb as px
 from fastsim.engine import lazy_nb as lz_nb
 from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
                                      div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_nb, mod_pow2_nb,
-                                     reserved_blocks_nb)
+                                     reserved_blocks_nb, sort_by_key_nb)
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, pp_send_time_nb, stage_time_nb
 
 INF = np.inf
@@ -523,7 +523,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
 
         # 1b. steady decoding: step every iteration up to the next event in O(1) each (fast mode:
         # the same iterations summed in closed form)
-        if (on or fast_decode) and stages == 1 and window == 0 and fl_count[r] == 0 and n_running[r] > 0:
+        if (on or fast_decode) and stages == 1 and fl_count[r] == 0 and n_running[r] > 0:
             t_next_arrival, finish_by = _outside_events(r, t_r, stateless, arrival, own_next, a, n, h_t, h_n, has_turns,
                                                         n_rep, policy, tree, leaves)
             if on:
@@ -998,7 +998,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     if nrun > budget or v0 or (sg and n_waiting[r] > 0):  # V0 tries a prefill before decoding
         return 0, t_r, 0, 0
     # Every slot: one token ready to decode, sampled at this very completion.
-    base = 0       # sum of the active slots' computed tokens at the start
+    base = 0       # sum of the active slots' computed tokens at the start (short of the window)
     n_meas = 0
     next_fin = 1 << 62  # iteration (1-based) at which the next request finishes
     phase = scratch[3]  # slots needing a new block at iterations j with j % bs == index
@@ -1010,6 +1010,23 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         n_meas += s_measured[k]
         next_fin = min(next_fin, s_output[k] - (s_tokens[k] - s_prompt[k]))
         phase[mod_pow2_nb(s_blocks[k] * bs - s_computed[k] + 1, bs)] += 1
+    # Sliding window: at iteration j (from 0) slot k reads min(computed + j + 1, window) keys, so it
+    # is counted apart from iteration window - 1 - computed on, the slots in the order they get there
+    # (keys: that iteration; order: slot indices). Without a window every slot stays in `base`.
+    window = ri[E.RI_WINDOW]
+    n_grow, n_cap, n_cross, next_cross = nrun, 0, 0, 0
+    reach, order = scratch[2], scratch[1]
+    if window > 0:
+        for k in range(nrun):
+            if s_computed[k] + 1 >= window:
+                n_grow -= 1
+                n_cap += 1
+                base -= s_computed[k]
+            else:
+                reach[n_cross] = window - 1 - s_computed[k]
+                order[n_cross] = k
+                n_cross += 1
+        sort_by_key_nb(reach, order, n_cross)
     free_r = free[r]
     # With requests waiting, a finish frees room the normal path would admit into: stop before it.
     # (Free blocks only shrink otherwise, so a head blocked now stays blocked.)
@@ -1058,7 +1075,14 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         need = phase[mod_pow2_nb(j + 1, bs)]
         if need > free_r:  # a preemption: the normal path decides it
             break
-        agg = (n_act, float(base + (j + 1) * n_act), 0, 0, 0.0, 0.0)
+        while next_cross < n_cross and reach[next_cross] <= j:
+            k = order[next_cross]
+            next_cross += 1
+            if s_blocks[k] >= 0:  # (not finished)
+                n_grow -= 1
+                n_cap += 1
+                base -= s_computed[k]
+        agg = (n_act, float(base + (j + 1) * n_grow + window * n_cap), 0, 0, 0.0, 0.0)
         body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
         end = max(t + overhead, stage_free[r, 0]) + body + head
         if end > max_time_s or (j + 1 == next_fin and end >= finish_by):  # ties: the arrival first
@@ -1091,7 +1115,11 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
                         pend = 0
                         px.apc_sync_private_nb(apc, r, k, held, s_computed[k] + j, bs)
                     free_r += px.apc_release_nb(apc, r, k) if on else held
-                    base -= s_computed[k]
+                    if window > 0 and s_computed[k] + j >= window:  # (at its last iteration, j - 1)
+                        n_cap -= 1
+                    else:
+                        base -= s_computed[k]
+                        n_grow -= 1
                     n_act -= 1
                     n_meas -= s_measured[k]
                     phase[mod_pow2_nb(s_blocks[k] * bs - s_computed[k] + 1, bs)] -= 1
