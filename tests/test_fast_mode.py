@@ -14,7 +14,7 @@ from fastsim.cost.speculative import speculative_cost_model
 from fastsim.engine.cost_nb import (LAYERS, OVERLAP, SPEC_DRAFT_ATTN, SPEC_EXPECTED, SPEC_TOKENS, attention_time_nb,
                                     decode_only_nb, stage_time_nb, verify_attention_time_nb)
 from fastsim.metrics import itl_bin_edges_s
-from test_engine import CM, _fits, engines, long_run, preloaded, run
+from test_engine import CM, _fits, engines, long_run, preloaded, run, windowed
 
 
 def step_attention(p, n, keys0, k):
@@ -57,10 +57,10 @@ def test_closed_form_sum_of_iterations_matches_stepping(n, keys0, k, spec):
     p = TABLES[spec][0]
     c = lz.attention_coefs_nb(p)
     g0 = lz.attention_nb(c, n, float(keys0))
-    a1, a2, ok = lz.fit_nb(c, n, float(keys0), g0, N)
+    a1, a2, ok = lz.fit_nb(c, n, float(keys0), n, g0, N)
     while not ok:  # as the engine does: a run the quadratic does not fit is cut in half
         N //= 2
-        a1, a2, ok = lz.fit_nb(c, n, float(keys0), g0, N)
+        a1, a2, ok = lz.fit_nb(c, n, float(keys0), n, g0, N)
     k = N + 1
     want = step_attention(p, n, keys0, k)
     p0, p1, p2, p3, p4 = lz.power_sums_nb(k - 1)
@@ -179,13 +179,15 @@ def compare(a, b, batch):
        e=engines, replicas=st.integers(1, 3), caching=st.booleans(), max_time=st.sampled_from([np.inf, 1.5]),
        policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV,
                                E.ROUTE_PREFIX_AWARE]),
-       system_prompt=st.sampled_from([0, 0, 24, 100]), spec=st.sampled_from([0, 0, 1, 2]))
-def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time, policy, system_prompt, spec):
+       system_prompt=st.sampled_from([0, 0, 24, 100]), spec=st.sampled_from([0, 0, 1, 2]),
+       sliding=st.sampled_from([0, 0, 40, 300]))
+def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time, policy, system_prompt, spec,
+                                              sliding):
     """Random workloads through both modes: chunked prefill, long-prefill thresholds, preemptions
     (small caches), conversations (a request's next turn after a think time), 1-3 replicas, five
     routers, a time limit, V0 (which fast mode steps as exact mode), prefix caching with shared
-    content (a system prompt, and the turns of a conversation sharing their tokens), and
-    speculative decoding."""
+    content (a system prompt, and the turns of a conversation sharing their tokens), speculative
+    decoding, and a sliding window (Mistral-7B's, cut short so that decodes reach it)."""
     arrivals, prompts, outputs, think = wl
     kept = _fits(prompts, outputs, e)
     if not kept:
@@ -201,7 +203,7 @@ def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time,
               block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
               threshold=e["threshold"], v0=e["v0"] and not caching, timeline=False, replicas=replicas,
               policy=policy, max_time_s=max_time, prefix_caching=caching, turns=(nxt, think_s),
-              no_evict=e["no_evict"] and not caching, spec=SPECS[spec])
+              no_evict=e["no_evict"] and not caching, spec=SPECS[spec], cm=windowed(sliding) if sliding else CM)
     kw["kv0"] = preloaded(arrivals, outputs, not caching and n % 2 == 0)
     if caching:
         seq = list(range(n))
@@ -214,12 +216,14 @@ def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time,
             e["max_num_seqs"] * replicas)
 
 
-@pytest.mark.parametrize("spec", range(len(SPECS)))
-def test_fast_mode_sums_most_iterations_and_stays_exact_on_a_long_run_with_preemptions(spec):
-    """Without speculation, and with it (each iteration 1/E of a speculative step)."""
+@pytest.mark.parametrize("spec, sliding", [(0, 0), (1, 0), (2, 0), (0, 1000), (2, 1000)])
+def test_fast_mode_sums_most_iterations_and_stays_exact_on_a_long_run_with_preemptions(spec, sliding):
+    """Without speculation, and with it (each iteration 1/E of a speculative step); with a sliding
+    window of 1,000 tokens, which most decoders reach (contexts of 60 to 2,800 tokens)."""
     arrivals, prompts, outputs = long_run(400)
-    a = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=True, spec=SPECS[spec])
-    b = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast=False, spec=SPECS[spec])
+    kw = dict(timeline=False, num_blocks=1000, spec=SPECS[spec], cm=windowed(sliding) if sliding else CM)
+    a = run(arrivals, prompts, outputs, fast=True, **kw)
+    b = run(arrivals, prompts, outputs, fast=False, **kw)
     compare(a, b, 256)
     assert b["preempts"].sum() > 0
     assert a["counters"][8] == 0  # every preemption decided in lazy form, none by going back to exact form

@@ -322,11 +322,14 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     # lazy form leaves its decoders' blocks on the free list until its next decision.)
     reads_caches = policy == E.ROUTE_PREFIX_AWARE or policy == E.ROUTE_KV_AWARE
     for r in range(n_rep):
-        lz_ok[r] = (lazy and not record_timeline and rep_int[r, E.RI_STAGES] == 1 and rep_int[r, E.RI_WINDOW] == 0
+        lz_ok[r] = (lazy and not record_timeline and rep_int[r, E.RI_STAGES] == 1
                     and not rep_int[r, E.RI_V0] and not (rep_int[r, E.RI_APC] and reads_caches)
                     and not rep_int[r, E.RI_SGLANG])
         max_bs = max(max_bs, rep_int[r, E.RI_BLOCK_SIZE])
     lz = lz_nb.lazy_state_nb(n_rep, max_seqs, max_bs, lz_ok.any())
+    for r in range(n_rep):
+        if lz_ok[r]:
+            lz[0][r, lz_nb.C_WINDOW] = rep_int[r, E.RI_WINDOW]
     # Working arrays of to_exact_nb (the first three) and _decode_run (all but the third).
     scratch = (np.empty(max_seqs, np.int64), np.empty(max_seqs, np.int64), np.empty(max_seqs),
                np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64))

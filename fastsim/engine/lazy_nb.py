@@ -54,7 +54,7 @@ EXPLICIT = 2
 C_ON = 0         # 1: the replica is in lazy form
 C_D = 1          # iterations completed by the lazy decoders since the start (the lazy clock)
 C_NDEC = 2       # lazy decoders
-C_SUML = 3       # sum over lazy decoders of (tokens at join - clock at join): context = SUML + NDEC * D
+C_SUML = 3       # sum over lazy decoders short of the window of (tokens at join - clock at join)
 C_NMEAS = 4      # lazy decoders whose gaps feed the ITL statistics
 C_SEQ = 5        # admission counter: slot order in exact form is admission order
 C_MAXDEC = 6     # an upper bound on the admission number of any lazy decoder
@@ -66,10 +66,19 @@ C_EXITS = 11     # times the replica went back to exact form to decide
 C_ORDN = 12      # entries of the admission-order stack
 C_PEND = 13      # prefix caching: blocks the lazy decoders took, not yet taken off the free list
 C_SUMMED = 14    # iterations summed in closed form
-N_C = 15
+C_NCAP = 15      # sliding window: lazy decoders that have reached it (each reads `window` keys)
+C_WINDOW = 16    # the replica's sliding window (0: none)
+N_C = 17
+# A decode reads min(tokens, window) keys, so the lazy decoders' keys at clock D are
+# SUML + (NDEC - NCAP) D + window NCAP: a decoder moves to the capped count at the clock it
+# reaches the window, an event like a finish.
 
-# A finishing decoder's heap key: the iteration it finishes at, then its slot (max_num_seqs <= 2^20).
+# The finish heap's keys: the clock at the event, then (a decoder reaching the window: CROSS) its
+# slot (max_num_seqs <= 2^20).
 SLOT_BITS = 20
+CROSS = 1 << SLOT_BITS
+STEP_SHIFT = SLOT_BITS + 1
+NEVER = 1 << 42
 STACK_CAP = 1024
 BIN_EACH_MAX = 32  # runs up to this many iterations bin each gap; longer ones solve for the bin edges
 COOLDOWN = 8
@@ -88,7 +97,7 @@ def lazy_state_nb(n_rep, max_seqs, max_bs, on):
     s_state = np.zeros((n_rep, max_seqs), np.int64)
     free_slots = np.zeros((n_rep, max_seqs), np.int64)
     ex_slot = np.zeros((n_rep, max_seqs), np.int64)
-    fh = np.zeros((n_rep, max_seqs), np.int64)
+    fh = np.zeros((n_rep, 2 * max_seqs), np.int64)  # a finish and a window's reach per decoder
     fh_n = np.zeros(n_rep, np.int64)
     stk_d = np.zeros((n_rep, STACK_CAP), np.int64)
     stk_g = np.zeros((n_rep, STACK_CAP))
@@ -205,18 +214,41 @@ def _join(lz, r, k, slots, bs):
     s_state[r, k] = LAZY
     s_stamp[r, k] = D
     cnt[r, C_NDEC] += 1
-    cnt[r, C_SUML] += tokens - D
+    window = cnt[r, C_WINDOW]
+    if window > 0 and tokens >= window:
+        cnt[r, C_NCAP] += 1
+    else:
+        cnt[r, C_SUML] += tokens - D
     cnt[r, C_NMEAS] += s_measured[r, k]
     cnt[r, C_MAXDEC] = max(cnt[r, C_MAXDEC], s_seq[r, k])
     phase[r, _phase(lz, r, k, slots, bs)] += 1
     hp.key_push_nb(lz[8], lz[9], r, _finish_key(lz, r, k, slots))
+    cross = _cross_at(lz, r, k, slots)
+    if cross != NEVER:
+        hp.key_push_nb(lz[8], lz[9], r, (cross << STEP_SHIFT) | CROSS | k)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _finish_key(lz, r, k, slots):
     """Lazy decoder k's key in the finish heap: the clock at its last token, then its slot."""
     s_prompt, s_tokens, s_output = slots[1], slots[2], slots[4]
-    return ((lz[3][r, k] + s_output[r, k] - (s_tokens[r, k] - s_prompt[r, k])) << SLOT_BITS) | k
+    return ((lz[3][r, k] + s_output[r, k] - (s_tokens[r, k] - s_prompt[r, k])) << STEP_SHIFT) | k
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _cross_at(lz, r, k, slots):
+    """The clock from which lazy decoder k reads the whole window (tokens = window), if that comes
+    after its join and before it finishes (then the finish heap holds it); else NEVER."""
+    window, stamp = lz[0][r, C_WINDOW], lz[3][r, k]
+    at = window - slots[2][r, k] + stamp
+    return at if window > 0 and stamp < at < _finish_key(lz, r, k, slots) >> STEP_SHIFT else NEVER
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _keys(cnt, r):
+    """Keys the lazy decoders' decodes read at the lazy clock."""
+    capped = cnt[r, C_NCAP]
+    return float(cnt[r, C_SUML] + (cnt[r, C_NDEC] - capped) * cnt[r, C_D] + cnt[r, C_WINDOW] * capped)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -286,7 +318,10 @@ def _leave(lz, r, k, slots, bs, apc, apc_on):
     s_tokens, s_blocks, s_max_itl, s_measured = slots[2], slots[5], slots[7], slots[8]
     phase[r, _phase(lz, r, k, slots, bs)] -= 1
     cnt[r, C_NDEC] -= 1
-    cnt[r, C_SUML] -= s_tokens[r, k] - s_stamp[r, k]
+    if (cnt[r, C_WINDOW] > 0 and s_tokens[r, k] >= cnt[r, C_WINDOW]) or cnt[r, C_D] >= _cross_at(lz, r, k, slots):
+        cnt[r, C_NCAP] -= 1  # (at its join, or since)
+    else:
+        cnt[r, C_SUML] -= s_tokens[r, k] - s_stamp[r, k]
     cnt[r, C_NMEAS] -= s_measured[r, k]
     _release_slot(lz, r, k)
     _write_out(lz, r, k, slots, bs)
@@ -304,8 +339,13 @@ def _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns
     s_req, s_output = slots[0], slots[4]
     D = cnt[r, C_D]
     done, freed, due = 0, 0, np.inf
-    while fh_n[r] > 0 and fh[r, 0] >> SLOT_BITS <= D:
-        k = hp.key_pop_nb(fh, fh_n, r) & ((1 << SLOT_BITS) - 1)
+    while fh_n[r] > 0 and fh[r, 0] >> STEP_SHIFT <= D:
+        key = hp.key_pop_nb(fh, fh_n, r)
+        k = key & ((1 << SLOT_BITS) - 1)
+        if key & CROSS:  # it reaches the window
+            cnt[r, C_SUML] -= slots[2][r, k] - lz[3][r, k]
+            cnt[r, C_NCAP] += 1
+            continue
         blocks, worst = _leave(lz, r, k, slots, bs, apc, apc_on)
         i = s_req[r, k]
         finish[i] = end
@@ -330,7 +370,7 @@ def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs, apc, apc_on):
     n = n_running[r]
     for f in range(bs):
         phase[r, f] = 0
-    for c in (C_NDEC, C_SUML, C_NMEAS, C_NEX, C_STKN, C_PEND):
+    for c in (C_NDEC, C_SUML, C_NMEAS, C_NEX, C_STKN, C_PEND, C_NCAP):
         cnt[r, c] = 0
     lz[9][r] = 0
     cnt[r, C_MAXDEC] = -1
@@ -541,7 +581,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
     taken_now = 0
     if apc_on and (cnt[r, C_NEX] > 0 or n_waiting[r] > 0):
         _apc_flush(lz, r, apc)
-    agg = (n, float(cnt[r, C_SUML] + n * D), 0, 0, 0.0, 0.0)
+    agg = (n, _keys(cnt, r), 0, 0, 0.0, 0.0)
     n_sched = n
     left = ri[E.RI_MAX_TOKENS] - n
     for x in range(cnt[r, C_NEX]):
@@ -551,7 +591,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
             continue
         more = blocks_needed_nb(s_computed[r, k], new, s_blocks[r, k], bs)
         s_blocks[r, k] += more
-        agg = add_to_batch_nb(agg, new, s_computed[r, k], s_prompt[r, k], 0)
+        agg = add_to_batch_nb(agg, new, s_computed[r, k], s_prompt[r, k], ri[E.RI_WINDOW])
         s_computed[r, k] += new
         if apc_on:
             taken_now = _apc_chunk(lz, r, k, apc, slots, bs, more, new, dec_now, taken_now)
@@ -623,7 +663,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
         if np.isnan(first_sched[i]):
             first_sched[i] = t_r
             cached[i] = hits * bs
-        agg = add_to_batch_nb(agg, new, done, prompt[i], 0)
+        agg = add_to_batch_nb(agg, new, done, prompt[i], ri[E.RI_WINDOW])
         n_sched += 1
         left -= new
     return True, n_sched, agg, 0
@@ -678,6 +718,9 @@ def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_to
         D = cnt[r, C_D]
         need = 1 if _phase(lz, r, v, slots, bs) == mod_pow2_nb(D, bs) else 0
         hp.key_remove_nb(lz[8], lz[9], r, _finish_key(lz, r, v, slots))
+        cross = _cross_at(lz, r, v, slots)
+        if cross != NEVER and D < cross:  # (not reached yet)
+            hp.key_remove_nb(lz[8], lz[9], r, (cross << STEP_SHIFT) | CROSS | v)
         _leave(lz, r, v, slots, bs, apc, apc_on)
         s_last[r, v] = t_last[r]
     else:
@@ -732,8 +775,8 @@ def attention_nb(c, n, keys):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def fit_nb(c, n, keys0, g0, N):
-    """Attention time of n decodes over keys0 + n*u context tokens, u = 0..N, as the quadratic
+def fit_nb(c, n, keys0, grow, g0, N):
+    """Attention time of n decodes over keys0 + grow*u context tokens, u = 0..N, as the quadratic
     g0 + a1 u + a2 u^2 through u = 0, N/2, N (exact at N <= 2); g0 = attention_nb(c, n, keys0), taken
     from the caller, which fits a run again with a smaller N when it misses: computed in here, LLVM
     hoists it out of that loop, and with it the soft roofline's pow call that only overlap != 4 needs.
@@ -741,16 +784,16 @@ def fit_nb(c, n, keys0, g0, N):
     if N == 0:
         return 0.0, 0.0, True
     inv = 1.0 / N  # (computed beside the evaluations, not after them)
-    gN = attention_nb(c, n, keys0 + n * N)
+    gN = attention_nb(c, n, keys0 + grow * N)
     if N == 1:
         return gN - g0, 0.0, True
-    gM = attention_nb(c, n, keys0 + n * (N * 0.5))
+    gM = attention_nb(c, n, keys0 + grow * (N * 0.5))
     a2 = 4.0 * ((g0 + gN) * 0.5 - gM) * (inv * inv)
     a1 = (gN - g0) * inv - a2 * N
     if N == 2:
         return a1, a2, True
     u = max(1, N // 4)
-    gq = attention_nb(c, n, keys0 + n * u)
+    gq = attention_nb(c, n, keys0 + grow * u)
     return a1, a2, abs(g0 + a1 * u + a2 * u * u - gq) <= 1e-13 * gq
 
 
@@ -945,7 +988,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     if n_waiting[r] > 0:
         # A finish frees room the scheduler would admit into: stop before it. A head blocked now
         # stays blocked until then (free blocks only shrink, the batch is unchanged).
-        last_iter = (fh[r, 0] >> SLOT_BITS) - D - 1
+        last_iter = (fh[r, 0] >> STEP_SHIFT) - D - 1
         if last_iter <= 0:
             return 0, t_r, 0, 0
         if apc_on:
@@ -963,15 +1006,16 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     done = 0
     peak = 0
     while n > 0:
-        next_fin = (fh[r, 0] >> SLOT_BITS) - D
+        next_fin = (fh[r, 0] >> STEP_SHIFT) - D
         kmax = _blocks_fit(phase, r, D, bs, n, free_r, min(next_fin, last_iter - total))
         if kmax <= 0:
             break
-        keys0 = float(cnt[r, C_SUML] + n * D)
+        keys0 = _keys(cnt, r)
+        grow = n - cnt[r, C_NCAP]  # keys added per iteration
         N = kmax - 1
         g0 = attention_nb(coefs, n, keys0)
         while True:
-            a1, a2, ok = fit_nb(coefs, n, keys0, g0, N)
+            a1, a2, ok = fit_nb(coefs, n, keys0, grow, g0, N)
             if ok:
                 break
             N //= 2
