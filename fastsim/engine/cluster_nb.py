@@ -175,8 +175,8 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     `fast_decode` lets steady decoding stretches advance in O(1) per iteration (same iterations,
     same arithmetic; off only to test that it changes nothing).
     `lazy` is fast mode (fastsim.engine.lazy_nb) for the replicas it applies to: vLLM V1, one
-    pipeline stage, no sliding window, no timeline, no prefix caching behind a router that reads
-    the caches.
+    pipeline stage, no timeline, no prefix caching behind a router that reads the caches of
+    several replicas.
     """
     fast_decode = fast_decode and not record_timeline
     n = arrival_s.size
