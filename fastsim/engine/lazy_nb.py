@@ -239,9 +239,12 @@ def _finish_key(lz, r, k, slots):
 def _cross_at(lz, r, k, slots):
     """The clock from which lazy decoder k reads the whole window (tokens = window), if that comes
     after its join and before it finishes (then the finish heap holds it); else NEVER."""
-    window, stamp = lz[0][r, C_WINDOW], lz[3][r, k]
+    window = lz[0][r, C_WINDOW]
+    if window == 0:
+        return NEVER
+    stamp = lz[3][r, k]
     at = window - slots[2][r, k] + stamp
-    return at if window > 0 and stamp < at < _finish_key(lz, r, k, slots) >> STEP_SHIFT else NEVER
+    return at if stamp < at < _finish_key(lz, r, k, slots) >> STEP_SHIFT else NEVER
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -318,7 +321,8 @@ def _leave(lz, r, k, slots, bs, apc, apc_on):
     s_tokens, s_blocks, s_max_itl, s_measured = slots[2], slots[5], slots[7], slots[8]
     phase[r, _phase(lz, r, k, slots, bs)] -= 1
     cnt[r, C_NDEC] -= 1
-    if (cnt[r, C_WINDOW] > 0 and s_tokens[r, k] >= cnt[r, C_WINDOW]) or cnt[r, C_D] >= _cross_at(lz, r, k, slots):
+    window = cnt[r, C_WINDOW]
+    if window > 0 and (s_tokens[r, k] >= window or cnt[r, C_D] >= _cross_at(lz, r, k, slots)):
         cnt[r, C_NCAP] -= 1  # (at its join, or since)
     else:
         cnt[r, C_SUML] -= s_tokens[r, k] - s_stamp[r, k]
