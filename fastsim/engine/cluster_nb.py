@@ -330,7 +330,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     for r in range(n_rep):
         if lz_ok[r]:
             lz[0][r, lz_nb.C_WINDOW] = rep_int[r, E.RI_WINDOW]
-    # Working arrays of to_exact_nb (the first three) and _decode_run (all but the third).
+    # Working arrays of to_exact_nb (the first three) and _decode_run.
     scratch = (np.empty(max_seqs, np.int64), np.empty(max_seqs, np.int64), np.empty(max_seqs),
                np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64))
     reqs = (arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,

@@ -7,7 +7,8 @@ iterations its tokens, KV tokens and blocks follow from its state when it joined
 "lazy form" keeps, for its steady decoders, only (tokens at join, iteration count at join) per slot
 and the sums the cost model needs: how many decode, the sum of their context lengths, how many
 need a new block at each iteration phase (mod block_size), and a heap of the iteration at which
-each finishes. Slots that are not steady decoders (a prefill in progress, a resumed request
+each finishes (with a sliding window, also of the iteration at which it reaches the window, from
+which on it counts apart: its decodes read the window's keys, no more). Slots that are not steady decoders (a prefill in progress, a resumed request
 recomputing) stay explicit, as in exact mode, and are few. A batch's aggregates are sums of
 integers, so a single lazily scheduled iteration costs bit-for-bit what exact mode computes.
 
@@ -990,8 +991,10 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     free_r = free[r]
     last_iter = 1 << 62
     if n_waiting[r] > 0:
-        # A finish frees room the scheduler would admit into: stop before it. A head blocked now
-        # stays blocked until then (free blocks only shrink, the batch is unchanged).
+        # A finish frees room the scheduler would admit into: stop before it (or before a decoder
+        # reaches the window, the heap's other event: needlessly, and rarely while requests wait).
+        # A head blocked now stays blocked until then (free blocks only shrink, the batch is
+        # unchanged).
         last_iter = (fh[r, 0] >> STEP_SHIFT) - D - 1
         if last_iter <= 0:
             return 0, t_r, 0, 0
@@ -1010,7 +1013,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     done = 0
     peak = 0
     while n > 0:
-        next_fin = (fh[r, 0] >> STEP_SHIFT) - D
+        next_fin = (fh[r, 0] >> STEP_SHIFT) - D  # (or a decoder reaching the window)
         kmax = _blocks_fit(phase, r, D, bs, n, free_r, min(next_fin, last_iter - total))
         if kmax <= 0:
             break
