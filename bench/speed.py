@@ -11,8 +11,12 @@ shares content, so it changes no result, only the work).
 
 `closed form`: the share of the iterations fast mode summed in closed form rather than stepped.
 
+Variant rows (ShareGPT at 80% of each one's own capacity): EAGLE speculative decoding, Mistral-7B-v0.1's
+sliding window, SGLang's scheduler with its radix cache, Dynamo on one GPU (vLLM with prefix
+caching behind its KV-aware router).
+
 Usage: python bench/speed.py [--sizes 10000,100000,1000000] [--replicas 1,64] [--bwb 20000]
-       [--overload 1.2] [--prefix-caching 100000]
+       [--overload 1.2] [--prefix-caching 100000] [--variants 20000]
 Each run is its own process so its peak RSS is its own. Compile time is measured cold (an empty
 Numba cache) and cached.
 """
@@ -38,19 +42,41 @@ BASE = {
 }
 
 
-def one_run(n: int, rate: float, repeats: int, replicas: int, mode: str, dataset: str, apc: bool = False) -> dict:
+# What each variant row changes in BASE: features that once kept fast mode stepping.
+VARIANTS = {
+    "plain": {},
+    "eagle": {"engine": {"speculative_config": {"method": "eagle", "num_speculative_tokens": 4,
+                                                 "acceptance_rate": 0.7}}},
+    "window": {"model": "mistralai/Mistral-7B-v0.1"},  # a 4,096-token sliding window
+    "sglang": {"engine": {"framework": "sglang"}},  # page size 1, radix cache on
+    "dynamo": {"engine": {"framework": "dynamo"}},  # vLLM with prefix caching, KV-aware router
+}
+
+
+def with_variant(cfg: dict, variant: str) -> dict:
+    for key, value in VARIANTS[variant].items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def one_run(n: int, rate: float, repeats: int, replicas: int, mode: str, dataset: str, apc: bool = False,
+            variant: str = "plain") -> dict:
     """Best of `repeats` (shared machines are noisy; the minimum is the reproducible figure)."""
     from fastsim.config import Config
     from fastsim.simulation import simulate
 
-    cfg = json.loads(json.dumps(BASE))
+    cfg = with_variant(json.loads(json.dumps(BASE)), variant)
     cfg["simulation"]["mode"] = mode
     cfg["workload"]["num_requests"] = n
     cfg["workload"]["clients"][0]["dataset"]["name"] = dataset
     cfg["workload"]["clients"][0]["arrival"]["rate"] = rate * replicas
     cfg["engine"]["data_parallel_size"] = replicas
     cfg["cluster"] = {"router": "round_robin"}
-    cfg["engine"]["enable_prefix_caching"] = apc
+    if apc:
+        cfg["engine"]["enable_prefix_caching"] = True
     small = json.loads(json.dumps(cfg))
     small["workload"]["num_requests"] = 1000
     simulate(Config(**small))  # loads the compiled kernel: a one-off cost, not the engine's speed
@@ -68,12 +94,12 @@ def one_run(n: int, rate: float, repeats: int, replicas: int, mode: str, dataset
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def capacity(dataset: str) -> float:
+def capacity(dataset: str, variant: str = "plain") -> float:
     """Requests/s the replica sustains when every request is there at t=0."""
     from fastsim.config import Config
     from fastsim.simulation import simulate
 
-    cfg = json.loads(json.dumps(BASE))
+    cfg = with_variant(json.loads(json.dumps(BASE)), variant)
     cfg["workload"] = {"num_requests": 5000, "clients": [{"arrival": {"process": "batch"},
                                                           "dataset": {"name": dataset}}]}
     return simulate(Config(**cfg)).summary["request_throughput"]
@@ -97,11 +123,15 @@ def main() -> None:
                     help="load of the overloaded long-output run, as a fraction of capacity (0: none)")
     ap.add_argument("--prefix-caching", type=int, default=100_000,
                     help="requests of the ShareGPT run with prefix caching on (0: none)")
-    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--variants", type=int, default=20000,
+                    help="requests of the ShareGPT runs with " + ", ".join(v for v in VARIANTS if v != "plain")
+                    + " (0: none)")
+    ap.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        n, rate, reps, replicas, mode, dataset, apc = a.child
-        print(json.dumps(one_run(int(n), float(rate), int(reps), int(replicas), mode, dataset, apc == "1")))
+        n, rate, reps, replicas, mode, dataset, apc, variant = a.child
+        print(json.dumps(one_run(int(n), float(rate), int(reps), int(replicas), mode, dataset, apc == "1",
+                                 variant)))
         return
     with tempfile.TemporaryDirectory() as d:
         cold = compile_seconds(d)
@@ -109,29 +139,35 @@ def main() -> None:
     print(f"first run of 1,000 requests incl. imports: cold Numba cache {cold:.1f} s, cached {warm:.2f} s")
     caps = {}
     for dataset in ("sharegpt", "bwb") if a.bwb else ("sharegpt",):
-        caps[dataset] = capacity(dataset)
-        print(f"capacity (offline batch, {dataset} lengths): {caps[dataset]:.2f} req/s")
+        caps[dataset, "plain"] = capacity(dataset)
+        print(f"capacity (offline batch, {dataset} lengths): {caps[dataset, 'plain']:.2f} req/s")
+    for variant in VARIANTS if a.variants else ():
+        if variant != "plain":
+            caps["sharegpt", variant] = capacity("sharegpt", variant)
+            print(f"capacity (offline batch, sharegpt lengths, {variant}): {caps['sharegpt', variant]:.2f} req/s")
     print("Poisson arrivals at `load` x capacity; engine s = the compiled simulation loop; total s = config to "
           "tables, incl. workload sampling")
-    head = f"{'dataset':>8} {'load':>4} {'apc':>3} {'replicas':>8} {'requests':>10}"
+    head = f"{'dataset':>8} {'variant':>7} {'load':>4} {'apc':>3} {'replicas':>8} {'requests':>10}"
     for mode in MODES:
         head += f" | {mode + ' engine s':>15} {'req/s':>10} {'total s':>8} {'RSS MB':>7}"
     print(head + f" | {'fast/exact':>10} {'iterations':>11} {'closed form':>11} {'preempts/req':>12}")
-    runs = [("sharegpt", 0.8, 1, int(x), False) for x in a.sizes.split(",")] if "1" in a.replicas.split(",") else []
-    runs += [("sharegpt", 0.8, int(k), 1_000_000, False) for k in a.replicas.split(",") if k != "1"]
-    runs += [("bwb", 0.8, 1, a.bwb, False)] if a.bwb else []
-    runs += [("bwb", a.overload, 1, a.bwb, False)] if a.bwb and a.overload else []
-    runs += [("sharegpt", 0.8, 1, a.prefix_caching, True)] if a.prefix_caching else []
-    for dataset, load, replicas, n, apc in runs:
-        line = f"{dataset:>8} {load:>4.2f} {'on' if apc else 'off':>3} {replicas:>8} {n:>10,}"
+    runs = [("sharegpt", 0.8, 1, int(x), False, "plain") for x in a.sizes.split(",")] \
+        if "1" in a.replicas.split(",") else []
+    runs += [("sharegpt", 0.8, int(k), 1_000_000, False, "plain") for k in a.replicas.split(",") if k != "1"]
+    runs += [("bwb", 0.8, 1, a.bwb, False, "plain")] if a.bwb else []
+    runs += [("bwb", a.overload, 1, a.bwb, False, "plain")] if a.bwb and a.overload else []
+    runs += [("sharegpt", 0.8, 1, a.prefix_caching, True, "plain")] if a.prefix_caching else []
+    runs += [("sharegpt", 0.8, 1, a.variants, False, v) for v in VARIANTS if v != "plain"] if a.variants else []
+    for dataset, load, replicas, n, apc, variant in runs:
+        line = f"{dataset:>8} {variant:>7} {load:>4.2f} {'on' if apc else 'off':>3} {replicas:>8} {n:>10,}"
         got = {}
         for mode in MODES:
             # Best of several even at 1M in fast mode: the target is stated there, and one run on a
             # shared machine can land in a slow minute (exact mode's seconds-long runs once).
             reps = a.repeats if n <= 100_000 or mode == "fast" else 1
-            out = subprocess.run([sys.executable, __file__, "--child", str(n), str(load * caps[dataset]), str(reps),
-                                  str(replicas), mode, dataset, str(int(apc))], capture_output=True, text=True,
-                                 check=True)
+            out = subprocess.run([sys.executable, __file__, "--child", str(n), str(load * caps[dataset, variant]),
+                                  str(reps), str(replicas), mode, dataset, str(int(apc)), variant],
+                                 capture_output=True, text=True, check=True)
             r = got[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             line += (f" | {r['engine_wall_s']:>15.3f} {n / r['engine_wall_s']:>10,.0f} {r['total_wall_s']:>8.2f} "
                      f"{r['peak_rss_mb']:>7,.0f}")
