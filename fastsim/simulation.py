@@ -328,14 +328,18 @@ def run_polled(kernel, args: tuple, progress: np.ndarray, report, interval_s: fl
         except BaseException as e:  # re-raised in the caller's thread
             errors.append(e)
 
+    def expire():
+        if budget is not None and time.monotonic() >= budget.deadline and not progress[1]:
+            progress[1] = 1
+            budget.hit = True
+
+    expire()  # a deadline already past stops the kernel before it starts, however fast it would be
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
     # The last report comes after the worker ended, even if it ended before the first poll.
     try:
         while True:
-            if budget is not None and time.monotonic() >= budget.deadline and not progress[1]:
-                progress[1] = 1
-                budget.hit = True
+            expire()
             worker.join(min(interval_s, max(budget.deadline - time.monotonic(), 0.001)) if budget else interval_s)
             alive = worker.is_alive()
             report(int(progress[0]))
