@@ -1017,12 +1017,11 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     # is counted apart from iteration window - 1 - computed on, the slots in the order they get there
     # (keys: that iteration; order: slot indices). Without a window every slot stays in `base`.
     window = ri[E.RI_WINDOW]
-    n_grow, n_cap, n_cross, next_cross = nrun, 0, 0, 0
+    n_cap, n_cross, next_cross = 0, 0, 0  # slots at the window; slots short of it, in `order`
     reach, order = scratch[2], scratch[1]
     if window > 0:
         for k in range(nrun):
             if s_computed[k] + 1 >= window:
-                n_grow -= 1
                 n_cap += 1
                 base -= s_computed[k]
             else:
@@ -1082,10 +1081,9 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
             k = order[next_cross]
             next_cross += 1
             if s_blocks[k] >= 0:  # (not finished)
-                n_grow -= 1
                 n_cap += 1
                 base -= s_computed[k]
-        agg = (n_act, float(base + (j + 1) * n_grow + window * n_cap), 0, 0, 0.0, 0.0)
+        agg = (n_act, float(base + (j + 1) * (n_act - n_cap) + window * n_cap), 0, 0, 0.0, 0.0)
         body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
         end = max(t + overhead, stage_free[r, 0]) + body + head
         if end > max_time_s or (j + 1 == next_fin and end >= finish_by):  # ties: the arrival first
@@ -1122,7 +1120,6 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
                         n_cap -= 1
                     else:
                         base -= s_computed[k]
-                        n_grow -= 1
                     n_act -= 1
                     n_meas -= s_measured[k]
                     phase[mod_pow2_nb(s_blocks[k] * bs - s_computed[k] + 1, bs)] -= 1
