@@ -109,16 +109,16 @@ def test_a_turn_whose_previous_turn_never_finishes_never_arrives():
 @given(sessions=conversations, bs=st.sampled_from([1, 4, 16]), max_seqs=st.integers(1, 8),
        budget=st.integers(40, 300), replicas=st.integers(1, 3), apc=st.booleans(), spare=st.integers(0, 30),
        policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_LEAST_KV, E.ROUTE_SESSION_AFFINITY,
-                              E.ROUTE_PREFIX_AWARE]))
+                              E.ROUTE_PREFIX_AWARE]), stages=st.sampled_from([1, 1, 2]))
 def test_decode_stretches_change_nothing_with_conversations_and_prefix_caching(
-        sessions, bs, max_seqs, budget, replicas, apc, spare, policy):
+        sessions, bs, max_seqs, budget, replicas, apc, spare, policy, stages):
     arrivals, prompts, outputs, turns, content = build(sessions, system_prompt=24)
     outputs = [5 * o for o in outputs]  # long enough decodes to stretch
     num_blocks = max(-(-(p + o) // bs) for p, o in zip(prompts, outputs)) + spare  # small: evictions, preemptions
     session = np.searchsorted(np.unique(content["seq_id"]), content["seq_id"])
     kw = dict(max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs, num_blocks=num_blocks,
               turns=turns, content=content, prefix_caching=apc, timeline=False, replicas=replicas, policy=policy,
-              session=session)
+              session=session, stages=stages)
     a = run(arrivals, prompts, outputs, fast_decode=True, **kw)
     b = run(arrivals, prompts, outputs, fast_decode=False, **kw)
     for key in ("status", "arrival", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl",

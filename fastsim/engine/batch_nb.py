@@ -53,6 +53,15 @@ def add_to_batch_nb(agg, new, computed, prompt_len, window):
             pre_keys + (min(computed, window) if window > 0 else computed) + new)
 
 
+@njit(cache=True, error_model="numpy")
+def account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages):
+    """Add one batch's GPU time, split into compute and communication (TP all-reduces, logits)."""
+    comm_layers = tok_table[1, ri[E.RI_TOK_OFF] + agg[0] + agg[3]]
+    comm_head = seq_table[1, ri[E.RI_SEQ_OFF] + agg[0] + agg[2]]
+    rep_time[r, 0] += stages * (body - comm_layers) + head - comm_head
+    rep_time[r, 1] += stages * comm_layers + comm_head
+
+
 @intrinsic
 def _float_bits(typingctx, x):
     """The IEEE 754 bits of a float64, as an int64 (a register move)."""

@@ -38,10 +38,11 @@ from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
 from fastsim.engine import prefix_nb as px
 from fastsim.engine import lazy_nb as lz_nb
-from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
+from fastsim.engine import pipeline_nb as pp
+from fastsim.engine.batch_nb import (account_nb, add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
                                      div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_nb, mod_pow2_nb,
                                      reserved_blocks_nb, sort_by_key_nb)
-from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, pp_send_time_nb, stage_time_nb
+from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, stage_time_nb
 
 INF = np.inf
 
@@ -330,9 +331,12 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     for r in range(n_rep):
         if lz_ok[r]:
             lz[0][r, lz_nb.C_WINDOW] = rep_int[r, E.RI_WINDOW]
-    # Working arrays of to_exact_nb (the first three) and _decode_run.
+    # Working arrays of to_exact_nb (the first three), _decode_run, and pipeline_nb.pp_decode_run_nb
+    # (a column per group of requests that travel the pipeline together, at most one per stage).
     scratch = (np.empty(max_seqs, np.int64), np.empty(max_seqs, np.int64), np.empty(max_seqs),
-               np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64))
+               np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64),
+               (np.empty((pp.N_G, max_stages), np.int64), np.empty((2, max_stages)),
+                np.empty((max_stages, max_bs), np.int64), np.empty(max_seqs, np.int64)))
     reqs = (arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,
             preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo, gen0)
     reps = (n_running, free, q_head, q_tail, n_waiting, outstanding, stage_free, fl_end, fl_id, fl_head,
@@ -425,6 +429,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
     lz_done_reqs = (prompt, generated, status, finish, max_itl, first_tok)
     lz_run_reqs = (prompt, output, generated, status, finish, max_itl, gen0, first_sched)
     lz_replicas = (n_running, free, stage_free, rep_time)
+    flight = (fl_end, fl_id, fl_head, fl_count, batch_seq)
     chain_t = -1.0  # >= 0: replica r decides again at this time without going through the tree
     while n_left > 0:
         if progress[1] != 0:
@@ -509,7 +514,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             outstanding[r] -= done
             n_left -= done
             progress[0] += done
-            fl_head[r] = _wrap(fl_head[r] + 1, max_stages)
+            fl_head[r] = pp.wrap_nb(fl_head[r] + 1, max_stages)
             fl_count[r] -= 1
         if h_n[0] > 0 and h_t[0, 0] <= t_r:
             # A next turn due now (no think time) is an arrival at this decision: let it arrive first.
@@ -550,6 +555,23 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     chain_t = t_end
                 else:
                     _tree_update(tree, leaves, r, t_end)
+                continue
+
+        # 1c. steady decoding under pipeline parallelism: each micro-batch in O(P) up to the next event
+        if fast_decode and stages > 1 and n_running[r] > 0:
+            t_next_arrival, _ = _outside_events(r, t_r, stateless, arrival, own_next, a, n, h_t, h_n, has_turns,
+                                                n_rep, policy, tree, leaves)
+            k_batches, nxt, done, peak = pp.pp_decode_run_nb(
+                r, t_r, t_next_arrival, max_time_s, ri, p, tables, requests, slots, replicas, flight, max_stages,
+                itl_acc, turns, scratch[6], apc, hit_bufs[r])
+            if k_batches > 0:
+                rep_iters[r] += k_batches
+                rep_stretched[r] += k_batches
+                outstanding[r] -= done
+                n_left -= done
+                progress[0] += done
+                rep_peak[r] = max(rep_peak[r], peak)
+                _tree_update(tree, leaves, r, nxt)  # (own is fast mode's lazy form: one stage only)
                 continue
 
         # 2. a new batch, if a virtual engine is free
@@ -666,18 +688,8 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
             tokens = n_dec + pre_tokens
             body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
-            _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages)
-            send = pp_send_time_nb(p, tokens) if stages > 1 else 0.0
-            t = t_r + p[FRAMEWORK_OVERHEAD_S]
-            for s in range(stages):
-                start = max(t, stage_free[r, s])
-                t = start + body + (head if s == stages - 1 else send)
-                stage_free[r, s] = t
-            slot = _wrap(fl_head[r] + fl_count[r], max_stages)
-            fl_end[r, slot] = t
-            fl_id[r, slot] = bid
-            fl_count[r] += 1
-            batch_seq[r] += 1
+            account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages)
+            t = pp.launch_nb(p, r, t_r, body, head, tokens, stages, stage_free, flight, max_stages)
             rep_iters[r] += 1
             used = ri[E.RI_NUM_BLOCKS] - free[r]
             if used > rep_peak[r]:
@@ -698,12 +710,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 n_tl += 1
 
         # 3. when this replica decides next
-        if fl_count[r] == 0:
-            nxt = INF  # nothing in flight and nothing could be scheduled: idle until an arrival
-        elif fl_count[r] < stages and n_sched > 0:
-            nxt = max(stage_free[r, 0], t_r + p[FRAMEWORK_OVERHEAD_S])  # the next micro-batch
-        else:
-            nxt = fl_end[r, fl_head[r]]  # every virtual engine busy: wait for the oldest batch
+        nxt = pp.next_decision_nb(p, r, t_r, n_sched > 0, stages, stage_free, flight)
         if own and nxt == INF and own_next[r] >= 0:
             nxt = arrival[own_next[r]]  # idle: its own next arrival wakes it
         if lazy_r and lz[0][r, lz_nb.C_ON] != 0 and stages == 1 and nxt <= max_time_s and nxt < INF and (
@@ -890,13 +897,6 @@ def _longest_prefix_first(apc, r, head, q_next, prompt, generated, block_size, l
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _wrap(i, m):
-    """i mod m for 0 <= i < 2m: a position in a ring of m, without an integer division (~40 cycles,
-    twice per batch)."""
-    return i - m if i >= m else i
-
-
-@njit(cache=True, error_model="numpy", inline="always")
 def _enqueue(i, r, session, session_replica, replica, rep_requests, outstanding, q_head, q_tail, q_next, n_waiting):
     """Request i, arrived, joins the back of replica r's waiting queue."""
     if session[i] >= 0 and session_replica[session[i]] < 0:
@@ -931,13 +931,6 @@ def _outside_events(r, t_r, stateless, arrival, own_next, a, n, h_t, h_n, has_tu
     return t_next, t_next
 
 
-@njit(cache=True, error_model="numpy")
-def _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages):
-    """Add one batch's GPU time, split into compute and communication (TP all-reduces, logits)."""
-    comm_layers = tok_table[1, ri[E.RI_TOK_OFF] + agg[0] + agg[3]]
-    comm_head = seq_table[1, ri[E.RI_SEQ_OFF] + agg[0] + agg[2]]
-    rep_time[r, 0] += stages * (body - comm_layers) + head - comm_head
-    rep_time[r, 1] += stages * comm_layers + comm_head
 
 
 @njit(cache=True, error_model="numpy")
@@ -1038,8 +1031,8 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         if last_iter <= 0:
             return 0, t_r, 0, 0
         reserved = reserved_blocks_nb(s_prompt, s_output, s_prompt, nrun, False, bs) if ri[E.RI_NO_EVICT] else 0
-        if lz_nb.head_may_start_nb(apc, on, r, q_head[r], ri, nrun, phase[mod_pow2_nb(1, bs)], free_r, reserved, prompt,
-                                   output, generated, gen0, first_sched, hit_buf):
+        if lz_nb.head_may_start_nb(apc, on, r, q_head[r], ri, nrun, nrun, phase[mod_pow2_nb(1, bs)], free_r, reserved,
+                                   prompt, output, generated, gen0, first_sched, hit_buf):
             return 0, t_r, 0, 0  # the plain path decides
     # With prefix caching, when every slot's blocks from here on are private, only how many blocks
     # the stretch takes matters: they leave the head of the free list as a count, before anything
@@ -1088,7 +1081,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         end = max(t + overhead, stage_free[r, 0]) + body + head
         if end > max_time_s or (j + 1 == next_fin and end >= finish_by):  # ties: the arrival first
             break
-        _account(rep_time, r, ri, tok_table, seq_table, agg, body, head, 1)
+        account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, 1)
         free_r -= need
         pend += need
         if on and not by_count:

@@ -367,7 +367,7 @@ def decode_only_nb(p, tok_table, seq_table, tok_off, seq_off, n_dec):
     """(time, communication) of an iteration of n_dec decodes and nothing else, apart from their
     attention: what stage_time_nb charges for it beside p[LAYERS] x cache_attention_nb (or, with
     speculation, spec_decode_attention_nb / E). Fast mode's closed-form runs sum the two apart."""
-    comm = tok_table[1, tok_off + n_dec] + seq_table[1, seq_off + n_dec]  # (_account's split)
+    comm = tok_table[1, tok_off + n_dec] + seq_table[1, seq_off + n_dec]  # (account_nb's split)
     if p[SPEC_TOKENS] > 0.0:
         verify = int(n_dec * (p[SPEC_TOKENS] + 1.0))
         pre_head = seq_table[0, seq_off]

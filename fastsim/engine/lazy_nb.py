@@ -936,14 +936,15 @@ def _bin_run(itl_acc, b0, a1, a2, k, count):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def head_may_start_nb(apc, apc_on, r, i, ri, running, dec_need, free_r, reserved, prompt, output, generated, gen0,
-                      first_sched, hit_buf):
-    """Whether the queue's head i could be admitted at the next iteration beside `running` decoding
-    requests taking `dec_need` blocks, or might be once its idle cached blocks are evicted: then a
-    run of decode-only iterations must not start (fast mode's run_nb and exact mode's decode
-    stretch). `reserved`: the blocks guaranteed_no_evict has promised (read only then)."""
+def head_may_start_nb(apc, apc_on, r, i, ri, running, decoding, dec_need, free_r, reserved, prompt, output, generated,
+                      gen0, first_sched, hit_buf):
+    """Whether the queue's head i could be admitted at the next iteration beside `running` requests,
+    `decoding` of which decode in it taking `dec_need` blocks (all of them, but with pipeline stages
+    one group), or might be once its idle cached blocks are evicted: then a run of decode-only
+    iterations must not start (fast mode's run_nb, exact mode's decode stretches). `reserved`: the
+    blocks guaranteed_no_evict has promised (read only then)."""
     bs = ri[E.RI_BLOCK_SIZE]
-    room = ri[E.RI_MAX_TOKENS] - running
+    room = ri[E.RI_MAX_TOKENS] - decoding
     if running >= ri[E.RI_MAX_SEQS] or room <= 0:
         return False
     hits, idle = 0, 0
@@ -1002,8 +1003,8 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             _apc_flush(lz, r, apc)  # (the head's lookup reads the free list)
         reserved = reserved_blocks_nb(s_prompt[r], s_output[r], lz[5][r], lz[5].shape[1], True, bs) \
             if ri[E.RI_NO_EVICT] != 0 else 0
-        if head_may_start_nb(apc, apc_on, r, q_head[r], ri, n, phase[r, mod_pow2_nb(D, bs)], free_r, reserved, prompt,
-                             output, generated, gen0, first_sched, hit_buf):
+        if head_may_start_nb(apc, apc_on, r, q_head[r], ri, n, n, phase[r, mod_pow2_nb(D, bs)], free_r, reserved,
+                             prompt, output, generated, gen0, first_sched, hit_buf):
             return 0, t_r, 0, 0
     overhead = p[FRAMEWORK_OVERHEAD_S]
     coefs = attention_coefs_nb(p)

@@ -1,0 +1,279 @@
+"""Pipeline parallelism's micro-batches: one launched through the stages, when the replica decides
+next, and steady decoding stepped in O(1) per micro-batch (pp_decode_run_nb).
+
+With P stages a replica keeps up to P batches in flight (vLLM's virtual engines), in a ring per
+replica (fl_*): a request whose tokens are all in flight is skipped when the next batch is formed,
+so the running requests split into groups that travel the pipeline one behind the other, each
+scheduled again when its own batch completes. A group's batch changes only by counting between
+events, as a single replica's batch does: pp_decode_run_nb keeps each group's size, context sum
+and block phases, and steps the decisions exact mode would take — each completion, each launch,
+the max-plus recurrence over the stages — in O(P) each instead of O(running requests).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from fastsim.engine import enums as E
+from fastsim.engine import heap_nb as hp
+from fastsim.engine.batch_nb import account_nb, ceil_div_pow2_nb, itl_add_nb, mod_pow2_nb, reserved_blocks_nb
+from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, pp_send_time_nb, stage_time_nb
+from fastsim.engine.lazy_nb import head_may_start_nb
+
+INF = np.inf
+
+# Rows of pp_decode_run_nb's integer scratch, a column per group (groups: the batches in flight
+# when the run starts, then the requests ready at its start).
+G_N = 0      # its running requests
+G_MEAS = 1   # of which feed the ITL statistics
+G_BASE = 2   # the sum of their computed tokens when the run started
+G_SCHED = 3  # times the run scheduled it
+G_DONE = 4   # times its batch completed in the run
+G_FIN = 5    # the completion (counted as G_DONE) at which the next of its requests finishes
+G_BID = 6    # its batch in flight
+G_AT = 7     # (by ring position, not by group) the group whose batch is at that position of the ring
+N_G = 8
+# Rows of its float scratch.
+G_LAST = 0   # when its requests' last token came
+G_WORST = 1  # the longest gap in the run
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def wrap_nb(i, m):
+    """i mod m for 0 <= i < 2m: a position in a ring of m, without an integer division (~40 cycles,
+    twice per batch)."""
+    return i - m if i >= m else i
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def launch_nb(p, r, t_r, body, head, tokens, stages, stage_free, flight, max_stages):
+    """Replica r's batch decided at t_r (body: one stage's time; head: the LM head's, on the last)
+    into the pipeline: stage 0 at t_r + the framework overhead, stage s once stage s-1 has finished
+    it and stage s the batch before, a send between stages. It joins the in-flight ring as batch
+    batch_seq[r]; returns its end."""
+    fl_end, fl_id, fl_head, fl_count, batch_seq = flight
+    send = pp_send_time_nb(p, tokens) if stages > 1 else 0.0
+    t = t_r + p[FRAMEWORK_OVERHEAD_S]
+    for s in range(stages):
+        start = max(t, stage_free[r, s])
+        t = start + body + (head if s == stages - 1 else send)
+        stage_free[r, s] = t
+    pos = wrap_nb(fl_head[r] + fl_count[r], max_stages)
+    fl_end[r, pos] = t
+    fl_id[r, pos] = batch_seq[r]
+    fl_count[r] += 1
+    batch_seq[r] += 1
+    return t
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def next_decision_nb(p, r, t_r, scheduled, stages, stage_free, flight):
+    """When replica r decides after its decision at t_r: the next micro-batch as soon as stage 0 is
+    free while a virtual engine is (if this decision launched one), else when its oldest batch
+    completes; never (inf) with nothing in flight."""
+    fl_end, fl_head, fl_count = flight[0], flight[2], flight[3]
+    if fl_count[r] == 0:
+        return INF
+    if fl_count[r] < stages and scheduled:
+        return max(stage_free[r, 0], t_r + p[FRAMEWORK_OVERHEAD_S])
+    return fl_end[r, fl_head[r]]
+
+
+@njit(cache=True, error_model="numpy")
+def _groups(r, ri, slots, nrun, flight, max_stages, gi, gf, phase, label):
+    """Each running request's group (label), and the groups' sums; False when a request is not a
+    steady decoder: a prefill or its first token in flight, more than one token to schedule, or a
+    group whose requests had their last tokens at different times (two batches merged)."""
+    s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_measured, s_sample = slots
+    fl_id, fl_head, fl_count = flight[1], flight[2], flight[3]
+    bs = ri[E.RI_BLOCK_SIZE]
+    fc = fl_count[r]
+    for g in range(fc + 1):
+        for row in range(G_AT):
+            gi[row, g] = 0
+        gi[G_FIN, g] = 1 << 62
+        gf[G_WORST, g] = 0.0
+        phase[g, :bs] = 0
+    bid0 = fl_id[r, fl_head[r]]
+    for q in range(fc):
+        pos = wrap_nb(fl_head[r] + q, max_stages)
+        gi[G_BID, q] = fl_id[r, pos]
+        gi[G_AT, pos] = q
+    # The newest request first: a just-admitted prefill in flight fails here, before the scan.
+    for x in range(nrun + 1):
+        k = nrun - 1 if x == 0 else x - 1
+        c, tok = s_computed[k], s_tokens[k]
+        if tok - c == 1 and c >= s_prompt[k]:
+            g = fc  # ready: it decodes at this decision
+        elif tok == c and tok > s_prompt[k] and fc > 0:
+            g = s_sample[k] - bid0  # in flight (its batch samples a token, not its first)
+            if g < 0 or g >= fc or gi[G_BID, g] != s_sample[k]:
+                return False
+        else:
+            return False
+        if s_blocks[k] != ceil_div_pow2_nb(c, bs):
+            return False
+        if x == 0:
+            continue
+        if gi[G_N, g] == 0:
+            gf[G_LAST, g] = s_last[k]
+        elif s_last[k] != gf[G_LAST, g]:
+            return False
+        label[k] = g
+        gi[G_N, g] += 1
+        gi[G_MEAS, g] += s_measured[k]
+        gi[G_BASE, g] += c
+        gi[G_FIN, g] = min(gi[G_FIN, g], s_output[k] - (tok - s_prompt[k]))
+        # its j-th scheduling from here (j >= 1) takes a new block when j = this phase (mod bs)
+        phase[g, mod_pow2_nb(s_blocks[k] * bs - c + 1, bs)] += 1
+    return True
+
+
+@njit(cache=True, error_model="numpy")
+def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slots, replicas, flight, max_stages,
+                     itl_acc, turns, scratch, apc, hit_buf):
+    """Replica r (P > 1 stages) at its decision t_r, its completed batches taken in, every running
+    request a steady decoder (ready now, or in a batch in flight): take the decisions exact mode
+    would take up to the next event — each batch's completion (its requests' tokens; those done
+    leave), the same group's next batch launched at once — each in O(P). Stops before the first
+    decision at or after the next arrival (a turn made due by a finish on the way is one), past
+    max_time_s, where two batches complete together (their requests then form one batch), where a
+    group's next blocks may not fit (a preemption), and, with requests waiting, where the queue's
+    head might be admitted or a request would finish (freeing room for it). (While none finishes,
+    free blocks only shrink and the groups stay as they are, so a head that cannot start at a
+    group's decision cannot at its next one either; it is still checked at each, in O(1).)
+
+    Every batch costs the tabulated arithmetic of the plain path, its aggregates sums of integers,
+    so the results are bit-identical. Returns (batches launched, the decision at which the plain
+    path resumes, requests finished, peak blocks used), or (0, t_r, 0, 0) when this does not apply
+    (nothing changed)."""
+    tok_table, seq_table = tables
+    prompt, generated, status, finish, max_itl, output, gen0, first_sched = requests
+    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
+    s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
+    n_running, free, q_head, n_waiting, stage_free, rep_time = replicas
+    fl_end, fl_id, fl_head, fl_count, batch_seq = flight
+    gi, gf, phase, label = scratch
+    nrun = n_running[r]
+    bs = ri[E.RI_BLOCK_SIZE]
+    stages = ri[E.RI_STAGES]
+    fc = fl_count[r]
+    if (nrun == 0 or nrun > ri[E.RI_MAX_TOKENS] or fc >= stages or ri[E.RI_V0] != 0 or ri[E.RI_SGLANG] != 0
+            or ri[E.RI_APC] != 0 or ri[E.RI_WINDOW] > 0):
+        return 0, t_r, 0, 0
+    if not _groups(r, ri, (s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_measured, s_sample), nrun,
+                   flight, max_stages, gi, gf, phase, label):
+        return 0, t_r, 0, 0
+    free_r = free[r]
+    need = phase[fc, mod_pow2_nb(1, bs)]
+    if gi[G_N, fc] == 0 or need > free_r:
+        return 0, t_r, 0, 0  # nothing to launch now, or a preemption: the plain path decides
+    waiting = n_waiting[r] > 0
+    reserved = 0
+    if waiting:
+        if ri[E.RI_NO_EVICT] != 0:
+            reserved = reserved_blocks_nb(s_prompt, s_output, s_prompt, nrun, False, bs)
+        if head_may_start_nb(apc, False, r, q_head[r], ri, nrun, gi[G_N, fc], need, free_r, reserved, prompt, output,
+                             generated, gen0, first_sched, hit_buf):
+            return 0, t_r, 0, 0
+    tok_off, seq_off = ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF]
+    d = t_r
+    ready = fc  # the group this decision launches (-1: none)
+    batches, done, peak = 0, 0, 0
+    while True:
+        if ready >= 0:  # (a virtual engine is free: one batch has just completed)
+            g = ready
+            j = gi[G_SCHED, g] + 1
+            n_g = gi[G_N, g]
+            agg = (n_g, float(gi[G_BASE, g] + j * n_g), 0, 0, 0.0, 0.0)
+            body, head = stage_time_nb(p, tok_table, seq_table, tok_off, seq_off, agg)
+            account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages)
+            gi[G_AT, wrap_nb(fl_head[r] + fl_count[r], max_stages)] = g
+            gi[G_BID, g] = batch_seq[r]
+            launch_nb(p, r, d, body, head, n_g, stages, stage_free, flight, max_stages)
+            gi[G_SCHED, g] = j
+            free_r -= phase[g, mod_pow2_nb(j, bs)]
+            peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
+            batches += 1
+        d_next = next_decision_nb(p, r, d, ready >= 0, stages, stage_free, flight)
+        if d_next == INF or d_next >= t_arrival or d_next > max_time_s:
+            break
+        # the decision at d_next: is a batch complete by then?
+        ready = -1
+        head_pos = fl_head[r]
+        if fl_end[r, head_pos] > d_next:  # no: only the queue's head might start
+            if waiting and head_may_start_nb(apc, False, r, q_head[r], ri, nrun, 0, 0, free_r, reserved, prompt,
+                                             output, generated, gen0, first_sched, hit_buf):
+                break
+        else:
+            if fl_count[r] > 1 and fl_end[r, wrap_nb(head_pos + 1, max_stages)] <= d_next:
+                break  # two batches complete at once: their requests form one batch
+            g = gi[G_AT, head_pos]
+            # (the blocks the group's finishers free are not counted: stopping early is safe)
+            need = phase[g, mod_pow2_nb(gi[G_SCHED, g] + 1, bs)] if gi[G_N, g] > 0 else 0
+            if need > free_r:
+                break
+            if waiting and (gi[G_DONE, g] + 1 == gi[G_FIN, g] or head_may_start_nb(
+                    apc, False, r, q_head[r], ri, nrun, gi[G_N, g], need, free_r, reserved, prompt, output,
+                    generated, gen0, first_sched, hit_buf)):
+                break
+            end = fl_end[r, head_pos]
+            fl_head[r] = wrap_nb(head_pos + 1, max_stages)
+            fl_count[r] -= 1
+            m = gi[G_DONE, g] + 1
+            gi[G_DONE, g] = m
+            if gi[G_N, g] > 0:
+                gap = end - gf[G_LAST, g]
+                gf[G_LAST, g] = end
+                if gap > gf[G_WORST, g]:
+                    gf[G_WORST, g] = gap
+                if gi[G_MEAS, g] > 0:
+                    itl_add_nb(itl_acc, gap, gi[G_MEAS, g])
+                if m == gi[G_FIN, g]:  # requests whose last token this was leave
+                    next_fin = 1 << 62
+                    for k in range(nrun):
+                        if label[k] != g or s_blocks[k] < 0:
+                            continue
+                        left = s_output[k] - (s_tokens[k] - s_prompt[k])
+                        if left == m:
+                            i = s_req[k]
+                            free_r += max(s_blocks[k], ceil_div_pow2_nb(s_computed[k] + gi[G_SCHED, g], bs))
+                            gi[G_N, g] -= 1
+                            gi[G_MEAS, g] -= s_measured[k]
+                            gi[G_BASE, g] -= s_computed[k]
+                            phase[g, mod_pow2_nb(s_blocks[k] * bs - s_computed[k] + 1, bs)] -= 1
+                            finish[i] = end
+                            status[i] = E.FINISHED
+                            generated[i] = s_output[k]
+                            max_itl[i] = max(s_max_itl[k], gf[G_WORST, g])
+                            s_blocks[k] = -1  # marks the slot for removal
+                            done += 1
+                            if turns[0][i] >= 0:
+                                t_arrival = min(t_arrival, hp.next_turn_due_nb(turns, i, end))
+                        elif left > m:
+                            next_fin = min(next_fin, left)
+                    gi[G_FIN, g] = next_fin
+                if gi[G_N, g] > 0:
+                    ready = g
+        d = d_next
+    free[r] = free_r
+    # Every group left is in flight: its requests' tokens and computed tokens are level again.
+    m = 0
+    for k in range(nrun):
+        if s_blocks[k] < 0:
+            continue
+        g = label[k]
+        s_req[m] = s_req[k]
+        s_prompt[m] = s_prompt[k]
+        s_output[m] = s_output[k]
+        s_measured[m] = s_measured[k]
+        s_computed[m] = s_computed[k] + gi[G_SCHED, g]
+        s_tokens[m] = s_tokens[k] + gi[G_DONE, g]
+        s_blocks[m] = max(s_blocks[k], ceil_div_pow2_nb(s_computed[m], bs))
+        s_last[m] = gf[G_LAST, g] if gi[G_DONE, g] > 0 else s_last[k]
+        s_max_itl[m] = max(s_max_itl[k], gf[G_WORST, g])
+        s_sample[m] = gi[G_BID, g]
+        m += 1
+    n_running[r] = m
+    return batches, d_next, done, peak
