@@ -9,11 +9,13 @@ queue grows and the KV cache runs out, so requests are preempted again and again
 rates runs into this); and ShareGPT at 80% with prefix caching on (vLLM V1's default; no prompt
 shares content, so it changes no result, only the work).
 
-`closed form`: the share of the iterations fast mode summed in closed form rather than stepped.
+`closed form`: the share of the iterations fast mode summed in closed form rather than stepped;
+`O(1) steps`: the share exact mode stepped in a decode stretch, in O(1) each (O(P) with P pipeline
+stages) rather than scheduled in full.
 
 Variant rows (ShareGPT at 80% of each one's own capacity): EAGLE speculative decoding, Mistral-7B-v0.1's
 sliding window, SGLang's scheduler with its radix cache, Dynamo on one GPU (vLLM with prefix
-caching behind its KV-aware router).
+caching behind its KV-aware router), pipeline parallelism over 2 and 4 GPUs.
 
 Usage: python bench/speed.py [--sizes 10000,100000,1000000] [--replicas 1,64] [--bwb 20000]
        [--overload 1.2] [--prefix-caching 100000] [--variants 20000]
@@ -50,6 +52,8 @@ VARIANTS = {
     "window": {"model": "mistralai/Mistral-7B-v0.1"},  # a 4,096-token sliding window
     "sglang": {"engine": {"framework": "sglang"}},  # page size 1, radix cache on
     "dynamo": {"engine": {"framework": "dynamo"}},  # vLLM with prefix caching, KV-aware router
+    "pp2": {"engine": {"pipeline_parallel_size": 2}},  # micro-batches: stepped in O(P) each
+    "pp4": {"engine": {"pipeline_parallel_size": 4}},
 }
 
 
@@ -89,6 +93,7 @@ def one_run(n: int, rate: float, repeats: int, replicas: int, mode: str, dataset
         best_engine = min(best_engine, s["wall_time_s"])
     return {"n": n, "engine_wall_s": best_engine, "total_wall_s": best_total, "iterations": s["iterations"],
             "closed_form_iterations": s["closed_form_iterations"],
+            "decode_stretch_iterations": s["decode_stretch_iterations"],
             "completed": s["completed"], "request_throughput": s["request_throughput"],
             "preemptions": s["preemptions"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -150,7 +155,8 @@ def main() -> None:
     head = f"{'dataset':>8} {'variant':>7} {'load':>4} {'apc':>3} {'replicas':>8} {'requests':>10}"
     for mode in MODES:
         head += f" | {mode + ' engine s':>15} {'req/s':>10} {'total s':>8} {'RSS MB':>7}"
-    print(head + f" | {'fast/exact':>10} {'iterations':>11} {'closed form':>11} {'preempts/req':>12}")
+    print(head + f" | {'fast/exact':>10} {'iterations':>11} {'closed form':>11} {'O(1) steps':>10} "
+                 f"{'preempts/req':>12}")
     runs = [("sharegpt", 0.8, 1, int(x), False, "plain") for x in a.sizes.split(",")] \
         if "1" in a.replicas.split(",") else []
     runs += [("sharegpt", 0.8, int(k), 1_000_000, False, "plain") for k in a.replicas.split(",") if k != "1"]
@@ -174,8 +180,9 @@ def main() -> None:
         speedup = got["exact"]["engine_wall_s"] / got["fast"]["engine_wall_s"]
         exact = got["exact"]
         summed = got["fast"]["closed_form_iterations"] / exact["iterations"]  # (fast mode's share)
-        print(line + f" | {speedup:>9.1f}x {exact['iterations']:>11,} {summed:>11.1%} {exact['preemptions'] / n:>12.2f}",
-              flush=True)
+        stepped = exact["decode_stretch_iterations"] / exact["iterations"]
+        print(line + f" | {speedup:>9.1f}x {exact['iterations']:>11,} {summed:>11.1%} {stepped:>10.1%} "
+                     f"{exact['preemptions'] / n:>12.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -563,7 +563,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                                                 n_rep, policy, tree, leaves)
             k_batches, nxt, done, peak = pp.pp_decode_run_nb(
                 r, t_r, t_next_arrival, max_time_s, ri, p, tables, requests, slots, replicas, flight, max_stages,
-                itl_acc, turns, scratch[6], apc, hit_bufs[r])
+                first_tok, itl_acc, turns, scratch[6], apc, hit_bufs[r])
             if k_batches > 0:
                 rep_iters[r] += k_batches
                 rep_stretched[r] += k_batches

@@ -31,8 +31,9 @@ G_SCHED = 3  # times the run scheduled it
 G_DONE = 4   # times its batch completed in the run
 G_FIN = 5    # the completion (counted as G_DONE) at which the next of its requests finishes
 G_BID = 6    # its batch in flight
-G_AT = 7     # (by ring position, not by group) the group whose batch is at that position of the ring
-N_G = 8
+G_FIRST = 7  # of its requests, those whose first token its batch in flight at the start brings
+G_AT = 8     # (by ring position, not by group) the group whose batch is at that position of the ring
+N_G = 9
 # Rows of its float scratch.
 G_LAST = 0   # when its requests' last token came
 G_WORST = 1  # the longest gap in the run
@@ -82,8 +83,9 @@ def next_decision_nb(p, r, t_r, scheduled, stages, stage_free, flight):
 @njit(cache=True, error_model="numpy")
 def _groups(r, ri, slots, nrun, flight, max_stages, gi, gf, phase, label):
     """Each running request's group (label), and the groups' sums; False when a request is not a
-    steady decoder: a prefill or its first token in flight, more than one token to schedule, or a
-    group whose requests had their last tokens at different times (two batches merged)."""
+    steady decoder (a prefill to schedule or a chunk of one in flight), or a group's requests had
+    their last tokens at different times (two batches merged; a recomputed request in flight). A
+    request whose prompt's last chunk is in flight decodes from its first token on."""
     s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_measured, s_sample = slots
     fl_id, fl_head, fl_count = flight[1], flight[2], flight[3]
     bs = ri[E.RI_BLOCK_SIZE]
@@ -105,8 +107,8 @@ def _groups(r, ri, slots, nrun, flight, max_stages, gi, gf, phase, label):
         c, tok = s_computed[k], s_tokens[k]
         if tok - c == 1 and c >= s_prompt[k]:
             g = fc  # ready: it decodes at this decision
-        elif tok == c and tok > s_prompt[k] and fc > 0:
-            g = s_sample[k] - bid0  # in flight (its batch samples a token, not its first)
+        elif tok == c and fc > 0:
+            g = s_sample[k] - bid0  # in flight: its batch samples its next token
             if g < 0 or g >= fc or gi[G_BID, g] != s_sample[k]:
                 return False
         else:
@@ -115,7 +117,9 @@ def _groups(r, ri, slots, nrun, flight, max_stages, gi, gf, phase, label):
             return False
         if x == 0:
             continue
-        if gi[G_N, g] == 0:
+        if tok == s_prompt[k]:  # its first token: no gap
+            gi[G_FIRST, g] += 1
+        elif gi[G_N, g] == gi[G_FIRST, g]:
             gf[G_LAST, g] = s_last[k]
         elif s_last[k] != gf[G_LAST, g]:
             return False
@@ -131,7 +135,7 @@ def _groups(r, ri, slots, nrun, flight, max_stages, gi, gf, phase, label):
 
 @njit(cache=True, error_model="numpy")
 def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slots, replicas, flight, max_stages,
-                     itl_acc, turns, scratch, apc, hit_buf):
+                     first_tok, itl_acc, turns, scratch, apc, hit_buf):
     """Replica r (P > 1 stages) at its decision t_r, its completed batches taken in, every running
     request a steady decoder (ready now, or in a batch in flight): take the decisions exact mode
     would take up to the next event — each batch's completion (its requests' tokens; those done
@@ -225,11 +229,26 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
             gi[G_DONE, g] = m
             if gi[G_N, g] > 0:
                 gap = end - gf[G_LAST, g]
+                if gi[G_FIRST, g] > 0:
+                    # Some of its requests get their first token: no gap for them, and the others'
+                    # gap goes to each of those one by one (the group's first completion only).
+                    meas = 0
+                    for k in range(nrun):
+                        if label[k] != g or s_blocks[k] < 0:
+                            continue
+                        if s_tokens[k] == s_prompt[k]:
+                            first_tok[s_req[k]] = end
+                        else:
+                            s_max_itl[k] = max(s_max_itl[k], gap)
+                            meas += s_measured[k]
+                    gi[G_FIRST, g] = 0
+                else:
+                    meas = gi[G_MEAS, g]
+                    if gap > gf[G_WORST, g]:
+                        gf[G_WORST, g] = gap
                 gf[G_LAST, g] = end
-                if gap > gf[G_WORST, g]:
-                    gf[G_WORST, g] = gap
-                if gi[G_MEAS, g] > 0:
-                    itl_add_nb(itl_acc, gap, gi[G_MEAS, g])
+                if meas > 0:
+                    itl_add_nb(itl_acc, gap, meas)
                 if m == gi[G_FIN, g]:  # requests whose last token this was leave
                     next_fin = 1 << 62
                     for k in range(nrun):
