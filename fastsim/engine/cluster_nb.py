@@ -530,11 +530,15 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 on = True
 
         # 1b. steady decoding: step every iteration up to the next event in O(1) each (fast mode:
-        # the same iterations summed in closed form)
-        if (on or fast_decode) and stages == 1 and fl_count[r] == 0 and n_running[r] > 0:
+        # the same iterations summed in closed form; with pipeline stages, each micro-batch in O(P))
+        if (on or fast_decode) and n_running[r] > 0 and (stages > 1 or fl_count[r] == 0):
             t_next_arrival, finish_by = _outside_events(r, t_r, stateless, arrival, own_next, a, n, h_t, h_n, has_turns,
                                                         n_rep, policy, tree, leaves)
-            if on:
+            if stages > 1:
+                k_iters, t_end, done, peak = pp.pp_decode_run_nb(
+                    r, t_r, t_next_arrival, max_time_s, ri, p, tables, requests, slots, replicas, flight, max_stages,
+                    first_tok, itl_acc, turns, scratch[6], apc, hit_bufs[r])
+            elif on:
                 k_iters, t_end, done, peak = lz_nb.run_nb(
                     lz, r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, slots, lz_replicas, lz_queue,
                     lz_run_reqs, itl_acc, turns, apc, hit_bufs[r])
@@ -545,33 +549,18 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             if k_iters > 0:
                 rep_iters[r] += k_iters
                 rep_stretched[r] += k_iters
-                batch_seq[r] += k_iters
+                if stages == 1:
+                    batch_seq[r] += k_iters  # (pp_decode_run_nb numbers the batches it puts in flight)
                 outstanding[r] -= done
                 n_left -= done
                 progress[0] += done
                 rep_peak[r] = max(rep_peak[r], peak)
-                # Busy until the last stepped iteration ends, even if every request has left.
+                # Busy until the last stepped iteration ends, even if every request has left (with
+                # pipeline stages: t_end is the replica's next decision).
                 if own and on and t_end <= max_time_s:
                     chain_t = t_end
                 else:
                     _tree_update(tree, leaves, r, t_end)
-                continue
-
-        # 1c. steady decoding under pipeline parallelism: each micro-batch in O(P) up to the next event
-        if fast_decode and stages > 1 and n_running[r] > 0:
-            t_next_arrival, _ = _outside_events(r, t_r, stateless, arrival, own_next, a, n, h_t, h_n, has_turns,
-                                                n_rep, policy, tree, leaves)
-            k_batches, nxt, done, peak = pp.pp_decode_run_nb(
-                r, t_r, t_next_arrival, max_time_s, ri, p, tables, requests, slots, replicas, flight, max_stages,
-                first_tok, itl_acc, turns, scratch[6], apc, hit_bufs[r])
-            if k_batches > 0:
-                rep_iters[r] += k_batches
-                rep_stretched[r] += k_batches
-                outstanding[r] -= done
-                n_left -= done
-                progress[0] += done
-                rep_peak[r] = max(rep_peak[r], peak)
-                _tree_update(tree, leaves, r, nxt)  # (own is fast mode's lazy form: one stage only)
                 continue
 
         # 2. a new batch, if a virtual engine is free

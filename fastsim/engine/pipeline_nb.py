@@ -140,8 +140,9 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
     request a steady decoder (ready now, or in a batch in flight): take the decisions exact mode
     would take up to the next event — each batch's completion (its requests' tokens; those done
     leave), the same group's next batch launched at once — each in O(P). Stops before the first
-    decision at or after the next arrival (a turn made due by a finish on the way is one), past
-    max_time_s, where two batches complete together (their requests then form one batch), where a
+    decision at or after the next arrival (or, where a finish makes a conversation's next turn due by
+    then, within that decision, its completed batch taken in: the plain path lets the turn arrive
+    there and goes on with that decision), past max_time_s, where two batches complete together (their requests then form one batch), where a
     group's next blocks may not fit (a preemption), and, with requests waiting, where the queue's
     head might be admitted or a request would finish (freeing room for it). (While none finishes,
     free blocks only shrink and the groups stay as they are, so a head that cannot start at a
@@ -275,9 +276,12 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
                     gi[G_FIN, g] = next_fin
                 if gi[G_N, g] > 0:
                     ready = g
+            if t_arrival <= d_next:
+                break  # a turn made due by now: it arrives before this decision goes on (the plain path's order)
         d = d_next
     free[r] = free_r
-    # Every group left is in flight: its requests' tokens and computed tokens are level again.
+    # Every group left is in flight (its requests' tokens and computed tokens level again), but the
+    # one whose completion made a turn due, which the rest of that decision schedules.
     m = 0
     for k in range(nrun):
         if s_blocks[k] < 0:
@@ -292,7 +296,7 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
         s_blocks[m] = max(s_blocks[k], ceil_div_pow2_nb(s_computed[m], bs))
         s_last[m] = gf[G_LAST, g] if gi[G_DONE, g] > 0 else s_last[k]
         s_max_itl[m] = max(s_max_itl[k], gf[G_WORST, g])
-        s_sample[m] = gi[G_BID, g]
+        s_sample[m] = gi[G_BID, g] if s_tokens[m] == s_computed[m] else -1
         m += 1
     n_running[r] = m
     return batches, d_next, done, peak
