@@ -110,6 +110,35 @@ def itl_add_nb(itl_acc, gap, count):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def tally_gap_nb(itl_acc, last, gap, ref_last, n_ref):
+    """A measured token `gap` after its request's previous one (at `last`), as a batch's completion
+    bins its tokens: those whose previous token came when the first one's did (ref_last) are counted
+    together afterwards (n_ref of them, one gap), any other at once. Returns (ref_last, n_ref)."""
+    if last == ref_last:
+        return ref_last, n_ref + 1
+    if n_ref == 0:
+        return last, 1
+    itl_add_nb(itl_acc, gap, 1)
+    return ref_last, n_ref
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def move_slot_nb(slots, k, m):
+    """The request in slot k into slot m (slots: one replica's rows of the slot arrays)."""
+    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    s_req[m] = s_req[k]
+    s_prompt[m] = s_prompt[k]
+    s_tokens[m] = s_tokens[k]
+    s_computed[m] = s_computed[k]
+    s_output[m] = s_output[k]
+    s_blocks[m] = s_blocks[k]
+    s_last[m] = s_last[k]
+    s_max_itl[m] = s_max_itl[k]
+    s_measured[m] = s_measured[k]
+    s_sample[m] = s_sample[k]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _sift_down(keys, vals, root, end):
     while True:
         child = 2 * root + 1

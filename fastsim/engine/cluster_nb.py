@@ -40,8 +40,8 @@ from fastsim.engine import prefix_nb as px
 from fastsim.engine import lazy_nb as lz_nb
 from fastsim.engine import pipeline_nb as pp
 from fastsim.engine.batch_nb import (account_nb, add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
-                                     div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_nb, mod_pow2_nb,
-                                     reserved_blocks_nb, sort_by_key_nb)
+                                     div_pow2_nb, final_blocks_nb, itl_add_nb, mod_pow2_nb, move_slot_nb,
+                                     reserved_blocks_nb, sort_by_key_nb, tally_gap_nb)
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, stage_time_nb
 
 INF = np.inf
@@ -336,7 +336,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     scratch = (np.empty(max_seqs, np.int64), np.empty(max_seqs, np.int64), np.empty(max_seqs),
                np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64),
                (np.empty((pp.N_G, max_stages), np.int64), np.empty((2, max_stages)),
-                np.empty((max_stages, max_bs), np.int64), np.empty(max_seqs, np.int64)))
+                np.empty((max_stages, max_bs), np.int64), np.empty(max_seqs, np.int64), np.empty(max_seqs, np.int64)))
     reqs = (arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,
             preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo, gen0)
     reps = (n_running, free, q_head, q_tail, n_waiting, outstanding, stage_free, fl_end, fl_id, fl_head,
@@ -536,8 +536,8 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                                                         n_rep, policy, tree, leaves)
             if stages > 1:
                 k_iters, t_end, done, peak = pp.pp_decode_run_nb(
-                    r, t_r, t_next_arrival, max_time_s, ri, p, tables, requests, slots, replicas, flight, max_stages,
-                    first_tok, itl_acc, turns, scratch[6], apc, hit_bufs[r])
+                    r, t_r, t_next_arrival, max_time_s, ri, p, tables, requests, slots, replicas, lz_queue, flight,
+                    max_stages, (last_tok, measured, cached, first_tok), itl_acc, turns, scratch[6], apc, hit_bufs[r])
             elif on:
                 k_iters, t_end, done, peak = lz_nb.run_nb(
                     lz, r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, slots, lz_replicas, lz_queue,
@@ -796,6 +796,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
     # are counted against the first one's previous-token time and binned together at the end.
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
+    itl_acc = (itl_hist, itl)
     ref_last = -1.0
     n_ref = 0
     done = 0
@@ -815,16 +816,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
             if gap > s_max_itl[k]:
                 s_max_itl[k] = gap
             if s_measured[k]:
-                if s_last[k] == ref_last:
-                    n_ref += 1
-                elif n_ref == 0:
-                    ref_last = s_last[k]
-                    n_ref = 1
-                else:
-                    itl_hist[itl_bin_nb(gap)] += 1
-                    itl[0] += 1.0
-                    itl[1] += gap
-                    itl[2] += gap * gap
+                ref_last, n_ref = tally_gap_nb(itl_acc, s_last[k], gap, ref_last, n_ref)
         s_last[k] = end
         if gen >= s_output[k]:
             finish[i] = end
@@ -837,26 +829,14 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
             if turns[0][i] >= 0:
                 hp.next_turn_due_nb(turns, i, end)
     if n_ref > 0:
-        gap = end - ref_last
-        itl_hist[itl_bin_nb(gap)] += n_ref
-        itl[0] += n_ref
-        itl[1] += n_ref * gap
-        itl[2] += n_ref * gap * gap
+        itl_add_nb(itl_acc, end - ref_last, n_ref)
     if done > 0:
+        row = (s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
         m = 0
         for k in range(running):
             if s_blocks[k] >= 0:
                 if m != k:
-                    s_req[m] = s_req[k]
-                    s_prompt[m] = s_prompt[k]
-                    s_tokens[m] = s_tokens[k]
-                    s_computed[m] = s_computed[k]
-                    s_output[m] = s_output[k]
-                    s_blocks[m] = s_blocks[k]
-                    s_last[m] = s_last[k]
-                    s_max_itl[m] = s_max_itl[k]
-                    s_measured[m] = s_measured[k]
-                    s_sample[m] = s_sample[k]
+                    move_slot_nb(row, k, m)
                     if on:
                         px.apc_move_slot_nb(apc, r, k, m)
                 m += 1

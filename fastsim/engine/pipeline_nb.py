@@ -16,7 +16,8 @@ from numba import njit
 
 from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
-from fastsim.engine.batch_nb import account_nb, ceil_div_pow2_nb, itl_add_nb, mod_pow2_nb, reserved_blocks_nb
+from fastsim.engine.batch_nb import (account_nb, add_to_batch_nb, arrived_kv_nb, ceil_div_pow2_nb, itl_add_nb,
+                                     mod_pow2_nb, move_slot_nb, reserved_blocks_nb, tally_gap_nb)
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, pp_send_time_nb, stage_time_nb
 from fastsim.engine.lazy_nb import head_may_start_nb
 
@@ -31,9 +32,12 @@ G_SCHED = 3  # times the run scheduled it
 G_DONE = 4   # times its batch completed in the run
 G_FIN = 5    # the completion (counted as G_DONE) at which the next of its requests finishes
 G_BID = 6    # its batch in flight
-G_FIRST = 7  # of its requests, those whose first token its batch in flight at the start brings
+G_INDIV = 7  # of its requests, those whose next token has a gap of its own (see INDIV_*)
 G_AT = 8     # (by ring position, not by group) the group whose batch is at that position of the ring
 N_G = 9
+# Per request (scratch `indiv`): its next completion is not a gap from the group's last token.
+INDIV_FIRST = 1   # it brings the request's first token
+INDIV_OWN = 2     # a request admitted again after a preemption: its gap runs from its own last token
 # Rows of its float scratch.
 G_LAST = 0   # when its requests' last token came
 G_WORST = 1  # the longest gap in the run
@@ -81,7 +85,7 @@ def next_decision_nb(p, r, t_r, scheduled, stages, stage_free, flight):
 
 
 @njit(cache=True, error_model="numpy")
-def _groups(r, ri, slots, nrun, flight, max_stages, gi, gf, phase, label):
+def _groups(r, ri, slots, nrun, flight, max_stages, gi, gf, phase, label, indiv):
     """Each running request's group (label), and the groups' sums; False when a request is not a
     steady decoder (a prefill to schedule or a chunk of one in flight), or a group's requests had
     their last tokens at different times (two batches merged; a recomputed request in flight). A
@@ -117,9 +121,11 @@ def _groups(r, ri, slots, nrun, flight, max_stages, gi, gf, phase, label):
             return False
         if x == 0:
             continue
+        indiv[k] = 0
         if tok == s_prompt[k]:  # its first token: no gap
-            gi[G_FIRST, g] += 1
-        elif gi[G_N, g] == gi[G_FIRST, g]:
+            indiv[k] = INDIV_FIRST
+            gi[G_INDIV, g] += 1
+        elif gi[G_N, g] == gi[G_INDIV, g]:
             gf[G_LAST, g] = s_last[k]
         elif s_last[k] != gf[G_LAST, g]:
             return False
@@ -133,20 +139,63 @@ def _groups(r, ri, slots, nrun, flight, max_stages, gi, gf, phase, label):
     return True
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _individual_tokens(g, end, nphys, slots, label, indiv, first_tok, gf, itl_acc):
+    """Group g's batch completed at `end` while some of its requests' tokens have gaps of their own
+    (or none: a first token): every request's token as exact mode's completion gives it, in slot
+    order, with its binning of gaps — one shared gap counted once, the others one by one."""
+    s_req, s_last, s_max_itl, s_measured, s_blocks = slots
+    ref_last = -1.0
+    n_ref = 0
+    for k in range(nphys):
+        if label[k] != g or s_blocks[k] < 0:
+            continue
+        if indiv[k] == INDIV_FIRST:
+            first_tok[s_req[k]] = end
+        else:
+            last = s_last[k] if indiv[k] == INDIV_OWN else gf[G_LAST, g]
+            gap = end - last
+            s_max_itl[k] = max(s_max_itl[k], gap)
+            if s_measured[k]:
+                ref_last, n_ref = tally_gap_nb(itl_acc, last, gap, ref_last, n_ref)
+        indiv[k] = 0
+    if n_ref > 0:
+        itl_add_nb(itl_acc, end - ref_last, n_ref)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _compact(nphys, slots, label, indiv):
+    """Move the running requests down over the finished ones (s_blocks < 0), in order; returns
+    their count."""
+    s_blocks = slots[5]
+    m = 0
+    for k in range(nphys):
+        if s_blocks[k] < 0:
+            continue
+        if m != k:
+            move_slot_nb(slots, k, m)
+            label[m] = label[k]
+            indiv[m] = indiv[k]
+        m += 1
+    return m
+
+
 @njit(cache=True, error_model="numpy")
-def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slots, replicas, flight, max_stages,
-                     first_tok, itl_acc, turns, scratch, apc, hit_buf):
+def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slots, replicas, queue, flight,
+                     max_stages, admit_reqs, itl_acc, turns, scratch, apc, hit_buf):
     """Replica r (P > 1 stages) at its decision t_r, its completed batches taken in, every running
     request a steady decoder (ready now, or in a batch in flight): take the decisions exact mode
     would take up to the next event — each batch's completion (its requests' tokens; those done
-    leave), the same group's next batch launched at once — each in O(P). Stops before the first
-    decision at or after the next arrival (or, where a finish makes a conversation's next turn due by
-    then, within that decision, its completed batch taken in: the plain path lets the turn arrive
-    there and goes on with that decision), past max_time_s, where two batches complete together (their requests then form one batch), where a
-    group's next blocks may not fit (a preemption), and, with requests waiting, where the queue's
-    head might be admitted or a request would finish (freeing room for it). (While none finishes,
-    free blocks only shrink and the groups stay as they are, so a head that cannot start at a
-    group's decision cannot at its next one either; it is still checked at each, in O(1).)
+    leave), the same group's next batch launched at once, and the queue's head admitted into it
+    where exact mode would (it joins the group) — each in O(P) but for finishes (a scan of the
+    group). Stops before the first decision at or after the next arrival (or, where a finish makes
+    a conversation's next turn due by then, within that decision, its completed batch taken in:
+    the plain path lets the turn arrive there and goes on with that decision), past max_time_s,
+    where two batches complete together (their requests then form one batch), where a group's next
+    blocks may not fit (a preemption), after admitting a prompt in chunks, and, with requests
+    waiting, at a decision without a completed batch where the head might start (it would form a
+    group of its own). Under guaranteed_no_evict (whose promised blocks a finish changes) it
+    stops before a finish while requests wait instead of admitting.
 
     Every batch costs the tabulated arithmetic of the plain path, its aggregates sums of integers,
     so the results are bit-identical. Returns (batches launched, the decision at which the plain
@@ -154,12 +203,15 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
     (nothing changed)."""
     tok_table, seq_table = tables
     prompt, generated, status, finish, max_itl, output, gen0, first_sched = requests
+    last_tok, measured, cached, first_tok = admit_reqs
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
-    n_running, free, q_head, n_waiting, stage_free, rep_time = replicas
+    row = (s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
+    n_running, free, _, n_waiting, stage_free, rep_time = replicas
+    q_head, q_tail, q_next = queue[0], queue[1], queue[2]
     fl_end, fl_id, fl_head, fl_count, batch_seq = flight
-    gi, gf, phase, label = scratch
+    gi, gf, phase, label, indiv = scratch
     nrun = n_running[r]
     bs = ri[E.RI_BLOCK_SIZE]
     stages = ri[E.RI_STAGES]
@@ -168,48 +220,118 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
             or ri[E.RI_APC] != 0 or ri[E.RI_WINDOW] > 0):
         return 0, t_r, 0, 0
     if not _groups(r, ri, (s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_measured, s_sample), nrun,
-                   flight, max_stages, gi, gf, phase, label):
+                   flight, max_stages, gi, gf, phase, label, indiv):
         return 0, t_r, 0, 0
     free_r = free[r]
     need = phase[fc, mod_pow2_nb(1, bs)]
     if gi[G_N, fc] == 0 or need > free_r:
         return 0, t_r, 0, 0  # nothing to launch now, or a preemption: the plain path decides
-    waiting = n_waiting[r] > 0
+    no_evict = ri[E.RI_NO_EVICT] != 0
     reserved = 0
-    if waiting:
-        if ri[E.RI_NO_EVICT] != 0:
+    if n_waiting[r] > 0:
+        if no_evict:
             reserved = reserved_blocks_nb(s_prompt, s_output, s_prompt, nrun, False, bs)
         if head_may_start_nb(apc, False, r, q_head[r], ri, nrun, gi[G_N, fc], need, free_r, reserved, prompt, output,
                              generated, gen0, first_sched, hit_buf):
             return 0, t_r, 0, 0
     tok_off, seq_off = ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF]
+    thr = ri[E.RI_THRESHOLD]
+    nphys = nrun  # slots in use, finished ones (s_blocks < 0) among them until compacted
+    alive = nrun
     d = t_r
     ready = fc  # the group this decision launches (-1: none)
     batches, done, peak = 0, 0, 0
+    stop = False
     while True:
         if ready >= 0:  # (a virtual engine is free: one batch has just completed)
             g = ready
             j = gi[G_SCHED, g] + 1
+            gi[G_SCHED, g] = j
             n_g = gi[G_N, g]
             agg = (n_g, float(gi[G_BASE, g] + j * n_g), 0, 0, 0.0, 0.0)
+            free_r -= phase[g, mod_pow2_nb(j, bs)]
+            # The queue's head joins the batch as in exact mode's admission (V1: first come, first
+            # served, while the token budget, max_num_seqs and the free blocks allow). Its tokens
+            # and computed tokens are kept relative to the group's counts, as the others' are.
+            budget = ri[E.RI_MAX_TOKENS] - n_g
+            while n_waiting[r] > 0 and not no_evict and budget > 0 and alive < ri[E.RI_MAX_SEQS]:
+                i = q_head[r]
+                tokens = prompt[i] + generated[i]
+                done_tok = arrived_kv_nb(gen0, first_sched, i, tokens)
+                new = tokens - done_tok
+                if thr > 0 and new > thr:
+                    new = thr
+                if ri[E.RI_CHUNKED] == 0 and new > budget:
+                    break
+                new = min(new, budget)
+                blocks = ceil_div_pow2_nb(done_tok + new, bs)
+                if blocks > free_r:
+                    break
+                if gf[G_WORST, g] > 0.0:
+                    # The group's longest gap so far is its members', not the newcomer's: it goes
+                    # to each of them now, and the group's count starts again.
+                    for x in range(nphys):
+                        if label[x] == g and s_blocks[x] >= 0 and indiv[x] == 0:
+                            s_max_itl[x] = max(s_max_itl[x], gf[G_WORST, g])
+                    gf[G_WORST, g] = 0.0
+                q_head[r] = q_next[i]
+                if q_tail[r] == i:
+                    q_tail[r] = -1
+                n_waiting[r] -= 1
+                free_r -= blocks
+                if nphys == s_req.shape[0]:
+                    nphys = _compact(nphys, row, label, indiv)
+                k = nphys
+                nphys += 1
+                alive += 1
+                s_req[k] = i
+                s_prompt[k] = prompt[i]
+                s_output[k] = output[i]
+                s_blocks[k] = blocks
+                s_last[k] = last_tok[i]
+                s_max_itl[k] = max_itl[i]
+                s_measured[k] = measured[i]
+                status[i] = E.RUNNING
+                if np.isnan(first_sched[i]):
+                    first_sched[i] = d
+                    cached[i] = 0
+                agg = add_to_batch_nb(agg, new, done_tok, prompt[i], 0)
+                budget -= new
+                if done_tok + new < tokens:  # the prompt in chunks: the plain path goes on after this batch
+                    label[k] = -1
+                    indiv[k] = 0
+                    s_tokens[k] = tokens
+                    s_computed[k] = done_tok + new
+                    s_sample[k] = -1
+                    stop = True
+                    continue
+                c = done_tok + new - j  # (relative: the group's j-th batch brings it to done_tok + new)
+                label[k] = g
+                indiv[k] = INDIV_FIRST if generated[i] == 0 else INDIV_OWN
+                s_tokens[k] = tokens - gi[G_DONE, g]
+                s_computed[k] = c
+                gi[G_N, g] += 1
+                gi[G_INDIV, g] += 1
+                gi[G_MEAS, g] += measured[i]
+                gi[G_BASE, g] += c
+                gi[G_FIN, g] = min(gi[G_FIN, g], output[i] - (s_tokens[k] - prompt[i]))
+                phase[g, mod_pow2_nb(1 - c, bs)] += 1
             body, head = stage_time_nb(p, tok_table, seq_table, tok_off, seq_off, agg)
             account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages)
             gi[G_AT, wrap_nb(fl_head[r] + fl_count[r], max_stages)] = g
             gi[G_BID, g] = batch_seq[r]
-            launch_nb(p, r, d, body, head, n_g, stages, stage_free, flight, max_stages)
-            gi[G_SCHED, g] = j
-            free_r -= phase[g, mod_pow2_nb(j, bs)]
+            launch_nb(p, r, d, body, head, agg[0] + agg[3], stages, stage_free, flight, max_stages)
             peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
             batches += 1
         d_next = next_decision_nb(p, r, d, ready >= 0, stages, stage_free, flight)
-        if d_next == INF or d_next >= t_arrival or d_next > max_time_s:
+        if stop or d_next == INF or d_next >= t_arrival or d_next > max_time_s:
             break
         # the decision at d_next: is a batch complete by then?
         ready = -1
         head_pos = fl_head[r]
         if fl_end[r, head_pos] > d_next:  # no: only the queue's head might start
-            if waiting and head_may_start_nb(apc, False, r, q_head[r], ri, nrun, 0, 0, free_r, reserved, prompt,
-                                             output, generated, gen0, first_sched, hit_buf):
+            if n_waiting[r] > 0 and head_may_start_nb(apc, False, r, q_head[r], ri, alive, 0, 0, free_r, reserved,
+                                                      prompt, output, generated, gen0, first_sched, hit_buf):
                 break
         else:
             if fl_count[r] > 1 and fl_end[r, wrap_nb(head_pos + 1, max_stages)] <= d_next:
@@ -219,8 +341,8 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
             need = phase[g, mod_pow2_nb(gi[G_SCHED, g] + 1, bs)] if gi[G_N, g] > 0 else 0
             if need > free_r:
                 break
-            if waiting and (gi[G_DONE, g] + 1 == gi[G_FIN, g] or head_may_start_nb(
-                    apc, False, r, q_head[r], ri, nrun, gi[G_N, g], need, free_r, reserved, prompt, output,
+            if no_evict and n_waiting[r] > 0 and (gi[G_DONE, g] + 1 == gi[G_FIN, g] or head_may_start_nb(
+                    apc, False, r, q_head[r], ri, alive, gi[G_N, g], need, free_r, reserved, prompt, output,
                     generated, gen0, first_sched, hit_buf)):
                 break
             end = fl_end[r, head_pos]
@@ -229,30 +351,20 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
             m = gi[G_DONE, g] + 1
             gi[G_DONE, g] = m
             if gi[G_N, g] > 0:
-                gap = end - gf[G_LAST, g]
-                if gi[G_FIRST, g] > 0:
-                    # Some of its requests get their first token: no gap for them, and the others'
-                    # gap goes to each of those one by one (the group's first completion only).
-                    meas = 0
-                    for k in range(nrun):
-                        if label[k] != g or s_blocks[k] < 0:
-                            continue
-                        if s_tokens[k] == s_prompt[k]:
-                            first_tok[s_req[k]] = end
-                        else:
-                            s_max_itl[k] = max(s_max_itl[k], gap)
-                            meas += s_measured[k]
-                    gi[G_FIRST, g] = 0
+                if gi[G_INDIV, g] > 0:
+                    _individual_tokens(g, end, nphys, (s_req, s_last, s_max_itl, s_measured, s_blocks), label, indiv,
+                                       first_tok, gf, itl_acc)
+                    gi[G_INDIV, g] = 0
                 else:
-                    meas = gi[G_MEAS, g]
+                    gap = end - gf[G_LAST, g]
                     if gap > gf[G_WORST, g]:
                         gf[G_WORST, g] = gap
+                    if gi[G_MEAS, g] > 0:
+                        itl_add_nb(itl_acc, gap, gi[G_MEAS, g])
                 gf[G_LAST, g] = end
-                if meas > 0:
-                    itl_add_nb(itl_acc, gap, meas)
                 if m == gi[G_FIN, g]:  # requests whose last token this was leave
                     next_fin = 1 << 62
-                    for k in range(nrun):
+                    for k in range(nphys):
                         if label[k] != g or s_blocks[k] < 0:
                             continue
                         left = s_output[k] - (s_tokens[k] - s_prompt[k])
@@ -262,13 +374,14 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
                             gi[G_N, g] -= 1
                             gi[G_MEAS, g] -= s_measured[k]
                             gi[G_BASE, g] -= s_computed[k]
-                            phase[g, mod_pow2_nb(s_blocks[k] * bs - s_computed[k] + 1, bs)] -= 1
+                            phase[g, mod_pow2_nb(1 - s_computed[k], bs)] -= 1
                             finish[i] = end
                             status[i] = E.FINISHED
                             generated[i] = s_output[k]
                             max_itl[i] = max(s_max_itl[k], gf[G_WORST, g])
                             s_blocks[k] = -1  # marks the slot for removal
                             done += 1
+                            alive -= 1
                             if turns[0][i] >= 0:
                                 t_arrival = min(t_arrival, hp.next_turn_due_nb(turns, i, end))
                         elif left > m:
@@ -278,12 +391,15 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
                     ready = g
             if t_arrival <= d_next:
                 break  # a turn made due by now: it arrives before this decision goes on (the plain path's order)
+            if ready < 0 and n_waiting[r] > 0:
+                break  # the group has left: what the head starts is a group of its own (the plain path's)
         d = d_next
     free[r] = free_r
-    # Every group left is in flight (its requests' tokens and computed tokens level again), but the
-    # one whose completion made a turn due, which the rest of that decision schedules.
+    # Back to absolute counts. Every group left is in flight (its requests' tokens and computed
+    # tokens level again), but the one whose completion made a turn due, which the rest of that
+    # decision schedules; a prompt admitted in chunks is kept as it is.
     m = 0
-    for k in range(nrun):
+    for k in range(nphys):
         if s_blocks[k] < 0:
             continue
         g = label[k]
@@ -291,12 +407,21 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
         s_prompt[m] = s_prompt[k]
         s_output[m] = s_output[k]
         s_measured[m] = s_measured[k]
-        s_computed[m] = s_computed[k] + gi[G_SCHED, g]
-        s_tokens[m] = s_tokens[k] + gi[G_DONE, g]
-        s_blocks[m] = max(s_blocks[k], ceil_div_pow2_nb(s_computed[m], bs))
-        s_last[m] = gf[G_LAST, g] if gi[G_DONE, g] > 0 else s_last[k]
-        s_max_itl[m] = max(s_max_itl[k], gf[G_WORST, g])
-        s_sample[m] = gi[G_BID, g] if s_tokens[m] == s_computed[m] else -1
+        s_max_itl[m] = s_max_itl[k]
+        if g < 0:
+            s_computed[m] = s_computed[k]
+            s_tokens[m] = s_tokens[k]
+            s_blocks[m] = s_blocks[k]
+            s_last[m] = s_last[k]
+            s_sample[m] = -1
+        else:
+            s_computed[m] = s_computed[k] + gi[G_SCHED, g]
+            s_tokens[m] = s_tokens[k] + gi[G_DONE, g]
+            s_blocks[m] = max(s_blocks[k], ceil_div_pow2_nb(s_computed[m], bs))
+            # (a request admitted in the run keeps its own last token until its first completion)
+            s_last[m] = gf[G_LAST, g] if gi[G_DONE, g] > 0 and indiv[k] == 0 else s_last[k]
+            s_max_itl[m] = max(s_max_itl[k], gf[G_WORST, g])
+            s_sample[m] = gi[G_BID, g] if s_tokens[m] == s_computed[m] else -1
         m += 1
     n_running[r] = m
     return batches, d_next, done, peak
