@@ -4,10 +4,11 @@ next, and steady decoding stepped in O(1) per micro-batch (pp_decode_run_nb).
 With P stages a replica keeps up to P batches in flight (vLLM's virtual engines), in a ring per
 replica (fl_*): a request whose tokens are all in flight is skipped when the next batch is formed,
 so the running requests split into groups that travel the pipeline one behind the other, each
-scheduled again when its own batch completes. A group's batch changes only by counting between
-events, as a single replica's batch does: pp_decode_run_nb keeps each group's size, context sum
-and block phases, and steps the decisions exact mode would take — each completion, each launch,
-the max-plus recurrence over the stages — in O(P) each instead of O(running requests).
+scheduled again when its own batch completes (a waiting request joins the batch it is admitted
+into). A group's batch changes only by counting between events, as a single replica's batch does:
+pp_decode_run_nb keeps each group's size, context sum and block phases, and steps the decisions
+exact mode would take — each completion, each launch, the max-plus recurrence over the stages, each
+admission — in O(P) each instead of O(running requests); a finish scans its group.
 """
 from __future__ import annotations
 
