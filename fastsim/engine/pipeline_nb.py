@@ -1,5 +1,5 @@
 """Pipeline parallelism's micro-batches: one launched through the stages, when the replica decides
-next, and steady decoding stepped in O(1) per micro-batch (pp_decode_run_nb).
+next, and steady decoding stepped in O(P) per micro-batch (pp_decode_run_nb).
 
 With P stages a replica keeps up to P batches in flight (vLLM's virtual engines), in a ring per
 replica (fl_*): a request whose tokens are all in flight is skipped when the next batch is formed,
@@ -25,10 +25,12 @@ from fastsim.engine.lazy_nb import head_may_start_nb
 INF = np.inf
 
 # Rows of pp_decode_run_nb's integer scratch, a column per group (groups: the batches in flight
-# when the run starts, then the requests ready at its start).
+# when the run starts, then the requests ready at its start). A request's tokens and computed
+# tokens stay as they were when it joined, less its group's completions and batches before that:
+# its counts now are those plus the group's.
 G_N = 0      # its running requests
 G_MEAS = 1   # of which feed the ITL statistics
-G_BASE = 2   # the sum of their computed tokens when the run started
+G_BASE = 2   # the sum of their computed tokens, each less the group's batches before it joined
 G_SCHED = 3  # times the run scheduled it
 G_DONE = 4   # times its batch completed in the run
 G_FIN = 5    # the completion (counted as G_DONE) at which the next of its requests finishes
@@ -41,7 +43,7 @@ INDIV_FIRST = 1   # it brings the request's first token
 INDIV_OWN = 2     # a request admitted again after a preemption: its gap runs from its own last token
 # Rows of its float scratch.
 G_LAST = 0   # when its requests' last token came
-G_WORST = 1  # the longest gap in the run
+G_WORST = 1  # the longest gap since the run started or a request last joined (see the admission)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
