@@ -196,8 +196,8 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
     the plain path lets the turn arrive there and goes on with that decision), past max_time_s,
     where two batches complete together (their requests then form one batch), where a group's next
     blocks may not fit (a preemption), after admitting a prompt in chunks, and, with requests
-    waiting, at a decision without a completed batch where the head might start (it would form a
-    group of its own). Under guaranteed_no_evict (whose promised blocks a finish changes) it
+    waiting, at a decision without a completed batch where the head might start, or within one
+    whose group has just left (either way the head would form a group of its own). Under guaranteed_no_evict (whose promised blocks a finish changes) it
     stops before a finish while requests wait instead of admitting.
 
     Every batch costs the tabulated arithmetic of the plain path, its aggregates sums of integers,
