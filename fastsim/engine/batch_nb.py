@@ -41,6 +41,15 @@ def blocks_needed_nb(computed, new, blocks, block_size):
     return ceil_div_pow2_nb(computed + new, block_size) - blocks
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def chunk_nb(remaining, threshold, left):
+    """(tokens a request asks for in one step: its remaining ones, at most long_prefill_token_threshold
+    (0: no cap); what it gets of the `left` budget). Without chunked prefill a request asking for
+    more than it gets is not admitted."""
+    wish = min(remaining, threshold) if threshold > 0 else remaining
+    return wish, min(wish, left)
+
+
 @njit(cache=True, error_model="numpy")
 def add_to_batch_nb(agg, new, computed, prompt_len, window):
     """Add one scheduled request to the batch aggregates the cost model needs:

@@ -40,7 +40,7 @@ from fastsim.engine import prefix_nb as px
 from fastsim.engine import lazy_nb as lz_nb
 from fastsim.engine import pipeline_nb as pp
 from fastsim.engine.batch_nb import (account_nb, add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
-                                     div_pow2_nb, final_blocks_nb, itl_add_nb, mod_pow2_nb, move_slot_nb,
+                                     chunk_nb, div_pow2_nb, final_blocks_nb, itl_add_nb, mod_pow2_nb, move_slot_nb,
                                      reserved_blocks_nb, sort_by_key_nb, tally_gap_nb)
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, stage_time_nb
 
@@ -604,13 +604,10 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                         hits, hit_key = px.apc_lookup_nb(apc, r, i, prompt[i] + generated[i], block_size, hit_bufs[r])
                     done_tok = hits * block_size if ri[E.RI_APC] else arrived_kv_nb(gen0, first_sched, i,
                                                                                      prompt[i] + generated[i])
-                    new = prompt[i] + generated[i] - done_tok
-                    full = new
-                    if not v0 and not sg and ri[E.RI_THRESHOLD] > 0 and new > ri[E.RI_THRESHOLD]:
-                        new = ri[E.RI_THRESHOLD]
-                    if (v0 or ri[E.RI_CHUNKED] == 0) and new > budget:
+                    full = prompt[i] + generated[i] - done_tok
+                    wish, new = chunk_nb(full, 0 if v0 or sg else ri[E.RI_THRESHOLD], budget)
+                    if (v0 or ri[E.RI_CHUNKED] == 0) and wish > budget:
                         break
-                    new = min(new, budget)
                     need = ceil_div_pow2_nb(done_tok + new, block_size) - hits
                     if need > free[r] - watermark:
                         break
@@ -744,9 +741,7 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
         if new == 0 or (prefill_only and new == 1 and s_computed[k] >= s_prompt[k]):
             k += 1  # its last tokens are still in the pipeline, or it would decode
             continue
-        if threshold > 0 and new > threshold:
-            new = threshold
-        new = min(new, budget)
+        _, new = chunk_nb(new, threshold, budget)
         need = blocks_needed_nb(s_computed[k], new, s_blocks[k], block_size)
         while need > free_r and running > k:
             running -= 1
@@ -898,8 +893,6 @@ def _outside_events(r, t_r, stateless, arrival, own_next, a, n, h_t, h_n, has_tu
         t_next = min(t_next, tree[1])
         _tree_update(tree, leaves, r, t_r)
     return t_next, t_next
-
-
 
 
 @njit(cache=True, error_model="numpy")

@@ -8,9 +8,10 @@ iterations its tokens, KV tokens and blocks follow from its state when it joined
 and the sums the cost model needs: how many decode, the sum of their context lengths, how many
 need a new block at each iteration phase (mod block_size), and a heap of the iteration at which
 each finishes (with a sliding window, also of the iteration at which it reaches the window, from
-which on it counts apart: its decodes read the window's keys, no more). Slots that are not steady decoders (a prefill in progress, a resumed request
-recomputing) stay explicit, as in exact mode, and are few. A batch's aggregates are sums of
-integers, so a single lazily scheduled iteration costs bit-for-bit what exact mode computes.
+which on it counts apart: its decodes read the window's keys, no more). Slots that are not steady
+decoders (a prefill in progress, a resumed request recomputing) stay explicit, as in exact mode,
+and are few. A batch's aggregates are sums of integers, so a single lazily scheduled iteration
+costs bit-for-bit what exact mode computes.
 
 What is approximate: a run of k decode-only iterations with an unchanged batch is summed in closed
 form. Each iteration's attention time is a smooth function of the batch's context tokens, which
@@ -39,7 +40,7 @@ from numba import njit
 from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
 from fastsim.engine import prefix_nb as px
-from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
+from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb, chunk_nb,
                                      div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_low_nb, itl_bin_nb,
                                      mod_pow2_nb, reserved_blocks_nb, sort_by_key_nb)
 from fastsim.engine.cost_nb import (FRAMEWORK_OVERHEAD_S, LAYERS, SPEC_DRAFT_ATTN, SPEC_EXPECTED, SPEC_TOKENS,
@@ -523,14 +524,6 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns,
     return done, freed
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _chunk(remaining, threshold, left):
-    """(tokens a running request asks for: its remaining ones, at most long_prefill_token_threshold;
-    what it gets of the `left` budget)."""
-    wish = min(remaining, threshold) if threshold > 0 else remaining
-    return wish, min(wish, left)
-
-
 # -- one iteration ------------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy", inline="always")
 def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, hit_buf):
@@ -557,7 +550,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
     need = phase[r, mod_pow2_nb(D, bs)] if n > 0 else 0
     for x in range(cnt[r, C_NEX]):
         k = ex_slot[r, x]
-        wish, new = _chunk(s_tokens[r, k] - s_computed[r, k], thr, left)
+        wish, new = chunk_nb(s_tokens[r, k] - s_computed[r, k], thr, left)
         if new < wish and s_seq[r, k] < cnt[r, C_MAXDEC]:
             return False, 0, agg, 0
         if new > 0:
@@ -591,7 +584,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
     left = ri[E.RI_MAX_TOKENS] - n
     for x in range(cnt[r, C_NEX]):
         k = ex_slot[r, x]
-        _, new = _chunk(s_tokens[r, k] - s_computed[r, k], thr, left)
+        _, new = chunk_nb(s_tokens[r, k] - s_computed[r, k], thr, left)
         if new <= 0:
             continue
         more = blocks_needed_nb(s_computed[r, k], new, s_blocks[r, k], bs)
@@ -621,12 +614,9 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
             done = hits * bs
         else:
             done = arrived_kv_nb(gen0, first_sched, i, prompt[i] + generated[i])
-        new = prompt[i] + generated[i] - done
-        if thr > 0 and new > thr:
-            new = thr
-        if ri[E.RI_CHUNKED] == 0 and new > left:
+        wish, new = chunk_nb(prompt[i] + generated[i] - done, thr, left)
+        if ri[E.RI_CHUNKED] == 0 and wish > left:
             break
-        new = min(new, left)
         need = ceil_div_pow2_nb(done + new, bs) - hits
         if need > free[r]:
             break
@@ -732,7 +722,7 @@ def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_to
         left, need, m = left0, 0, 0
         for x in range(cnt[r, C_NEX]):  # in admission order, as the budget was given out
             k = ex_slot[r, x]
-            _, new = _chunk(s_tokens[r, k] - s_computed[r, k], thr, left)
+            _, new = chunk_nb(s_tokens[r, k] - s_computed[r, k], thr, left)
             left -= new
             if k == v:
                 need = blocks_needed_nb(s_computed[r, k], new, s_blocks[r, k], bs) if new > 0 else 0
@@ -954,12 +944,9 @@ def head_may_start_nb(apc, apc_on, r, i, ri, running, decoding, dec_need, free_r
         done = hits * bs
     else:
         done = arrived_kv_nb(gen0, first_sched, i, prompt[i] + generated[i])
-    new = prompt[i] + generated[i] - done
     thr = ri[E.RI_THRESHOLD]
-    if thr > 0 and new > thr:
-        new = thr
-    chunk_ok = ri[E.RI_CHUNKED] != 0 or new <= room
-    new = min(new, room)
+    wish, new = chunk_nb(prompt[i] + generated[i] - done, thr, room)
+    chunk_ok = ri[E.RI_CHUNKED] != 0 or wish <= room
     reserved_ok = ri[E.RI_NO_EVICT] == 0 or reserved + final_blocks_nb(prompt[i], output[i], bs) <= ri[E.RI_NUM_BLOCKS]
     if chunk_ok and reserved_ok and ceil_div_pow2_nb(done + new, bs) - hits + idle <= free_r - dec_need:
         return True

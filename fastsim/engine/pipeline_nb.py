@@ -17,8 +17,8 @@ from numba import njit
 
 from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
-from fastsim.engine.batch_nb import (account_nb, add_to_batch_nb, arrived_kv_nb, ceil_div_pow2_nb, itl_add_nb,
-                                     mod_pow2_nb, move_slot_nb, reserved_blocks_nb, tally_gap_nb)
+from fastsim.engine.batch_nb import (account_nb, add_to_batch_nb, arrived_kv_nb, ceil_div_pow2_nb, chunk_nb,
+                                     itl_add_nb, mod_pow2_nb, move_slot_nb, reserved_blocks_nb, tally_gap_nb)
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, pp_send_time_nb, stage_time_nb
 from fastsim.engine.lazy_nb import head_may_start_nb
 
@@ -197,8 +197,9 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
     where two batches complete together (their requests then form one batch), where a group's next
     blocks may not fit (a preemption), after admitting a prompt in chunks, and, with requests
     waiting, at a decision without a completed batch where the head might start, or within one
-    whose group has just left (either way the head would form a group of its own). Under guaranteed_no_evict (whose promised blocks a finish changes) it
-    stops before a finish while requests wait instead of admitting.
+    whose group has just left (either way the head would form a group of its own). Under
+    guaranteed_no_evict (whose promised blocks a finish changes) it stops before a finish while
+    requests wait instead of admitting.
 
     Every batch costs the tabulated arithmetic of the plain path, its aggregates sums of integers,
     so the results are bit-identical. Returns (batches launched, the decision at which the plain
@@ -261,12 +262,9 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
                 i = q_head[r]
                 tokens = prompt[i] + generated[i]
                 done_tok = arrived_kv_nb(gen0, first_sched, i, tokens)
-                new = tokens - done_tok
-                if thr > 0 and new > thr:
-                    new = thr
-                if ri[E.RI_CHUNKED] == 0 and new > budget:
+                wish, new = chunk_nb(tokens - done_tok, thr, budget)
+                if ri[E.RI_CHUNKED] == 0 and wish > budget:
                     break
-                new = min(new, budget)
                 blocks = ceil_div_pow2_nb(done_tok + new, bs)
                 if blocks > free_r:
                     break
@@ -400,31 +398,17 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
     free[r] = free_r
     # Back to absolute counts. Every group left is in flight (its requests' tokens and computed
     # tokens level again), but the one whose completion made a turn due, which the rest of that
-    # decision schedules; a prompt admitted in chunks is kept as it is.
-    m = 0
+    # decision schedules; a prompt admitted in chunks (label -1) is kept as it is.
     for k in range(nphys):
-        if s_blocks[k] < 0:
-            continue
         g = label[k]
-        s_req[m] = s_req[k]
-        s_prompt[m] = s_prompt[k]
-        s_output[m] = s_output[k]
-        s_measured[m] = s_measured[k]
-        s_max_itl[m] = s_max_itl[k]
-        if g < 0:
-            s_computed[m] = s_computed[k]
-            s_tokens[m] = s_tokens[k]
-            s_blocks[m] = s_blocks[k]
-            s_last[m] = s_last[k]
-            s_sample[m] = -1
-        else:
-            s_computed[m] = s_computed[k] + gi[G_SCHED, g]
-            s_tokens[m] = s_tokens[k] + gi[G_DONE, g]
-            s_blocks[m] = max(s_blocks[k], ceil_div_pow2_nb(s_computed[m], bs))
-            # (a request admitted in the run keeps its own last token until its first completion)
-            s_last[m] = gf[G_LAST, g] if gi[G_DONE, g] > 0 and indiv[k] == 0 else s_last[k]
-            s_max_itl[m] = max(s_max_itl[k], gf[G_WORST, g])
-            s_sample[m] = gi[G_BID, g] if s_tokens[m] == s_computed[m] else -1
-        m += 1
-    n_running[r] = m
+        if s_blocks[k] < 0 or g < 0:
+            continue
+        s_computed[k] += gi[G_SCHED, g]
+        s_tokens[k] += gi[G_DONE, g]
+        s_blocks[k] = max(s_blocks[k], ceil_div_pow2_nb(s_computed[k], bs))
+        if gi[G_DONE, g] > 0 and indiv[k] == 0:  # (one admitted in the run keeps its own until then)
+            s_last[k] = gf[G_LAST, g]
+        s_max_itl[k] = max(s_max_itl[k], gf[G_WORST, g])
+        s_sample[k] = gi[G_BID, g] if s_tokens[k] == s_computed[k] else -1
+    n_running[r] = _compact(nphys, row, label, indiv)
     return batches, d_next, done, peak
