@@ -345,7 +345,7 @@ class Engine(_Strict):
         "serves a queue of more than 128 first-come-first-served). Default: lpm with prefix caching")
     max_num_seqs: int = Field(default=256, ge=1, le=1 << 20, description="most sequences in one iteration's batch")
     max_num_batched_tokens: int = Field(default=8192, ge=1, le=1 << 24, description="most tokens (prefill chunks + decodes) "
-                                        "in one iteration")
+                                        "in one iteration (vLLM and Dynamo: at least max_num_seqs)")
     block_size: Literal[1, 8, 16, 32, 64, 128, 256] = Field(
         default=16, description="tokens per KV block (vLLM's choices; SGLang's --page-size, 1 by default "
         "under framework: sglang)")
@@ -423,6 +423,11 @@ class Engine(_Strict):
         if self.framework in ("vllm", "dynamo") and self.schedule_policy == "lpm":
             raise ValueError("schedule_policy: lpm is SGLang's (vLLM serves first-come-first-served); "
                              "set framework: sglang or drop it")
+        if self.framework in ("vllm", "dynamo") and self.max_num_batched_tokens < self.max_num_seqs:
+            # vLLM refuses this at startup: a full batch of decodes would not fit in one step's tokens.
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than "
+                             f"max_num_seqs ({self.max_num_seqs}); raise max_num_batched_tokens to at least "
+                             f"{self.max_num_seqs} or lower max_num_seqs (vLLM refuses this too)")
         if self.framework == "sglang" and self.scheduler == "v0":
             raise ValueError("scheduler: v0 is vLLM's; SGLang has its own scheduler (drop scheduler)")
         if self.framework != "trtllm" and (self.capacity_scheduler_policy or self.kv_cache_free_gpu_mem_fraction):

@@ -55,3 +55,14 @@ def test_guaranteed_no_evict_never_preempts_where_max_utilization_does():
     assert no_evict["preemptions"] == 0 and max_util["preemptions"] > 0
     for s in (no_evict, max_util):  # every request served but those too long for the cache
         assert s["completed"] + s["rejected"] == 300 and s["unfinished"] == 0
+
+
+def test_token_budget_below_max_num_seqs_is_vllms_refusal_only():
+    """vLLM's SchedulerConfig refuses max_num_batched_tokens < max_num_seqs at startup; SGLang's
+    --chunked-prefill-size and TensorRT-LLM's max_num_tokens carry no such rule."""
+    for framework in ("vllm", "dynamo"):
+        with pytest.raises(FastsimError, match=r"max_num_batched_tokens \(128\) is smaller than max_num_seqs \(256\)"):
+            cfg(framework=framework, max_num_batched_tokens=128)
+    cfg(framework="vllm", max_num_batched_tokens=256)  # equal is allowed
+    for framework in ("sglang", "trtllm"):
+        cfg(framework=framework, max_num_batched_tokens=128, max_num_seqs=256)

@@ -194,6 +194,7 @@ def test_cli_validate_and_generate_config(tmp_path):
     (["--bogus"], "No such option: --bogus"),
     (["--set", "engine.scheduler=v0", "--set", "engine.enable_prefix_caching=true"], "scheduler v1 only"),
     (["--set", "engine.schedule_policy=lpm"], "lpm is SGLang's"),
+    (["--set", "engine.max_num_batched_tokens=128"], "max_num_batched_tokens (128) is smaller than max_num_seqs (256)"),
     (["--set", "engine.framework=sglang", "--set", "engine.scheduler=v0"], "scheduler: v0 is vLLM's"),
     (["--set", "cluster.router=prefix_aware", "--set", "engine.data_parallel_size=2"], "prefix_aware"),
     (["--set", "workload.clients.0.conversation.turns.dist=constant"], "workload.clients.0.conversation"),
