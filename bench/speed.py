@@ -14,8 +14,9 @@ shares content, so it changes no result, only the work).
 stages) rather than scheduled in full.
 
 Variant rows (ShareGPT at 80% of each one's own capacity): EAGLE speculative decoding, Mistral-7B-v0.1's
-sliding window, SGLang's scheduler with its radix cache, Dynamo on one GPU (vLLM with prefix
-caching behind its KV-aware router), pipeline parallelism over 2 and 4 GPUs.
+sliding window, SGLang's scheduler with its radix cache, Dynamo on one GPU and on 4 (vLLM with
+prefix caching behind its KV-aware router, which reads every replica's cache at each arrival),
+pipeline parallelism over 2 and 4 GPUs.
 
 Usage: python bench/speed.py [--sizes 10000,100000,1000000] [--replicas 1,64] [--bwb 20000]
        [--overload 1.2] [--prefix-caching 100000] [--variants 20000]
@@ -51,7 +52,7 @@ VARIANTS = {
                                                  "acceptance_rate": 0.7}}},
     "window": {"model": "mistralai/Mistral-7B-v0.1"},  # a 4,096-token sliding window
     "sglang": {"engine": {"framework": "sglang"}},  # page size 1, radix cache on
-    "dynamo": {"engine": {"framework": "dynamo"}},  # vLLM with prefix caching, KV-aware router
+    "dynamo": {"engine": {"framework": "dynamo"}, "cluster": {"router": "kv_aware"}},  # vLLM with prefix caching
     "pp2": {"engine": {"pipeline_parallel_size": 2}},  # micro-batches: stepped in O(P) each
     "pp4": {"engine": {"pipeline_parallel_size": 4}},
 }
@@ -78,7 +79,7 @@ def one_run(n: int, rate: float, repeats: int, replicas: int, mode: str, dataset
     cfg["workload"]["clients"][0]["dataset"]["name"] = dataset
     cfg["workload"]["clients"][0]["arrival"]["rate"] = rate * replicas
     cfg["engine"]["data_parallel_size"] = replicas
-    cfg["cluster"] = {"router": "round_robin"}
+    cfg.setdefault("cluster", {"router": "round_robin"})
     if apc:
         cfg["engine"]["enable_prefix_caching"] = True
     small = json.loads(json.dumps(cfg))
@@ -164,6 +165,8 @@ def main() -> None:
     runs += [("bwb", a.overload, 1, a.bwb, False, "plain")] if a.bwb and a.overload else []
     runs += [("sharegpt", 0.8, 1, a.prefix_caching, True, "plain")] if a.prefix_caching else []
     runs += [("sharegpt", 0.8, 1, a.variants, False, v) for v in VARIANTS if v != "plain"] if a.variants else []
+    # Dynamo's router reads every replica's prefix cache at each arrival: the same, over 4 replicas.
+    runs += [("sharegpt", 0.8, 4, a.variants, False, "dynamo")] if a.variants else []
     for dataset, load, replicas, n, apc, variant in runs:
         line = f"{dataset:>8} {variant:>7} {load:>4.2f} {'on' if apc else 'off':>3} {replicas:>8} {n:>10,}"
         got = {}

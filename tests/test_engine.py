@@ -35,7 +35,7 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
         num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
         timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None,
         fast_decode=True, prefix_caching=False, block_ids=None, turns=None, content=None,
-        route_params=(0.5, 32, 1.0001), sglang=False, lpm=False, fast=False, no_evict=False, kv0=None, spec=None):
+        route_params=(0.5, 32, 1.0001, 1.0), sglang=False, lpm=False, fast=False, no_evict=False, kv0=None, spec=None):
     ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
                                             chunked, threshold, v0, overhead_s, stages, spec)
     arrivals = np.asarray(arrivals, dtype=np.float64)

@@ -180,16 +180,17 @@ def compare(a, b, batch):
            st.lists(st.sampled_from([-1.0, -1.0, 0.0, 0.05]), min_size=n, max_size=n))),
        e=engines, replicas=st.integers(1, 3), caching=st.booleans(), max_time=st.sampled_from([np.inf, 1.5]),
        policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV,
-                               E.ROUTE_PREFIX_AWARE]),
+                               E.ROUTE_PREFIX_AWARE, E.ROUTE_KV_AWARE]),
        system_prompt=st.sampled_from([0, 0, 24, 100]), spec=st.sampled_from([0, 0, 1, 2]),
        sliding=st.sampled_from([0, 0, 40, 300]))
 def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time, policy, system_prompt, spec,
                                               sliding):
     """Random workloads through both modes: chunked prefill, long-prefill thresholds, preemptions
-    (small caches), conversations (a request's next turn after a think time), 1-3 replicas, five
-    routers, a time limit, V0 (which fast mode steps as exact mode), prefix caching with shared
-    content (a system prompt, and the turns of a conversation sharing their tokens), speculative
-    decoding, and a sliding window (Mistral-7B's, cut short so that decodes reach it)."""
+    (small caches), conversations (a request's next turn after a think time), 1-3 replicas, six
+    routers (two read the replicas' prefix caches), a time limit, V0 (which fast mode steps as exact
+    mode), prefix caching with shared content (a system prompt, and the turns of a conversation
+    sharing their tokens), speculative decoding, and a sliding window (Mistral-7B's, cut short so
+    that decodes reach it)."""
     arrivals, prompts, outputs, think = wl
     kept = _fits(prompts, outputs, e)
     if not kept:
@@ -268,6 +269,26 @@ def test_a_lone_replica_behind_a_router_that_reads_state_is_still_summed(policy)
     compare(a, b, 256)
     assert (a["replica"] == 0).all() and b["counters"][6] > 0
     assert a["counters"][9] > 0.8 * a["counters"][0]  # summed in closed form
+
+
+@pytest.mark.parametrize("policy", [E.ROUTE_PREFIX_AWARE, E.ROUTE_KV_AWARE])
+def test_replicas_behind_a_router_that_reads_their_caches_are_summed_and_exact(policy):
+    """Three replicas whose prefix caches run out (evictions) behind a router that reads them at
+    every arrival (six system prompts of 256 tokens, one per request in turn: where one is cached
+    bears on where the next request with it goes): the lazy form's pending blocks leave the free
+    list before the router reads it, so routing, hits and evictions are exact mode's, and most
+    iterations are still summed."""
+    arrivals, prompts, outputs = long_run(600)
+    n = len(prompts)
+    content = {"seq_id": np.arange(n, dtype=np.int64), "shared_tokens": np.full(n, 256),
+               "shared_id": np.arange(n, dtype=np.int64) % 6}
+    kw = dict(timeline=False, num_blocks=500, prefix_caching=True, content=content, policy=policy, replicas=3)
+    a = run(arrivals, prompts, outputs, fast=True, **kw)
+    b = run(arrivals, prompts, outputs, fast=False, **kw)
+    compare(a, b, 3 * 256)
+    assert np.bincount(b["replica"], minlength=3).min() > n // 10  # the router spreads them
+    assert b["counters"][:, 6].sum() > 0 and b["counters"][:, 7].sum() > 0  # evictions, hits
+    assert a["counters"][:, 9].sum() > 0.7 * a["counters"][:, 0].sum()  # summed in closed form
 
 
 @pytest.mark.parametrize("num_blocks", [100, 130])

@@ -319,13 +319,9 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     # Fast mode's lazy form, where it applies.
     lz_ok = np.zeros(n_rep, np.bool_)
     max_bs = 1
-    # (A router that reads the replicas' prefix caches would read them between decisions, where the
-    # lazy form leaves its decoders' blocks on the free list until its next decision.)
-    reads_caches = policy == E.ROUTE_PREFIX_AWARE or policy == E.ROUTE_KV_AWARE
     for r in range(n_rep):
         lz_ok[r] = (lazy and not record_timeline and rep_int[r, E.RI_STAGES] == 1
-                    and not rep_int[r, E.RI_V0] and not (rep_int[r, E.RI_APC] and reads_caches)
-                    and not rep_int[r, E.RI_SGLANG])
+                    and not rep_int[r, E.RI_V0] and not rep_int[r, E.RI_SGLANG])
         max_bs = max(max_bs, rep_int[r, E.RI_BLOCK_SIZE])
     lz = lz_nb.lazy_state_nb(n_rep, max_seqs, max_bs, lz_ok.any())
     for r in range(n_rep):
@@ -414,6 +410,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
     record_timeline, fast_decode = limits[0] != 0, limits[1] != 0
     leaves, max_stages, max_seqs = limits[2], limits[3], limits[4]
     stateless, has_turns = limits[5] != 0, limits[6] != 0
+    reads_caches = policy == E.ROUTE_PREFIX_AWARE or policy == E.ROUTE_KV_AWARE
     tok_table, seq_table = tables
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
     itl_hist, itl = itl_acc
@@ -465,6 +462,12 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                         dst = dest[ai]
                         own_next[dst] = next_same[ai]
                     else:
+                        if reads_caches:
+                            # The lazy form leaves its decoders' blocks on the free list until the
+                            # list is next read: the router reads it now.
+                            for rr in range(n_rep):
+                                if lz_ok[rr]:
+                                    lz_nb.apc_flush_nb(lz, rr, apc)
                         dst = _route(policy, route_params, ai, n_rep, rr_next, draw, session, session_replica,
                                      outstanding, free, apc, rep_int, prompt)
                         rr_next += 1

@@ -269,11 +269,11 @@ def _release_slot(lz, r, k):
 # A lazy decoder's blocks are all private (it joins only once its shared blocks are full and
 # named), so which blocks it takes does not matter, only how many: the count builds up (C_PEND) and
 # leaves the head of the free list when the list is next read or taken from other than by a
-# return to its tail (a lookup, an admission's or a prefill's blocks, a preemption). Taking blocks
+# return to its tail (a lookup, the replica's own or a router's; an admission's or a prefill's blocks, a preemption). Taking blocks
 # later changes nothing: the list is first in, first out, and those blocks were there before
 # anything returned since.
 @njit(cache=True, error_model="numpy", inline="always")
-def _apc_flush(lz, r, apc):
+def apc_flush_nb(lz, r, apc):
     """The blocks the lazy decoders took, off the free list now."""
     c = lz[0][r, C_PEND]
     if c > 0:
@@ -412,7 +412,7 @@ def to_exact_nb(lz, r, slots, n_running, bs, scratch, apc, apc_on):
     s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
     used, seqs, tmp = scratch[0], scratch[1], scratch[2]
     if apc_on:
-        _apc_flush(lz, r, apc)
+        apc_flush_nb(lz, r, apc)
     m = 0
     for k in range(s_state.shape[1]):
         st = s_state[r, k]
@@ -578,7 +578,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
     dec_now = phase[r, mod_pow2_nb(D, bs)] if n > 0 else 0
     taken_now = 0
     if apc_on and (cnt[r, C_NEX] > 0 or n_waiting[r] > 0):
-        _apc_flush(lz, r, apc)
+        apc_flush_nb(lz, r, apc)
     agg = (n, _keys(cnt, r), 0, 0, 0.0, 0.0)
     n_sched = n
     left = ri[E.RI_MAX_TOKENS] - n
@@ -600,7 +600,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
     if apc_on:
         cnt[r, C_PEND] += dec_now - taken_now
         if n_waiting[r] > 0:
-            _apc_flush(lz, r, apc)
+            apc_flush_nb(lz, r, apc)
     if n_preempted > 0:  # (vLLM admits no waiting request in a step that preempted)
         return True, n_sched, agg, n_preempted
     no_evict = ri[E.RI_NO_EVICT] != 0
@@ -737,7 +737,7 @@ def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_to
     max_itl[i] = s_max_itl[r, v]
     preempts[i] += 1
     if apc_on:  # it may find its own blocks again: they become public (see prefix_nb)
-        _apc_flush(lz, r, apc)
+        apc_flush_nb(lz, r, apc)
         px.apc_publish_nb(apc, r, v, i, bs)
         free[r] += px.apc_release_nb(apc, r, v)
     else:
@@ -987,7 +987,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         if last_iter <= 0:
             return 0, t_r, 0, 0
         if apc_on:
-            _apc_flush(lz, r, apc)  # (the head's lookup reads the free list)
+            apc_flush_nb(lz, r, apc)  # (the head's lookup reads the free list)
         reserved = reserved_blocks_nb(s_prompt[r], s_output[r], lz[5][r], lz[5].shape[1], True, bs) \
             if ri[E.RI_NO_EVICT] != 0 else 0
         if head_may_start_nb(apc, apc_on, r, q_head[r], ri, n, n, phase[r, mod_pow2_nb(D, bs)], free_r, reserved,
