@@ -667,10 +667,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     generated, last_tok, max_itl, preempts, apc, ri[E.RI_APC] != 0, False)
                 step_preempts += more_preempts
                 if sg and n_sched > 0:
-                    if step_preempts > 0:  # a retraction: expect more output again
-                        nt_ratio[r] = E.SGL_INIT_NEW_TOKEN_RATIO
-                    else:
-                        nt_ratio[r] = max(nt_ratio[r] - E.SGL_NEW_TOKEN_RATIO_DECAY, E.SGL_MIN_NEW_TOKEN_RATIO)
+                    _sgl_decoded(nt_ratio, r, 1, step_preempts > 0)
         rep_preempts[r] += step_preempts
 
         if n_sched > 0:
@@ -877,6 +874,20 @@ def _enqueue(i, r, session, session_replica, replica, rep_requests, outstanding,
         q_next[q_tail[r]] = i
     q_tail[r] = i
     n_waiting[r] += 1
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _sgl_decoded(nt_ratio, r, steps, retracted):
+    """SGLang replica r's new-token ratio after `steps` decode steps: back to its start after a
+    retraction (expect more output again), else lowered by the decay each step down to its floor
+    (step by step: the plain path's rounding)."""
+    if retracted:
+        nt_ratio[r] = E.SGL_INIT_NEW_TOKEN_RATIO
+        return
+    for _ in range(steps):
+        if nt_ratio[r] <= E.SGL_MIN_NEW_TOKEN_RATIO:
+            break
+        nt_ratio[r] = max(nt_ratio[r] - E.SGL_NEW_TOKEN_RATIO_DECAY, E.SGL_MIN_NEW_TOKEN_RATIO)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -1099,8 +1110,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     if by_count:
         px.apc_pop_nb(apc, r, pend)
     if sg:
-        for _ in range(j):  # (step by step: the plain path's rounding)
-            nt_ratio[r] = max(nt_ratio[r] - E.SGL_NEW_TOKEN_RATIO_DECAY, E.SGL_MIN_NEW_TOKEN_RATIO)
+        _sgl_decoded(nt_ratio, r, j, False)
     m = 0
     for k in range(nrun):
         if s_blocks[k] < 0:
