@@ -524,10 +524,18 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             _tree_update(tree, leaves, r, t_r)
             continue
 
-        # Fast mode: a replica in exact form with nothing in flight goes (back) to lazy form.
-        if lazy_r and not on and fl_count[r] == 0:
+        # Fast mode: a replica in exact form with nothing in flight goes (back) to lazy form, unless
+        # a request would decode there as an explicit slot (lz_nb.stuck_nb); in lazy form, one that
+        # has come to do so sends it back.
+        if on and lz[0][r, lz_nb.C_STUCK] != 0:
+            lz_nb.to_exact_nb(lz, r, slots, n_running, block_size, scratch, apc, ri[E.RI_APC] != 0)
+            lz[0][r, lz_nb.C_EXITS] += 1
+            on = False
+        elif lazy_r and not on and fl_count[r] == 0:
             if lz[0][r, lz_nb.C_COOL] > 0:
                 lz[0][r, lz_nb.C_COOL] -= 1
+            elif lz_nb.stuck_nb(slots, r, n_running[r], block_size, apc, ri[E.RI_APC] != 0):
+                lz[0][r, lz_nb.C_COOL] = lz_nb.COOLDOWN
             else:
                 lz_nb.to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, block_size, apc, ri[E.RI_APC] != 0)
                 on = True

@@ -70,7 +70,8 @@ C_PEND = 13      # prefix caching: blocks the lazy decoders took, not yet taken 
 C_SUMMED = 14    # iterations summed in closed form
 C_NCAP = 15      # sliding window: lazy decoders that have reached it (each reads `window` keys)
 C_WINDOW = 16    # the replica's sliding window (0: none)
-N_C = 17
+C_STUCK = 17     # prefix caching: an explicit slot decodes into shareable blocks to its end (see stuck_nb)
+N_C = 18
 # A decode reads min(tokens, window) keys, so the lazy decoders' keys at clock D are
 # SUML + (NDEC - NCAP) D + window NCAP: a decoder moves to the capped count at the clock it
 # reaches the window, an event like a finish.
@@ -289,6 +290,13 @@ def _apc_joins(apc, apc_on, r, k):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _decodes_public(apc, apc_on, r, k, slots, bs):
+    """Slot k, a decoder, cannot join the lazy decoders before it finishes."""
+    return not _apc_joins(apc, apc_on, r, k) and px.apc_public_to_end_nb(apc, r, k, slots[1][r, k] + slots[4][r, k],
+                                                                          bs)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _apc_sync(apc, r, k, slots, bs):
     """Lazy decoder k, just written out: its private blocks and named blocks in the cache's slot."""
     px.apc_sync_private_nb(apc, r, k, slots[5][r, k], slots[2][r, k] - 1, bs)
@@ -376,7 +384,7 @@ def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs, apc, apc_on):
     n = n_running[r]
     for f in range(bs):
         phase[r, f] = 0
-    for c in (C_NDEC, C_SUML, C_NMEAS, C_NEX, C_STKN, C_PEND, C_NCAP):
+    for c in (C_NDEC, C_SUML, C_NMEAS, C_NEX, C_STKN, C_PEND, C_NCAP, C_STUCK):
         cnt[r, c] = 0
     lz[9][r] = 0
     cnt[r, C_MAXDEC] = -1
@@ -402,6 +410,25 @@ def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs, apc, apc_on):
         m += 1
     cnt[r, C_NFREE] = m
     cnt[r, C_ON] = 1
+
+
+@njit(cache=True, error_model="numpy")
+def stuck_nb(slots, r, n, bs, apc, apc_on):
+    """Whether one of replica r's n running slots (exact form) decodes into blocks that may be
+    shared up to its last token (a conversation's turn: the next turn's prompt holds its output).
+    It would decode as an explicit slot to its end, and while one does, the lazy form sums no run
+    and schedules every iteration in full, where exact mode's decode stretch steps them in O(1)
+    each. (One shareable only for a while, under a system prompt longer than its own prompt, joins
+    the lazy decoders once past it.)"""
+    if not apc_on:
+        return False
+    s_prompt, s_tokens, s_computed = slots[1], slots[2], slots[3]
+    for k in range(n):
+        if (s_tokens[r, k] - s_computed[r, k] == 1 and s_computed[r, k] >= s_prompt[r, k]
+                and _decodes_public(apc, apc_on, r, k, slots, bs)):
+            return True
+    return False
+
 
 
 @njit(cache=True, error_model="numpy")
@@ -515,6 +542,8 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns,
         elif 0 <= s_blocks[r, k] * bs - s_computed[r, k] < bs and _apc_joins(apc, apc_on, r, k):
             _join(lz, r, k, slots, bs)
         else:
+            if s_computed[r, k] >= s_prompt[r, k] and _decodes_public(apc, apc_on, r, k, slots, bs):
+                cnt[r, C_STUCK] = 1
             ex_slot[r, m] = k
             m += 1
     cnt[r, C_NEX] = m

@@ -524,6 +524,14 @@ def apc_private_from_here_nb(apc, r, k):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def apc_public_to_end_nb(apc, r, k, final_tokens, block_size):
+    """Whether slot k's shareable blocks reach past the last block it fills, holding `final_tokens`
+    at its end (its last token's KV is never computed): it never decodes into private blocks only
+    (a conversation's turn: the next turn's prompt holds all of it)."""
+    return apc[3][r, SHARED, k] > div_pow2_nb(final_tokens - 1, block_size)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def apc_sync_private_nb(apc, r, k, blocks, computed, block_size):
     """Slot k (apc_private_from_here_nb), now holding `blocks` blocks with `computed` tokens in
     them, the new ones taken as a count: its columns as taking and naming them one by one leaves
