@@ -270,9 +270,9 @@ def _release_slot(lz, r, k):
 # A lazy decoder's blocks are all private (it joins only once its shared blocks are full and
 # named), so which blocks it takes does not matter, only how many: the count builds up (C_PEND) and
 # leaves the head of the free list when the list is next read or taken from other than by a
-# return to its tail (a lookup, the replica's own or a router's; an admission's or a prefill's blocks, a preemption). Taking blocks
-# later changes nothing: the list is first in, first out, and those blocks were there before
-# anything returned since.
+# return to its tail (a lookup, the replica's own or a router's; an admission's or a prefill's
+# blocks, a preemption). Taking blocks later changes nothing: the list is first in, first out,
+# and those blocks were there before anything returned since.
 @njit(cache=True, error_model="numpy", inline="always")
 def apc_flush_nb(lz, r, apc):
     """The blocks the lazy decoders took, off the free list now."""
@@ -292,8 +292,8 @@ def _apc_joins(apc, apc_on, r, k):
 @njit(cache=True, error_model="numpy", inline="always")
 def _decodes_public(apc, apc_on, r, k, slots, bs):
     """Slot k, a decoder, cannot join the lazy decoders before it finishes."""
-    return not _apc_joins(apc, apc_on, r, k) and px.apc_public_to_end_nb(apc, r, k, slots[1][r, k] + slots[4][r, k],
-                                                                          bs)
+    final_tokens = slots[1][r, k] + slots[4][r, k]  # prompt + output
+    return not _apc_joins(apc, apc_on, r, k) and px.apc_public_to_end_nb(apc, r, k, final_tokens, bs)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -428,7 +428,6 @@ def stuck_nb(slots, r, n, bs, apc, apc_on):
                 and _decodes_public(apc, apc_on, r, k, slots, bs)):
             return True
     return False
-
 
 
 @njit(cache=True, error_model="numpy")
