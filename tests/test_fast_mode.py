@@ -275,8 +275,10 @@ def test_a_lone_replica_behind_a_router_that_reads_state_is_still_summed(policy)
     assert a["counters"][9] > 0.8 * a["counters"][0]  # summed in closed form
 
 
-@pytest.mark.parametrize("policy", [E.ROUTE_PREFIX_AWARE, E.ROUTE_KV_AWARE])
-def test_replicas_behind_a_router_that_reads_their_caches_are_summed_and_exact(policy):
+# Cache sizes at which a router reading the free list before the lazy decoders' pending blocks
+# leave it routes differently: without the flush each case fails, kv_aware's by one request.
+@pytest.mark.parametrize("policy, num_blocks", [(E.ROUTE_PREFIX_AWARE, 500), (E.ROUTE_KV_AWARE, 300)])
+def test_replicas_behind_a_router_that_reads_their_caches_are_summed_and_exact(policy, num_blocks):
     """Three replicas whose prefix caches run out (evictions) behind a router that reads them at
     every arrival (six system prompts of 256 tokens, one per request in turn: where one is cached
     bears on where the next request with it goes): the lazy form's pending blocks leave the free
@@ -286,7 +288,7 @@ def test_replicas_behind_a_router_that_reads_their_caches_are_summed_and_exact(p
     n = len(prompts)
     content = {"seq_id": np.arange(n, dtype=np.int64), "shared_tokens": np.full(n, 256),
                "shared_id": np.arange(n, dtype=np.int64) % 6}
-    kw = dict(timeline=False, num_blocks=500, prefix_caching=True, content=content, policy=policy, replicas=3)
+    kw = dict(timeline=False, num_blocks=num_blocks, prefix_caching=True, content=content, policy=policy, replicas=3)
     a = run(arrivals, prompts, outputs, fast=True, **kw)
     b = run(arrivals, prompts, outputs, fast=False, **kw)
     compare(a, b, 3 * 256)
