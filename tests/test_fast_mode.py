@@ -171,6 +171,12 @@ def compare(a, b, batch):
     ca, cb = np.cumsum(a["itl_hist"]), np.cumsum(b["itl_hist"])
     assert ca[-1] == cb[-1]
     assert np.abs(ca - cb).max() <= batch
+    # Timeline rows (with output.timeline): the same iterations, replica by replica (across
+    # replicas, starts equal in one mode may differ by rounding in the other).
+    ta, tb = (t[np.lexsort((t[:, E.TL_START_S], t[:, E.TL_REPLICA]))] for t in (a["timeline"], b["timeline"]))
+    assert ta.shape == tb.shape
+    np.testing.assert_array_equal(ta[:, E.TL_NUM_SEQS:], tb[:, E.TL_NUM_SEQS:])
+    np.testing.assert_allclose(ta[:, :E.TL_NUM_SEQS], tb[:, :E.TL_NUM_SEQS], rtol=1e-9, atol=1e-12)
 
 
 @given(wl=st.integers(1, 40).flatmap(lambda n: st.tuples(
@@ -182,15 +188,16 @@ def compare(a, b, batch):
        policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV,
                                E.ROUTE_PREFIX_AWARE, E.ROUTE_KV_AWARE]),
        system_prompt=st.sampled_from([0, 0, 24, 100]), spec=st.sampled_from([0, 0, 1, 2]),
-       sliding=st.sampled_from([0, 0, 40, 300]))
+       sliding=st.sampled_from([0, 0, 40, 300]), timeline=st.sampled_from([False, False, True]))
 def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time, policy, system_prompt, spec,
-                                              sliding):
+                                              sliding, timeline):
     """Random workloads through both modes: chunked prefill, long-prefill thresholds, preemptions
     (small caches), conversations (a request's next turn after a think time), 1-3 replicas, six
     routers (two read the replicas' prefix caches), a time limit, V0 (which fast mode steps as exact
     mode), prefix caching with shared content (a system prompt, and the turns of a conversation
-    sharing their tokens), speculative decoding, and a sliding window (Mistral-7B's, cut short so
-    that decodes reach it)."""
+    sharing their tokens), speculative decoding, a sliding window (Mistral-7B's, cut short so that
+    decodes reach it), and the timeline (a row per iteration, summed ones too; exact mode then
+    schedules every iteration in full)."""
     arrivals, prompts, outputs, think = wl
     kept = _fits(prompts, outputs, e)
     if not kept:
@@ -204,7 +211,7 @@ def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time,
     think_s = [think[i] + 1e-6 * i if i > 0 and nxt[i - 1] == i else -1.0 for i in range(n)]
     kw = dict(max_num_seqs=e["max_num_seqs"], max_num_batched_tokens=e["max_num_batched_tokens"],
               block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
-              threshold=e["threshold"], v0=e["v0"] and not caching, timeline=False, replicas=replicas,
+              threshold=e["threshold"], v0=e["v0"] and not caching, timeline=timeline, replicas=replicas,
               policy=policy, max_time_s=max_time, prefix_caching=caching, turns=(nxt, think_s),
               no_evict=e["no_evict"] and not caching, spec=SPECS[spec], cm=windowed(sliding) if sliding else CM)
     kw["kv0"] = preloaded(arrivals, outputs, not caching and n % 2 == 0)
@@ -297,6 +304,22 @@ def test_replicas_behind_a_router_that_reads_their_caches_are_summed_and_exact(p
     assert a["counters"][:, 9].sum() > 0.7 * a["counters"][:, 0].sum()  # summed in closed form
 
 
+def test_a_timeline_keeps_fast_mode_summing_and_its_rows_in_order_of_start():
+    """Three replicas with output.timeline: the runs summed in closed form write their rows (one
+    per iteration, as exact mode's), and the table comes out in order of start, though a summed
+    run's rows are written ahead of the other replicas' between."""
+    arrivals, prompts, outputs = long_run(400)
+    kw = dict(timeline=True, num_blocks=1000, replicas=3, policy=E.ROUTE_LEAST_REQUESTS)
+    a = run(arrivals, prompts, outputs, fast=True, **kw)
+    b = run(arrivals, prompts, outputs, fast=False, **kw)
+    compare(a, b, 3 * 256)
+    tl = a["timeline"]
+    assert tl.shape[0] == a["counters"][:, 0].sum()  # a row per iteration
+    assert (np.diff(tl[:, E.TL_START_S]) >= 0).all()
+    assert not (np.diff(tl[:, E.TL_REPLICA]) == 0).all()  # replicas interleave
+    assert a["counters"][:, 9].sum() > 0.8 * a["counters"][:, 0].sum()  # summed in closed form
+
+
 @pytest.mark.parametrize("num_blocks", [100, 130])
 def test_a_chunked_prefill_preempted_in_lazy_form_matches_exact_mode(num_blocks):
     """Two decoders grow while a 2,000-token prompt is prefilled in chunks the budget cuts (256
@@ -327,7 +350,7 @@ def test_worst_gap_record_overflowing_is_folded_into_the_requests():
     arrivals = [0.0] + [0.2 * j for j in range(1, n)]
     prompts = [10] + [1500 - j for j in range(1, n)]
     outputs = [40_000] + [1] * (n - 1)
-    a = run(arrivals, prompts, outputs, fast=True, timeline=False, num_blocks=20_000)
+    a = run(arrivals, prompts, outputs, fast=True, timeline=True, num_blocks=20_000)
     b = run(arrivals, prompts, outputs, fast=False, timeline=True, num_blocks=20_000)
     compare(a, b, 256)
     tl = b["timeline"]

@@ -320,7 +320,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     lz_ok = np.zeros(n_rep, np.bool_)
     max_bs = 1
     for r in range(n_rep):
-        lz_ok[r] = (lazy and not record_timeline and rep_int[r, E.RI_STAGES] == 1
+        lz_ok[r] = (lazy and rep_int[r, E.RI_STAGES] == 1
                     and not rep_int[r, E.RI_V0] and not rep_int[r, E.RI_SGLANG])
         max_bs = max(max_bs, rep_int[r, E.RI_BLOCK_SIZE])
     lz = lz_nb.lazy_state_nb(n_rep, max_seqs, max_bs, lz_ok.any())
@@ -377,7 +377,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         counters[r, 8] = lz[0][r, lz_nb.C_EXITS] if lz_ok[r] else 0
         counters[r, 9] = lz[0][r, lz_nb.C_SUMMED] if lz_ok[r] else 0
     return (status, first_sched, first_tok, finish, generated, preempts, max_itl, replica,
-            itl_hist, itl, timeline[:n_tl].copy(), counters, rep_time, cached, arrival)
+            itl_hist, itl, _by_start(timeline[:n_tl]), counters, rep_time, cached, arrival)
 
 
 def _without_refcounts(fn):
@@ -492,7 +492,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
         # its own arrivals and decides in a chain, never through the tree. (With more replicas a
         # chain must yield to any replica deciding earlier; 64 replicas measured slower that way
         # than through the tree, so they go through it.)
-        own = stateless and lazy_r and n_rep == 1
+        own = stateless and lazy_r and n_rep == 1 and not record_timeline  # (a chain skips the timeline's room check)
         if own:
             # Routing reads no state, so this replica's arrivals concern no one else: it takes in
             # those due by now itself (as the loop would have, just before this decision), and the
@@ -550,9 +550,11 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     r, t_r, t_next_arrival, max_time_s, ri, p, tables, requests, slots, replicas, lz_queue, flight,
                     max_stages, (last_tok, measured, cached, first_tok), itl_acc, turns, scratch[6], apc, hit_bufs[r])
             elif on:
+                loop_state[3] = n_tl
                 k_iters, t_end, done, peak = lz_nb.run_nb(
                     lz, r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, slots, lz_replicas, lz_queue,
-                    lz_run_reqs, itl_acc, turns, apc, hit_bufs[r])
+                    lz_run_reqs, itl_acc, turns, apc, hit_bufs[r], (timeline, loop_state, limits))
+                n_tl = loop_state[3]
             else:
                 k_iters, t_end, done, peak = _decode_run(
                     r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas,
@@ -707,9 +709,11 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
         nxt = pp.next_decision_nb(p, r, t_r, n_sched > 0, stages, stage_free, flight)
         if own and nxt == INF and own_next[r] >= 0:
             nxt = arrival[own_next[r]]  # idle: its own next arrival wakes it
-        if lazy_r and lz[0][r, lz_nb.C_ON] != 0 and stages == 1 and nxt <= max_time_s and nxt < INF and (
-                own or n_sched > 0 and nxt < _outside_events(r, nxt, stateless, arrival, own_next, a, n, h_t, h_n,
-                                                             has_turns, n_rep, policy, tree, leaves)[0]):
+        may_chain = (lazy_r and lz[0][r, lz_nb.C_ON] != 0 and stages == 1 and not record_timeline
+                     and nxt <= max_time_s and nxt < INF)
+        if may_chain and (own or n_sched > 0 and nxt < _outside_events(r, nxt, stateless, arrival, own_next, a, n,
+                                                                       h_t, h_n, has_turns, n_rep, policy, tree,
+                                                                       leaves)[0]):
             # Fast mode: nothing can arrive before this batch ends (or what arrives is a lone
             # replica's own, taken in at its decision) and nothing else reads this replica, so it
             # decides next straight away (the tree keeps its old time until the chain ends).
@@ -882,6 +886,13 @@ def _enqueue(i, r, session, session_replica, replica, rep_requests, outstanding,
         q_next[q_tail[r]] = i
     q_tail[r] = i
     n_waiting[r] += 1
+
+
+@njit(cache=True, error_model="numpy")
+def _by_start(timeline):
+    """The timeline's rows in order of start (stable: as written where equal). Fast mode writes a
+    replica's summed run of iterations at once, ahead of other replicas' rows between."""
+    return timeline[np.argsort(timeline[:, E.TL_START_S], kind="mergesort")]
 
 
 @njit(cache=True, error_model="numpy", inline="always")

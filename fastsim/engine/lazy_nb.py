@@ -847,6 +847,33 @@ def _runs(t, b0, a1, a2, j, total, t_arrival, max_time_s):
         (max_time_s == np.inf or t + _elapsed(b0, a1, a2, j) <= max_time_s)
 
 
+@njit(cache=True, error_model="numpy")
+def _timeline_rows(timeline, tl_state, r, t, b0, a1, a2, k, n, phase, D, bs, used, waiting, running):
+    """The timeline's rows of a run's k decode-only iterations from t, as exact mode writes one at
+    each (its blocks in use after the iteration takes its new ones)."""
+    row_n = tl_state[3]
+    f = mod_pow2_nb(D, bs)
+    for u in range(k):
+        used += phase[r, f]
+        f += 1
+        if f == bs:
+            f = 0
+        row = timeline[row_n]
+        row[E.TL_START_S] = t + _elapsed(b0, a1, a2, u)
+        row[E.TL_DURATION_S] = b0 + a1 * u + a2 * u * u
+        row[E.TL_NUM_SEQS] = n
+        row[E.TL_NUM_TOKENS] = n
+        row[E.TL_PREFILL_TOKENS] = 0
+        row[E.TL_NUM_DECODES] = n
+        row[E.TL_KV_BLOCKS_USED] = used
+        row[E.TL_NUM_WAITING] = waiting
+        row[E.TL_NUM_RUNNING] = running
+        row[E.TL_PREEMPTIONS] = 0
+        row[E.TL_REPLICA] = r
+        row_n += 1
+    tl_state[3] = row_n
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def _last_run(t, b0, a1, a2, kmax, total, t_arrival, max_time_s):
     """How many of a run's kmax iterations from t run (_runs is monotone in j: the largest j that
@@ -984,12 +1011,14 @@ def head_may_start_nb(apc, apc_on, r, i, ri, running, decoding, dec_need, free_r
 
 @njit(cache=True, error_model="numpy", inline="always")
 def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, replicas, queue, reqs, itl_acc,
-           turns, apc, hit_buf):
+           turns, apc, hit_buf, tl):
     """Lazy replica r at t_r, nothing in flight, only lazy decoders running: the decode iterations
     exact mode would run before anything else can happen (the same stopping rules as its decode
     stretch: an arrival, a due preemption, a finish while requests wait or after `finish_by`, the
     time limit), summed in closed form between the finishes on the way. Returns
-    (iterations, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0)."""
+    (iterations, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0).
+    tl = (timeline, loop state, limits): with a timeline recorded, a row per iteration, as many as
+    it has room for (the run ends there; the caller makes room)."""
     cnt, phase, fh = lz[0], lz[2], lz[8]
     tok_table, seq_table = tables
     n_running, free, stage_free, rep_time = replicas
@@ -1024,6 +1053,8 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     overhead = p[FRAMEWORK_OVERHEAD_S]
     coefs = attention_coefs_nb(p)
     tok_off, seq_off = ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF]
+    timeline, tl_state = tl[0], tl[1]
+    record = tl[2][0] != 0
     t = t_r
     total = 0
     done = 0
@@ -1050,8 +1081,14 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         if k == next_fin and finish_by < np.inf and t + _elapsed(b0, a1, a2, k) >= finish_by:  # ties: arrival first
             k -= 1
             stop = True
+        if record and k > timeline.shape[0] - tl_state[3]:
+            k = timeline.shape[0] - tl_state[3]
+            stop = True
         if k == 0:
             break
+        if record:
+            _timeline_rows(timeline, tl_state, r, t, b0, a1, a2, k, n, phase, D, bs, ri[E.RI_NUM_BLOCKS] - free_r,
+                           n_waiting[r], n_running[r])
         m = k - 1
         p0, p1, p2, p3, p4 = power_sums_nb(m)
         s1 = b0 * p0 + a1 * p1 + a2 * p2
