@@ -891,8 +891,13 @@ def _enqueue(i, r, session, session_replica, replica, rep_requests, outstanding,
 @njit(cache=True, error_model="numpy")
 def _by_start(timeline):
     """The timeline's rows in order of start (stable: as written where equal). Fast mode writes a
-    replica's summed run of iterations at once, ahead of other replicas' rows between."""
-    return timeline[np.argsort(timeline[:, E.TL_START_S], kind="mergesort")]
+    replica's summed run of iterations at once, ahead of other replicas' rows between; with one
+    replica, and in exact mode, they are in order already."""
+    start = timeline[:, E.TL_START_S]
+    for i in range(1, start.size):
+        if start[i] < start[i - 1]:
+            return timeline[np.argsort(start, kind="mergesort")]
+    return timeline.copy()
 
 
 @njit(cache=True, error_model="numpy", inline="always")
