@@ -16,7 +16,8 @@ stages) rather than scheduled in full.
 Variant rows (ShareGPT at 80% of each one's own capacity): EAGLE speculative decoding, Mistral-7B-v0.1's
 sliding window, SGLang's scheduler with its radix cache, Dynamo on one GPU and on 4 (vLLM with
 prefix caching behind its KV-aware router, which reads every replica's cache at each arrival),
-pipeline parallelism over 2 and 4 GPUs.
+pipeline parallelism over 2 and 4 GPUs, and multi-turn chat with prefix caching (a turn's output
+shared with the next turn's prompt: decoded in exact form's O(1) steps, not summed).
 
 Usage: python bench/speed.py [--sizes 10000,100000,1000000] [--replicas 1,64] [--bwb 20000]
        [--overload 1.2] [--prefix-caching 100000] [--variants 20000]
@@ -55,12 +56,21 @@ VARIANTS = {
     "dynamo": {"engine": {"framework": "dynamo"}, "cluster": {"router": "kv_aware"}},  # vLLM with prefix caching
     "pp2": {"engine": {"pipeline_parallel_size": 2}},  # micro-batches: stepped in O(P) each
     "pp4": {"engine": {"pipeline_parallel_size": 4}},
+    # Multi-turn chat with prefix caching (configs/multi_turn_chat.yaml's shape on ShareGPT lengths):
+    # a turn's output is in the next turn's prompt. The rate is of conversations, 4.5 turns each.
+    "chat": {"engine": {"enable_prefix_caching": True},
+             "client": {"system_prompt_tokens": 800, "conversation": {
+                 "turns": {"dist": "uniform", "low": 1, "high": 8},
+                 "think_time_s": {"dist": "exponential", "mean": 8.0}}}},
 }
+TURNS_PER_CONVERSATION = {"chat": 4.5}  # the mean of uniform 1..8
 
 
 def with_variant(cfg: dict, variant: str) -> dict:
     for key, value in VARIANTS[variant].items():
-        if isinstance(value, dict):
+        if key == "client":
+            cfg["workload"]["clients"][0].update(value)
+        elif isinstance(value, dict):
             cfg[key] = {**cfg.get(key, {}), **value}
         else:
             cfg[key] = value
@@ -77,7 +87,7 @@ def one_run(n: int, rate: float, repeats: int, replicas: int, mode: str, dataset
     cfg["simulation"]["mode"] = mode
     cfg["workload"]["num_requests"] = n
     cfg["workload"]["clients"][0]["dataset"]["name"] = dataset
-    cfg["workload"]["clients"][0]["arrival"]["rate"] = rate * replicas
+    cfg["workload"]["clients"][0]["arrival"]["rate"] = rate * replicas / TURNS_PER_CONVERSATION.get(variant, 1)
     cfg["engine"]["data_parallel_size"] = replicas
     cfg.setdefault("cluster", {"router": "round_robin"})
     if apc:
