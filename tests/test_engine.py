@@ -228,13 +228,14 @@ def windowed(window):
 @given(wl=workloads, e=engines, replicas=st.integers(1, 3), window=st.booleans(),
        policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV]),
        sglang=st.booleans(), caching=st.booleans(), system_prompt=st.sampled_from([0, 24]),
-       sliding=st.sampled_from([0, 0, 40, 300]), stages=st.sampled_from([1, 1, 2, 3]))
+       sliding=st.sampled_from([0, 0, 40, 300]), stages=st.sampled_from([1, 1, 2, 3]), timeline=st.booleans())
 def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang, caching, system_prompt, sliding,
-                                         stages):
+                                         stages, timeline):
     """Stepping steady decodes in O(1) each gives bit-identical results to the plain loop (vLLM V1
     and V0, and SGLang's scheduler), with prefix caching too (a shared system prompt, the rest of
     each request private: blocks taken as a count), with a sliding window (Mistral-7B's, cut
-    short so that decodes reach it), and with pipeline stages (a micro-batch at a time)."""
+    short so that decodes reach it), and with pipeline stages (a micro-batch at a time); the
+    timeline too (a stretch writes the plain loop's row for each iteration)."""
     arrivals, prompts, outputs = wl
     kept = _fits(prompts, outputs, e)
     if not kept:
@@ -243,7 +244,7 @@ def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang
     prompts, outputs = [k[0] for k in kept], [k[1] * 5 for k in kept]
     kw = dict(max_num_seqs=e["max_num_seqs"], max_num_batched_tokens=e["max_num_batched_tokens"],
               block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
-              threshold=e["threshold"], v0=e["v0"] and not sglang, timeline=False, replicas=replicas,
+              threshold=e["threshold"], v0=e["v0"] and not sglang, timeline=timeline, replicas=replicas,
               policy=policy, max_time_s=2.0 if window else np.inf, no_evict=e["no_evict"] and not sglang,
               sglang=sglang, prefix_caching=caching, cm=windowed(sliding) if sliding else CM, stages=stages)
     if caching:
@@ -254,7 +255,7 @@ def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang
     a = run(arrivals, prompts, outputs, fast_decode=True, **kw)
     b = run(arrivals, prompts, outputs, fast_decode=False, **kw)
     for key in ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",
-                "itl_hist"):
+                "itl_hist", "timeline"):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     np.testing.assert_array_equal(a["counters"][..., :5], b["counters"][..., :5])
     np.testing.assert_array_equal(a["counters"][..., 6:8], b["counters"][..., 6:8])  # evictions, cache hits
@@ -266,6 +267,23 @@ def long_run(n):
     """n requests over a minute on a 1,000-block cache: steady decoding between preemptions."""
     rng = np.random.default_rng(5)
     return np.sort(rng.uniform(0, 60, n)), rng.integers(10, 2000, n), rng.integers(50, 800, n)
+
+
+def test_timeline_rows_of_replicas_in_step_come_in_replica_order():
+    """Two replicas given 17 identical requests at the same instant (two slots each, the rest
+    queued) start many iterations together. The decode stretch writes one replica's iterations
+    ahead of the other's, so rows that start together were written in another order than the
+    plain loop decided them in; the timeline comes out by start, then replica, the plain loop's
+    to the bit."""
+    kw = dict(timeline=True, replicas=2, policy=E.ROUTE_LEAST_REQUESTS, max_num_seqs=2)
+    a = run(np.zeros(17), [10] * 17, [80] * 17, fast_decode=True, **kw)
+    b = run(np.zeros(17), [10] * 17, [80] * 17, fast_decode=False, **kw)
+    assert a["counters"][:, 5].sum() > 0  # stretched
+    np.testing.assert_array_equal(a["timeline"], b["timeline"])
+    start, rep = a["timeline"][:, E.TL_START_S], a["timeline"][:, E.TL_REPLICA]
+    together = np.diff(start) == 0
+    assert together.sum() > 10 and (np.diff(rep)[together] > 0).all()
+    assert (np.diff(start) >= 0).all()
 
 
 @pytest.mark.parametrize("stages", [1, 2, 4])

@@ -199,3 +199,22 @@ def reserved_blocks_nb(s_prompt, s_output, s_state, n_slots, lazy, block_size):
             continue
         total += final_blocks_nb(s_prompt[k], s_output[k], block_size)
     return total
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def timeline_row_nb(timeline, i, start, duration, agg, used, waiting, running, preempts, r):
+    """Row i of the timeline: an iteration of replica r from `start`, its batch `agg` (see
+    add_to_batch_nb), the blocks in use once it has taken its own, the requests waiting and running."""
+    n_dec, n_pre, pre_tokens = agg[0], agg[2], agg[3]
+    row = timeline[i]
+    row[E.TL_START_S] = start
+    row[E.TL_DURATION_S] = duration
+    row[E.TL_NUM_SEQS] = n_dec + n_pre
+    row[E.TL_NUM_TOKENS] = n_dec + pre_tokens
+    row[E.TL_PREFILL_TOKENS] = pre_tokens
+    row[E.TL_NUM_DECODES] = n_dec
+    row[E.TL_KV_BLOCKS_USED] = used
+    row[E.TL_NUM_WAITING] = waiting
+    row[E.TL_NUM_RUNNING] = running
+    row[E.TL_PREEMPTIONS] = preempts
+    row[E.TL_REPLICA] = r

@@ -41,7 +41,7 @@ from fastsim.engine import lazy_nb as lz_nb
 from fastsim.engine import pipeline_nb as pp
 from fastsim.engine.batch_nb import (account_nb, add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
                                      chunk_nb, div_pow2_nb, final_blocks_nb, itl_add_nb, mod_pow2_nb, move_slot_nb,
-                                     reserved_blocks_nb, sort_by_key_nb, tally_gap_nb)
+                                     reserved_blocks_nb, sort_by_key_nb, tally_gap_nb, timeline_row_nb)
 from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, stage_time_nb
 
 INF = np.inf
@@ -175,11 +175,9 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     last_token_s is the time of its previous token. None: every request starts from nothing.
     `fast_decode` lets steady decoding stretches advance in O(1) per iteration (same iterations,
     same arithmetic; off only to test that it changes nothing).
-    `lazy` is fast mode (fastsim.engine.lazy_nb) for the replicas it applies to: vLLM V1, one
-    pipeline stage, no timeline, no prefix caching behind a router that reads the caches of
-    several replicas.
+    `lazy` is fast mode (fastsim.engine.lazy_nb) for the replicas it applies to: vLLM V1's
+    scheduler (TensorRT-LLM's and Dynamo's too), one pipeline stage.
     """
-    fast_decode = fast_decode and not record_timeline
     n = arrival_s.size
     next_turn, think_s = conv
     arrival = arrival_s.copy()
@@ -542,7 +540,9 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
 
         # 1b. steady decoding: step every iteration up to the next event in O(1) each (fast mode:
         # the same iterations summed in closed form; with pipeline stages, each micro-batch in O(P))
-        if (on or fast_decode) and n_running[r] > 0 and (stages > 1 or fl_count[r] == 0):
+        # (The pipeline stretch writes no timeline rows.)
+        if (on or fast_decode) and n_running[r] > 0 and (stages == 1 and fl_count[r] == 0
+                                                         or stages > 1 and not record_timeline):
             t_next_arrival, finish_by = _outside_events(r, t_r, stateless, arrival, own_next, a, n, h_t, h_n, has_turns,
                                                         n_rep, policy, tree, leaves)
             if stages > 1:
@@ -556,9 +556,11 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     lz_run_reqs, itl_acc, turns, apc, hit_bufs[r], (timeline, loop_state, limits))
                 n_tl = loop_state[3]
             else:
+                loop_state[3] = n_tl
                 k_iters, t_end, done, peak = _decode_run(
                     r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas,
-                    itl_acc, turns, apc, ri[E.RI_APC] != 0, hit_bufs, scratch, nt_ratio)
+                    itl_acc, turns, apc, ri[E.RI_APC] != 0, hit_bufs, scratch, nt_ratio, (timeline, loop_state, limits))
+                n_tl = loop_state[3]
             if k_iters > 0:
                 rep_iters[r] += k_iters
                 rep_stretched[r] += k_iters
@@ -691,18 +693,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             if used > rep_peak[r]:
                 rep_peak[r] = used
             if record_timeline and t <= max_time_s:
-                row = timeline[n_tl]
-                row[E.TL_START_S] = t_r
-                row[E.TL_DURATION_S] = t - t_r
-                row[E.TL_NUM_SEQS] = n_dec + n_pre
-                row[E.TL_NUM_TOKENS] = tokens
-                row[E.TL_PREFILL_TOKENS] = pre_tokens
-                row[E.TL_NUM_DECODES] = n_dec
-                row[E.TL_KV_BLOCKS_USED] = used
-                row[E.TL_NUM_WAITING] = n_waiting[r]
-                row[E.TL_NUM_RUNNING] = n_running[r]
-                row[E.TL_PREEMPTIONS] = step_preempts
-                row[E.TL_REPLICA] = r
+                timeline_row_nb(timeline, n_tl, t_r, t - t_r, agg, used, n_waiting[r], n_running[r], step_preempts, r)
                 n_tl += 1
 
         # 3. when this replica decides next
@@ -890,13 +881,26 @@ def _enqueue(i, r, session, session_replica, replica, rep_requests, outstanding,
 
 @njit(cache=True, error_model="numpy")
 def _by_start(timeline):
-    """The timeline's rows in order of start (stable: as written where equal). Fast mode writes a
-    replica's summed run of iterations at once, ahead of other replicas' rows between; with one
-    replica, and in exact mode, they are in order already."""
-    start = timeline[:, E.TL_START_S]
+    """The timeline's rows in order of start, then replica. A decode stretch (or fast mode's
+    summed run) writes a replica's iterations at once, ahead of other replicas' rows between; and
+    where two replicas start an iteration at the same time, the order they decided in depends on
+    the path taken. With one replica they are in order already."""
+    start, rep = timeline[:, E.TL_START_S], timeline[:, E.TL_REPLICA]
     for i in range(1, start.size):
-        if start[i] < start[i - 1]:
-            return timeline[np.argsort(start, kind="mergesort")]
+        if start[i] < start[i - 1] or (start[i] == start[i - 1] and rep[i] < rep[i - 1]):
+            order = np.argsort(start, kind="mergesort")
+            j = 0
+            while j < order.size:  # each run of equal starts (a few rows), by replica
+                e = j + 1
+                while e < order.size and start[order[e]] == start[order[j]]:
+                    e += 1
+                for x in range(j + 1, e):
+                    y = x
+                    while y > j and rep[order[y - 1]] > rep[order[y]]:
+                        order[y - 1], order[y] = order[y], order[y - 1]
+                        y -= 1
+                j = e
+            return timeline[order]
     return timeline.copy()
 
 
@@ -960,7 +964,7 @@ def _stretch_blocks(apc, r, it, bs, by_phase, start, s_req, s_computed, s_blocks
 
 @njit(cache=True, error_model="numpy")
 def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas, itl_acc,
-                turns, apc, on, hit_bufs, scratch, nt_ratio):
+                turns, apc, on, hit_bufs, scratch, nt_ratio, tl):
     """Replica r at t_r has every running request ready to decode, nothing in flight: step the
     decode iterations that the normal path would run before anything else can happen (an arrival,
     a preemption, an admission; a request finishing too, unless nothing waits) in O(1) each, and
@@ -979,7 +983,12 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     V1's is, and each such step lowers its new-token ratio (nt_ratio) by the decay; with requests
     waiting, its admission rule (memory held back for the running requests' expected output, which
     shrinks every step) is decided by the plain path.
+
+    tl = (timeline, loop state, limits): with a timeline recorded, the normal path's row for each
+    iteration, while the timeline has room (the stretch ends there; the caller makes room).
     """
+    timeline, tl_state = tl[0], tl[1]
+    record = tl[2][0] != 0
     tok_table, seq_table = tables
     hit_buf = hit_bufs[r]
     prompt, generated, status, finish, max_itl, output, gen0, first_sched = requests
@@ -1067,6 +1076,8 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     while j < last_iter and n_act > 0:
         if j > 0 and t >= t_arrival:  # the next iteration would start at or after an arrival
             break
+        if record and tl_state[3] == timeline.shape[0]:
+            break
         need = phase[mod_pow2_nb(j + 1, bs)]
         if need > free_r:  # a preemption: the normal path decides it
             break
@@ -1087,6 +1098,10 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
         if on and not by_count:
             _stretch_blocks(apc, r, j + 1, bs, by_phase, start, s_req, s_computed, s_blocks)
         peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
+        if record:
+            timeline_row_nb(timeline, tl_state[3], t, end - t, agg, ri[E.RI_NUM_BLOCKS] - free_r, n_waiting[r],
+                            n_act, 0, r)
+            tl_state[3] += 1
         gap = end - t
         if gap > worst_gap:
             worst_gap = gap

@@ -42,7 +42,7 @@ from fastsim.engine import heap_nb as hp
 from fastsim.engine import prefix_nb as px
 from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb, chunk_nb,
                                      div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_low_nb, itl_bin_nb,
-                                     mod_pow2_nb, reserved_blocks_nb, sort_by_key_nb)
+                                     mod_pow2_nb, reserved_blocks_nb, sort_by_key_nb, timeline_row_nb)
 from fastsim.engine.cost_nb import (FRAMEWORK_OVERHEAD_S, LAYERS, SPEC_DRAFT_ATTN, SPEC_EXPECTED, SPEC_TOKENS,
                                     cache_attention_coefs_nb, cache_attention_nb, decode_only_nb,
                                     spec_decode_attention_nb)
@@ -858,18 +858,8 @@ def _timeline_rows(timeline, tl_state, r, t, b0, a1, a2, k, n, phase, D, bs, use
         f += 1
         if f == bs:
             f = 0
-        row = timeline[row_n]
-        row[E.TL_START_S] = t + _elapsed(b0, a1, a2, u)
-        row[E.TL_DURATION_S] = b0 + a1 * u + a2 * u * u
-        row[E.TL_NUM_SEQS] = n
-        row[E.TL_NUM_TOKENS] = n
-        row[E.TL_PREFILL_TOKENS] = 0
-        row[E.TL_NUM_DECODES] = n
-        row[E.TL_KV_BLOCKS_USED] = used
-        row[E.TL_NUM_WAITING] = waiting
-        row[E.TL_NUM_RUNNING] = running
-        row[E.TL_PREEMPTIONS] = 0
-        row[E.TL_REPLICA] = r
+        timeline_row_nb(timeline, row_n, t + _elapsed(b0, a1, a2, u), b0 + a1 * u + a2 * u * u,
+                        (n, 0.0, 0, 0, 0.0, 0.0), used, waiting, running, 0, r)
         row_n += 1
     tl_state[3] = row_n
 
