@@ -550,17 +550,18 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     r, t_r, t_next_arrival, max_time_s, ri, p, tables, requests, slots, replicas, lz_queue, flight,
                     max_stages, (last_tok, measured, cached, first_tok), itl_acc, turns, scratch[6], apc, hit_bufs[r])
             elif on:
-                loop_state[3] = n_tl
+                loop_state[E.LS_ROWS] = n_tl
                 k_iters, t_end, done, peak = lz_nb.run_nb(
                     lz, r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, slots, lz_replicas, lz_queue,
-                    lz_run_reqs, itl_acc, turns, apc, hit_bufs[r], (timeline, loop_state, limits))
-                n_tl = loop_state[3]
+                    lz_run_reqs, itl_acc, turns, apc, hit_bufs[r], (timeline, loop_state, record_timeline))
+                n_tl = loop_state[E.LS_ROWS]
             else:
-                loop_state[3] = n_tl
+                loop_state[E.LS_ROWS] = n_tl
                 k_iters, t_end, done, peak = _decode_run(
                     r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas,
-                    itl_acc, turns, apc, ri[E.RI_APC] != 0, hit_bufs, scratch, nt_ratio, (timeline, loop_state, limits))
-                n_tl = loop_state[3]
+                    itl_acc, turns, apc, ri[E.RI_APC] != 0, hit_bufs, scratch, nt_ratio,
+                    (timeline, loop_state, record_timeline))
+                n_tl = loop_state[E.LS_ROWS]
             if k_iters > 0:
                 rep_iters[r] += k_iters
                 rep_stretched[r] += k_iters
@@ -888,19 +889,8 @@ def _by_start(timeline):
     start, rep = timeline[:, E.TL_START_S], timeline[:, E.TL_REPLICA]
     for i in range(1, start.size):
         if start[i] < start[i - 1] or (start[i] == start[i - 1] and rep[i] < rep[i - 1]):
-            order = np.argsort(start, kind="mergesort")
-            j = 0
-            while j < order.size:  # each run of equal starts (a few rows), by replica
-                e = j + 1
-                while e < order.size and start[order[e]] == start[order[j]]:
-                    e += 1
-                for x in range(j + 1, e):
-                    y = x
-                    while y > j and rep[order[y - 1]] > rep[order[y]]:
-                        order[y - 1], order[y] = order[y], order[y - 1]
-                        y -= 1
-                j = e
-            return timeline[order]
+            by_rep = np.argsort(rep, kind="mergesort")  # two stable sorts: by start, then replica
+            return timeline[by_rep[np.argsort(start[by_rep], kind="mergesort")]]
     return timeline.copy()
 
 
@@ -984,11 +974,10 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     waiting, its admission rule (memory held back for the running requests' expected output, which
     shrinks every step) is decided by the plain path.
 
-    tl = (timeline, loop state, limits): with a timeline recorded, the normal path's row for each
-    iteration, while the timeline has room (the stretch ends there; the caller makes room).
+    tl = (timeline, loop state, whether it is recorded): the normal path's row for each iteration,
+    while the timeline has room (the stretch ends there; the caller makes room).
     """
-    timeline, tl_state = tl[0], tl[1]
-    record = tl[2][0] != 0
+    timeline, tl_state, record = tl
     tok_table, seq_table = tables
     hit_buf = hit_bufs[r]
     prompt, generated, status, finish, max_itl, output, gen0, first_sched = requests
@@ -1076,7 +1065,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     while j < last_iter and n_act > 0:
         if j > 0 and t >= t_arrival:  # the next iteration would start at or after an arrival
             break
-        if record and tl_state[3] == timeline.shape[0]:
+        if record and tl_state[E.LS_ROWS] == timeline.shape[0]:
             break
         need = phase[mod_pow2_nb(j + 1, bs)]
         if need > free_r:  # a preemption: the normal path decides it
@@ -1099,9 +1088,9 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
             _stretch_blocks(apc, r, j + 1, bs, by_phase, start, s_req, s_computed, s_blocks)
         peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
         if record:
-            timeline_row_nb(timeline, tl_state[3], t, end - t, agg, ri[E.RI_NUM_BLOCKS] - free_r, n_waiting[r],
-                            n_act, 0, r)
-            tl_state[3] += 1
+            timeline_row_nb(timeline, tl_state[E.LS_ROWS], t, end - t, agg, ri[E.RI_NUM_BLOCKS] - free_r,
+                            n_waiting[r], n_act, 0, r)
+            tl_state[E.LS_ROWS] += 1
         gap = end - t
         if gap > worst_gap:
             worst_gap = gap

@@ -33,6 +33,10 @@ TL_REPLICA = 10
 TL_COLUMNS = ("start_s", "duration_s", "num_seqs", "num_tokens", "prefill_tokens", "num_decodes",
               "kv_blocks_used", "num_waiting", "num_running", "preemptions", "replica")
 
+# cluster_nb's loop_state, the event loop's state between calls: [requests left, next arrival,
+# router turn, timeline rows written]; the last is also read by the stretches that write rows
+LS_ROWS = 3
+
 # Columns of the per-replica integer configuration (rows of rep_int)
 RI_MAX_SEQS = 0
 RI_MAX_TOKENS = 1

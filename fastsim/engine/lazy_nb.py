@@ -851,7 +851,7 @@ def _runs(t, b0, a1, a2, j, total, t_arrival, max_time_s):
 def _timeline_rows(timeline, tl_state, r, t, b0, a1, a2, k, n, phase, D, bs, used, waiting, running):
     """The timeline's rows of a run's k decode-only iterations from t, as exact mode writes one at
     each (its blocks in use after the iteration takes its new ones)."""
-    row_n = tl_state[3]
+    row_n = tl_state[E.LS_ROWS]
     f = mod_pow2_nb(D, bs)
     for u in range(k):
         used += phase[r, f]
@@ -861,7 +861,7 @@ def _timeline_rows(timeline, tl_state, r, t, b0, a1, a2, k, n, phase, D, bs, use
         timeline_row_nb(timeline, row_n, t + _elapsed(b0, a1, a2, u), b0 + a1 * u + a2 * u * u,
                         (n, 0.0, 0, 0, 0.0, 0.0), used, waiting, running, 0, r)
         row_n += 1
-    tl_state[3] = row_n
+    tl_state[E.LS_ROWS] = row_n
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -1007,8 +1007,8 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     stretch: an arrival, a due preemption, a finish while requests wait or after `finish_by`, the
     time limit), summed in closed form between the finishes on the way. Returns
     (iterations, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0).
-    tl = (timeline, loop state, limits): with a timeline recorded, a row per iteration, as many as
-    it has room for (the run ends there; the caller makes room)."""
+    tl = (timeline, loop state, whether it is recorded): a row per iteration, as many as the
+    timeline has room for (the run ends there; the caller makes room)."""
     cnt, phase, fh = lz[0], lz[2], lz[8]
     tok_table, seq_table = tables
     n_running, free, stage_free, rep_time = replicas
@@ -1043,8 +1043,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     overhead = p[FRAMEWORK_OVERHEAD_S]
     coefs = attention_coefs_nb(p)
     tok_off, seq_off = ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF]
-    timeline, tl_state = tl[0], tl[1]
-    record = tl[2][0] != 0
+    timeline, tl_state, record = tl
     t = t_r
     total = 0
     done = 0
@@ -1071,8 +1070,8 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         if k == next_fin and finish_by < np.inf and t + _elapsed(b0, a1, a2, k) >= finish_by:  # ties: arrival first
             k -= 1
             stop = True
-        if record and k > timeline.shape[0] - tl_state[3]:
-            k = timeline.shape[0] - tl_state[3]
+        if record and k > timeline.shape[0] - tl_state[E.LS_ROWS]:
+            k = timeline.shape[0] - tl_state[E.LS_ROWS]
             stop = True
         if k == 0:
             break
