@@ -17,7 +17,7 @@ Variant rows (ShareGPT at 80% of each one's own capacity): EAGLE speculative dec
 sliding window, SGLang's scheduler with its radix cache, Dynamo on one GPU and on 4 (vLLM with
 prefix caching behind its KV-aware router, which reads every replica's cache at each arrival),
 pipeline parallelism over 2 and 4 GPUs, and multi-turn chat with prefix caching (a turn's output
-shared with the next turn's prompt: decoded in exact form's O(1) steps, not summed).
+shared with the next turn's prompt, named when the turn finishes: summed like any decode).
 
 Usage: python bench/speed.py [--sizes 10000,100000,1000000] [--replicas 1,64] [--bwb 20000]
        [--overload 1.2] [--prefix-caching 100000] [--variants 20000]

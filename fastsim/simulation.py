@@ -265,10 +265,12 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
             np.concatenate(seq_parts, axis=1))
 
 
-def prefix_cache_arrays(rep_int: np.ndarray, workload: Workload) -> tuple:
+def prefix_cache_arrays(rep_int: np.ndarray, workload: Workload, defer: bool = True) -> tuple:
     """The `apc` tuple run_cluster_nb takes: room for the blocks and hash tables of the replicas
     that enable prefix caching (a token of it for the others), the requests' block identities, and how
-    many of their tokens another request may share (a copy of its own: a preemption changes it)."""
+    many of their tokens another request may share while they run (a copy of its own: a preemption
+    changes it) and once they have finished. defer=False names every shareable block as it fills
+    (the tests' reference for the deferred naming of conversation turns' blocks)."""
     n_rep = rep_int.shape[0]
     rep = np.zeros((n_rep, px.N_REP_COLS), np.int64)
     blk = int(rep_int[rep_int[:, E.RI_APC] != 0, E.RI_NUM_BLOCKS].sum())
@@ -294,7 +296,8 @@ def prefix_cache_arrays(rep_int: np.ndarray, workload: Workload) -> tuple:
     free_rows = np.zeros((n_rep, seqs), np.int64)
     content = workload.content()
     shareable = px.shareable_tokens(content, workload.block_tokens) if blk else np.zeros(len(workload), np.int64)
-    return (pool, table, rep, slots, content + (shareable,), rows, free_rows)
+    running = px.running_shareable_tokens(content, shareable, workload.session) if defer else shareable.copy()
+    return (pool, table, rep, slots, content + (running, shareable), rows, free_rows)
 
 
 def route_params(cfg: Config) -> np.ndarray:

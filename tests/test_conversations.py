@@ -14,9 +14,9 @@ from test_engine import CM, OVERHEAD, fwd, run
 def build(sessions, system_prompt=0):
     """Rows of conversations as the workload lays them out (session by session): arrival (NaN for
     later turns), prompt, output, next turn, think time, and each row's token sequence (its
-    session's first row)."""
-    arrivals, prompts, outputs, next_turn, think, seq = [], [], [], [], [], []
-    for start, turns in sorted(sessions, key=lambda s: s[0]):  # first turns in arrival order
+    session's first row) and session."""
+    arrivals, prompts, outputs, next_turn, think, seq, session = [], [], [], [], [], [], []
+    for number, (start, turns) in enumerate(sorted(sessions, key=lambda s: s[0])):  # first turns in arrival order
         first = len(prompts)
         context = system_prompt
         for k, (user, out, gap) in enumerate(turns):
@@ -27,10 +27,11 @@ def build(sessions, system_prompt=0):
             think.append(-1.0 if k == 0 else gap)
             next_turn.append(len(prompts) if k + 1 < len(turns) else -1)
             seq.append(first)
+            session.append(number)
             context += out
     n = len(prompts)
     content = {"seq_id": np.array(seq, np.int64), "shared_tokens": np.full(n, system_prompt, np.int64),
-               "shared_id": np.zeros(n, np.int64)}
+               "shared_id": np.zeros(n, np.int64), "session": np.array(session, np.int64)}
     return arrivals, prompts, outputs, (next_turn, think), content
 
 

@@ -221,7 +221,7 @@ def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time,
             if nxt[i] >= 0:
                 seq[nxt[i]] = seq[i]
         kw["content"] = {"seq_id": np.array(seq, np.int64), "shared_tokens": np.full(n, system_prompt, np.int64),
-                         "shared_id": np.zeros(n, np.int64)}
+                         "shared_id": np.zeros(n, np.int64), "session": np.array(seq, np.int64)}
     compare(run(arrivals, prompts, outputs, fast=True, **kw), run(arrivals, prompts, outputs, fast=False, **kw),
             e["max_num_seqs"] * replicas)
 
@@ -240,28 +240,36 @@ def test_fast_mode_sums_most_iterations_and_stays_exact_on_a_long_run_with_preem
     assert a["counters"][9] > 0.8 * a["counters"][0]  # iterations summed in closed form
 
 
-@pytest.mark.parametrize("shared", ["none", "system prompt", "conversations"])
+@pytest.mark.parametrize("shared", ["none", "system prompt", "turns", "sequences"])
 def test_prefix_caching_in_lazy_form_matches_exact_mode(shared):
     """A long run with prefix caching on a cache that runs out (evictions, preemptions): nothing
-    shared (every block private), a 64-token system prompt shared by all, or pairs of requests as
-    two turns of one conversation (all their blocks shared). Fast mode matches exact mode request by
-    request, evictions and hits included, and sums most iterations in closed form. With
-    conversations (a turn's output is shared with the next turn's prompt, so it cannot decode
-    lazily) the replica stays in exact form, where the decode stretch steps most iterations in
-    O(1): in lazy form every iteration would be scheduled in full (3x slower than exact mode on a
-    chat workload once)."""
+    shared (every block private), a 64-token system prompt shared by all, pairs of requests as two
+    turns of one conversation (the second arrives 10 ms after the first finishes: all their blocks
+    shared), or pairs sharing a token sequence while both run (no workload makes these; the
+    cache's worst case). Fast mode matches exact mode request by request, evictions and hits
+    included, and sums most iterations in closed form, a turn's too: its answer is shared with the
+    next turn only, which arrives after it finishes, so its blocks are named then and it decodes
+    lazily. A request whose answer another one may look up while it decodes (sequences) keeps the
+    replica in exact form, where the decode stretch steps most iterations in O(1): in lazy form
+    every iteration would be scheduled in full (3x slower than exact mode on a chat workload
+    once)."""
     arrivals, prompts, outputs = long_run(400)
     n = len(prompts)
-    seq = np.arange(n) // 2 if shared == "conversations" else np.arange(n)
+    seq = np.arange(n) // 2 if shared in ("turns", "sequences") else np.arange(n)
     content = {"seq_id": seq.astype(np.int64), "shared_tokens": np.full(n, 64 if shared == "system prompt" else 0),
                "shared_id": np.zeros(n, np.int64)}
     kw = dict(timeline=False, num_blocks=1000, prefix_caching=True, content=content)
+    if shared == "turns":
+        prompts = [prompts[i] + (prompts[i - 1] + outputs[i - 1] if i % 2 else 0) for i in range(n)]
+        content["session"] = content["seq_id"]
+        kw["turns"] = ([i + 1 if i % 2 == 0 and i + 1 < n else -1 for i in range(n)],
+                       [0.01 if i % 2 else -1.0 for i in range(n)])
     a = run(arrivals, prompts, outputs, fast=True, **kw)
     b = run(arrivals, prompts, outputs, fast=False, **kw)
     compare(a, b, 256)
     assert b["preempts"].sum() > 0 and b["counters"][6] > 0
     assert b["counters"][7] > 0  # tokens found in the cache (a preempted request's own, at least)
-    if shared != "conversations":
+    if shared != "sequences":
         assert a["counters"][9] > 0.8 * a["counters"][0]
     assert a["counters"][5] > 0.8 * a["counters"][0]  # in closed form or in exact form's O(1) steps
 

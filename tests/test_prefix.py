@@ -101,7 +101,7 @@ def _content(prompts, outputs, ids_per_req, seq, shared_len, shared_id):
             np.asarray(shared_len, np.int64), np.asarray(shared_id, np.int64))
 
 
-def _cache(content, source, num_blocks, bs, max_seqs, longest):
+def _cache(content, source, num_blocks, bs, max_seqs, longest, session=None):
     from fastsim.engine import enums as E
     from fastsim.simulation import prefix_cache_arrays
     from fastsim.workload import Workload
@@ -110,7 +110,8 @@ def _cache(content, source, num_blocks, bs, max_seqs, longest):
     ints = np.zeros(E.N_RI, np.int64)
     ints[[E.RI_APC, E.RI_NUM_BLOCKS, E.RI_MAX_SEQS, E.RI_BLOCK_SIZE]] = [1, num_blocks, max_seqs, bs]
     wl = Workload(np.zeros(n), content[2], np.full(n, longest, np.int64) - content[2], np.zeros(n, np.int32), ("c",),
-                  content[0], content[1], source, seq_id=content[3], shared_tokens=content[4], shared_id=content[5])
+                  content[0], content[1], source, seq_id=content[3], shared_tokens=content[4], shared_id=content[5],
+                  session=session)
     apc = prefix_cache_arrays(np.array([ints]), wl)
     px.apc_init_nb(apc, 0, num_blocks)
     return apc
@@ -125,22 +126,33 @@ workloads = st.integers(2, 7).flatmap(lambda n: st.tuples(
 
 @given(wl=workloads, bs=st.sampled_from([4, 8, 16]), num_blocks=st.integers(12, 40),
        ops=st.lists(st.tuples(st.sampled_from(["admit", "grow", "finish", "preempt"]), st.integers(0, 6),
-                              st.integers(1, 40)), min_size=30, max_size=80))
-def test_cache_with_private_blocks_matches_a_block_per_block_cache(wl, bs, num_blocks, ops):
+                              st.integers(1, 40)), min_size=30, max_size=80), turns=st.booleans())
+def test_cache_with_private_blocks_matches_a_block_per_block_cache(wl, bs, num_blocks, ops, turns):
     """Random admissions (lookup, cached blocks taken, chunk allocated and named), growth, finishes
     and preemptions (publish, release, looked up again later): every lookup's hits, the free count
     and the evictions agree with reference.PrefixCache, which names and tracks every block; so do
-    matches of the requests waiting to run (first or again)."""
+    matches of the requests waiting to run (first or again). With `turns`, the requests of a token
+    sequence are one conversation's turns, each there only once the one before has finished: the
+    blocks past their prompts are named only when they finish or are preempted (deferred), which
+    none of these lookups can tell."""
     import reference as ref
 
     choices, prompts, seqs, sys_len = wl
     n = len(prompts)
     ids = [[hash(tuple(c[: j + 1])) & 0xFFFF for j in range(len(c))] for c in choices]
     prompts = [max(p, 8 * len(c)) for p, c in zip(prompts, choices)]
+    if turns:  # a later turn's prompt: the first turn's, and 24 tokens more a turn (into earlier answers)
+        first = {g: seqs.index(g) for g in seqs}
+        ids = [ids[first[g]] for g in seqs]
+        prompts = [prompts[first[g]] + 24 * seqs[:i].count(g) for i, g in enumerate(seqs)]
     longest = max(prompts) + 40
     content = _content(prompts, [longest - p for p in prompts], ids, seqs, sys_len, [0] * n)
     source = 8
-    apc = _cache(content, source, num_blocks, bs, n, longest)
+    apc = _cache(content, source, num_blocks, bs, n, longest, np.asarray(seqs, np.int64) if turns else None)
+    if turns:
+        assert (apc[4][px.CONTENT_SHAREABLE] <= np.maximum(prompts, sys_len)).all()
+    # A turn is there once every earlier request of its sequence has finished.
+    there = lambda q: not turns or all(j in done for j in range(q.id) if seqs[j] == seqs[q.id])  # noqa: E731
     cache = ref.PrefixCache(num_blocks, bs, lambda q, m: int(px.block_content_nb(q, m, bs, content, source)))
     reqs = [ref.Req(i, 0.0, prompts[i], longest - prompts[i]) for i in range(n)]
     slot = {}    # request -> engine slot
@@ -149,7 +161,7 @@ def test_cache_with_private_blocks_matches_a_block_per_block_cache(wl, bs, num_b
     hit_buf = np.zeros(num_blocks, np.int64)
     for op, who, amount in ops:
         q = reqs[who % n]
-        if op == "admit" and q.id not in slot and q.id not in done:
+        if op == "admit" and q.id not in slot and q.id not in done and there(q):
             hits, key = px.apc_lookup_nb(apc, 0, q.id, q.num_tokens, bs, hit_buf)
             want, want_key = cache.lookup(q)
             assert hits == len(want)
@@ -187,7 +199,9 @@ def test_cache_with_private_blocks_matches_a_block_per_block_cache(wl, bs, num_b
                 done.add(q.id)
             if op == "preempt":
                 px.apc_publish_nb(apc, 0, k, q.id, bs)
-            freed = px.apc_release_nb(apc, 0, k)
+                freed = px.apc_release_nb(apc, 0, k)
+            else:
+                freed = px.apc_finish_nb(apc, 0, k, q.id, bs)
             assert freed == cache.release(q)
             free += freed
             q.computed = q.blocks = 0
@@ -199,7 +213,7 @@ def test_cache_with_private_blocks_matches_a_block_per_block_cache(wl, bs, num_b
         assert free == len(cache.free)
         assert apc[2][0, px.EVICTIONS] == cache.evictions
         for p in reqs:
-            if p.id not in slot and p.id not in done:
+            if p.id not in slot and p.id not in done and there(p):
                 assert px.apc_match_nb(apc, 0, p.id, p.num_tokens, bs)[0] == len(cache.lookup(p)[0])
 
 
@@ -214,6 +228,23 @@ def test_shareable_tokens_by_hand():
     # A shared prefix is capped at the prompt: past it a block holds the request's own answer.
     assert px.shareable_tokens(_content([10, 30], [0, 0], [[1, 2], [1, 2]], [0, 1], [0, 0], [0, 0]), 8).tolist() \
         == [10, 16]
+
+
+def test_running_shareable_tokens_by_hand():
+    # 0 and 1: turns of conversation 0 (prompts 40 and 90, a 20-token system prompt); 2: a request
+    # alone (its system prompt shared with 0 and 1); 3 and 4: one token sequence but not one
+    # conversation's turns (no workload makes them; they may run at once); 5 and 6: turns of
+    # conversation 1, under a 100-token system prompt longer than 5's prompt.
+    content = _content([40, 90, 30, 50, 50, 60, 130], [0] * 7, [[]] * 7, [0, 0, 2, 3, 3, 5, 5],
+                       [20, 20, 20, 0, 0, 100, 100], [0, 0, 0, 0, 0, 1, 1])
+    shareable = px.shareable_tokens(content, 0)
+    assert shareable.tolist() == [px.SHARED_ALL] * 2 + [20] + [px.SHARED_ALL] * 4
+    session = np.array([0, 0, -1, -1, -1, 1, 1])
+    # A turn's blocks past its prompt and its system prompt are shareable only once it has finished.
+    got = px.running_shareable_tokens(content, shareable, session)
+    assert got.tolist() == [40, 90, 20, px.SHARED_ALL, px.SHARED_ALL, 100, 130]
+    session[3:5] = [7, 8]  # 3 and 4 in different sessions: still no deferring
+    assert px.running_shareable_tokens(content, shareable, session)[3:5].tolist() == [px.SHARED_ALL] * 2
 
 
 @given(wl=workloads, bs=st.sampled_from([1, 4, 8, 16]))

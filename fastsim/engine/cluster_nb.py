@@ -510,7 +510,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 done, freed = _complete(r, fl_id[r, fl_head[r]], end, n_running, s_req, s_prompt, s_tokens,
                                         s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample,
                                         status, finish, first_tok, generated, max_itl, itl_hist, itl,
-                                        apc, ri[E.RI_APC] != 0, turns)
+                                        apc, ri[E.RI_APC] != 0, turns, block_size)
             free[r] += freed
             outstanding[r] -= done
             n_left -= done
@@ -787,7 +787,7 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
 @njit(cache=True, error_model="numpy")
 def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last,
               s_max_itl, s_measured, s_sample, status, finish, first_tok, generated, max_itl, itl_hist, itl,
-              apc, on, turns):
+              apc, on, turns, block_size):
     """Batch `bid` of replica r completed at `end`: each request it sampled for gets a token; finished
     requests leave their slots (and their conversation's next turn is due). Returns (requests
     finished, blocks freed)."""
@@ -822,7 +822,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
             status[i] = E.FINISHED
             generated[i] = gen
             max_itl[i] = s_max_itl[k]
-            freed += px.apc_release_nb(apc, r, k) if on else s_blocks[k]
+            freed += px.apc_finish_nb(apc, r, k, i, block_size) if on else s_blocks[k]
             s_blocks[k] = -1  # marks the slot for removal
             done += 1
             if turns[0][i] >= 0:
@@ -1112,7 +1112,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
                         px.apc_pop_nb(apc, r, pend)
                         pend = 0
                         px.apc_sync_private_nb(apc, r, k, held, s_computed[k] + j, bs)
-                    free_r += px.apc_release_nb(apc, r, k) if on else held
+                    free_r += px.apc_finish_nb(apc, r, k, i, bs) if on else held
                     if window > 0 and s_computed[k] + j >= window:  # (at its last iteration, j - 1)
                         n_cap -= 1
                     else:

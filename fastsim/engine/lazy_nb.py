@@ -303,7 +303,7 @@ def _apc_sync(apc, r, k, slots, bs):
 
 
 @njit(cache=True, error_model="numpy")
-def _apc_release_left(lz, r, apc, start):
+def _apc_release_left(lz, r, apc, start, s_req, bs):
     """The requests that left at one completion (the slots freed since the free-slot stack's entry
     `start`) let go of their blocks in admission order, as exact mode's slot order has them: the
     order in which they join the free list is the order of their eviction. Returns the blocks freed."""
@@ -318,7 +318,10 @@ def _apc_release_left(lz, r, apc, start):
         free_slots[r, y] = k
     freed = 0
     for x in range(start, end):
-        freed += px.apc_release_nb(apc, r, free_slots[r, x])
+        k = free_slots[r, x]
+        if apc[3][r, px.DEFER, k]:
+            apc_flush_nb(lz, r, apc)  # (its deferred blocks take identities, which the pending ones still hold)
+        freed += px.apc_finish_nb(apc, r, k, s_req[r, k], bs)
     return freed
 
 
@@ -415,8 +418,9 @@ def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs, apc, apc_on):
 @njit(cache=True, error_model="numpy")
 def stuck_nb(slots, r, n, bs, apc, apc_on):
     """Whether one of replica r's n running slots (exact form) decodes into blocks that may be
-    shared up to its last token (a conversation's turn: the next turn's prompt holds its output).
-    It would decode as an explicit slot to its end, and while one does, the lazy form sums no run
+    shared while it runs, up to its last token (a system prompt longer than the whole request; a
+    conversation's turn names its answer's blocks only once it finishes: prefix_nb's deferred
+    blocks). It would decode as an explicit slot to its end, and while one does, the lazy form sums no run
     and schedules every iteration in full, where exact mode's decode stretch steps them in O(1)
     each. (One shareable only for a while, under a system prompt longer than its own prompt, joins
     the lazy decoders once past it.)"""
@@ -548,7 +552,7 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns,
     cnt[r, C_NEX] = m
     n_running[r] -= done
     if apc_on and done > 0:
-        freed = _apc_release_left(lz, r, apc, left_from)
+        freed = _apc_release_left(lz, r, apc, left_from, slots[0], bs)
     return done, freed
 
 
@@ -1108,7 +1112,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         left_from = cnt[r, C_NFREE]
         left, freed, due = _finish_due(lz, r, t, slots, bs, finish, status, generated, max_itl, turns, apc, apc_on)
         if apc_on:
-            freed = _apc_release_left(lz, r, apc, left_from)
+            freed = _apc_release_left(lz, r, apc, left_from, slots[0], bs)
         free_r += freed
         n_running[r] -= left
         done += left

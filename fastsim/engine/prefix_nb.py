@@ -13,6 +13,12 @@ one free-list node, an extent (how many, how many named), which evictions eat fr
 A preempted request's private blocks get identities, names and hash-table entries then (publish),
 and stay public when it runs again. Which blocks are evicted when, every count and every
 lookup are as with a node per block; the work per private block is gone.
+
+Deferred blocks: a conversation's turn decodes into blocks the next turn's prompt holds, but that
+turn arrives only after this one finishes (running_shareable_tokens). Nobody can look them up
+while it runs, so they are taken as private ones, and get their identities and names when it
+finishes (or is preempted), as they would have had all along; its decode then costs what a
+private request's does (fast mode's lazy form takes it in).
 Every kernel here has a plain-Python twin in tests/test_prefix.py.
 """
 from __future__ import annotations
@@ -221,6 +227,27 @@ def shareable_tokens(content: tuple, source_tokens: int) -> np.ndarray:
     return out
 
 
+def running_shareable_tokens(content: tuple, shareable: np.ndarray, session: np.ndarray) -> np.ndarray:
+    """Per request, the part of its `shareable` tokens another request may look up while it runs.
+    Past its prompt and its client's system prompt a block's content is its token sequence's
+    (block_content_nb), which only other requests of that sequence have. Where those are the turns
+    of its own conversation, each arrives after the turn before it has finished, so none is there
+    to look while it runs: those blocks are shareable only once it has finished (or is preempted,
+    when it may look them up itself). Sequences shared otherwise keep all of `shareable`."""
+    prompt, seq, shared_len = content[2], content[3], content[4]
+    out = shareable.copy()
+    if prompt.size == 0:
+        return out
+    _, inv = np.unique(seq, return_inverse=True)
+    lo = np.full(inv.max() + 1, np.iinfo(np.int64).max)
+    hi = np.full(inv.max() + 1, -1)
+    np.minimum.at(lo, inv, session)
+    np.maximum.at(hi, inv, session)
+    turns = (lo[inv] == hi[inv]) & (session >= 0)  # every request of its sequence: one conversation's
+    out[turns] = np.minimum(shareable[turns], np.maximum(prompt, shared_len)[turns])
+    return out
+
+
 # -- a replica's prefix cache, as the engine holds it --------------------------------------------
 # The engine passes one tuple `apc = (pool, table, rep, slots, content, rows, free_rows)`:
 #   pool[row, node]    nodes of every replica's free list: blocks (global ids 0..B-1) and extents
@@ -236,9 +263,10 @@ def shareable_tokens(content: tuple, source_tokens: int) -> np.ndarray:
 #   slots[r, col, k]   per running slot: ROW of its block table, NBLK public blocks in it, HASHED
 #                      full blocks named so far (private ones only counted), SKEY the key of the
 #                      last public one named, PRIV private blocks held, SHARED its first blocks
-#                      that may be public (shareable_tokens in blocks)
-#   content           the requests' block contents (see block_content_nb), then their shareable
-#                      tokens (a copy: a preemption extends its request's over what it named)
+#                      that may be public while it runs, DEFER whether more are once it finishes
+#   content           the requests' block contents (see block_content_nb), then their tokens
+#                      shareable while they run (a copy: a preemption extends its request's over
+#                      what it named), then those shareable once they have finished
 #   rows[r, row, j]    block tables (a request's public blocks in order; shared ones in several)
 #   free_rows[r, i]    a stack of unused block-table rows
 KEY, REF, PREV, FNEXT, MARK, STACK = range(6)
@@ -248,9 +276,9 @@ BLK_BASE, HT_BASE, HT_SIZE, FL_HEAD, FL_TAIL, EVICTIONS, HIT_TOKENS, SOURCE_TOKE
 MEMO_REQ, MEMO_HITS, MEMO_KEY, MEMO_STAMP = range(9, 13)  # the last lookup, to extend next time
 EXT_BASE, IDS_FREE, EXTS_FREE = range(13, 16)
 N_REP_COLS = 16
-ROW, NBLK, HASHED, SKEY, PRIV, SHARED = range(6)
-N_SLOT_COLS = 6
-CONTENT_SHAREABLE = 6  # the content tuple's shareable tokens
+ROW, NBLK, HASHED, SKEY, PRIV, SHARED, DEFER = range(7)
+N_SLOT_COLS = 7
+CONTENT_SHAREABLE, CONTENT_SHAREABLE_AFTER = 6, 7  # the content tuple's shareable tokens (see above)
 
 
 @njit(cache=True, error_model="numpy")
@@ -370,6 +398,7 @@ def apc_start_nb(apc, r, k, req, block_size, hit_buf, hits, key):
     slots[r, SKEY, k] = key
     slots[r, PRIV, k] = 0
     slots[r, SHARED, k] = _shared_blocks(apc, req, block_size)
+    slots[r, DEFER, k] = apc[4][CONTENT_SHAREABLE_AFTER][req] > apc[4][CONTENT_SHAREABLE][req]
     taken = 0
     for j in range(hits):
         b = hit_buf[j]
@@ -527,7 +556,7 @@ def apc_private_from_here_nb(apc, r, k):
 def apc_public_to_end_nb(apc, r, k, final_tokens, block_size):
     """Whether slot k's shareable blocks reach past the last block it fills, holding `final_tokens`
     at its end (its last token's KV is never computed): it never decodes into private blocks only
-    (a conversation's turn: the next turn's prompt holds all of it)."""
+    (its client's system prompt is longer than all of it)."""
     return apc[3][r, SHARED, k] > div_pow2_nb(final_tokens - 1, block_size)
 
 
@@ -604,6 +633,17 @@ def apc_publish_nb(apc, r, k, req, block_size):
     slots[r, NBLK, k] = nblk
     slots[r, SKEY, k] = key
     slots[r, PRIV, k] = 0
+
+
+@njit(cache=True, error_model="numpy")
+def apc_finish_nb(apc, r, k, req, block_size):
+    """Slot k's request `req` has finished: its deferred blocks get their identities and names (see
+    the module's docstring), then it lets go of its blocks. Returns how many became free. (Fast
+    mode's lazy form first takes off the free list the blocks its decoders took: identities are as
+    many as blocks.)"""
+    if apc[3][r, DEFER, k]:
+        apc_publish_nb(apc, r, k, req, block_size)
+    return apc_release_nb(apc, r, k)
 
 
 @njit(cache=True, error_model="numpy")
