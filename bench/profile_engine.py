@@ -18,7 +18,7 @@ fixed CPU, haswell, that valgrind can run, into a cache of its own; valgrind is 
 20,000 requests by default.)
 
 Usage: python bench/profile_engine.py [--requests 300000] [--dataset sharegpt] [--mode fast]
-       [--load 0.8] [--replicas 1] [--prefix-caching] [--top 40] [--counts]
+       [--load 0.8] [--replicas 1] [--prefix-caching] [--variant plain] [--top 40] [--counts]
 Needs Linux `perf` (perf_event_paranoid <= 2), or valgrind for --counts, and binutils
 (`addr2line`, `objcopy`).
 """
@@ -113,19 +113,21 @@ def child(args: argparse.Namespace, dump: str) -> None:
     from fastsim.config import Config
     from fastsim.simulation import simulate
 
-    rate = args.rate or args.load * speed.capacity(args.dataset)  # (measured outside the profile)
+    rate = args.rate or args.load * speed.capacity(args.dataset, args.variant)  # (measured outside the profile)
     import fastsim
 
     print(json.dumps({"rate": rate, "package": fastsim.__file__}), flush=True)
-    cfg = json.loads(json.dumps(speed.BASE))
+    cfg = speed.with_variant(json.loads(json.dumps(speed.BASE)), args.variant)
     cfg["simulation"]["mode"] = args.mode
     cfg["workload"]["num_requests"] = args.requests
     cfg["workload"]["clients"][0]["dataset"]["name"] = args.dataset
-    cfg["workload"]["clients"][0]["arrival"]["rate"] = rate * args.replicas
+    cfg["workload"]["clients"][0]["arrival"]["rate"] = \
+        rate * args.replicas / speed.TURNS_PER_CONVERSATION.get(args.variant, 1)
     if args.replicas > 1:  # as bench/speed.py runs them: round-robin, each replica at the load
         cfg["engine"]["data_parallel_size"] = args.replicas
         cfg["cluster"] = {"router": "round_robin"}
-    cfg["engine"]["enable_prefix_caching"] = args.prefix_caching
+    if args.prefix_caching:
+        cfg["engine"]["enable_prefix_caching"] = True
     result = simulate(Config(**cfg))
     regions = []
     with open("/proc/self/maps") as f:
@@ -310,6 +312,8 @@ def main() -> None:
     ap.add_argument("--load", type=float, default=0.8, help="arrival rate as a fraction of capacity")
     ap.add_argument("--replicas", type=int, default=1, help="data-parallel replicas (round-robin)")
     ap.add_argument("--prefix-caching", action="store_true", help="engine.enable_prefix_caching: true")
+    ap.add_argument("--variant", default="plain", help="a variant row of bench/speed.py (its VARIANTS: sglang, "
+                    "chat, ...), at that load of its own capacity")
     ap.add_argument("--top", type=int, default=40, help="lines to print")
     ap.add_argument("--counts", action="store_true",
                     help="count instructions and mispredicted branches under valgrind instead of sampling")
@@ -332,7 +336,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dump, data = os.path.join(tmp, "jit.pkl"), os.path.join(tmp, "perf.data")
         cmd = [sys.executable, __file__, "--child", dump, "--requests", str(args.requests), "--dataset",
-               args.dataset, "--mode", args.mode, "--load", str(args.load), "--replicas", str(args.replicas)]
+               args.dataset, "--mode", args.mode, "--load", str(args.load), "--replicas", str(args.replicas),
+               "--variant", args.variant]
         cmd += ["--prefix-caching"] if args.prefix_caching else []
         print("compiling with line tables (after an engine change: ~3-10 min), measuring the capacity...", flush=True)
         first = subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL,
