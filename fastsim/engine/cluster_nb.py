@@ -612,7 +612,9 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                                               block_size) if no_evict and n_waiting[r] > 0 else 0
                 while n_waiting[r] > 0 and budget > 0 and n_running[r] < ri[E.RI_MAX_SEQS]:
                     i, before = q_head[r], -1
-                    if ri[E.RI_LPM] and ri[E.RI_APC] and n_waiting[r] <= E.SGL_LPM_MAX_QUEUE:
+                    # (A lone waiting request is the longest prefix: no need to match it, a walk
+                    # of its every cached token at page size 1.)
+                    if ri[E.RI_LPM] and ri[E.RI_APC] and 1 < n_waiting[r] <= E.SGL_LPM_MAX_QUEUE:
                         i, before = _longest_prefix_first(apc, r, q_head[r], q_next, prompt, generated, block_size,
                                                           lpm_memo)
                     hits, hit_key = 0, px.ROOT_KEY
