@@ -420,10 +420,10 @@ def stuck_nb(slots, r, n, bs, apc, apc_on):
     """Whether one of replica r's n running slots (exact form) decodes into blocks that may be
     shared while it runs, up to its last token (a system prompt longer than the whole request; a
     conversation's turn names its answer's blocks only once it finishes: prefix_nb's deferred
-    blocks). It would decode as an explicit slot to its end, and while one does, the lazy form sums no run
-    and schedules every iteration in full, where exact mode's decode stretch steps them in O(1)
-    each. (One shareable only for a while, under a system prompt longer than its own prompt, joins
-    the lazy decoders once past it.)"""
+    blocks). It would decode as an explicit slot to its end, and while one does, the lazy form
+    sums no run and schedules every iteration in full, where exact mode's decode stretch steps
+    them in O(1) each. (One shareable only for a while, under a system prompt longer than its own
+    prompt, joins the lazy decoders once past it.)"""
     if not apc_on:
         return False
     s_prompt, s_tokens, s_computed = slots[1], slots[2], slots[3]

@@ -19,6 +19,7 @@ turn arrives only after this one finishes (running_shareable_tokens). Nobody can
 while it runs, so they are taken as private ones, and get their identities and names when it
 finishes (or is preempted), as they would have had all along; its decode then costs what a
 private request's does (fast mode's lazy form takes it in).
+
 Every kernel here has a plain-Python twin in tests/test_prefix.py.
 """
 from __future__ import annotations
@@ -238,12 +239,15 @@ def running_shareable_tokens(content: tuple, shareable: np.ndarray, session: np.
     out = shareable.copy()
     if prompt.size == 0:
         return out
-    _, inv = np.unique(seq, return_inverse=True)
-    lo = np.full(inv.max() + 1, np.iinfo(np.int64).max)
-    hi = np.full(inv.max() + 1, -1)
-    np.minimum.at(lo, inv, session)
-    np.maximum.at(hi, inv, session)
-    turns = (lo[inv] == hi[inv]) & (session >= 0)  # every request of its sequence: one conversation's
+    order = np.argsort(seq, kind="stable")
+    by_seq, their_session = seq[order], session[order]
+    first = np.r_[True, by_seq[1:] != by_seq[:-1]]
+    starts = np.flatnonzero(first)
+    group = np.cumsum(first) - 1
+    lo = np.minimum.reduceat(their_session, starts)[group]
+    hi = np.maximum.reduceat(their_session, starts)[group]
+    turns = np.empty(seq.size, np.bool_)
+    turns[order] = (lo == hi) & (their_session >= 0)  # every request of its sequence: one conversation's
     out[turns] = np.minimum(shareable[turns], np.maximum(prompt, shared_len)[turns])
     return out
 
