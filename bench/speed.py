@@ -17,7 +17,8 @@ Variant rows (ShareGPT at 80% of each one's own capacity): EAGLE speculative dec
 sliding window, SGLang's scheduler with its radix cache, Dynamo on one GPU and on 4 (vLLM with
 prefix caching behind its KV-aware router, which reads every replica's cache at each arrival),
 pipeline parallelism over 2 and 4 GPUs, and multi-turn chat with prefix caching (a turn's output
-shared with the next turn's prompt, named when the turn finishes: summed like any decode).
+shared with the next turn's prompt, named when the turn finishes: summed like any decode), on vLLM
+and on SGLang (its radix cache works token by token).
 
 Usage: python bench/speed.py [--sizes 10000,100000,1000000] [--replicas 1,64] [--bwb 20000]
        [--overload 1.2] [--prefix-caching 100000] [--variants 20000]
@@ -63,7 +64,9 @@ VARIANTS = {
                  "turns": {"dist": "uniform", "low": 1, "high": 8},
                  "think_time_s": {"dist": "exponential", "mean": 8.0}}}},
 }
-TURNS_PER_CONVERSATION = {"chat": 4.5}  # the mean of uniform 1..8
+# The same chat on SGLang, whose radix cache has a page of one token: per-token cache work.
+VARIANTS["sglchat"] = {"engine": {"framework": "sglang"}, "client": VARIANTS["chat"]["client"]}
+TURNS_PER_CONVERSATION = {"chat": 4.5, "sglchat": 4.5}  # the mean of uniform 1..8
 
 
 def with_variant(cfg: dict, variant: str) -> dict:
