@@ -296,7 +296,8 @@ def prefix_cache_arrays(rep_int: np.ndarray, workload: Workload, defer: bool = T
     free_rows = np.zeros((n_rep, seqs), np.int64)
     content = workload.content()
     shareable = px.shareable_tokens(content, workload.block_tokens) if blk else np.zeros(len(workload), np.int64)
-    running = px.running_shareable_tokens(content, shareable, workload.session) if blk and defer else shareable.copy()
+    running = px.running_shareable_tokens(content, shareable, workload.session, workload.output_tokens) \
+        if blk and defer else shareable.copy()
     return (pool, table, rep, slots, content + (running, shareable), rows, free_rows)
 
 

@@ -150,7 +150,9 @@ def test_cache_with_private_blocks_matches_a_block_per_block_cache(wl, bs, num_b
     source = 8
     apc = _cache(content, source, num_blocks, bs, n, longest, np.asarray(seqs, np.int64) if turns else None)
     if turns:
-        assert (apc[4][px.CONTENT_SHAREABLE] <= np.maximum(prompts, sys_len)).all()
+        # A first turn defers its answer's blocks (later ones are covered by the first's length).
+        firsts = [seqs.index(g) for g in set(seqs) if seqs.count(g) > 1]
+        assert all(apc[4][px.CONTENT_SHAREABLE][i] == max(prompts[i], sys_len[i]) for i in firsts)
     # A turn is there once every earlier request of its sequence has finished.
     there = lambda q: not turns or all(j in done for j in range(q.id) if seqs[j] == seqs[q.id])  # noqa: E731
     cache = ref.PrefixCache(num_blocks, bs, lambda q, m: int(px.block_content_nb(q, m, bs, content, source)))
@@ -241,10 +243,15 @@ def test_running_shareable_tokens_by_hand():
     assert shareable.tolist() == [px.SHARED_ALL] * 2 + [20] + [px.SHARED_ALL] * 4
     session = np.array([0, 0, -1, -1, -1, 1, 1])
     # A turn's blocks past its prompt and its system prompt are shareable only once it has finished.
-    got = px.running_shareable_tokens(content, shareable, session)
+    got = px.running_shareable_tokens(content, shareable, session, np.zeros(7, np.int64))
     assert got.tolist() == [40, 90, 20, px.SHARED_ALL, px.SHARED_ALL, 100, 130]
     session[3:5] = [7, 8]  # 3 and 4 in different sessions: still no deferring
-    assert px.running_shareable_tokens(content, shareable, session)[3:5].tolist() == [px.SHARED_ALL] * 2
+    assert px.running_shareable_tokens(content, shareable, session, np.zeros(7, np.int64))[3:5].tolist() == \
+        [px.SHARED_ALL] * 2
+    # An earlier turn longer than a later one's prompt (prompt and output 40 + 70 > 90): the later
+    # turn's blocks up to 110 tokens may be cached copies of the earlier's, so they stay public.
+    outputs = np.array([70, 0, 0, 0, 0, 0, 0])
+    assert px.running_shareable_tokens(content, shareable, session, outputs)[:2].tolist() == [40, 110]
 
 
 @given(wl=workloads, bs=st.sampled_from([1, 4, 8, 16]))
@@ -267,7 +274,7 @@ def test_no_block_past_the_shareable_tokens_is_anyone_elses(wl, bs):
                 assert owners[key] == {i}, (i, m)
     # With each token sequence one conversation's turns: past the tokens shareable while it runs, a
     # block is only its own conversation's (whose turns never run at once).
-    running = px.running_shareable_tokens(content, shareable, np.asarray(seqs, np.int64))
+    running = px.running_shareable_tokens(content, shareable, np.asarray(seqs, np.int64), np.zeros(len(prompts), np.int64))
     for i, p in enumerate(prompts):  # (and afterwards too: the check above saw only earlier requests)
         key = px.ROOT_KEY
         for m in range((p + 40) // bs):

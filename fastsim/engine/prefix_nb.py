@@ -228,18 +228,21 @@ def shareable_tokens(content: tuple, source_tokens: int) -> np.ndarray:
     return out
 
 
-def running_shareable_tokens(content: tuple, shareable: np.ndarray, session: np.ndarray) -> np.ndarray:
-    """Per request, the part of its `shareable` tokens another request may look up while it runs.
-    Past its prompt and its client's system prompt a block's content is its token sequence's
-    (block_content_nb), which only other requests of that sequence have. Where those are the turns
-    of its own conversation, each arrives after the turn before it has finished, so none is there
-    to look while it runs: those blocks are shareable only once it has finished (or is preempted,
-    when it may look them up itself). Sequences shared otherwise keep all of `shareable`."""
+def running_shareable_tokens(content: tuple, shareable: np.ndarray, session: np.ndarray,
+                             output: np.ndarray) -> np.ndarray:
+    """Per request, the part of its `shareable` tokens another request may look up, or hold a copy
+    of, while it runs. Past its prompt and its client's system prompt a block's content is its token
+    sequence's (block_content_nb), which only other requests of that sequence have. Where those are
+    the turns of its own conversation (rows in turn order), each later turn arrives after it has
+    finished; an earlier one may still have its blocks cached, up to its prompt and output. Past
+    all of those, its blocks are shareable only once it has finished (or is preempted, when it may
+    look them up itself), and nobody holds a copy meanwhile. Sequences shared otherwise keep all of
+    `shareable`."""
     prompt, seq, shared_len = content[2], content[3], content[4]
     out = shareable.copy()
     if prompt.size == 0:
         return out
-    order = np.argsort(seq, kind="stable")
+    order = np.argsort(seq, kind="stable")  # (rows of a sequence stay in turn order)
     by_seq, their_session = seq[order], session[order]
     first = np.r_[True, by_seq[1:] != by_seq[:-1]]
     starts = np.flatnonzero(first)
@@ -248,7 +251,14 @@ def running_shareable_tokens(content: tuple, shareable: np.ndarray, session: np.
     hi = np.maximum.reduceat(their_session, starts)[group]
     turns = np.empty(seq.size, np.bool_)
     turns[order] = (lo == hi) & (their_session >= 0)  # every request of its sequence: one conversation's
-    out[turns] = np.minimum(shareable[turns], np.maximum(prompt, shared_len)[turns])
+    # The longest of the earlier turns (prompt and output), by a running maximum within each sequence.
+    length = (prompt + output)[order]
+    running_max = np.maximum.accumulate(length + group * (1 << 40)) - group * (1 << 40)
+    before = np.where(first, 0, np.r_[0, running_max[:-1]])
+    earlier = np.empty(seq.size, np.int64)
+    earlier[order] = before
+    own = np.maximum(np.maximum(prompt, shared_len), earlier)
+    out[turns] = np.minimum(shareable[turns], own[turns])
     return out
 
 
