@@ -274,7 +274,8 @@ def test_no_block_past_the_shareable_tokens_is_anyone_elses(wl, bs):
                 assert owners[key] == {i}, (i, m)
     # With each token sequence one conversation's turns: past the tokens shareable while it runs, a
     # block is only its own conversation's (whose turns never run at once).
-    running = px.running_shareable_tokens(content, shareable, np.asarray(seqs, np.int64), np.zeros(len(prompts), np.int64))
+    running = px.running_shareable_tokens(content, shareable, np.asarray(seqs, np.int64),
+                                          np.zeros(len(prompts), np.int64))
     for i, p in enumerate(prompts):  # (and afterwards too: the check above saw only earlier requests)
         key = px.ROOT_KEY
         for m in range((p + 40) // bs):
