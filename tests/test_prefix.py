@@ -258,7 +258,7 @@ def test_running_shareable_tokens_by_hand():
 def test_no_block_past_the_shareable_tokens_is_anyone_elses(wl, bs):
     """Brute force: every block (prompt and answer) of every request, keyed as the cache keys it;
     a block ending past its request's shareable tokens has a key no other request has, and one
-    ending past those shareable while it runs, none outside its conversation."""
+    ending past those shareable while it runs, only its conversation's later turns."""
     choices, prompts, seqs, sys_len = wl
     ids = [[hash(tuple(c[: j + 1])) & 0xFFFF for j in range(len(c))] for c in choices]
     prompts = [max(p, 8 * len(c)) for p, c in zip(prompts, choices)]
@@ -272,10 +272,11 @@ def test_no_block_past_the_shareable_tokens_is_anyone_elses(wl, bs):
             owners.setdefault(key, set()).add(i)
             if (m + 1) * bs > shareable[i]:
                 assert owners[key] == {i}, (i, m)
-    # With each token sequence one conversation's turns: past the tokens shareable while it runs, a
-    # block is only its own conversation's (whose turns never run at once).
+    # With each token sequence one conversation's turns (in row order; each request's 40 tokens past
+    # its prompt, its output): past the tokens shareable while it runs, a block is no earlier
+    # turn's (none has a copy cached) and only later turns' (which arrive once it has finished).
     running = px.running_shareable_tokens(content, shareable, np.asarray(seqs, np.int64),
-                                          np.zeros(len(prompts), np.int64))
+                                          np.full(len(prompts), 40, np.int64))
     for i, p in enumerate(prompts):  # (and afterwards too: the check above saw only earlier requests)
         key = px.ROOT_KEY
         for m in range((p + 40) // bs):
@@ -283,7 +284,7 @@ def test_no_block_past_the_shareable_tokens_is_anyone_elses(wl, bs):
             if (m + 1) * bs > shareable[i]:
                 assert owners[key] == {i}, (i, m)
             if (m + 1) * bs > running[i]:
-                assert all(seqs[j] == seqs[i] for j in owners[key]), (i, m)
+                assert all(seqs[j] == seqs[i] and j >= i for j in owners[key]), (i, m)
 
 
 def test_partly_filled_last_block_is_evicted_first_and_not_counted():

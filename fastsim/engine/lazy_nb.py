@@ -319,7 +319,7 @@ def _apc_release_left(lz, r, apc, start, s_req, bs):
     freed = 0
     for x in range(start, end):
         k = free_slots[r, x]
-        if apc[3][r, px.DEFER, k]:
+        if px.apc_deferred_nb(apc, s_req[r, k]):
             apc_flush_nb(lz, r, apc)  # (its deferred blocks take identities, which the pending ones still hold)
         freed += px.apc_finish_nb(apc, r, k, s_req[r, k], bs)
     return freed

@@ -251,9 +251,12 @@ def running_shareable_tokens(content: tuple, shareable: np.ndarray, session: np.
     hi = np.maximum.reduceat(their_session, starts)[group]
     turns = np.empty(seq.size, np.bool_)
     turns[order] = (lo == hi) & (their_session >= 0)  # every request of its sequence: one conversation's
-    # The longest of the earlier turns (prompt and output), by a running maximum within each sequence.
+    # The longest of the earlier turns (prompt and output): a running maximum within each sequence,
+    # made one running maximum by lifting each sequence above every earlier one (by group * step,
+    # step > any length: at most ~10^7 groups x 10^7 tokens, far from overflow).
     length = (prompt + output)[order]
-    running_max = np.maximum.accumulate(length + group * (1 << 40)) - group * (1 << 40)
+    step = int(length.max()) + 1
+    running_max = np.maximum.accumulate(length + group * step) - group * step
     before = np.where(first, 0, np.r_[0, running_max[:-1]])
     earlier = np.empty(seq.size, np.int64)
     earlier[order] = before
@@ -277,7 +280,7 @@ def running_shareable_tokens(content: tuple, shareable: np.ndarray, session: np.
 #   slots[r, col, k]   per running slot: ROW of its block table, NBLK public blocks in it, HASHED
 #                      full blocks named so far (private ones only counted), SKEY the key of the
 #                      last public one named, PRIV private blocks held, SHARED its first blocks
-#                      that may be public while it runs, DEFER whether more are once it finishes
+#                      that may be public while it runs
 #   content           the requests' block contents (see block_content_nb), then their tokens
 #                      shareable while they run (a copy: a preemption extends its request's over
 #                      what it named), then those shareable once they have finished
@@ -290,8 +293,8 @@ BLK_BASE, HT_BASE, HT_SIZE, FL_HEAD, FL_TAIL, EVICTIONS, HIT_TOKENS, SOURCE_TOKE
 MEMO_REQ, MEMO_HITS, MEMO_KEY, MEMO_STAMP = range(9, 13)  # the last lookup, to extend next time
 EXT_BASE, IDS_FREE, EXTS_FREE = range(13, 16)
 N_REP_COLS = 16
-ROW, NBLK, HASHED, SKEY, PRIV, SHARED, DEFER = range(7)
-N_SLOT_COLS = 7
+ROW, NBLK, HASHED, SKEY, PRIV, SHARED = range(6)
+N_SLOT_COLS = 6
 CONTENT_SHAREABLE, CONTENT_SHAREABLE_AFTER = 6, 7  # the content tuple's shareable tokens (see above)
 
 
@@ -412,7 +415,6 @@ def apc_start_nb(apc, r, k, req, block_size, hit_buf, hits, key):
     slots[r, SKEY, k] = key
     slots[r, PRIV, k] = 0
     slots[r, SHARED, k] = _shared_blocks(apc, req, block_size)
-    slots[r, DEFER, k] = apc[4][CONTENT_SHAREABLE_AFTER][req] > apc[4][CONTENT_SHAREABLE][req]
     taken = 0
     for j in range(hits):
         b = hit_buf[j]
@@ -649,13 +651,19 @@ def apc_publish_nb(apc, r, k, req, block_size):
     slots[r, PRIV, k] = 0
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def apc_deferred_nb(apc, req):
+    """Whether request `req` has blocks shareable once it has finished, not while it runs (see the
+    module's docstring): they are named when it finishes."""
+    return apc[4][CONTENT_SHAREABLE_AFTER][req] > apc[4][CONTENT_SHAREABLE][req]
+
+
 @njit(cache=True, error_model="numpy")
 def apc_finish_nb(apc, r, k, req, block_size):
-    """Slot k's request `req` has finished: its deferred blocks get their identities and names (see
-    the module's docstring), then it lets go of its blocks. Returns how many became free. (Fast
-    mode's lazy form first takes off the free list the blocks its decoders took: identities are as
-    many as blocks.)"""
-    if apc[3][r, DEFER, k]:
+    """Slot k's request `req` has finished: its deferred blocks get their identities and names,
+    then it lets go of its blocks. Returns how many became free. (Fast mode's lazy form first takes
+    off the free list the blocks its decoders took: identities are as many as blocks.)"""
+    if apc_deferred_nb(apc, req):
         apc_publish_nb(apc, r, k, req, block_size)
     return apc_release_nb(apc, r, k)
 
