@@ -122,7 +122,7 @@ def child(args: argparse.Namespace, dump: str) -> None:
     cfg["workload"]["num_requests"] = args.requests
     cfg["workload"]["clients"][0]["dataset"]["name"] = args.dataset
     cfg["workload"]["clients"][0]["arrival"]["rate"] = \
-        rate * args.replicas / speed.TURNS_PER_CONVERSATION.get(args.variant, 1)
+        rate * args.replicas / speed.turns_per_arrival(args.variant)
     if args.replicas > 1:  # as bench/speed.py runs them: round-robin, each replica at the load
         cfg["engine"]["data_parallel_size"] = args.replicas
         cfg["cluster"] = {"router": "round_robin"}

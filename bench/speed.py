@@ -66,7 +66,11 @@ VARIANTS = {
 }
 # The same chat on SGLang, whose radix cache has a page of one token: per-token cache work.
 VARIANTS["sglchat"] = {"engine": {"framework": "sglang"}, "client": VARIANTS["chat"]["client"]}
-TURNS_PER_CONVERSATION = {"chat": 4.5, "sglchat": 4.5}  # the mean of uniform 1..8
+
+
+def turns_per_arrival(variant: str) -> float:
+    """Requests per arrival of the variant's client: a conversation's mean turns (uniform 1..8)."""
+    return 4.5 if "conversation" in VARIANTS[variant].get("client", {}) else 1.0
 
 
 def with_variant(cfg: dict, variant: str) -> dict:
@@ -90,7 +94,7 @@ def one_run(n: int, rate: float, repeats: int, replicas: int, mode: str, dataset
     cfg["simulation"]["mode"] = mode
     cfg["workload"]["num_requests"] = n
     cfg["workload"]["clients"][0]["dataset"]["name"] = dataset
-    cfg["workload"]["clients"][0]["arrival"]["rate"] = rate * replicas / TURNS_PER_CONVERSATION.get(variant, 1)
+    cfg["workload"]["clients"][0]["arrival"]["rate"] = rate * replicas / turns_per_arrival(variant)
     cfg["engine"]["data_parallel_size"] = replicas
     cfg.setdefault("cluster", {"router": "round_robin"})
     if apc:
