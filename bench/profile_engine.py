@@ -308,7 +308,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, help="default 300,000 (20,000 with --counts)")
     ap.add_argument("--dataset", default="sharegpt")
-    ap.add_argument("--mode", default="fast", choices=("fast", "exact"))
+    ap.add_argument("--mode", default="fast", choices=("fast", "exact", "stepped"))
     ap.add_argument("--load", type=float, default=0.8, help="arrival rate as a fraction of capacity")
     ap.add_argument("--replicas", type=int, default=1, help="data-parallel replicas (round-robin)")
     ap.add_argument("--prefix-caching", action="store_true", help="engine.enable_prefix_caching: true")

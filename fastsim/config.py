@@ -531,9 +531,11 @@ class Cluster(_Strict):
 class Simulation(_Strict):
     seed: int = Field(default=0, ge=0, description="seeds every random draw (arrivals, lengths, routing): "
                       "the same config and seed give byte-identical results")
-    mode: Literal["exact", "fast"] = Field(
+    mode: Literal["exact", "fast", "stepped"] = Field(
         default="fast", description="fast: steady decoding summed in closed form between events (the same "
-        "scheduling decisions as exact; times agree to ~1e-12 relative); exact: every iteration stepped")
+        "scheduling decisions as exact; times agree to ~1e-12 relative); exact: every iteration stepped, steady "
+        "decoding in O(1) each; stepped: every iteration scheduled in full, request by request (the literal "
+        "reference, slowest; the same results as exact, bit for bit)")
     max_sim_time_s: float | None = Field(default=None, gt=0,
                                          description="stop here; requests not done are 'unfinished'")
     max_wall_time_s: float | None = Field(

@@ -431,7 +431,8 @@ def run_pools(cfg: Config, model: ModelSpec, pools: list[ReplicaPlan], workload:
             route_params(cfg), rep_int, rep_params, tok_table, seq_table,
             cfg.simulation.max_sim_time_s or np.inf, cfg.output.timeline, counter,
             prefix_cache_arrays(rep_int, workload), (workload.next_turn, workload.think_s) if kv0 is None
-            else (np.full(n, -1, np.int64), np.full(n, -1.0)), True, cfg.simulation.mode == "fast",
+            else (np.full(n, -1, np.int64), np.full(n, -1.0)), cfg.simulation.mode != "stepped",
+            cfg.simulation.mode == "fast",
             (np.zeros(n, np.int64), np.zeros(n)) if kv0 is None else kv0)
     return run_polled(run_cluster_nb, args, counter, report, budget=budget)
 

@@ -174,7 +174,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     token already computed (sent by a prefill instance), so its first step is a decode; its
     last_token_s is the time of its previous token. None: every request starts from nothing.
     `fast_decode` lets steady decoding stretches advance in O(1) per iteration (same iterations,
-    same arithmetic; off only to test that it changes nothing).
+    same arithmetic; off: simulation.mode stepped, the reference that it changes nothing).
     `lazy` is fast mode (fastsim.engine.lazy_nb) for the replicas it applies to: vLLM V1's
     scheduler (TensorRT-LLM's and Dynamo's too), one pipeline stage.
     """
