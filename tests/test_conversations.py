@@ -11,10 +11,17 @@ from fastsim.engine import prefix_nb as px
 from test_engine import CM, OVERHEAD, fwd, run
 
 
-def build(sessions, system_prompt=0):
+def build(sessions, system_prompt=0, jitter=False):
     """Rows of conversations as the workload lays them out (session by session): arrival (NaN for
     later turns), prompt, output, next turn, think time, and each row's token sequence (its
-    session's first row) and session."""
+    session's first row) and session.
+
+    jitter: each positive think time made unique by less than a microsecond, for a test against the
+    reference. Its times differ from the engine's by rounding, so two turns due at one instant by
+    different paths (alike turns of two sessions, one thinking while the other was served) can
+    arrive in either order. A zero think time stays: that turn arrives at its previous turn's
+    finish exactly, in both."""
+    jitter_rng = np.random.default_rng(0)
     arrivals, prompts, outputs, next_turn, think, seq, session = [], [], [], [], [], [], []
     for number, (start, turns) in enumerate(sorted(sessions, key=lambda s: s[0])):  # first turns in arrival order
         first = len(prompts)
@@ -24,7 +31,7 @@ def build(sessions, system_prompt=0):
             arrivals.append(start if k == 0 else np.nan)
             prompts.append(context)
             outputs.append(out)
-            think.append(-1.0 if k == 0 else gap)
+            think.append(-1.0 if k == 0 else gap + (jitter and gap > 0) * 1e-6 * jitter_rng.random())
             next_turn.append(len(prompts) if k + 1 < len(turns) else -1)
             seq.append(first)
             session.append(number)
@@ -51,7 +58,7 @@ conversations = st.lists(st.tuples(
 @given(sessions=conversations, bs=st.sampled_from([4, 16]), max_seqs=st.integers(1, 6),
        budget=st.integers(40, 300), apc=st.booleans(), system_prompt=st.sampled_from([0, 20]))
 def test_conversations_match_reference(sessions, bs, max_seqs, budget, apc, system_prompt):
-    arrivals, prompts, outputs, turns, content = build(sessions, system_prompt)
+    arrivals, prompts, outputs, turns, content = build(sessions, system_prompt, jitter=True)
     num_blocks = max(-(-(p + o) // bs) for p, o in zip(prompts, outputs)) + 8
     r = run(arrivals, prompts, outputs, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
             num_blocks=num_blocks, turns=turns, content=content, prefix_caching=apc, timeline=False)
@@ -162,7 +169,7 @@ def test_sglang_scheduler_matches_reference(sessions, bs, max_seqs, budget, apc,
                                             timeline):
     """SGLang's scheduler against the reference, iteration by iteration (a timeline) or with steady
     decoding stepped in O(1) each (without)."""
-    arrivals, prompts, outputs, turns, content = build(sessions, system_prompt)
+    arrivals, prompts, outputs, turns, content = build(sessions, system_prompt, jitter=True)
     keep = [p + o <= budget or chunked for p, o in zip(prompts, outputs)]
     if not all(keep):
         return  # (unchunked prompts longer than the budget are refused before simulation)
