@@ -39,7 +39,8 @@ import sys
 import tempfile
 import time
 
-MODES = ("exact", "fast", "stepped")  # (stepped: its engine time only, after fast/exact)
+SIDE_BY_SIDE = ("exact", "fast")  # each with its requests/s, total time and peak RSS
+MODES = SIDE_BY_SIDE + ("stepped",)  # stepped: its engine time only, beside fast/exact
 BASE = {
     "simulation": {"seed": 0, "mode": "exact"},
     "model": "meta-llama/Meta-Llama-3-8B",
@@ -175,7 +176,7 @@ def main() -> None:
     print("Poisson arrivals at `load` x capacity; engine s = the compiled simulation loop; total s = config to "
           "tables, incl. workload sampling")
     head = f"{'dataset':>8} {'variant':>7} {'load':>4} {'apc':>3} {'replicas':>8} {'requests':>10}"
-    for mode in MODES[:2]:
+    for mode in SIDE_BY_SIDE:
         head += f" | {mode + ' engine s':>15} {'req/s':>10} {'total s':>8} {'RSS MB':>7}"
     print(head + f" | {'fast/exact':>10} {'stepped s':>9} {'fast/stepped':>12} {'iterations':>11} {'closed form':>11} "
                  f"{'O(1) steps':>10} {'preempts/req':>12}")
@@ -199,7 +200,7 @@ def main() -> None:
                                   str(reps), str(replicas), mode, dataset, str(int(apc)), variant],
                                  capture_output=True, text=True, check=True)
             r = got[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-            if mode != "stepped":
+            if mode in SIDE_BY_SIDE:
                 line += (f" | {r['engine_wall_s']:>15.3f} {n / r['engine_wall_s']:>10,.0f} "
                          f"{r['total_wall_s']:>8.2f} {r['peak_rss_mb']:>7,.0f}")
         on = "on" if got["exact"]["prefix_caching"] else "off"
