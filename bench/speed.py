@@ -73,8 +73,14 @@ VARIANTS["sglchat"] = {"engine": {"framework": "sglang"}, "client": VARIANTS["ch
 
 
 def turns_per_arrival(variant: str) -> float:
-    """Requests per arrival of the variant's client: a conversation's mean turns (uniform 1..8)."""
-    return 4.5 if "conversation" in VARIANTS[variant].get("client", {}) else 1.0
+    """Requests per arrival of the variant's client: a conversation's mean turns (a uniform integer
+    draw: the mean of its bounds), else 1."""
+    conversation = VARIANTS[variant].get("client", {}).get("conversation")
+    if conversation is None:
+        return 1.0
+    turns = conversation["turns"]
+    assert turns["dist"] == "uniform", "turns_per_arrival knows the uniform distribution's mean only"
+    return (turns["low"] + turns["high"]) / 2
 
 
 def with_variant(cfg: dict, variant: str) -> dict:

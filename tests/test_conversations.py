@@ -31,7 +31,9 @@ def build(sessions, system_prompt=0, jitter=False):
             arrivals.append(start if k == 0 else np.nan)
             prompts.append(context)
             outputs.append(out)
-            think.append(-1.0 if k == 0 else gap + (jitter and gap > 0) * 1e-6 * jitter_rng.random())
+            if jitter and k > 0 and gap > 0:
+                gap += 1e-6 * jitter_rng.random()
+            think.append(-1.0 if k == 0 else gap)
             next_turn.append(len(prompts) if k + 1 < len(turns) else -1)
             seq.append(first)
             session.append(number)
