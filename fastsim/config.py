@@ -79,7 +79,7 @@ class Empirical(_Bounds):
     """Sampled with replacement from a column of a CSV/Parquet file or a built-in dataset."""
     dist: Literal["empirical"]
     file: str | None = None
-    dataset: Literal["sharegpt", "bwb", "arxiv"] | None = None
+    dataset: Literal["sharegpt", "sharegpt_vllm", "bwb", "arxiv"] | None = None
     column: str
 
     @model_validator(mode="after")
@@ -106,8 +106,10 @@ Component.model_rebuild()
 
 class Dataset(_Strict):
     """(prompt, output) pairs sampled jointly, with replacement, from a file or a built-in dataset."""
-    name: Literal["sharegpt", "bwb", "arxiv"] | None = Field(
-        default=None, description="built-in length sets: sharegpt (chat), bwb (long outputs), arxiv (summaries)")
+    name: Literal["sharegpt", "sharegpt_vllm", "bwb", "arxiv"] | None = Field(
+        default=None, description="built-in length sets: sharegpt (chat), sharegpt_vllm (ShareGPT's first turns "
+        "as `vllm bench serve --dataset-name sharegpt` samples them: Llama-3 tokenizer, its length filter), bwb "
+        "(long outputs), arxiv (summaries)")
     file: str | None = Field(default=None, description="a CSV or Parquet file of token counts instead")
     prompt_column: str = Field(default="prompt_tokens", description="the file's prompt-length column")
     output_column: str = Field(default="output_tokens", description="the file's output-length column")
