@@ -1,7 +1,8 @@
 """Cost-model accuracy: forward_time vs measured whole-model forward (layers * layer_ms + lm_head_ms).
 
 Usage: python bench/accuracy.py [STEPS.csv] [--gpu ID] [--profile PROFILE.yaml]
-Defaults: the shipped H100 Llama-3-8B measurements and the built-in (fitted) profile. Also prints
+Defaults: the shipped H100 Llama-3-8B measurements and the GPU's built-in profile (for H200, with
+fastsim/cost/data/h200_llama3-8b_steps.csv, also the H100 fit transferred by datasheet). Also prints
 the error of a profile fitted from the micro-benchmark rows alone, as a user with two minutes of
 GPU time would get.
 """
@@ -15,6 +16,7 @@ from rich.console import Console
 
 from fastsim.catalog import load_gpu
 from fastsim.cost import load_profile
+from fastsim.cost.profile import default_profile
 from fastsim.cost.accuracy import error_table
 from fastsim.cost.calibrate import Measurements, fit_profile, read_measurements
 
@@ -31,9 +33,12 @@ def main() -> None:
     gpu = load_gpu(a.gpu)
     meas = read_measurements(a.steps)
     con.print(f"{a.steps}: {len(meas.layers)} layer rows, {len(meas.gemm)} GEMM rows ({meas.gpu})")
-    prof = load_profile(a.profile)
+    prof = load_profile(a.profile, gpu)
     con.print(f"\nprofile: {a.profile or 'built-in'} ({prof.fitted_on})")
     con.print(error_table(prof, gpu, meas.layers))
+    if a.profile is None and prof != default_profile():
+        con.print("\nthe H100 fit's fractions of this GPU's datasheet instead (a GPU without measurements)")
+        con.print(error_table(default_profile(), gpu, meas.layers))
     t0 = time.perf_counter()
     micro = fit_profile(Measurements(meas.gpu, meas.gemm, meas.copy_gb_s, []), gpu)
     con.print(f"\nprofile fitted from micro-benchmarks only ({time.perf_counter() - t0:.2f} s to fit)")

@@ -105,11 +105,28 @@ def run_cmd(
         err_console.print(f"[bold yellow]warning:[/] {name}: {count} requests never finished although no time "
                           "limit was set: the engine could not make progress for them (please report the config)",
                           highlight=False)
+    _warn_uncalibrated(cfg)
     stopped = [name for name, s in result.summaries.items() if s.get("stopped_by_wall_time_budget")]
     if stopped:
         err_console.print(f"[bold yellow]warning:[/] simulation.max_wall_time_s ran out ({', '.join(stopped)}): "
                           "requests not done are marked unfinished", highlight=False)
     console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _warn_uncalibrated(cfg) -> None:
+    """A warning for each GPU of the run whose figures fastsim cannot vouch for (no profile given)."""
+    from fastsim.catalog import load_gpu
+    from fastsim.catalog.gpus import load_gpu_file
+    from fastsim.cost.profile import profile_warning
+
+    if cfg.hardware.profile is not None:
+        return
+    custom = load_gpu_file(cfg.hardware.gpus_file) if cfg.hardware.gpus_file else None
+    names = {cfg.hardware.gpu} | {p.gpu for p in (cfg.cluster.pools or []) if p.gpu}
+    for name in sorted(names):
+        why = profile_warning(load_gpu(name, custom))
+        if why:
+            err_console.print(f"[bold yellow]warning:[/] {why}", highlight=False)
 
 
 def _progress_columns():
@@ -395,6 +412,7 @@ def validate_cmd(
     from fastsim.config import load_config
     from fastsim.simulation import plan_engines
 
+    from fastsim.cost.serving import engine_serving
     from fastsim.memory import expert_parallel_size, kv_dtype
 
     cfg = load_config(config, list(set_ or []))
@@ -420,7 +438,10 @@ def validate_cmd(
             ("KV per token (KiB)", lambda rp: rp.memory.kv_bytes_per_token / 1024),
             ("KV blocks", lambda rp: rp.memory.num_gpu_blocks), ("KV tokens", lambda rp: rp.memory.kv_tokens),
             ("max_model_len", lambda rp: rp.memory.max_model_len),
-            ("weights dtype / KV dtype", lambda rp: f"{rp.engine.dtype} / {kv_dtype(rp.engine)}")]
+            ("weights dtype / KV dtype", lambda rp: f"{rp.engine.dtype} / {kv_dtype(rp.engine)}"),
+            ("CPU per iteration: ms + us/seq + us/token",
+             lambda rp: (lambda s: f"{s.overhead_ms:g} + {s.per_seq_us:g} + {s.per_token_us:g}")(engine_serving(rp.engine))),
+            ("API server latency, online (ms)", lambda rp: engine_serving(rp.engine).api_server_latency_ms)]
     if model.is_moe:
         def experts(rp) -> str:
             ep, tp = expert_parallel_size(model, rp.engine), rp.engine.tensor_parallel_size
@@ -440,6 +461,7 @@ def validate_cmd(
     for label, f in rows:
         t.add_row(label, *[cell(f(rp)) for _, rp in columns])
     console.print(t)
+    _warn_uncalibrated(cfg)
     console.print(f"{config or 'the built-in default'}{' with ' + ', '.join(set_) if set_ else ''}: valid")
 
 
@@ -495,12 +517,16 @@ def gpus_cmd() -> None:
     """List the built-in GPUs with their datasheet figures."""
     from fastsim.catalog.gpus import builtin_gpus
 
-    t = _table("id", "memory GiB", "bandwidth GB/s", "bf16 TFLOP/s", "fp8 TFLOP/s", "link", "TDP W", "$/hour")
+    from fastsim.cost.profile import profile_origin
+
+    t = _table("id", "memory GiB", "bandwidth GB/s", "bf16 TFLOP/s", "fp8 TFLOP/s", "link", "TDP W", "$/hour",
+               "rates")
     for g in builtin_gpus().values():
         t.add_row(g.name, f"{g.memory_gib:g}", f"{g.mem_bw_gb_s:g}", f"{g.bf16_tflops:g}",
                   f"{g.fp8_tflops:g}" if g.fp8_tflops else "-", f"{g.interconnect} {g.link_gb_s:g} GB/s",
                   f"{g.tdp_w:g}" if g.tdp_w else "-",
-                  f"{g.price_usd_per_hour:.2f}" if g.price_usd_per_hour else "-")
+                  f"{g.price_usd_per_hour:.2f}" if g.price_usd_per_hour else "-",
+                  profile_origin(g))
     console.print(t)
 
 

@@ -223,6 +223,10 @@ class Client(_Strict):
                                       "this client, added to its prompt lengths")
     conversation: Conversation | None = Field(default=None, description="multi-turn sessions; num_requests "
                                               "counts turns and the arrival process starts sessions")
+    online: bool | None = Field(
+        default=None, description="requests come through the engine's API server (vllm serve, `vllm bench "
+        "serve`), which adds engine.api_server_latency_ms to their TTFT and end-to-end latency; false: "
+        "offline (LLM.generate, `vllm bench throughput`). Default: online unless arrival is a batch")
 
     @model_validator(mode="after")
     def _lengths(self):
@@ -386,11 +390,26 @@ class Engine(_Strict):
     num_gpu_blocks_override: int | None = Field(default=None, ge=1, le=1 << 30, description="KV blocks per GPU instead of "
                                                   "what memory allows (vLLM's; for experiments)")
     scheduler: Literal["v1", "v0"] = Field(default="v1", description="vLLM's scheduler generation")
-    framework_overhead_ms: float = Field(
-        default=0.33, ge=0,
-        description="CPU time per iteration outside the forward pass (scheduling, input preparation, "
-                    "sampling, output processing). Default: least squares over vLLM CI batch latencies of "
-                    "Llama-3-8B on H100, A100-80GB and H200 (0.22-0.46 ms each)")
+    framework_overhead_ms: float | None = Field(
+        default=None, ge=0, le=1000,
+        description="CPU time of every iteration outside the forward pass (scheduling, input preparation, "
+                    "sampling, output processing), in series with the GPU. Default: the framework's, fitted on "
+                    "published measurements (fastsim/cost/serving.py; `fastsim validate` shows it)")
+    framework_overhead_per_seq_us: float | None = Field(
+        default=None, ge=0, le=1e6, description="CPU time of an iteration per scheduled sequence, on top of "
+        "framework_overhead_ms. Default: the framework's")
+    framework_overhead_per_token_us: float | None = Field(
+        default=None, ge=0, le=1e6, description="CPU time of an iteration per scheduled token (prefill and "
+        "decode), on top of framework_overhead_ms. Default: the framework's")
+    api_server_latency_ms: float | None = Field(
+        default=None, ge=0, le=1e5, description="what the API server adds to each online request's TTFT and "
+        "end-to-end latency (HTTP, tokenization, detokenization, streaming; clients with online: true). "
+        "Default: the framework's (vLLM's OpenAI server, SGLang's, Triton for trtllm)")
+    disable_sliding_window: bool | None = Field(
+        default=None, description="vLLM's --disable-sliding-window: attend over the whole context of a "
+        "sliding-window model (max_model_len is then capped at the window, as vLLM does). Default: the "
+        "framework's (vLLM, SGLang: the window is used; TensorRT-LLM: engines attend over the whole cache "
+        "unless built with a max attention window)")
 
 
     @model_validator(mode="before")

@@ -15,8 +15,10 @@ from pydantic import ValidationError
 
 from fastsim.catalog import GpuSpec, ModelSpec, load_gpu, load_model
 from fastsim.catalog.gpus import load_gpu_file
-from fastsim.config import Config, Engine, Pool, format_validation_error, load_config
+from fastsim.config import Batch, Config, Engine, Pool, format_validation_error, load_config
 from fastsim.cost import CostModel
+from fastsim.cost.profile import load_profile
+from fastsim.cost.serving import engine_serving
 from fastsim.cost.speculative import speculative_cost_model
 from fastsim.engine import enums as E
 from fastsim.engine import prefix_nb as px
@@ -109,6 +111,10 @@ def _pools(cfg: Config, engine: Engine, model: ModelSpec, default_gpu: GpuSpec, 
             raise FastsimError(format_validation_error(e, prefix=f"{where}.engine")) from None
         gpu = _gpu(cfg, pool.gpu, custom) if pool.gpu else default_gpu
         eng = _framework_dtypes(eng, gpu)
+        if eng.disable_sliding_window and model.sliding_window and eng.framework != "trtllm":
+            # vLLM then caps the context at the window (tests/prefix_caching/test_disable_sliding_window.py).
+            cap = min(eng.max_model_len or model.max_position_embeddings, model.sliding_window)
+            eng = eng.model_copy(update={"max_model_len": cap})
         if eng.max_model_len and eng.max_model_len > model.max_position_embeddings:
             raise FastsimError(f"{where}.max_model_len = {eng.max_model_len} exceeds {model.name}'s context "
                                f"({model.max_position_embeddings}); use at most that")
@@ -233,12 +239,15 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
     tok_off = seq_off = 0
     for rp in pools:
         eng = rp.engine
-        cm = CostModel.create(model, rp.gpu, tp=eng.tensor_parallel_size, dtype=eng.dtype, profile=profile,
-                              kv_cache_dtype=kv_dtype(eng), layers=stage_layers(model, eng.pipeline_parallel_size),
+        serving = engine_serving(eng)
+        cm = CostModel.create(model, rp.gpu, tp=eng.tensor_parallel_size, dtype=eng.dtype,
+                              profile=serving.kernels(load_profile(profile, rp.gpu)), kv_cache_dtype=kv_dtype(eng),
+                              layers=stage_layers(model, eng.pipeline_parallel_size),
                               enable_expert_parallel=eng.enable_expert_parallel, dp=eng.data_parallel_size,
                               expert_routing_skew=eng.expert_routing_skew)
         params, tok, seq = speculative_cost_model(cm, eng.speculative_config, eng.max_num_seqs,
-                                                  eng.max_num_batched_tokens, eng.framework_overhead_ms * 1e-3)
+                                                  eng.max_num_batched_tokens, serving.overhead_ms * 1e-3,
+                                                  serving.per_seq_us * 1e-6, serving.per_token_us * 1e-6)
         ints = np.zeros(E.N_RI, np.int64)
         ints[E.RI_MAX_SEQS] = eng.max_num_seqs
         ints[E.RI_MAX_TOKENS] = eng.max_num_batched_tokens
@@ -248,7 +257,7 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
         ints[E.RI_THRESHOLD] = eng.long_prefill_token_threshold
         ints[E.RI_V0] = eng.scheduler == "v0"
         ints[E.RI_STAGES] = eng.pipeline_parallel_size
-        ints[E.RI_WINDOW] = model.sliding_window or 0
+        ints[E.RI_WINDOW] = (model.sliding_window or 0) if serving.uses_sliding_window else 0
         ints[E.RI_TOK_OFF] = tok_off
         ints[E.RI_SEQ_OFF] = seq_off
         ints[E.RI_APC] = eng.enable_prefix_caching
@@ -396,6 +405,12 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
             out, extra = run_pools(cfg, model, pools, workload, measured, reason > 0, report,
                                    router=router_for(cfg, eng), budget=budget), {}
         wall = budget.kernel_s
+        api_s = engine_serving(eng).api_server_latency_ms * 1e-3
+        online = online_mask(workload, cfg)
+        if api_s > 0:
+            out = through_api_server(out, online, api_s)
+        if extra:  # disaggregation's parts of each request's time, the API server's among them
+            extra["api_server_ms"] = np.where(online, api_s * 1e3, 0.0)
         itl_hist, itl_stats, timeline, counters, gpu_time = out[8:13]
         table = request_table(eng.name, workload, reason, out)
         for name, column in extra.items():  # disaggregation: where each request's time went
@@ -412,6 +427,25 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
         if cfg.output.timeline:
             timelines[eng.name] = pa.table({name: timeline[:, i] for i, name in enumerate(E.TL_COLUMNS)})
     return Result(pa.concat_tables(tables), summaries, timelines, pool_plans)
+
+
+def online_mask(workload: Workload, cfg: Config) -> np.ndarray:
+    """Which requests come through the API server: their client's `online`, by default all but
+    batch (offline) clients'."""
+    online = np.array([c.online if c.online is not None else not isinstance(c.arrival, Batch)
+                       for c in cfg.workload.clients], dtype=bool)
+    return online[workload.client]
+
+
+def through_api_server(out: tuple, online: np.ndarray, api_s: float) -> tuple:
+    """The kernel's output with online requests' first token and finish seen api_s later: the API
+    server's request path (parsing, tokenizing) and response path (detokenizing, streaming) add a
+    near-constant latency outside the engine. The engine sees the request on arrival (the
+    difference is a few ms of queueing order)."""
+    first_tok, finish = out[2].copy(), out[3].copy()
+    first_tok[online] += api_s
+    finish[online] += api_s
+    return out[:2] + (first_tok, finish) + out[4:]
 
 
 def run_pools(cfg: Config, model: ModelSpec, pools: list[ReplicaPlan], workload: Workload, measured: np.ndarray,

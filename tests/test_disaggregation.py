@@ -6,11 +6,18 @@ import pytest
 
 from fastsim.config import load_config
 from fastsim.cost import CostModel
+from fastsim.cost.profile import default_profile
+from fastsim.cost.serving import serving_profile
 from fastsim.errors import FastsimError
 from fastsim.simulation import plan_engines, simulate
 
-CM = CostModel.create("meta-llama/Meta-Llama-3-8B", "H100-SXM")
-OVERHEAD = 0.33e-3  # the engine default framework_overhead_ms
+VLLM = serving_profile("vllm")  # the engine's default framework: its kernels and CPU time per iteration
+CM = CostModel.create("meta-llama/Meta-Llama-3-8B", "H100-SXM", profile=VLLM.kernels(default_profile()))
+
+
+def cpu(tokens: int) -> float:
+    """One request's iteration of `tokens` tokens: vLLM's CPU time before the forward pass."""
+    return VLLM.overhead_ms * 1e-3 + (VLLM.per_seq_us + tokens * VLLM.per_token_us) * 1e-6
 
 
 def one_request(prompt, output, *extra):
@@ -27,10 +34,10 @@ def test_one_request_by_hand_without_overlap():
     cfg = one_request(1000, 10, "cluster.disaggregation={prefill: {count: 1}, decode: {count: 1}, "
                       "kv_transfer: {link: ethernet, overlap: false}}")
     r = simulate(cfg).requests.to_pylist()[0]
-    ttft = OVERHEAD + fwd(new=[1000], ctx=[0])
+    ttft = cpu(1000) + fwd(new=[1000], ctx=[0])
     # 32 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes = 128 KiB per token, over 12.5 GB/s, + 50 us
     move = 50e-6 + 1000 * 131072 / 12.5e9
-    steps = [OVERHEAD + fwd(dec=[1000 + j]) for j in range(9)]  # tokens 2..10 over 1000..1008 cached tokens
+    steps = [cpu(1) + fwd(dec=[1000 + j]) for j in range(9)]  # tokens 2..10 over 1000..1008 cached tokens
     assert r["ttft_ms"] == pytest.approx(ttft * 1e3, rel=1e-9)
     assert r["transfer_ms"] == pytest.approx(move * 1e3, rel=1e-9)
     assert r["decode_queue_ms"] == pytest.approx(0.0, abs=1e-9)
@@ -47,7 +54,7 @@ def test_overlap_hides_what_the_prefill_outlasts():
     prefill_s = fwd(new=[1000], ctx=[0])
     move = 50e-6 + 1000 * 131072 / 12.5e9
     # the last layer's KV leaves when the pass ends: the exposed part is what outlasts the prefill
-    exposed = max(50e-6, move - (prefill_s + OVERHEAD))
+    exposed = max(50e-6, move - (prefill_s + cpu(1000)))
     assert r["transfer_ms"] == pytest.approx(exposed * 1e3, rel=1e-9)
 
 
@@ -56,7 +63,7 @@ def test_a_one_token_request_ends_at_its_prefill():
     row = r.requests.to_pylist()[0]
     assert row["status"] == "finished" and row["generated_tokens"] == 1
     assert row["replica"] == row["prefill_replica"] == 0 and np.isnan(row["transfer_ms"])
-    assert row["e2el_ms"] == row["ttft_ms"] == pytest.approx((OVERHEAD + fwd(new=[500], ctx=[0])) * 1e3, rel=1e-9)
+    assert row["e2el_ms"] == row["ttft_ms"] == pytest.approx((cpu(500) + fwd(new=[500], ctx=[0])) * 1e3, rel=1e-9)
 
 
 def test_loaded_deployment_invariants_and_where_the_time_went():
@@ -71,7 +78,9 @@ def test_loaded_deployment_invariants_and_where_the_time_went():
     assert (done.generated_tokens == done.output_tokens).all()
     assert (done.prefill_replica.isin([0, 1])).all() and (done.replica[done.output_tokens > 1] == 2).all()
 
-    parts = done.prefill_queue_ms + done.prefill_ms + done.transfer_ms + done.decode_queue_ms + done.decode_ms
+    parts = (done.prefill_queue_ms + done.prefill_ms + done.transfer_ms + done.decode_queue_ms + done.decode_ms
+             + done.api_server_ms)
+    assert (done.api_server_ms == VLLM.api_server_latency_ms).all()  # Poisson clients: online
     many = done.output_tokens > 1
     np.testing.assert_allclose(parts[many], done.e2el_ms[many], rtol=1e-9)
     assert (done[["prefill_queue_ms", "prefill_ms", "transfer_ms", "decode_queue_ms"]][many] >= -1e-9).all().all()

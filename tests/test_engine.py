@@ -17,13 +17,15 @@ from fastsim.workload import Workload
 
 CM = CostModel.create("meta-llama/Meta-Llama-3-8B", "H100-SXM")
 OVERHEAD = 0.3e-3
+# CPU time per scheduled sequence and per scheduled token (seconds) that the property tests draw.
+CPU_TERMS = st.sampled_from([(0.0, 0.0), (0.0, 0.0), (40e-6, 0.0), (30e-6, 2e-6)])
 
 
 def replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked, threshold, v0,
-                   overhead_s, stages=1, spec=None):
+                   overhead_s, stages=1, spec=None, cpu=(0.0, 0.0)):
     """One replica's rows for run_cluster_nb, as fastsim.simulation builds them (spec: a
-    SpeculativeConfig)."""
-    params, tok, seq = speculative_cost_model(cm, spec, max_num_seqs, max_num_batched_tokens, overhead_s)
+    SpeculativeConfig; cpu: CPU seconds per scheduled sequence and per scheduled token)."""
+    params, tok, seq = speculative_cost_model(cm, spec, max_num_seqs, max_num_batched_tokens, overhead_s, *cpu)
     ints = np.zeros(E.N_RI, np.int64)
     ints[[E.RI_MAX_SEQS, E.RI_MAX_TOKENS, E.RI_BLOCK_SIZE, E.RI_NUM_BLOCKS, E.RI_CHUNKED, E.RI_THRESHOLD, E.RI_V0,
           E.RI_STAGES, E.RI_WINDOW]] = [max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked,
@@ -35,9 +37,10 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
         num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
         timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None,
         fast_decode=True, prefix_caching=False, block_ids=None, turns=None, content=None,
-        route_params=(0.5, 32, 1.0001, 1.0), sglang=False, lpm=False, fast=False, no_evict=False, kv0=None, spec=None):
+        route_params=(0.5, 32, 1.0001, 1.0), sglang=False, lpm=False, fast=False, no_evict=False, kv0=None, spec=None,
+        cpu=(0.0, 0.0)):
     ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
-                                            chunked, threshold, v0, overhead_s, stages, spec)
+                                            chunked, threshold, v0, overhead_s, stages, spec, cpu)
     arrivals = np.asarray(arrivals, dtype=np.float64)
     n = arrivals.size
     rejected = np.zeros(n, np.bool_) if rejected is None else np.asarray(rejected)
@@ -175,8 +178,8 @@ def preloaded(arrivals, outputs, on):
     return gen0, [a - 0.05 if g else 0.0 for a, g in zip(arrivals, gen0)]
 
 
-@given(wl=workloads, e=engines, preload=st.booleans())
-def test_kernel_matches_reference_scheduler(wl, e, preload):
+@given(wl=workloads, e=engines, preload=st.booleans(), cpu=CPU_TERMS)
+def test_kernel_matches_reference_scheduler(wl, e, preload, cpu):
     arrivals, prompts, outputs = wl
     kept = _fits(prompts, outputs, e)
     arrivals = sorted(arrivals)[: len(kept)]
@@ -187,12 +190,12 @@ def test_kernel_matches_reference_scheduler(wl, e, preload):
     r = run(arrivals, prompts, outputs, max_num_seqs=e["max_num_seqs"],
             max_num_batched_tokens=e["max_num_batched_tokens"], block_size=e["block_size"],
             num_blocks=e["num_blocks"], chunked=e["chunked"], threshold=e["threshold"], v0=e["v0"],
-            no_evict=e["no_evict"], kv0=kv0)
+            no_evict=e["no_evict"], kv0=kv0, cpu=cpu)
     reqs, history = ref.simulate_reference(
         CM, arrivals, prompts, outputs, max_num_seqs=e["max_num_seqs"],
         max_num_batched_tokens=e["max_num_batched_tokens"], block_size=e["block_size"],
         num_blocks=e["num_blocks"], chunked_prefill=e["chunked"], long_prefill_token_threshold=e["threshold"],
-        v0=e["v0"], overhead_s=OVERHEAD, no_evict=e["no_evict"], kv0=kv0)
+        v0=e["v0"], overhead_s=OVERHEAD, per_seq_s=cpu[0], per_token_s=cpu[1], no_evict=e["no_evict"], kv0=kv0)
     for i, q in enumerate(reqs):
         assert r["preempts"][i] == q.preemptions
         assert r["generated"][i] == q.generated
@@ -228,9 +231,10 @@ def windowed(window):
 @given(wl=workloads, e=engines, replicas=st.integers(1, 3), window=st.booleans(),
        policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV]),
        sglang=st.booleans(), caching=st.booleans(), system_prompt=st.sampled_from([0, 24]),
-       sliding=st.sampled_from([0, 0, 40, 300]), stages=st.sampled_from([1, 1, 2, 3]), timeline=st.booleans())
+       sliding=st.sampled_from([0, 0, 40, 300]), stages=st.sampled_from([1, 1, 2, 3]), timeline=st.booleans(),
+       cpu=CPU_TERMS)
 def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang, caching, system_prompt, sliding,
-                                         stages, timeline):
+                                         stages, timeline, cpu):
     """Stepping steady decodes in O(1) each gives bit-identical results to the plain loop (vLLM V1
     and V0, and SGLang's scheduler), with prefix caching too (a shared system prompt, the rest of
     each request private: blocks taken as a count), with a sliding window (Mistral-7B's, cut
@@ -246,7 +250,7 @@ def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang
               block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
               threshold=e["threshold"], v0=e["v0"] and not sglang, timeline=timeline, replicas=replicas,
               policy=policy, max_time_s=2.0 if window else np.inf, no_evict=e["no_evict"] and not sglang,
-              sglang=sglang, prefix_caching=caching, cm=windowed(sliding) if sliding else CM, stages=stages)
+              sglang=sglang, prefix_caching=caching, cm=windowed(sliding) if sliding else CM, stages=stages, cpu=cpu)
     if caching:
         n = len(prompts)
         kw["v0"] = kw["no_evict"] = False

@@ -14,7 +14,7 @@ from fastsim.cost.speculative import speculative_cost_model
 from fastsim.engine.cost_nb import (LAYERS, OVERLAP, SPEC_DRAFT_ATTN, SPEC_EXPECTED, SPEC_TOKENS, attention_time_nb,
                                     decode_only_nb, stage_time_nb, verify_attention_time_nb)
 from fastsim.metrics import itl_bin_edges_s
-from test_engine import CM, _fits, engines, long_run, preloaded, run, windowed
+from test_engine import CM, CPU_TERMS, _fits, engines, long_run, preloaded, run, windowed
 
 
 def step_attention(p, n, keys0, grow, k):
@@ -188,9 +188,9 @@ def compare(a, b, batch):
        policy=st.sampled_from([E.ROUTE_ROUND_ROBIN, E.ROUTE_RANDOM, E.ROUTE_LEAST_REQUESTS, E.ROUTE_LEAST_KV,
                                E.ROUTE_PREFIX_AWARE, E.ROUTE_KV_AWARE]),
        system_prompt=st.sampled_from([0, 0, 24, 100]), spec=st.sampled_from([0, 0, 1, 2]),
-       sliding=st.sampled_from([0, 0, 40, 300]), timeline=st.sampled_from([False, False, True]))
+       sliding=st.sampled_from([0, 0, 40, 300]), timeline=st.sampled_from([False, False, True]), cpu=CPU_TERMS)
 def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time, policy, system_prompt, spec,
-                                              sliding, timeline):
+                                              sliding, timeline, cpu):
     """Random workloads through both modes: chunked prefill, long-prefill thresholds, preemptions
     (small caches), conversations (a request's next turn after a think time), 1-3 replicas, six
     routers (two read the replicas' prefix caches), a time limit, V0 (which fast mode steps as exact
@@ -213,7 +213,8 @@ def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time,
               block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
               threshold=e["threshold"], v0=e["v0"] and not caching, timeline=timeline, replicas=replicas,
               policy=policy, max_time_s=max_time, prefix_caching=caching, turns=(nxt, think_s),
-              no_evict=e["no_evict"] and not caching, spec=SPECS[spec], cm=windowed(sliding) if sliding else CM)
+              no_evict=e["no_evict"] and not caching, spec=SPECS[spec], cm=windowed(sliding) if sliding else CM,
+              cpu=cpu)
     kw["kv0"] = preloaded(arrivals, outputs, not caching and n % 2 == 0)
     if caching:
         seq = list(range(n))

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from fastsim.catalog import load_gpu, load_model
 from fastsim.config import Engine, SpeculativeConfig, load_config
 from fastsim.cost import CostModel
+from fastsim.cost.profile import default_profile
+from fastsim.cost.serving import serving_profile
 from fastsim.cost.speculative import decode_step_s, speculative_cost_model
 from fastsim.engine import cost_nb as nb
 from fastsim.errors import FastsimError
@@ -18,6 +20,13 @@ from fastsim.simulation import simulate
 LLAMA = "meta-llama/Llama-3.1-8B"
 CM = CostModel.create(LLAMA, "H100-SXM")
 OVERHEAD = 0.33e-3
+VLLM = serving_profile("vllm")  # the engine's default framework: its kernels and CPU time per iteration
+VLLM_CM = CostModel.create(LLAMA, "H100-SXM", profile=VLLM.kernels(default_profile()))
+
+
+def cpu(tokens: int) -> float:
+    """One request's engine step of `tokens` tokens: vLLM's CPU time (fixed + per sequence + per token)."""
+    return VLLM.overhead_ms * 1e-3 + (VLLM.per_seq_us + tokens * VLLM.per_token_us) * 1e-6
 
 
 def spec(**kw):
@@ -114,8 +123,10 @@ def test_one_request_through_the_engine_by_hand():
         r = simulate(cfg.model_copy(update={"simulation": cfg.simulation.model_copy(update={"mode": mode})})
                      ).requests.to_pylist()[0]
         e = 3.3616
-        ttft = OVERHEAD / e + CM.forward_time([], [100], [0]).total_s  # prefill-only: no decodes to verify
-        steps = [(OVERHEAD + pass_time(CM.params, 5, 5, 1, 100.0 + j + 1, 5.0)) / e for j in range(19)]
+        # A prefill-only iteration (no decodes to verify) carries 1/E of a step's CPU time; a decode
+        # step verifies 5 tokens of one sequence.
+        ttft = cpu(100) / e + VLLM_CM.forward_time([], [100], [0]).total_s
+        steps = [(cpu(1) + pass_time(VLLM_CM.params, 5, 5, 1, 100.0 + j + 1, 5.0)) / e for j in range(19)]
         assert r["ttft_ms"] == pytest.approx(ttft * 1e3, rel=1e-9)
         assert r["e2el_ms"] == pytest.approx((ttft + sum(steps)) * 1e3, rel=1e-9)
         assert r["generated_tokens"] == 20

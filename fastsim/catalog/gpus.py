@@ -24,8 +24,12 @@ class GpuSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str
+    vendor: Literal["nvidia", "amd"] = Field(default="nvidia", description="whose software stack runs it")
     memory_gib: float = Field(gt=0, description="memory capacity, GiB (datasheet 'GB' of HBM/GDDR)")
     mem_bw_gb_s: float = Field(gt=0, description="memory bandwidth, GB/s of bytes")
+    memory_type: Literal["HBM2", "HBM2e", "HBM3", "HBM3e", "GDDR6", "GDDR6X", "GDDR7", "LPDDR5X"] | None = Field(
+        default=None, description="memory technology: an uncalibrated GPU takes the achieved bandwidth "
+        "fractions of a calibrated GPU with the same (fastsim.cost.profile.gpu_profile)")
     bf16_tflops: float = Field(gt=0, description="dense BF16 tensor TFLOP/s")
     fp16_tflops: float | None = Field(default=None, gt=0)
     fp8_tflops: float | None = Field(default=None, gt=0, description="dense FP8; null where absent")

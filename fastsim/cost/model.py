@@ -52,7 +52,7 @@ class CostModel:
         by TP. `expert_routing_skew`: Zipf exponent of expert popularity (0: balanced)."""
         spec = model if isinstance(model, ModelSpec) else load_model(model)
         hw = gpu if isinstance(gpu, GpuSpec) else load_gpu(gpu)
-        prof = load_profile(profile)
+        prof = load_profile(profile, hw)
         kv_dtype = kv_cache_dtype or auto_kv_cache_dtype(dtype)
         for field, value in (("dtype", dtype), ("kv_cache_dtype", kv_dtype)):
             if value not in BYTES_PER_PARAM:

@@ -57,9 +57,11 @@ class CostProfile(BaseModel):
         "with another clock they scale by reference / its clock (launch, fill and drain are clocked)")
     elementwise_kernels_per_layer: float = Field(default=24.0, ge=0, description="small kernels per decoder layer")
     elementwise_passes: ElementwisePasses = ElementwisePasses()
-    link_efficiency: float = Field(default=0.8, gt=0, le=1, description="all-reduce bus bandwidth / link bandwidth")
-    allreduce_latency_us: float = Field(default=8.0, ge=0, description="fixed cost of one all-reduce: launch "
-                                        "and synchronisation (vLLM's one-shot custom all-reduce on NVLink)")
+    # The two all-reduce terms are fitted on the development set's TP 2-8 points over NVLink
+    # (bench/fit_serving.py): a single-GPU calibration cannot see them.
+    link_efficiency: float = Field(default=0.458, gt=0, le=1, description="all-reduce bus bandwidth / link bandwidth")
+    allreduce_latency_us: float = Field(default=21.6, ge=0, description="fixed cost of one all-reduce: launch "
+                                        "and synchronisation")
     link_latency_us: float = Field(default=0.5, ge=0, description="latency of one ring step or point-to-point send")
 
     def to_yaml(self) -> str:
@@ -84,16 +86,71 @@ def _parse(data: object, origin: str) -> CostProfile:
         raise FastsimError(f"{origin}: {field} = {err.get('input')!r}: {err['msg']}") from None
 
 
+# Profiles fitted by `fastsim calibrate` on measured step times of the GPU itself
+# (fastsim/cost/data/<gpu>_llama3-8b_steps.csv, with the program that measured them).
+CALIBRATED = {"H100-SXM": "default_profile.yaml", "H200-SXM": "h200_profile.yaml"}
+# The fits' fields that are achieved fractions of the datasheet bandwidth. They belong to the memory
+# technology more than to the GPU: H200's HBM3e streams GEMM weights at 89% of its datasheet figure
+# as H100's HBM3 does at 92%, but its elementwise kernels and decode attention reach only ~2.7 TB/s
+# of 4.8 (56%), about what H100 reaches of 3.35 (73-74%). A GPU without a fit of its own takes
+# these from a calibrated GPU with its memory technology, the rest from the H100 fit.
+BANDWIDTH_FIELDS = ("bandwidth_efficiency", "elementwise_bandwidth_efficiency", "attention_bandwidth_efficiency")
+BANDWIDTH_BY_MEMORY = {"HBM3e": "H200-SXM"}
+# The link bandwidth term was fitted over NVLink; a GPU on another link keeps the earlier prior
+# (no point of the development set measures one).
+OTHER_LINK = {"link_efficiency": 0.8}
+
+
 @cache
+def _builtin(name: str) -> CostProfile:
+    text = (resources.files("fastsim.cost") / "data" / name).read_text()
+    return _parse(yaml.safe_load(text), f"built-in cost profile {name}")
+
+
 def default_profile() -> CostProfile:
     """Fitted by `fastsim calibrate` on the shipped H100 measurements (fastsim/cost/data)."""
-    text = (resources.files("fastsim.cost") / "data" / "default_profile.yaml").read_text()
-    return _parse(yaml.safe_load(text), "built-in cost profile")
+    return _builtin(CALIBRATED["H100-SXM"])
 
 
-def load_profile(profile: str | Path | CostProfile | None) -> CostProfile:
+def gpu_profile(gpu) -> CostProfile:
+    """The built-in profile of a catalog GPU (fastsim.catalog.GpuSpec): its own fit where fastsim has
+    measured step times of it, else the datasheet transfer (see BANDWIDTH_BY_MEMORY)."""
+    if gpu.name in CALIBRATED:
+        return _builtin(CALIBRATED[gpu.name])
+    base = default_profile()
+    if gpu.interconnect != "nvlink":
+        base = base.model_copy(update=OTHER_LINK)
+    donor = BANDWIDTH_BY_MEMORY.get(gpu.memory_type)
+    if donor is None:
+        return base
+    fit = _builtin(CALIBRATED[donor])
+    return base.model_copy(update={f: getattr(fit, f) for f in BANDWIDTH_FIELDS})
+
+
+def profile_origin(gpu) -> str:
+    """How fastsim gets a GPU's achieved rates, in a few words (`fastsim gpus`)."""
+    if gpu.name in CALIBRATED:
+        return "measured"
+    if profile_warning(gpu):
+        return "uncalibrated"
+    donor = BANDWIDTH_BY_MEMORY.get(gpu.memory_type)
+    return f"{donor.split('-')[0]} bw" if donor else "H100 fit"
+
+
+def profile_warning(gpu) -> str | None:
+    """Why a GPU's predictions are not to be trusted as they stand, if they are not."""
+    if gpu.vendor != "nvidia" and gpu.name not in CALIBRATED:
+        return (f"{gpu.name} has no measured step times: its rates are the H100 fit's fractions of its datasheet, "
+                "but its software stack (ROCm kernels, RCCL) reaches other fractions; published serving results "
+                "on MI300X run 1.4-1.9x slower than such predictions. Calibrate it (fastsim calibrate, "
+                "hardware.profile) before relying on its figures")
+    return None
+
+
+def load_profile(profile: str | Path | CostProfile | None, gpu=None) -> CostProfile:
+    """A profile given as a path or object; None: the built-in one of `gpu` (a GpuSpec), or H100's."""
     if profile is None:
-        return default_profile()
+        return default_profile() if gpu is None else gpu_profile(gpu)
     if isinstance(profile, CostProfile):
         return profile
     try:

@@ -71,12 +71,17 @@ def apply_speculation(target: CostModel, params: np.ndarray, seq_table: np.ndarr
 
 
 def speculative_cost_model(target: CostModel, sc: SpeculativeConfig | None, max_num_seqs: int,
-                           max_num_batched_tokens: int, overhead_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                           max_num_batched_tokens: int, overhead_s: float, per_seq_s: float = 0.0,
+                           per_token_s: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(params, token table, sequence table) for the engine, with speculation folded in when given.
-    The engine charges `overhead_s` (CPU time per engine step) per iteration, so under speculation
-    each iteration carries 1/E of it too."""
+    The engine charges CPU time per engine step, `overhead_s` plus `per_seq_s` per scheduled
+    sequence and `per_token_s` per scheduled token, each iteration; under speculation an iteration
+    is 1/E of a step and carries 1/E of it."""
     params = target.params.copy()
-    params[nb.FRAMEWORK_OVERHEAD_S] = overhead_s / (sc.expected_tokens_per_step if sc is not None else 1.0)
+    per_step = sc.expected_tokens_per_step if sc is not None else 1.0
+    params[nb.FRAMEWORK_OVERHEAD_S] = overhead_s / per_step
+    params[nb.CPU_PER_SEQ_S] = per_seq_s / per_step
+    params[nb.CPU_PER_TOKEN_S] = per_token_s / per_step
     extra = sc.num_speculative_tokens if sc is not None else 0
     tok, seq = nb.build_tables_nb(params, target.ops, max_num_batched_tokens + max_num_seqs * extra,
                                   max_num_seqs * (1 + extra))
@@ -90,4 +95,4 @@ def decode_step_s(params: np.ndarray, tok: np.ndarray, seq: np.ndarray, batch: i
     with the tables of speculative_cost_model (the per-iteration overhead in params included)."""
     agg = (batch, float(batch * (context + 1)), 0, 0, 0.0, 0.0)
     body, head = nb.stage_time_nb(params, tok, seq, 0, 0, agg)
-    return body + head + params[nb.FRAMEWORK_OVERHEAD_S]
+    return body + head + nb.cpu_overhead_nb(params, agg)

@@ -21,7 +21,7 @@ requests' output) whenever one can be formed, otherwise a decode batch of every 
 Later turns of conversations arrive when their previous turn finishes plus a think time: the loop
 creates those arrivals as it goes (a heap beside the arrivals known in advance).
 
-Time: a batch scheduled at t enters the first pipeline stage at t + framework overhead; stage s
+Time: a batch scheduled at t enters the first pipeline stage at t + its CPU time; stage s
 starts when stage s-1 has finished it and stage s has finished the previous batch; tokens appear
 when the last stage finishes. With pipeline_parallel_size P, up to P batches are in flight
 (vLLM's virtual engines). Tensor parallelism lives inside the stage time (sharded GEMMs plus
@@ -42,7 +42,7 @@ from fastsim.engine import pipeline_nb as pp
 from fastsim.engine.batch_nb import (account_nb, add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
                                      chunk_nb, div_pow2_nb, final_blocks_nb, itl_add_nb, mod_pow2_nb, move_slot_nb,
                                      reserved_blocks_nb, sort_by_key_nb, tally_gap_nb, timeline_row_nb)
-from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, stage_time_nb
+from fastsim.engine.cost_nb import cpu_overhead_nb, stage_time_nb
 
 INF = np.inf
 
@@ -583,6 +583,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
         n_sched = 0
         step_preempts = 0
         agg = (0, 0.0, 0, 0, 0.0, 0.0)
+        cpu = 0.0
         bid = batch_seq[r]
         handled = False
         if on:
@@ -690,7 +691,8 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             tokens = n_dec + pre_tokens
             body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
             account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages)
-            t = pp.launch_nb(p, r, t_r, body, head, tokens, stages, stage_free, flight, max_stages)
+            cpu = cpu_overhead_nb(p, agg)
+            t = pp.launch_nb(p, r, t_r, body, head, tokens, cpu, stages, stage_free, flight, max_stages)
             rep_iters[r] += 1
             used = ri[E.RI_NUM_BLOCKS] - free[r]
             if used > rep_peak[r]:
@@ -700,7 +702,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 n_tl += 1
 
         # 3. when this replica decides next
-        nxt = pp.next_decision_nb(p, r, t_r, n_sched > 0, stages, stage_free, flight)
+        nxt = pp.next_decision_nb(r, t_r, cpu, n_sched > 0, stages, stage_free, flight)
         if own and nxt == INF and own_next[r] >= 0:
             nxt = arrival[own_next[r]]  # idle: its own next arrival wakes it
         may_chain = (lazy_r and lz[0][r, lz_nb.C_ON] != 0 and stages == 1 and not record_timeline
@@ -1058,7 +1060,6 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
             by_phase[fill[f]] = k
             fill[f] += 1
     t = t_r
-    overhead = p[FRAMEWORK_OVERHEAD_S]
     n_act = nrun
     worst_gap = 0.0
     done = 0
@@ -1080,7 +1081,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
                 base -= s_computed[k]
         agg = (n_act, float(base + (j + 1) * (n_act - n_cap) + window * n_cap), 0, 0, 0.0, 0.0)
         body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
-        end = max(t + overhead, stage_free[r, 0]) + body + head
+        end = max(t + cpu_overhead_nb(p, agg), stage_free[r, 0]) + body + head
         if end > max_time_s or (j + 1 == next_fin and end >= finish_by):  # ties: the arrival first
             break
         account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, 1)

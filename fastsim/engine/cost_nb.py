@@ -50,7 +50,7 @@ MOE_ACT_BYTES_PER_TOKEN = 30  # activation traffic of one token through one expe
 LM_GATHER_BYTES_PER_ROW = 31  # logits gathered across TP ranks, per sequence
 ATTN_HALF_FILL_TILES = 32  # prefill attention tiles (head x 128 queries) at which it runs at half rate
 Q_HEADS = 33            # query heads on this GPU
-FRAMEWORK_OVERHEAD_S = 34  # CPU time per engine iteration, outside the forward pass (set by the engine)
+FRAMEWORK_OVERHEAD_S = 34  # CPU time of every engine iteration outside the forward pass (set by the engine)
 PP_SEND_BYTES_PER_TOKEN = 35  # activation sent from one pipeline stage to the next, per token
 ALLREDUCE_LATENCY_S = 36  # fixed cost of one all-reduce (launch and synchronisation)
 ATTN_PREFILL_FLOPS_PER_PAIR = 37  # as ATTN_FLOPS_PER_PAIR for prefill chunks (MLA prefills unabsorbed)
@@ -62,7 +62,9 @@ A2A_BYTES_PER_TOKEN = 42  # bytes one token's routed activations send from this 
 SPEC_TOKENS = 43        # draft tokens proposed per sequence per step (0: no speculative decoding)
 SPEC_EXPECTED = 44      # expected tokens a decoding sequence gains per speculative step
 SPEC_DRAFT_ATTN = 45    # one draft pass's decode attention as a fraction of the target's
-N_PARAMS = 46
+CPU_PER_SEQ_S = 46      # CPU time of an iteration per scheduled sequence (inputs, sampling, outputs)
+CPU_PER_TOKEN_S = 47    # CPU time of an iteration per scheduled token
+N_PARAMS = 48
 ATTN_TILE = 128         # query rows per FlashAttention work tile
 
 # -- columns of the ops table -------------------------------------------------------------------
@@ -374,6 +376,20 @@ def decode_only_nb(p, tok_table, seq_table, tok_off, seq_off, n_dec):
         return ((tok_table[0, tok_off + verify] + seq_table[2, seq_off + n_dec]) / p[SPEC_EXPECTED] + pre_head
                 + (seq_table[0, seq_off + verify] - pre_head) / p[SPEC_EXPECTED]), comm
     return tok_table[0, tok_off + n_dec] + seq_table[0, seq_off + n_dec], comm
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def cpu_overhead_nb(p, agg):
+    """The CPU time an iteration adds before its forward pass: a fixed part, and parts per scheduled
+    sequence and per scheduled token (agg: the batch's aggregates, as stage_time_nb takes them).
+    The engine runs it in series with the GPU, as vLLM's scheduler loop does without async scheduling."""
+    return p[FRAMEWORK_OVERHEAD_S] + p[CPU_PER_SEQ_S] * (agg[0] + agg[2]) + p[CPU_PER_TOKEN_S] * (agg[0] + agg[3])
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def decode_cpu_overhead_nb(p, n_dec):
+    """cpu_overhead_nb of an iteration of n_dec decodes and nothing else."""
+    return p[FRAMEWORK_OVERHEAD_S] + (p[CPU_PER_SEQ_S] + p[CPU_PER_TOKEN_S]) * n_dec
 
 
 @njit(cache=True, error_model="numpy")

@@ -43,7 +43,7 @@ from fastsim.engine import prefix_nb as px
 from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb, chunk_nb,
                                      div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_low_nb, itl_bin_nb,
                                      mod_pow2_nb, reserved_blocks_nb, sort_by_key_nb, timeline_row_nb)
-from fastsim.engine.cost_nb import (FRAMEWORK_OVERHEAD_S, LAYERS, SPEC_DRAFT_ATTN, SPEC_EXPECTED, SPEC_TOKENS,
+from fastsim.engine.cost_nb import (decode_cpu_overhead_nb, LAYERS, SPEC_DRAFT_ATTN, SPEC_EXPECTED, SPEC_TOKENS,
                                     cache_attention_coefs_nb, cache_attention_nb, decode_only_nb,
                                     spec_decode_attention_nb)
 
@@ -1044,7 +1044,6 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         if head_may_start_nb(apc, apc_on, r, q_head[r], ri, n, n, phase[r, mod_pow2_nb(D, bs)], free_r, reserved,
                              prompt, output, generated, gen0, first_sched, hit_buf):
             return 0, t_r, 0, 0
-    overhead = p[FRAMEWORK_OVERHEAD_S]
     coefs = attention_coefs_nb(p)
     tok_off, seq_off = ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF]
     timeline, tl_state, record = tl
@@ -1068,7 +1067,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             N //= 2
         kmax = N + 1
         dense, comm = decode_only_nb(p, tok_table, seq_table, tok_off, seq_off, n)
-        b0 = overhead + dense + g0  # gap of the first iteration; later ones add a1 u + a2 u^2
+        b0 = decode_cpu_overhead_nb(p, n) + dense + g0  # gap of the first iteration; later ones add a1 u + a2 u^2
         k = _last_run(t, b0, a1, a2, kmax, total, t_arrival, max_time_s)
         stop = k < kmax
         if k == next_fin and finish_by < np.inf and t + _elapsed(b0, a1, a2, k) >= finish_by:  # ties: arrival first

@@ -19,7 +19,7 @@ from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
 from fastsim.engine.batch_nb import (account_nb, add_to_batch_nb, arrived_kv_nb, ceil_div_pow2_nb, chunk_nb,
                                      itl_add_nb, mod_pow2_nb, move_slot_nb, reserved_blocks_nb, tally_gap_nb)
-from fastsim.engine.cost_nb import FRAMEWORK_OVERHEAD_S, pp_send_time_nb, stage_time_nb
+from fastsim.engine.cost_nb import cpu_overhead_nb, pp_send_time_nb, stage_time_nb
 from fastsim.engine.lazy_nb import head_may_start_nb
 
 INF = np.inf
@@ -54,14 +54,14 @@ def wrap_nb(i, m):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def launch_nb(p, r, t_r, body, head, tokens, stages, stage_free, flight, max_stages):
+def launch_nb(p, r, t_r, body, head, tokens, cpu, stages, stage_free, flight, max_stages):
     """Replica r's batch decided at t_r (body: one stage's time; head: the LM head's, on the last)
-    into the pipeline: stage 0 at t_r + the framework overhead, stage s once stage s-1 has finished
+    into the pipeline: stage 0 at t_r + its CPU time `cpu`, stage s once stage s-1 has finished
     it and stage s the batch before, a send between stages. It joins the in-flight ring as batch
     batch_seq[r]; returns its end."""
     fl_end, fl_id, fl_head, fl_count, batch_seq = flight
     send = pp_send_time_nb(p, tokens) if stages > 1 else 0.0
-    t = t_r + p[FRAMEWORK_OVERHEAD_S]
+    t = t_r + cpu
     for s in range(stages):
         start = max(t, stage_free[r, s])
         t = start + body + (head if s == stages - 1 else send)
@@ -75,15 +75,16 @@ def launch_nb(p, r, t_r, body, head, tokens, stages, stage_free, flight, max_sta
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def next_decision_nb(p, r, t_r, scheduled, stages, stage_free, flight):
+def next_decision_nb(r, t_r, cpu, scheduled, stages, stage_free, flight):
     """When replica r decides after its decision at t_r: the next micro-batch as soon as stage 0 is
-    free while a virtual engine is (if this decision launched one), else when its oldest batch
-    completes; never (inf) with nothing in flight."""
+    free while a virtual engine is and the CPU has prepared the batch just launched (`cpu`: its
+    CPU time, if this decision launched one), else when its oldest batch completes; never (inf)
+    with nothing in flight."""
     fl_end, fl_head, fl_count = flight[0], flight[2], flight[3]
     if fl_count[r] == 0:
         return INF
     if fl_count[r] < stages and scheduled:
-        return max(stage_free[r, 0], t_r + p[FRAMEWORK_OVERHEAD_S])
+        return max(stage_free[r, 0], t_r + cpu)
     return fl_end[r, fl_head[r]]
 
 
@@ -246,6 +247,7 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
     ready = fc  # the group this decision launches (-1: none)
     batches, done, peak = 0, 0, 0
     stop = False
+    cpu = 0.0
     while True:
         if ready >= 0:  # (a virtual engine is free: one batch has just completed)
             g = ready
@@ -321,10 +323,11 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
             account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages)
             gi[G_AT, wrap_nb(fl_head[r] + fl_count[r], max_stages)] = g
             gi[G_BID, g] = batch_seq[r]
-            launch_nb(p, r, d, body, head, agg[0] + agg[3], stages, stage_free, flight, max_stages)
+            cpu = cpu_overhead_nb(p, agg)
+            launch_nb(p, r, d, body, head, agg[0] + agg[3], cpu, stages, stage_free, flight, max_stages)
             peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
             batches += 1
-        d_next = next_decision_nb(p, r, d, ready >= 0, stages, stage_free, flight)
+        d_next = next_decision_nb(r, d, cpu, ready >= 0, stages, stage_free, flight)
         if stop or d_next == INF or d_next >= t_arrival or d_next > max_time_s:
             break
         # the decision at d_next: is a batch complete by then?
