@@ -241,7 +241,7 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
         eng = rp.engine
         serving = engine_serving(eng)
         cm = CostModel.create(model, rp.gpu, tp=eng.tensor_parallel_size, dtype=eng.dtype,
-                              profile=serving.kernels(load_profile(profile, rp.gpu)), kv_cache_dtype=kv_dtype(eng),
+                              profile=serving.kernels(load_profile(profile, rp.gpu), rp.gpu), kv_cache_dtype=kv_dtype(eng),
                               layers=stage_layers(model, eng.pipeline_parallel_size),
                               enable_expert_parallel=eng.enable_expert_parallel, dp=eng.data_parallel_size,
                               expert_routing_skew=eng.expert_routing_skew)

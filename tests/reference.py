@@ -26,11 +26,13 @@ def forward_time(model, gpu, prof, decode_ctx, prefill_new, prefill_ctx, tp=1, d
     """(compute_s, comm_s) of one forward pass, op by op, token by token where it matters."""
     wb = {"bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}[dtype]
     kvb = {"bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}[kv_dtype]
-    peak = (gpu.fp8_tflops if dtype == "fp8" and gpu.fp8_tflops else gpu.bf16_tflops) * 1e12
-    flop_rate = peak * prof.compute_efficiency
+    native_fp8 = dtype == "fp8" and gpu.fp8_tflops
+    peak = (gpu.fp8_tflops if native_fp8 else gpu.bf16_tflops) * 1e12
+    flop_rate = peak * (prof.fp8_compute_efficiency or prof.compute_efficiency if native_fp8 else prof.compute_efficiency)
     byte_rate = gpu.mem_bw_gb_s * 1e9 * prof.bandwidth_efficiency
     ew_rate = gpu.mem_bw_gb_s * 1e9 * prof.elementwise_bandwidth_efficiency
-    attn_flop_rate = gpu.bf16_tflops * 1e12 * prof.attention_efficiency
+    fp8_attention = prof.fp8_attention and kv_dtype == "fp8" and gpu.fp8_tflops
+    attn_flop_rate = (gpu.fp8_tflops if fp8_attention else gpu.bf16_tflops) * 1e12 * prof.attention_efficiency
     attn_byte_rate = gpu.mem_bw_gb_s * 1e9 * prof.attention_bandwidth_efficiency
     p = prof.overlap
     h = model.hidden_size
@@ -405,8 +407,10 @@ def moe_layer_time(model, gpu, prof, tokens, tp=1, dp=1, expert_parallel=False, 
     whole over tp x dp GPUs under expert parallelism (each layer seeing every DP rank's tokens),
     else split by TP; expert e is in a token's top-k with probability min(1, k p_e), p_e Zipf(skew)."""
     wb = {"bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}[dtype]
-    peak = (gpu.fp8_tflops if dtype == "fp8" and gpu.fp8_tflops else gpu.bf16_tflops) * 1e12
-    flop_rate, byte_rate = peak * prof.compute_efficiency, gpu.mem_bw_gb_s * 1e9 * prof.bandwidth_efficiency
+    native_fp8 = dtype == "fp8" and gpu.fp8_tflops
+    peak = (gpu.fp8_tflops if native_fp8 else gpu.bf16_tflops) * 1e12
+    eff = prof.fp8_compute_efficiency or prof.compute_efficiency if native_fp8 else prof.compute_efficiency
+    flop_rate, byte_rate = peak * eff, gpu.mem_bw_gb_s * 1e9 * prof.bandwidth_efficiency
     clock = prof.reference_clock_mhz / gpu.boost_clock_mhz if prof.reference_clock_mhz else 1.0
     e, k, h = model.num_local_experts, model.num_experts_per_tok, model.hidden_size
     ep = tp * dp if expert_parallel else 1

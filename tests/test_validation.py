@@ -10,10 +10,11 @@ from fastsim.simulation import simulate
 from fastsim.validation.published import Point, Row, figures, load_points, point_config, validate
 from fastsim.validation.report import error_stats, markdown_tables
 
-# The development set's error as last recorded (bench/validate.py, docs/validation.md): a change
-# may lower these, and must then lower them here; raising them needs a reason in the commit.
-RECORDED_MEDIAN = 0.090
-RECORDED_P90 = 0.256
+# The development set's error as last recorded (bench/validate.py, docs/validation.md; 9.0% and
+# 25.6% before the serving terms): a change may lower these, and must then lower them here; raising
+# them needs a reason in the commit.
+RECORDED_MEDIAN = 0.056
+RECORDED_P90 = 0.173
 MARGIN = 0.005
 
 

@@ -25,6 +25,9 @@ class GpuSpec(BaseModel):
 
     name: str
     vendor: Literal["nvidia", "amd"] = Field(default="nvidia", description="whose software stack runs it")
+    architecture: Literal["ampere", "ada", "hopper", "blackwell", "cdna3"] | None = Field(
+        default=None, description="what kernels written for it reach: attention kernels reach another share of "
+        "the peak before Hopper than on it (fastsim.cost.profile.gpu_profile)")
     memory_gib: float = Field(gt=0, description="memory capacity, GiB (datasheet 'GB' of HBM/GDDR)")
     mem_bw_gb_s: float = Field(gt=0, description="memory bandwidth, GB/s of bytes")
     memory_type: Literal["HBM2", "HBM2e", "HBM3", "HBM3e", "GDDR6", "GDDR6X", "GDDR7", "LPDDR5X"] | None = Field(

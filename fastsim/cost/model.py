@@ -158,9 +158,12 @@ def _build_arrays(spec: ModelSpec, hw: GpuSpec, prof: CostProfile, tp: int, dtyp
 
     p = np.zeros(nb.N_PARAMS)
     p[nb.PEAK_FLOPS] = hw.compute_tflops(dtype) * 1e12
-    p[nb.ATTN_PEAK_FLOPS] = hw.bf16_tflops * 1e12
+    # Attention runs in 16 bits, or in FP8 where the framework's kernels do so over an FP8 cache.
+    fp8 = prof.fp8_attention and kv_dtype == "fp8" and hw.fp8_tflops
+    p[nb.ATTN_PEAK_FLOPS] = (hw.fp8_tflops if fp8 else hw.bf16_tflops) * 1e12
     p[nb.MEM_BW] = hw.mem_bw_gb_s * 1e9
-    p[nb.COMPUTE_EFF] = prof.compute_efficiency
+    native_fp8 = dtype == "fp8" and hw.fp8_tflops and prof.fp8_compute_efficiency is not None
+    p[nb.COMPUTE_EFF] = prof.fp8_compute_efficiency if native_fp8 else prof.compute_efficiency
     p[nb.BW_EFF] = prof.bandwidth_efficiency
     p[nb.EW_BW_EFF] = prof.elementwise_bandwidth_efficiency
     p[nb.ATTN_EFF] = prof.attention_efficiency

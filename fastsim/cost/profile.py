@@ -42,6 +42,9 @@ class CostProfile(BaseModel):
 
     fitted_on: str = Field(default="", description="what the numbers were fitted to (informational)")
     compute_efficiency: float = Field(default=0.73, gt=0, le=1, description="large-GEMM FLOP/s / dense peak")
+    fp8_compute_efficiency: float | None = Field(
+        default=None, gt=0, le=1, description="the same for native FP8 GEMMs, which reach less of their "
+        "(doubled) peak; default: compute_efficiency")
     bandwidth_efficiency: float = Field(default=0.92, gt=0, le=1, description="GEMM operand streaming / peak bandwidth")
     elementwise_bandwidth_efficiency: float = Field(default=0.73, gt=0, le=1, description="elementwise read+write / peak bandwidth")
     attention_efficiency: float = Field(default=0.30, gt=0, le=1, description="attention matmul FLOP/s / 16-bit dense peak")
@@ -57,12 +60,15 @@ class CostProfile(BaseModel):
         "with another clock they scale by reference / its clock (launch, fill and drain are clocked)")
     elementwise_kernels_per_layer: float = Field(default=24.0, ge=0, description="small kernels per decoder layer")
     elementwise_passes: ElementwisePasses = ElementwisePasses()
-    # The two all-reduce terms are fitted on the development set's TP 2-8 points over NVLink
-    # (bench/fit_serving.py): a single-GPU calibration cannot see them.
-    link_efficiency: float = Field(default=0.458, gt=0, le=1, description="all-reduce bus bandwidth / link bandwidth")
-    allreduce_latency_us: float = Field(default=21.6, ge=0, description="fixed cost of one all-reduce: launch "
-                                        "and synchronisation")
-    link_latency_us: float = Field(default=0.5, ge=0, description="latency of one ring step or point-to-point send")
+    # The link terms are fitted on the development set's TP 2-8 points over NVLink, and FP8 GEMMs'
+    # share of their peak on its FP8 points (bench/fit_serving.py): a single-GPU BF16 calibration
+    # cannot see them.
+    link_efficiency: float = Field(default=0.473, gt=0, le=1, description="all-reduce bus bandwidth / link bandwidth")
+    allreduce_latency_us: float = Field(default=20.5, ge=0, description="fixed cost of one all-reduce: launch "
+                                        "and synchronisation (a framework's own: fastsim.cost.serving)")
+    link_latency_us: float = Field(default=0.19, ge=0, description="latency of one ring step or point-to-point send")
+    fp8_attention: bool = Field(default=False, description="prefill attention runs in FP8 (at the FP8 peak) when "
+                                "the KV cache is FP8 and the GPU has FP8 (TensorRT-LLM's FP8 context FMHA)")
 
     def to_yaml(self) -> str:
         head = ("# fastsim cost profile: achieved fractions of datasheet peaks and fixed per-kernel costs.\n"
@@ -96,6 +102,12 @@ CALIBRATED = {"H100-SXM": "default_profile.yaml", "H200-SXM": "h200_profile.yaml
 # these from a calibrated GPU with its memory technology, the rest from the H100 fit.
 BANDWIDTH_FIELDS = ("bandwidth_efficiency", "elementwise_bandwidth_efficiency", "attention_bandwidth_efficiency")
 BANDWIDTH_BY_MEMORY = {"HBM3e": "H200-SXM"}
+# FlashAttention-2, which the calibration program's SDPA runs, reaches 50-73% of an A100's 16-bit peak
+# in its forward pass (Dao 2023, FlashAttention-2, Fig. 4-5: up to 225 TFLOP/s of 312) but 30-37% of
+# an H100's (Shah et al. 2024, FlashAttention-3, Fig. 5: FA2 at ~330-370 of 989): it is written for
+# Ampere. A GPU before Hopper takes the H100 fit's attention fraction times this ratio of the two.
+PRE_HOPPER_ATTENTION = 1.8
+PRE_HOPPER = ("ampere", "ada")
 # The link bandwidth term was fitted over NVLink; a GPU on another link keeps the earlier prior
 # (no point of the development set measures one).
 OTHER_LINK = {"link_efficiency": 0.8}
@@ -120,6 +132,8 @@ def gpu_profile(gpu) -> CostProfile:
     base = default_profile()
     if gpu.interconnect != "nvlink":
         base = base.model_copy(update=OTHER_LINK)
+    if gpu.architecture in PRE_HOPPER:
+        base = base.model_copy(update={"attention_efficiency": min(base.attention_efficiency * PRE_HOPPER_ATTENTION, 1.0)})
     donor = BANDWIDTH_BY_MEMORY.get(gpu.memory_type)
     if donor is None:
         return base

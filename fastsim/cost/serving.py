@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fastsim.cost.profile import CostProfile, ElementwisePasses
+from fastsim.cost.profile import PRE_HOPPER, CostProfile, ElementwisePasses
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,19 @@ class ServingProfile:
     decode_attention_speed: float
     uses_sliding_window: bool    # whether the engine restricts attention to a model's window
     allreduce_latency_us: float  # fixed cost of one tensor-parallel all-reduce with its kernels
+    fp8_attention: bool          # prefill attention in FP8 over an FP8 cache
     source: str
 
-    def kernels(self, profile: CostProfile) -> CostProfile:
-        """`profile` (fitted on the eager calibration layer) with this framework's kernels."""
+    def kernels(self, profile: CostProfile, gpu=None) -> CostProfile:
+        """`profile` (fitted on the eager calibration layer) with this framework's kernels on `gpu`
+        (a GpuSpec; None: Hopper). Its prefill attention's speed-up is over FlashAttention-2 on
+        Hopper, whose kernels it is tuned for; before Hopper FlashAttention-2 is at its best."""
+        prefill = self.prefill_attention_speed if gpu is None or gpu.architecture not in PRE_HOPPER else 1.0
         return profile.model_copy(update={
             "elementwise_kernels_per_layer": self.elementwise_kernels_per_layer,
             "elementwise_passes": self.elementwise_passes,
-            "attention_efficiency": min(profile.attention_efficiency * self.prefill_attention_speed, 1.0),
+            "fp8_attention": self.fp8_attention,
+            "attention_efficiency": min(profile.attention_efficiency * prefill, 1.0),
             "attention_bandwidth_efficiency": min(profile.attention_bandwidth_efficiency
                                                   * self.decode_attention_speed, 1.0),
             "allreduce_latency_us": self.allreduce_latency_us,
@@ -63,39 +68,36 @@ FUSED_VLLM = ElementwisePasses(hidden=8.0, q=2.0, kv=6.0, intermediate=3.0)
 # kernel (read Q, K, V; write Q and the cache); RMSNorm with the residual add, and SwiGLU: 4 kernels.
 FUSED_TRTLLM = ElementwisePasses(hidden=8.0, q=2.0, kv=4.0, intermediate=3.0)
 
-# Fitted by bench/fit_serving.py on the development set (173 points, 254 metric rows): the CPU and
-# API terms of each profile from its own points, the all-reduce terms from every TP > 1 point.
-PROFILES = {
-    # vLLM as its CI ran it late 2024 (V0 engine with chunked prefill, async output processing),
+# Fitted by bench/fit_serving.py on the development set (173 points, 254 metric rows): the CPU, API
+# and kernel terms of each profile on its own points, the all-reduce terms on every TP > 1 point.
+VLLM = ServingProfile(
+    # vLLM as its CI ran it late 2024 (V0 engine with chunked prefill and async output processing),
     # and V1 scheduling: vLLM CI's static batches, ShareGPT offline and online points (H100, H200,
     # A100; TP 1 and 4).
-    "vllm": ServingProfile("vllm", overhead_ms=0.84, per_seq_us=5.3, per_token_us=0.0, api_server_latency_ms=25.3,
-                           elementwise_kernels_per_layer=5, elementwise_passes=FUSED_VLLM,
-                           prefill_attention_speed=1.0, decode_attention_speed=1.0, uses_sliding_window=True,
-                           allreduce_latency_us=21.6, source="vLLM CI, late 2024 (18 points)"),
-    # vLLM's V0 scheduler as of mid 2024: whole prefills first, output processing in series with
-    # the GPU. Argonne's static batches (B 1-64, 128-2048 tokens) and batch prefills on H100.
-    "vllm-v0": ServingProfile("vllm-v0", overhead_ms=1.6, per_seq_us=43.9, per_token_us=3.1,
-                              api_server_latency_ms=25.3, elementwise_kernels_per_layer=5,
-                              elementwise_passes=FUSED_VLLM, prefill_attention_speed=1.0,
-                              decode_attention_speed=1.0, uses_sliding_window=True, allreduce_latency_us=21.6,
-                              source="Argonne LLM-Inference-Bench, mid 2024 (21 points; API latency: vLLM's)"),
-    "sglang": ServingProfile("sglang", overhead_ms=0.84, per_seq_us=5.3, per_token_us=0.0, api_server_latency_ms=25.3,
-                             elementwise_kernels_per_layer=5, elementwise_passes=FUSED_VLLM,
-                             prefill_attention_speed=1.0, decode_attention_speed=1.0, uses_sliding_window=True,
-                             allreduce_latency_us=21.6, source="no SGLang point in the development set: vLLM's figures"),
-    # TensorRT-LLM 0.14-0.17: NVIDIA's offline table (trtllm-bench; H100 FP8, A100 FP16; TP 1-8),
-    # its Triton online table (H100 BF16) and Argonne's batch prefills. Its context attention runs
-    # ~2x the FLOP rate of FlashAttention-2 (Hopper-tuned FMHA, FP8 with an FP8 cache) and its
-    # decode attention (XQA) reads the cache ~1.3x as fast as SDPA's. It attends over the whole
-    # cache unless an engine is built with a max attention window.
-    "trtllm": ServingProfile("trtllm", overhead_ms=1.52, per_seq_us=6.3, per_token_us=0.026,
-                             api_server_latency_ms=6.0, elementwise_kernels_per_layer=4,
-                             elementwise_passes=FUSED_TRTLLM, prefill_attention_speed=2.08,
-                             decode_attention_speed=1.29, uses_sliding_window=False, allreduce_latency_us=21.6,
-                             source="NVIDIA's TensorRT-LLM offline and Triton online tables, Argonne (134 points)"),
+    "vllm", overhead_ms=1.9, per_seq_us=10.7, per_token_us=0.0, api_server_latency_ms=25.3,
+    elementwise_kernels_per_layer=5, elementwise_passes=FUSED_VLLM, prefill_attention_speed=1.0,
+    decode_attention_speed=1.0, uses_sliding_window=True, allreduce_latency_us=20.5, fp8_attention=False,
+    source="vLLM CI, late 2024 (18 points)")
+
+PROFILES = {
+    "vllm": VLLM,
+    # vLLM's V0 scheduler as of mid 2024: whole prefills first, output processing in series with the
+    # GPU. Argonne's static batches (B 1-64, 128-2048 tokens) and batch prefills on H100, all on one
+    # GPU: its API server and all-reduce are vLLM's.
+    "vllm-v0": replace(VLLM, name="vllm-v0", overhead_ms=1.6, per_seq_us=43.9, per_token_us=3.1,
+                       source="Argonne LLM-Inference-Bench, mid 2024 (21 points)"),
+    "sglang": replace(VLLM, name="sglang", source="no SGLang point in the development set: vLLM's figures"),
+    # TensorRT-LLM 0.14-0.17: NVIDIA's offline table (trtllm-bench; H100 FP8, A100 FP16; TP 1-8), its
+    # Triton online table (H100 BF16) and Argonne's batch prefills. Context attention in FP8 over an
+    # FP8 cache (its FP8 context FMHA), Hopper-tuned; decode attention (XQA) reads the cache faster
+    # than SDPA; attention over the whole cache unless an engine is built with a max attention window.
+    "trtllm": ServingProfile(
+        "trtllm", overhead_ms=1.9, per_seq_us=3.9, per_token_us=0.44, api_server_latency_ms=5.2,
+        elementwise_kernels_per_layer=4, elementwise_passes=FUSED_TRTLLM, prefill_attention_speed=1.6,
+        decode_attention_speed=1.35, uses_sliding_window=False, allreduce_latency_us=34.8, fp8_attention=True,
+        source="NVIDIA's TensorRT-LLM offline and Triton online tables, Argonne (134 points)"),
 }
-PROFILES["dynamo"] = PROFILES["vllm"]  # Dynamo's workers are vLLM engines
+PROFILES["dynamo"] = VLLM  # Dynamo's workers are vLLM engines
 
 
 def serving_profile(framework: str, scheduler: str = "v1") -> ServingProfile:
