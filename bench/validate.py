@@ -14,6 +14,7 @@ import argparse
 import csv
 import time
 
+from fastsim.validation.kv_capacity import kv_capacity_markdown, kv_capacity_table
 from fastsim.validation.published import RANDOM_SEEDS, validate
 from fastsim.validation.report import markdown_tables
 
@@ -29,6 +30,9 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
     print(markdown_tables(rows, args.worst))
     print(f"{len({r.point.point_id for r in rows})} points, {len(rows)} metric rows, {elapsed:.1f} s")
+    print("\nKV-cache capacity: fastsim's num_gpu_blocks against vLLM's logs (fastsim/validation/data/"
+          "kv_cache_blocks.csv cites each)\n")
+    print(kv_capacity_markdown(kv_capacity_table()))
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
             w = csv.writer(fh)

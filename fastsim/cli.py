@@ -427,13 +427,13 @@ def validate_cmd(
     rows = [("GPU", lambda rp: rp.gpu.name),
             ("replicas x (TP x PP)", lambda rp: f"{rp.count} x ({rp.engine.tensor_parallel_size} x "
                                                  f"{rp.engine.pipeline_parallel_size})"),
-            ("GPU memory (GiB)", lambda rp: rp.memory.gpu_total_bytes / gib),
+            ("GPU memory, as CUDA reports it (GiB)", lambda rp: rp.memory.gpu_total_bytes / gib),
             # TensorRT-LLM sizes the KV cache by kv_cache_free_gpu_mem_fraction of what is left instead.
             ("budget at gpu_memory_utilization (GiB)",
              lambda rp: "-" if rp.engine.framework == "trtllm" else rp.memory.budget_bytes / gib),
             ("weights (GiB)", lambda rp: rp.memory.weight_bytes / gib),
-            ("activation workspace (GiB)", lambda rp: rp.memory.activation_bytes / gib),
-            ("reserved: CUDA context, graphs (GiB)", lambda rp: rp.memory.reserved_bytes / gib),
+            ("activation peak of the profiling run (GiB)", lambda rp: rp.memory.activation_bytes / gib),
+            ("non-torch: CUDA workspaces, NCCL buffers (GiB)", lambda rp: rp.memory.non_torch_bytes / gib),
             ("KV cache (GiB)", lambda rp: rp.memory.kv_cache_bytes / gib),
             ("KV per token (KiB)", lambda rp: rp.memory.kv_bytes_per_token / 1024),
             ("KV blocks", lambda rp: rp.memory.num_gpu_blocks), ("KV tokens", lambda rp: rp.memory.kv_tokens),

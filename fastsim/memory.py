@@ -10,20 +10,39 @@ from fastsim.cost.speculative import drafter
 from fastsim.errors import FastsimError
 
 GB = 1e9
-# CUDA context, NCCL buffers, CUDA graphs and the allocator's slack: memory vLLM's profiling run
-# does not hand to the KV cache (vLLM logs 0.1-0.6 GiB for "non_torch_memory" and graphs).
-RESERVED_BYTES = 0.5 * 2**30
+GIB = 2**30
+# Memory the engine holds outside PyTorch's allocator once its profiling run is done (CUDA and cuBLAS
+# workspaces): vLLM 0.19 logs 0.24-0.27 GiB of "non-torch" memory on one H100, vLLM 0.6-0.8 0.20-0.35
+# GiB on RTX 3090/4090 (docs/validation.md, "KV-cache capacity", cites each log).
+NON_TORCH_BYTES = 0.25 * GIB
+# With TP > 1 over NVLink, NCCL's and vLLM's custom all-reduce buffers: vLLM's non-torch memory is
+# 2.06-2.21 GiB per H100 at TP 2 and 4 (0.19) against 0.25 GiB at TP 1, and 3.58 against 1.79 GiB at
+# TP 2 (0.6.5). NCCL does not use the switch's reduction (NVLS) at TP 2 (vLLM issue 9699), so this
+# is NVLink's, not NVLS's. PCIe GPUs log none: 0.25 GiB on two RTX 4090s, 0.20 on four RTX 3090s.
+NVLINK_NCCL_BUFFER_BYTES = 1.85 * GIB
+# vLLM V1 profiles its sampler on max_num_seqs rows of float32 logits after the forward pass; its peak
+# holds about four float32 copies of them (logits, scaled logits, probabilities, sorted values):
+# 15.2-16.2 bytes per row and vocabulary entry in vLLM 0.19's logs of six dense models of four vendors.
+V1_SAMPLER_BYTES_PER_LOGIT = 16
+# vLLM's V0 engine sampled inside its profiling step: float32 logits and probabilities on top of the
+# forward pass's peak. TensorRT-LLM's runtime likewise keeps logits buffers for max_batch_size rows
+# beside its engine's activation buffers.
+V0_SAMPLER_BYTES_PER_LOGIT = 8
+# TensorRT-LLM's memory outside its KV pool and engine buffers: no log of its breakdown was found;
+# 0.5 GiB at any TP keeps NVIDIA's memory-bound rows of the development set (Llama-3.1-70B FP16 at
+# TP 2 on A100 80GB) within 7%, where vLLM's NVLink buffers would put them 18-25% low.
+TRTLLM_NON_TORCH_BYTES = 0.5 * GIB
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
     """Per GPU, in bytes (and blocks)."""
 
-    gpu_total_bytes: float
+    gpu_total_bytes: float       # what CUDA reports (GpuSpec.cuda_memory_bytes)
     budget_bytes: float          # gpu_memory_utilization x total
     weight_bytes: float
     activation_bytes: float
-    reserved_bytes: float
+    non_torch_bytes: float       # CUDA workspaces and NCCL buffers outside PyTorch's allocator
     kv_cache_bytes: float
     kv_bytes_per_token: float    # this GPU's share of one token's K and V
     block_bytes: float
@@ -72,25 +91,50 @@ def _per_gpu(model: ModelSpec, engine: Engine, tp: int) -> tuple[float, float, f
     experts = model.expert_params * bpp * layers / model.num_hidden_layers
     ep = expert_parallel_size(model, engine, tp)
     weights = (weights - experts) / tp + experts / (ep if ep > 1 else tp)
-    h = model.hidden_size
-    kv_width = model.kv_cache_width(tp)
-    tokens = engine.max_num_batched_tokens
-    # vLLM's profiling run pushes max_num_batched_tokens through the model: the peak holds the
-    # residual stream and a few hidden-size buffers, QKV, and the gate/up output with its product,
-    # plus float32 logits and probabilities for up to max_num_seqs sampled rows.
-    inter = (model.moe_intermediate_size * model.num_experts_per_tok if model.is_moe
-             else model.intermediate_size) / tp
-    act = tokens * (4 * h + model.q_size / tp + kv_width + 3 * inter) * 2
-    act += min(tokens, engine.max_num_seqs) * model.vocab_size * 4 * 2
+    act = activation_bytes(model, engine, tp)
     # A draft model or head is loaded beside the target, and its KV cache shares the target's blocks.
     draft = drafter(engine.speculative_config, model, tp)
     weights += draft.weight_bytes_per_gpu(engine.dtype)
-    kv_tok = (kv_width * layers + draft.kv_width_layers()) * BYTES_PER_PARAM[kv_dtype(engine)]
+    kv_tok = (model.kv_cache_width(tp) * layers + draft.kv_width_layers()) * BYTES_PER_PARAM[kv_dtype(engine)]
     return weights, act, kv_tok
 
 
-def memory_plan(model: ModelSpec, gpu: GpuSpec, engine: Engine) -> MemoryPlan:
-    """The KV-cache size vLLM would allocate, or a FastsimError saying why the deployment cannot work."""
+def activation_bytes(model: ModelSpec, engine: Engine, tp: int) -> float:
+    """Peak of vLLM's profiling run beyond the weights, on one GPU at TP `tp`.
+
+    The run pushes max_num_batched_tokens through the model, then samples max_num_seqs rows. The
+    forward pass peaks in the MLP: the residual stream and the normed input (2 x hidden) beside
+    the gate/up output and its activated half (3 x intermediate / TP); an MoE layer's fused-kernel
+    buffers hold, per token and chosen expert, its gate/up, activated and down outputs.
+    """
+    tokens = engine.max_num_batched_tokens
+    h = model.hidden_size
+    rows = min(tokens, engine.max_num_seqs) * model.vocab_size
+    persistent, inter = 0.0, model.intermediate_size
+    if model.is_moe:
+        # The fused-MoE workspace outlives the forward pass (vLLM keeps it for the next step), so the
+        # sampler's peak comes on top of it: vLLM 0.19 logs 1.21-2.68 GiB for Mixtral, Qwen-MoE and
+        # DeepSeek-V2-Lite, 0.2-0.4 GiB over their samplers'.
+        persistent = tokens * model.num_experts_per_tok * (3 * model.moe_intermediate_size / tp + h) * 2
+        inter = model.shared_expert_intermediate_size
+    forward = tokens * (2 * h + 3 * inter / tp) * 2
+    if engine.framework == "trtllm" or (engine.framework == "vllm" and engine.scheduler == "v0"):
+        return persistent + forward + rows * V0_SAMPLER_BYTES_PER_LOGIT
+    return persistent + max(forward, rows * V1_SAMPLER_BYTES_PER_LOGIT)
+
+
+def non_torch_bytes(gpu: GpuSpec, engine: Engine, tp: int) -> float:
+    """Memory outside PyTorch's allocator per GPU: CUDA workspaces, and NCCL's buffers under TP."""
+    if engine.framework == "trtllm":
+        return TRTLLM_NON_TORCH_BYTES
+    if tp > 1 and gpu.interconnect == "nvlink":
+        return NON_TORCH_BYTES + NVLINK_NCCL_BUFFER_BYTES
+    return NON_TORCH_BYTES
+
+
+def memory_plan(model: ModelSpec, gpu: GpuSpec, engine: Engine, check_context: bool = True) -> MemoryPlan:
+    """The KV-cache size vLLM would allocate, or a FastsimError saying why the deployment cannot work
+    (with `check_context` False, also a cache that cannot hold one max_model_len request)."""
     tp = engine.tensor_parallel_size
     if model.num_attention_heads % tp:
         raise FastsimError(f"engine.tensor_parallel_size = {tp}: {model.name} has {model.num_attention_heads} "
@@ -100,24 +144,28 @@ def memory_plan(model: ModelSpec, gpu: GpuSpec, engine: Engine) -> MemoryPlan:
                            f"only {model.num_hidden_layers} layers to split; use at most that")
     model.check_expert_split(expert_parallel_size(model, engine))
     max_len = engine.max_model_len or model.max_position_embeddings
-    total = gpu.memory_bytes
+    total = gpu.cuda_memory_bytes
     budget = engine.gpu_memory_utilization * total
     weights, act, kv_tok = _per_gpu(model, engine, tp)
-    free = budget - weights - act - RESERVED_BYTES
+    other = non_torch_bytes(gpu, engine, tp)
+    free = budget - weights - act - other
     if engine.framework == "trtllm":  # a fraction of what is left after loading the model
         budget = total
-        free = engine.kv_cache_free_gpu_mem_fraction * (total - weights - act - RESERVED_BYTES)
+        free = engine.kv_cache_free_gpu_mem_fraction * (total - weights - act - other)
     if free <= 0:
         split = tp * engine.pipeline_parallel_size
         raise FastsimError(
             f"{model.name} in {engine.dtype} needs {model.weight_bytes(engine.dtype) / GB:.1f} GB of weights"
             f"{f' ({weights / GB:.1f} GB per GPU at tensor_parallel_size {tp} x pipeline_parallel_size {engine.pipeline_parallel_size})' if split > 1 else ''}"
-            f" plus {act / GB:.1f} GB of activations; one {gpu.name} has {total / GB:.1f} GB, "
+            f" plus {act / GB:.1f} GB of activations and {other / GB:.1f} GB of CUDA and NCCL buffers; one "
+            f"{gpu.name} has {total / GB:.1f} GB, "
             f"{budget / GB:.1f} GB at gpu_memory_utilization {engine.gpu_memory_utilization}"
             f"{smallest_tp_hint(model, gpu, engine)}")
     block = engine.block_size * kv_tok
     blocks = engine.num_gpu_blocks_override or int(free // block)
-    plan = MemoryPlan(total, budget, weights, act, RESERVED_BYTES, blocks * block, kv_tok, block, blocks, max_len)
+    plan = MemoryPlan(total, budget, weights, act, other, blocks * block, kv_tok, block, blocks, max_len)
+    if not check_context:
+        return plan
     if blocks * engine.block_size < max_len and engine.num_gpu_blocks_override:
         raise FastsimError(f"engine.num_gpu_blocks_override = {blocks} blocks of {engine.block_size} tokens hold "
                            f"{blocks * engine.block_size} tokens, less than max_model_len {max_len}; raise it "
@@ -125,7 +173,8 @@ def memory_plan(model: ModelSpec, gpu: GpuSpec, engine: Engine) -> MemoryPlan:
     if blocks * engine.block_size < max_len:
         raise FastsimError(
             f"max_model_len {max_len} does not fit the KV cache: {free / GB:.2f} GB free for KV after "
-            f"{weights / GB:.1f} GB of weights and {act / GB:.1f} GB of activations holds "
+            f"{weights / GB:.1f} GB of weights, {act / GB:.1f} GB of activations and {other / GB:.1f} GB of CUDA "
+            f"and NCCL buffers holds "
             f"{blocks * engine.block_size} tokens ({kv_tok / 1024:.0f} KiB each); lower engine.max_model_len, "
             f"raise gpu_memory_utilization{smallest_tp_hint(model, gpu, engine, max_len)}")
     return plan
@@ -138,7 +187,7 @@ def smallest_tp_hint(model: ModelSpec, gpu: GpuSpec, engine: Engine, need_tokens
         if model.num_attention_heads % tp:
             continue
         weights, act, kv_tok = _per_gpu(model, engine, tp)
-        free = engine.gpu_memory_utilization * gpu.memory_bytes - weights - act - RESERVED_BYTES
+        free = engine.gpu_memory_utilization * gpu.cuda_memory_bytes - weights - act - non_torch_bytes(gpu, engine, tp)
         if free >= need_tokens * kv_tok:
             return f"; tensor_parallel_size >= {tp} fits"
     return ""

@@ -143,7 +143,7 @@ def test_quantization_names_and_kv_capacity():
     assert fp8.kv_bytes_per_token == bf16.kv_bytes_per_token == 128 * 1024
     freed = m.weight_bytes("bf16") - m.weight_bytes("fp8")
     assert fp8.num_gpu_blocks == int((bf16.kv_cache_bytes + freed + (bf16.budget_bytes - bf16.weight_bytes
-                                       - bf16.activation_bytes - bf16.reserved_bytes - bf16.kv_cache_bytes))
+                                       - bf16.activation_bytes - bf16.non_torch_bytes - bf16.kv_cache_bytes))
                                       // bf16.block_bytes)
     # An FP8 KV cache holds twice the tokens in the same bytes.
     kv8 = memory_plan(m, h100, Engine(kv_cache_dtype="fp8"))

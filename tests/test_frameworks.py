@@ -4,7 +4,7 @@ import pytest
 from fastsim.catalog import load_gpu, load_model
 from fastsim.config import Engine, load_config
 from fastsim.errors import FastsimError
-from fastsim.memory import RESERVED_BYTES, memory_plan
+from fastsim.memory import memory_plan, non_torch_bytes
 from fastsim.simulation import plan_engines, simulate
 
 
@@ -29,9 +29,9 @@ def test_trtllm_defaults_and_fp8_only_where_the_gpu_has_it():
 
 def test_trtllm_kv_cache_is_a_fraction_of_what_the_model_leaves():
     model, gpu = load_model("meta-llama/Llama-3.1-8B"), load_gpu("H100-SXM")
-    trt = memory_plan(model, gpu, Engine(framework="trtllm", dtype="fp8", kv_cache_dtype="fp8",
-                                         kv_cache_free_gpu_mem_fraction=0.5))
-    left = gpu.memory_bytes - trt.weight_bytes - trt.activation_bytes - RESERVED_BYTES
+    trt_engine = Engine(framework="trtllm", dtype="fp8", kv_cache_dtype="fp8", kv_cache_free_gpu_mem_fraction=0.5)
+    trt = memory_plan(model, gpu, trt_engine)
+    left = gpu.cuda_memory_bytes - trt.weight_bytes - trt.activation_bytes - non_torch_bytes(gpu, trt_engine, 1)
     # 64 KiB per token in FP8 (32 layers x 8 KV heads x 128 x 2 (K, V) x 1 byte), 32-token blocks
     assert trt.kv_bytes_per_token == 32 * 8 * 128 * 2
     assert trt.num_gpu_blocks == int(0.5 * left // (32 * trt.kv_bytes_per_token))

@@ -75,3 +75,41 @@ def test_development_set_error_does_not_drift_up():
     assert s["median"] <= RECORDED_MEDIAN + MARGIN, f"median |error| {s['median']:.3f}"
     assert s["p90"] <= RECORDED_P90 + MARGIN, f"p90 |error| {s['p90']:.3f}"
     assert np.isfinite(s["bias"])
+
+
+def test_kv_cache_plan_matches_the_blocks_vllm_logged():
+    from fastsim.validation.kv_capacity import kv_capacity_table, load_kv_points
+
+    points = load_kv_points()
+    # at least ten logged figures, each citing its log, over several GPUs and vLLM versions
+    assert len(points) >= 10 and all(p.source for p in points)
+    assert len({p.gpu for p in points}) >= 2 and len({p.vllm_version for p in points}) >= 3
+    table = kv_capacity_table()
+    errors = np.abs([r["error"] for r in table])
+    assert np.median(errors) <= 0.01, kv_report(table)
+    assert errors.max() <= 0.05, kv_report(table)
+
+
+def kv_report(table):
+    return "; ".join(f"{r['id']} {r['error']:+.3f}" for r in table)
+
+
+def test_profiling_run_terms_by_hand():
+    from fastsim.catalog import load_gpu, load_model
+    from fastsim.config import Engine
+    from fastsim.memory import activation_bytes, non_torch_bytes
+
+    llama, h100, l40s = load_model("meta-llama/Llama-3.1-8B"), load_gpu("H100-SXM"), load_gpu("L40S")
+    # V1: the sampler's 1024 x 128256 float32 logits (16 bytes each at the peak) exceed the MLP's
+    # 8192 x (2 x 4096 + 3 x 14336) x 2 bytes
+    v1 = Engine(max_num_seqs=1024)
+    assert activation_bytes(llama, v1, 1) == max(1024 * 128256 * 16, 8192 * (2 * 4096 + 3 * 14336) * 2)
+    assert activation_bytes(llama, v1, 1) == 1024 * 128256 * 16
+    # V0 sampled inside the step: the MLP's peak plus 8 bytes per logit of max_num_seqs rows;
+    # under TP the MLP's intermediate is split
+    v0 = Engine(scheduler="v0", enable_chunked_prefill=False, max_num_batched_tokens=20000)
+    assert activation_bytes(llama, v0, 2) == 20000 * (2 * 4096 + 3 * 14336 / 2) * 2 + 256 * 128256 * 8
+    # NVLink's NCCL buffers under TP only; PCIe logs none
+    gib = 2**30
+    assert non_torch_bytes(h100, v1, 1) == 0.25 * gib and non_torch_bytes(h100, v1, 2) == 2.1 * gib
+    assert non_torch_bytes(l40s, v1, 4) == 0.25 * gib

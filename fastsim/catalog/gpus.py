@@ -16,6 +16,9 @@ from fastsim.errors import FastsimError, unknown
 # Data-center GPUs idle at roughly a tenth to a fifth of their TDP with the model and KV cache
 # resident (e.g. ~60-100 W on a 700 W H100 SXM in nvidia-smi); set idle_w where you have a figure.
 IDLE_FRACTION_OF_TDP = 0.15
+# What CUDA reports as a GPU's total is 98-99% of the datasheet's GiB (H100 SXM 79.19 of 80, RTX 4090
+# 23.55 and RTX 3090 23.58 of 24, in the vLLM logs cited in gpus.yaml) where no figure is known.
+CUDA_MEMORY_FRACTION = 0.99
 
 
 class GpuSpec(BaseModel):
@@ -29,6 +32,10 @@ class GpuSpec(BaseModel):
         default=None, description="what kernels written for it reach: attention kernels reach another share of "
         "the peak before Hopper than on it (fastsim.cost.profile.gpu_profile)")
     memory_gib: float = Field(gt=0, description="memory capacity, GiB (datasheet 'GB' of HBM/GDDR)")
+    cuda_memory_gib: float | None = Field(
+        default=None, gt=0, description="the total CUDA reports (torch.cuda.mem_get_info), GiB: the datasheet's "
+        "less what ECC and the driver keep; vLLM's gpu_memory_utilization is a share of it. Default "
+        "CUDA_MEMORY_FRACTION x memory_gib")
     mem_bw_gb_s: float = Field(gt=0, description="memory bandwidth, GB/s of bytes")
     memory_type: Literal["HBM2", "HBM2e", "HBM3", "HBM3e", "GDDR6", "GDDR6X", "GDDR7", "LPDDR5X"] | None = Field(
         default=None, description="memory technology: an uncalibrated GPU takes the achieved bandwidth "
@@ -64,6 +71,10 @@ class GpuSpec(BaseModel):
     @property
     def memory_bytes(self) -> float:
         return self.memory_gib * 2**30
+
+    @property
+    def cuda_memory_bytes(self) -> float:
+        return (self.cuda_memory_gib or CUDA_MEMORY_FRACTION * self.memory_gib) * 2**30
 
     def compute_tflops(self, dtype: str) -> float:
         """Tensor rate the GEMMs run at for weights of `dtype`.
