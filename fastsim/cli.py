@@ -441,7 +441,8 @@ def validate_cmd(
             ("weights dtype / KV dtype", lambda rp: f"{rp.engine.dtype} / {kv_dtype(rp.engine)}"),
             ("CPU per iteration: ms + us/seq + us/token",
              lambda rp: (lambda s: f"{s.overhead_ms:g} + {s.per_seq_us:g} + {s.per_token_us:g}")(engine_serving(rp.engine))),
-            ("API server latency, online (ms)", lambda rp: engine_serving(rp.engine).api_server_latency_ms)]
+            ("API server latency, online (ms)", lambda rp: engine_serving(rp.engine).api_server_latency_ms),
+            ("async scheduling (CPU beside the GPU)", lambda rp: "on" if rp.engine.async_scheduling else "off")]
     if model.is_moe:
         def experts(rp) -> str:
             ep, tp = expert_parallel_size(model, rp.engine), rp.engine.tensor_parallel_size

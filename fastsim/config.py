@@ -410,6 +410,13 @@ class Engine(_Strict):
         "sliding-window model (max_model_len is then capped at the window, as vLLM does). Default: the "
         "framework's (vLLM, SGLang: the window is used; TensorRT-LLM: engines attend over the whole cache "
         "unless built with a max attention window)")
+    async_scheduling: bool = Field(
+        default=False, description="vLLM's --async-scheduling (SGLang: its overlap scheduler): the CPU "
+        "schedules and prepares an iteration while the GPU runs the one before, so an iteration takes "
+        "the longer of its CPU and GPU times instead of their sum. vLLM turns it on by default from 0.14 "
+        "and SGLang from 0.4; fastsim's serving terms were fitted on runs without it and no published "
+        "point with it is in its development set, so here it is opt-in. vLLM's V1 scheduler, "
+        "pipeline_parallel_size 1")
 
 
     @model_validator(mode="before")
@@ -460,6 +467,11 @@ class Engine(_Strict):
         if self.speculative_config is not None and self.pipeline_parallel_size > 1:
             raise ValueError("speculative_config is modelled with pipeline_parallel_size 1 (as vLLM supports it); "
                              "drop one of them")
+        if self.async_scheduling and (self.scheduler == "v0" or self.pipeline_parallel_size > 1
+                                      or self.framework == "trtllm"):
+            raise ValueError("async_scheduling is modelled for vLLM's V1 scheduler (and SGLang's overlap "
+                             "scheduler) at pipeline_parallel_size 1; drop async_scheduling, or scheduler: v0 / "
+                             "pipeline_parallel_size / framework: trtllm")
         if self.framework == "sglang" and self.long_prefill_token_threshold:
             raise ValueError("long_prefill_token_threshold is vLLM's; SGLang chunks by "
                              "max_num_batched_tokens (--chunked-prefill-size) alone")

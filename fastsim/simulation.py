@@ -20,6 +20,7 @@ from fastsim.cost import CostModel
 from fastsim.cost.profile import load_profile
 from fastsim.cost.serving import engine_serving
 from fastsim.cost.speculative import speculative_cost_model
+from fastsim.engine import cost_nb as nb
 from fastsim.engine import enums as E
 from fastsim.engine import prefix_nb as px
 from fastsim.engine.cluster_nb import run_cluster_nb
@@ -248,6 +249,7 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
         params, tok, seq = speculative_cost_model(cm, eng.speculative_config, eng.max_num_seqs,
                                                   eng.max_num_batched_tokens, serving.overhead_ms * 1e-3,
                                                   serving.per_seq_us * 1e-6, serving.per_token_us * 1e-6)
+        params[nb.CPU_OVERLAP] = eng.async_scheduling
         ints = np.zeros(E.N_RI, np.int64)
         ints[E.RI_MAX_SEQS] = eng.max_num_seqs
         ints[E.RI_MAX_TOKENS] = eng.max_num_batched_tokens

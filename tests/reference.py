@@ -211,7 +211,7 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                        block_size, num_blocks, chunked_prefill=True, long_prefill_token_threshold=0,
                        v0=False, overhead_s=0.0, per_seq_s=0.0, per_token_s=0.0, max_time_s=float("inf"),
                        content=None, turns=None,
-                       sglang=False, lpm=False, no_evict=False, kv0=None, stats=None):
+                       sglang=False, lpm=False, no_evict=False, kv0=None, stats=None, async_scheduling=False):
     """Per-request results (list of Req, by id) and the list of (start, used_blocks) per iteration.
     `content(request, block)`: with it, prefix caching is on, blocks named by that content.
 
@@ -374,7 +374,8 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                                     np.array([c for _, c in pre], dtype=np.int64)).total_s
         # CPU time before the pass: fixed, per scheduled sequence, per scheduled token
         cpu_s = overhead_s + per_seq_s * len(scheduled) + per_token_s * sum(new for _, new, _ in scheduled)
-        end = now + t + cpu_s
+        # async scheduling prepares this iteration while the GPU runs the one before: the longer counts
+        end = now + (max(t, cpu_s) if async_scheduling else t + cpu_s)
         if end > max_time_s:
             break
         for r, new, _ in scheduled:

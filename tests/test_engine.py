@@ -10,6 +10,7 @@ import reference as ref
 from fastsim.catalog import load_model
 from fastsim.cost import CostModel
 from fastsim.cost.speculative import speculative_cost_model
+from fastsim.engine import cost_nb as nb
 from fastsim.engine import enums as E
 from fastsim.engine.cluster_nb import run_cluster_nb
 from fastsim.simulation import prefix_cache_arrays
@@ -17,15 +18,20 @@ from fastsim.workload import Workload
 
 CM = CostModel.create("meta-llama/Meta-Llama-3-8B", "H100-SXM")
 OVERHEAD = 0.3e-3
-# CPU time per scheduled sequence and per scheduled token (seconds) that the property tests draw.
-CPU_TERMS = st.sampled_from([(0.0, 0.0), (0.0, 0.0), (40e-6, 0.0), (30e-6, 2e-6)])
+# CPU time per scheduled sequence and per scheduled token (seconds) that the property tests draw, and
+# whether it overlaps the GPU's (async scheduling; V1 at one stage only, as the config allows). 1 ms
+# per sequence outlasts a few decodes' GPU time, so that the CPU's time is the iteration's.
+CPU_TERMS = st.sampled_from([(0.0, 0.0, False), (0.0, 0.0, False), (40e-6, 0.0, False), (30e-6, 2e-6, False),
+                             (30e-6, 2e-6, True), (1e-3, 0.0, True)])
 
 
 def replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked, threshold, v0,
-                   overhead_s, stages=1, spec=None, cpu=(0.0, 0.0)):
+                   overhead_s, stages=1, spec=None, cpu=(0.0, 0.0, False)):
     """One replica's rows for run_cluster_nb, as fastsim.simulation builds them (spec: a
-    SpeculativeConfig; cpu: CPU seconds per scheduled sequence and per scheduled token)."""
-    params, tok, seq = speculative_cost_model(cm, spec, max_num_seqs, max_num_batched_tokens, overhead_s, *cpu)
+    SpeculativeConfig; cpu: CPU seconds per scheduled sequence and per scheduled token, and whether
+    they overlap the GPU's, which the config allows with V1 at one stage)."""
+    params, tok, seq = speculative_cost_model(cm, spec, max_num_seqs, max_num_batched_tokens, overhead_s, *cpu[:2])
+    params[nb.CPU_OVERLAP] = overlaps(cpu, v0, stages)
     ints = np.zeros(E.N_RI, np.int64)
     ints[[E.RI_MAX_SEQS, E.RI_MAX_TOKENS, E.RI_BLOCK_SIZE, E.RI_NUM_BLOCKS, E.RI_CHUNKED, E.RI_THRESHOLD, E.RI_V0,
           E.RI_STAGES, E.RI_WINDOW]] = [max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked,
@@ -33,12 +39,16 @@ def replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blo
     return ints, params, tok, seq
 
 
+def overlaps(cpu, v0, stages=1):
+    return bool(cpu[2]) and not v0 and stages == 1
+
+
 def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=8192, block_size=16,
         num_blocks=10_000, chunked=True, threshold=0, v0=False, overhead_s=OVERHEAD, max_time_s=np.inf,
         timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None,
         fast_decode=True, prefix_caching=False, block_ids=None, turns=None, content=None,
         route_params=(0.5, 32, 1.0001, 1.0), sglang=False, lpm=False, fast=False, no_evict=False, kv0=None, spec=None,
-        cpu=(0.0, 0.0)):
+        cpu=(0.0, 0.0, False)):
     ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
                                             chunked, threshold, v0, overhead_s, stages, spec, cpu)
     arrivals = np.asarray(arrivals, dtype=np.float64)
@@ -195,7 +205,8 @@ def test_kernel_matches_reference_scheduler(wl, e, preload, cpu):
         CM, arrivals, prompts, outputs, max_num_seqs=e["max_num_seqs"],
         max_num_batched_tokens=e["max_num_batched_tokens"], block_size=e["block_size"],
         num_blocks=e["num_blocks"], chunked_prefill=e["chunked"], long_prefill_token_threshold=e["threshold"],
-        v0=e["v0"], overhead_s=OVERHEAD, per_seq_s=cpu[0], per_token_s=cpu[1], no_evict=e["no_evict"], kv0=kv0)
+        v0=e["v0"], overhead_s=OVERHEAD, per_seq_s=cpu[0], per_token_s=cpu[1], no_evict=e["no_evict"], kv0=kv0,
+        async_scheduling=overlaps(cpu, e["v0"]))
     for i, q in enumerate(reqs):
         assert r["preempts"][i] == q.preemptions
         assert r["generated"][i] == q.generated

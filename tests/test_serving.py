@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fastsim.catalog import load_gpu, load_model
-from fastsim.config import Engine, load_config
+from fastsim.config import Engine, build_config, load_config
 from fastsim.cost import CostModel
 from fastsim.cost.profile import (BANDWIDTH_FIELDS, OTHER_LINK, PRE_HOPPER_ATTENTION, default_profile, gpu_profile,
                                   profile_origin, profile_warning)
@@ -124,3 +124,48 @@ def test_each_gpu_gets_its_own_fit_or_the_datasheet_transfer():
 def test_an_amd_gpu_without_measurements_is_flagged():
     assert profile_warning(load_gpu("MI300X")) is not None and profile_origin(load_gpu("MI300X")) == "uncalibrated"
     assert profile_warning(load_gpu("H100-SXM")) is None and profile_warning(load_gpu("L40S")) is None
+
+
+def test_overlapped_gaps_are_each_iterations_longer_time():
+    """lazy_nb._gaps (fast mode's closed-form runs) against max(cpu, gpu) and cpu + gpu iteration by
+    iteration, the GPU's time growing with the context as a quadratic."""
+    from fastsim.engine import cost_nb as nb
+    from fastsim.engine.lazy_nb import _gaps
+
+    rng = np.random.default_rng(0)
+    for case in range(400):
+        gpu0, a1, a2 = rng.uniform(1e-3, 8e-3), rng.choice([0.0, rng.uniform(0, 2e-5)]), rng.choice([0.0, rng.uniform(0, 1e-8)])
+        cpu, kmax, overlap = rng.uniform(0, 1.5e-2), int(rng.integers(1, 2000)), case % 4 != 0
+        p = np.zeros(nb.N_PARAMS)
+        p[nb.CPU_OVERLAP] = overlap
+        u0 = 0  # runs start over where the last one ended, as run_nb does
+        while u0 < kmax:
+            g = lambda u: gpu0 + a1 * (u0 + u) + a2 * (u0 + u) ** 2
+            b = g(0)
+            k, b0, t1, t2 = _gaps(p, cpu, b, a1 + 2 * a2 * u0, a2, kmax - u0)
+            assert 1 <= k <= kmax - u0
+            for u in range(k):
+                want = max(cpu, g(u)) if overlap else cpu + g(u)
+                assert b0 + t1 * u + t2 * u * u == pytest.approx(want, rel=1e-9)
+            u0 += k
+
+
+def test_async_scheduling_overlaps_cpu_and_gpu_by_hand():
+    """One request decoding alone: with the CPU's 20 ms per iteration over the GPU's few, an
+    iteration takes the CPU's 20 ms overlapped, their sum in series; with 1 ms of CPU, the GPU's."""
+    def tpot(overhead_ms, overlap):
+        cfg = build_config({"engine": {"framework_overhead_ms": overhead_ms, "framework_overhead_per_seq_us": 0,
+                                       "framework_overhead_per_token_us": 0, "async_scheduling": overlap},
+                            "workload": {"num_requests": 1, "clients": [{"online": False, "arrival": {"process": "batch"},
+                                         "prompt_tokens": {"dist": "constant", "value": 100},
+                                         "output_tokens": {"dist": "constant", "value": 50}}]}})
+        return simulate(cfg).requests.column("tpot_ms").to_numpy()[0]
+
+    gpu = tpot(0.0, False)
+    assert 3 < gpu < 15  # Llama-3-8B's decode step on an H100, ms
+    assert tpot(20.0, True) == pytest.approx(20.0, rel=1e-9)
+    assert tpot(20.0, False) == pytest.approx(20.0 + gpu, rel=1e-9)
+    assert tpot(1.0, True) == pytest.approx(gpu, rel=1e-9)
+    assert tpot(1.0, False) == pytest.approx(1.0 + gpu, rel=1e-9)
+    with pytest.raises(ValueError, match="async_scheduling is modelled"):
+        build_config({"engine": {"async_scheduling": True, "pipeline_parallel_size": 2}})

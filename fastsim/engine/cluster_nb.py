@@ -42,7 +42,7 @@ from fastsim.engine import pipeline_nb as pp
 from fastsim.engine.batch_nb import (account_nb, add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
                                      chunk_nb, div_pow2_nb, final_blocks_nb, itl_add_nb, mod_pow2_nb, move_slot_nb,
                                      reserved_blocks_nb, sort_by_key_nb, tally_gap_nb, timeline_row_nb)
-from fastsim.engine.cost_nb import cpu_overhead_nb, stage_time_nb
+from fastsim.engine.cost_nb import cpu_in_series_nb, cpu_overhead_nb, stage_time_nb
 
 INF = np.inf
 
@@ -691,7 +691,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             tokens = n_dec + pre_tokens
             body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
             account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages)
-            cpu = cpu_overhead_nb(p, agg)
+            cpu = cpu_in_series_nb(p, cpu_overhead_nb(p, agg), body + head)
             t = pp.launch_nb(p, r, t_r, body, head, tokens, cpu, stages, stage_free, flight, max_stages)
             rep_iters[r] += 1
             used = ri[E.RI_NUM_BLOCKS] - free[r]
@@ -1081,7 +1081,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
                 base -= s_computed[k]
         agg = (n_act, float(base + (j + 1) * (n_act - n_cap) + window * n_cap), 0, 0, 0.0, 0.0)
         body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
-        end = max(t + cpu_overhead_nb(p, agg), stage_free[r, 0]) + body + head
+        end = max(t + cpu_in_series_nb(p, cpu_overhead_nb(p, agg), body + head), stage_free[r, 0]) + body + head
         if end > max_time_s or (j + 1 == next_fin and end >= finish_by):  # ties: the arrival first
             break
         account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, 1)

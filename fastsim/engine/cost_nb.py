@@ -64,7 +64,8 @@ SPEC_EXPECTED = 44      # expected tokens a decoding sequence gains per speculat
 SPEC_DRAFT_ATTN = 45    # one draft pass's decode attention as a fraction of the target's
 CPU_PER_SEQ_S = 46      # CPU time of an iteration per scheduled sequence (inputs, sampling, outputs)
 CPU_PER_TOKEN_S = 47    # CPU time of an iteration per scheduled token
-N_PARAMS = 48
+CPU_OVERLAP = 48        # 1: the CPU prepares the next iteration while the GPU runs this one (async scheduling)
+N_PARAMS = 49
 ATTN_TILE = 128         # query rows per FlashAttention work tile
 
 # -- columns of the ops table -------------------------------------------------------------------
@@ -382,8 +383,19 @@ def decode_only_nb(p, tok_table, seq_table, tok_off, seq_off, n_dec):
 def cpu_overhead_nb(p, agg):
     """The CPU time an iteration adds before its forward pass: a fixed part, and parts per scheduled
     sequence and per scheduled token (agg: the batch's aggregates, as stage_time_nb takes them).
-    The engine runs it in series with the GPU, as vLLM's scheduler loop does without async scheduling."""
+    cpu_in_series_nb says how much of it the iteration waits for."""
     return p[FRAMEWORK_OVERHEAD_S] + p[CPU_PER_SEQ_S] * (agg[0] + agg[2]) + p[CPU_PER_TOKEN_S] * (agg[0] + agg[3])
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def cpu_in_series_nb(p, cpu, gpu):
+    """The part of an iteration's CPU time `cpu` that its GPU time `gpu` does not hide. vLLM's
+    scheduler loop runs them in series; with async scheduling (and SGLang's overlap scheduler) the
+    CPU prepares an iteration while the GPU runs the one before, so iterations take max(cpu, gpu)
+    (this iteration's GPU time standing in for the previous one's, which a steady batch matches)."""
+    if p[CPU_OVERLAP] != 0.0:
+        return max(cpu - gpu, 0.0)
+    return cpu
 
 
 @njit(cache=True, error_model="numpy", inline="always")

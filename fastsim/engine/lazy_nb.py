@@ -43,7 +43,7 @@ from fastsim.engine import prefix_nb as px
 from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb, chunk_nb,
                                      div_pow2_nb, final_blocks_nb, itl_add_nb, itl_bin_low_nb, itl_bin_nb,
                                      mod_pow2_nb, reserved_blocks_nb, sort_by_key_nb, timeline_row_nb)
-from fastsim.engine.cost_nb import (decode_cpu_overhead_nb, LAYERS, SPEC_DRAFT_ATTN, SPEC_EXPECTED, SPEC_TOKENS,
+from fastsim.engine.cost_nb import (CPU_OVERLAP, decode_cpu_overhead_nb, LAYERS, SPEC_DRAFT_ATTN, SPEC_EXPECTED, SPEC_TOKENS,
                                     cache_attention_coefs_nb, cache_attention_nb, decode_only_nb,
                                     spec_decode_attention_nb)
 
@@ -834,6 +834,33 @@ def power_sums_nb(m):
             h * (2.0 * f + 1.0) * (3.0 * f * f + 3.0 * f - 1.0) * (1.0 / 15.0))
 
 
+@njit(cache=True, error_model="numpy")
+def _gaps(p, cpu, gpu0, a1, a2, kmax):
+    """(kmax, b0, t1, t2): the gaps b0 + t1 u + t2 u^2 between a run's iterations, whose GPU time is
+    gpu0 + a1 u + a2 u^2 and CPU time `cpu`, and how many of its kmax iterations share that form.
+    In series they add. Overlapped (cpu_in_series_nb) an iteration takes the longer: the GPU's
+    where it is longer from the start (it only grows), else the CPU's until the GPU's passes it,
+    where the run ends for the next to start over (a run that is not growing steps one by one)."""
+    if p[CPU_OVERLAP] == 0.0:
+        return kmax, cpu + gpu0, a1, a2
+    N = kmax - 1
+    if a1 < 0.0 or a1 + 2.0 * a2 * N < 0.0:
+        return 1, max(cpu, gpu0), 0.0, 0.0
+    if cpu <= gpu0:
+        return kmax, gpu0, a1, a2
+    if gpu0 + a1 * N + a2 * N * N < cpu:
+        return kmax, cpu, 0.0, 0.0
+    # the last u whose GPU time is under the CPU's: near the quadratic's root, then exactly
+    d = gpu0 - cpu
+    x = (-a1 + np.sqrt(a1 * a1 - 4.0 * a2 * d)) / (2.0 * a2) if a2 > 0.0 else -d / a1
+    m = min(N, max(0, int(np.ceil(x)) - 1))
+    while m > 0 and gpu0 + a1 * m + a2 * m * m >= cpu:
+        m -= 1
+    while m < N and gpu0 + a1 * (m + 1) + a2 * (m + 1) * (m + 1) < cpu:
+        m += 1
+    return m + 1, cpu, 0.0, 0.0
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def _elapsed(b0, a1, a2, j):
     """Sum of the first j gaps b0 + a1 u + a2 u^2 (u = 0..j-1)."""
@@ -1067,10 +1094,12 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             N //= 2
         kmax = N + 1
         dense, comm = decode_only_nb(p, tok_table, seq_table, tok_off, seq_off, n)
-        b0 = decode_cpu_overhead_nb(p, n) + dense + g0  # gap of the first iteration; later ones add a1 u + a2 u^2
-        k = _last_run(t, b0, a1, a2, kmax, total, t_arrival, max_time_s)
+        # The gaps between iterations: b0 + t1 u + t2 u^2 (u = 0..kmax-1), the GPU's time growing
+        # with the context as g0 + a1 u + a2 u^2 does.
+        kmax, b0, t1, t2 = _gaps(p, decode_cpu_overhead_nb(p, n), dense + g0, a1, a2, kmax)
+        k = _last_run(t, b0, t1, t2, kmax, total, t_arrival, max_time_s)
         stop = k < kmax
-        if k == next_fin and finish_by < np.inf and t + _elapsed(b0, a1, a2, k) >= finish_by:  # ties: arrival first
+        if k == next_fin and finish_by < np.inf and t + _elapsed(b0, t1, t2, k) >= finish_by:  # ties: arrival first
             k -= 1
             stop = True
         if record and k > timeline.shape[0] - tl_state[E.LS_ROWS]:
@@ -1079,15 +1108,15 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         if k == 0:
             break
         if record:
-            _timeline_rows(timeline, tl_state, r, t, b0, a1, a2, k, n, phase, D, bs, ri[E.RI_NUM_BLOCKS] - free_r,
+            _timeline_rows(timeline, tl_state, r, t, b0, t1, t2, k, n, phase, D, bs, ri[E.RI_NUM_BLOCKS] - free_r,
                            n_waiting[r], n_running[r])
         m = k - 1
         p0, p1, p2, p3, p4 = power_sums_nb(m)
-        s1 = b0 * p0 + a1 * p1 + a2 * p2
+        s1 = b0 * p0 + t1 * p1 + t2 * p2
         nm = cnt[r, C_NMEAS]
         if nm > 0:
-            s2 = b0 * b0 * p0 + 2.0 * b0 * a1 * p1 + (a1 * a1 + 2.0 * b0 * a2) * p2 + 2.0 * a1 * a2 * p3 + a2 * a2 * p4
-            _bin_run(itl_acc, b0, a1, a2, k, nm)
+            s2 = b0 * b0 * p0 + 2.0 * b0 * t1 * p1 + (t1 * t1 + 2.0 * b0 * t2) * p2 + 2.0 * t1 * t2 * p3 + t2 * t2 * p4
+            _bin_run(itl_acc, b0, t1, t2, k, nm)
             itl[0] += nm * k
             itl[1] += nm * s1
             itl[2] += nm * s2
@@ -1101,7 +1130,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
         D += k
         cnt[r, C_D] = D
-        _stk_push(lz, r, D, max(b0, b0 + a1 * m + a2 * m * m), slots, bs)
+        _stk_push(lz, r, D, max(b0, b0 + t1 * m + t2 * m * m), slots, bs)
         t = t + s1
         total += k
         if stop:
