@@ -92,6 +92,9 @@ def run_cmd(
 
         def report(stage: str, done: int = 0, total: int = 0) -> None:
             if stage not in tasks:
+                for earlier in tasks.values():  # done: its elapsed time stops
+                    bar.update(earlier, total=1, completed=1)
+                    bar.stop_task(earlier)
                 tasks[stage] = bar.add_task(stage, total=total or None)
             bar.update(tasks[stage], completed=done, total=total or None)
 
@@ -111,6 +114,26 @@ def run_cmd(
         err_console.print(f"[bold yellow]warning:[/] simulation.max_wall_time_s ran out ({', '.join(stopped)}): "
                           "requests not done are marked unfinished", highlight=False)
     console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+@app.command("warmup")
+def warmup_cmd() -> None:
+    """Compile the simulation kernels now (a few minutes, once per fastsim version), so that the
+    first `fastsim run` starts at once; removes the compiled kernels of earlier versions."""
+    import os
+
+    from fastsim.engine import kernels_compiled, prune_stale_caches
+    from fastsim.simulation import COMPILING, warm_up
+
+    was = kernels_compiled()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
+                  transient=True) as bar:
+        bar.add_task("loading simulation kernels" if was else COMPILING, total=None)
+        seconds = warm_up()
+    removed = prune_stale_caches()
+    freed = f"; removed {len(removed)} cache(s) of earlier versions" if removed else ""
+    console.print(f"simulation kernels {'were already' if was else 'are now'} compiled ({seconds:.1f} s){freed}")
+    console.print(f"cache: {os.environ['NUMBA_CACHE_DIR']}", highlight=False, soft_wrap=True)
 
 
 def _warn_uncalibrated(cfg) -> None:

@@ -10,11 +10,11 @@ from fastsim.errors import FastsimError
 
 
 def warm_up() -> None:
-    """Load (or compile, once) the simulation kernel: a few requests of the default scenario."""
-    from fastsim.config import load_config
-    from fastsim.simulation import simulate
+    """Load (or compile, once) the simulation kernel (a worker's initializer: importable from here
+    without importing the engine first)."""
+    from fastsim.simulation import warm_up as load_kernels
 
-    simulate(load_config(None, ["workload.num_requests=20"]))
+    load_kernels()
 
 
 def run_tasks(fn: Callable, tasks: list[tuple], executor: str = "local", jobs: int = 1,

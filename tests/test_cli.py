@@ -29,3 +29,28 @@ def test_user_error_is_one_line_and_nonzero(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastsim.cli", "calibrate", "x.csv", "--gpu", "H1OO"],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "closest" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_run_says_it_compiles_when_the_cache_lacks_the_kernels(monkeypatch):
+    """A cold cache: the first stage reported is the compile, and the kernels are warmed before the
+    workload; a warm cache: no such stage."""
+    import fastsim.simulation as sim
+
+    stages, warmed = [], []
+    monkeypatch.setattr(sim, "warm_up", lambda: warmed.append(True))
+    for compiled in (False, True):
+        stages.clear()
+        monkeypatch.setattr(sim, "kernels_compiled", lambda: compiled)
+        sim.simulate(None, ["workload.num_requests=5"], progress=lambda stage, done=0, total=0: stages.append(stage))
+        assert (stages[0] == sim.COMPILING) is (not compiled)
+        assert "generating workload" in stages
+    assert warmed == [True]
+
+
+def test_warmup_command_reports_the_kernels_ready():
+    r = runner.invoke(app, ["warmup"])
+    assert r.exit_code == 0, r.output
+    assert "simulation kernels" in r.output and " compiled (" in r.output
+    from fastsim.engine import kernels_compiled
+
+    assert kernels_compiled()

@@ -1,6 +1,7 @@
 """Numba kernels. The only package that imports numba; everything here takes arrays and scalars."""
 import hashlib
 import os
+import shutil
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +27,26 @@ if "numba" in sys.modules:  # imported first by the caller: its configuration is
     from numba.core import config as _config
 
     _config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+
+
+
+def kernels_compiled() -> bool:
+    """Whether the cache holds this version's compiled engine (a run then loads it in a second or two
+    instead of compiling for minutes)."""
+    return any(Path(os.environ["NUMBA_CACHE_DIR"]).glob("*/cluster_nb.run_cluster_nb-*.nbc"))
+
+
+def prune_stale_caches() -> list[Path]:
+    """Remove the compiled kernels of other versions of the engine from fastsim's cache folder
+    (each is ~10-30 MB; nothing uses them once the sources change). Returns what was removed."""
+    mine = compile_cache_dir()
+    if Path(os.environ["NUMBA_CACHE_DIR"]) != mine:  # the user's own folder: not ours to prune
+        return []
+    stale = [d for d in mine.parent.iterdir() if d.is_dir() and d != mine] if mine.parent.is_dir() else []
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return stale
+
 
 from fastsim.engine import indexing  # noqa: E402  (after the cache folder is set)
 
