@@ -410,6 +410,12 @@ class Engine(_Strict):
         "sliding-window model (max_model_len is then capped at the window, as vLLM does). Default: the "
         "framework's (vLLM, SGLang: the window is used; TensorRT-LLM: engines attend over the whole cache "
         "unless built with a max attention window)")
+    num_scheduler_steps: int = Field(
+        default=1, ge=1, le=64, description="vLLM V0's --num-scheduler-steps (0.5.4-0.9; scheduler: v0): a batch "
+        "of decodes runs this many steps per scheduling, with no CPU time between them and no request admitted "
+        "until they end (a prefill step is one step). vLLM's own runs showed 1.3-2x throughput at 8-10; V1 "
+        "dropped it for async scheduling. A request that finishes within the steps leaves at once (vLLM "
+        "keeps its slot to the end)")
     async_scheduling: bool = Field(
         default=False, description="vLLM's --async-scheduling (SGLang: its overlap scheduler): the CPU "
         "schedules and prepares an iteration while the GPU runs the one before, so an iteration takes "
@@ -467,6 +473,11 @@ class Engine(_Strict):
         if self.speculative_config is not None and self.pipeline_parallel_size > 1:
             raise ValueError("speculative_config is modelled with pipeline_parallel_size 1 (as vLLM supports it); "
                              "drop one of them")
+        if self.num_scheduler_steps > 1 and (self.scheduler != "v0" or self.pipeline_parallel_size > 1
+                                             or self.speculative_config is not None):
+            raise ValueError(f"num_scheduler_steps = {self.num_scheduler_steps} is vLLM V0's multi-step scheduling, "
+                             "modelled at pipeline_parallel_size 1 without speculative decoding; set scheduler: v0 "
+                             "(V1's successor is async_scheduling) or drop it")
         if self.async_scheduling and (self.scheduler == "v0" or self.pipeline_parallel_size > 1
                                       or self.framework == "trtllm"):
             raise ValueError("async_scheduling is modelled for vLLM's V1 scheduler (and SGLang's overlap "

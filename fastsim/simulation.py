@@ -259,6 +259,7 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
         ints[E.RI_CHUNKED] = eng.enable_chunked_prefill
         ints[E.RI_THRESHOLD] = eng.long_prefill_token_threshold
         ints[E.RI_V0] = eng.scheduler == "v0"
+        ints[E.RI_SCHED_STEPS] = eng.num_scheduler_steps
         ints[E.RI_STAGES] = eng.pipeline_parallel_size
         ints[E.RI_WINDOW] = (model.sliding_window or 0) if serving.uses_sliding_window else 0
         ints[E.RI_TOK_OFF] = tok_off

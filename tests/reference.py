@@ -211,7 +211,8 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                        block_size, num_blocks, chunked_prefill=True, long_prefill_token_threshold=0,
                        v0=False, overhead_s=0.0, per_seq_s=0.0, per_token_s=0.0, max_time_s=float("inf"),
                        content=None, turns=None,
-                       sglang=False, lpm=False, no_evict=False, kv0=None, stats=None, async_scheduling=False):
+                       sglang=False, lpm=False, no_evict=False, kv0=None, stats=None, async_scheduling=False,
+                       num_scheduler_steps=1):
     """Per-request results (list of Req, by id) and the list of (start, used_blocks) per iteration.
     `content(request, block)`: with it, prefix caching is on, blocks named by that content.
 
@@ -245,6 +246,7 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
     now = 0.0
     history = []
     watermark = int(0.01 * num_blocks) if v0 else 0
+    steps_left = 0  # V0 multi-step: steps the decode batch still runs without the scheduler
     cache = PrefixCache(num_blocks, block_size, content) if content else None
     ratio = 0.7  # SGLang's new_token_ratio
 
@@ -308,12 +310,13 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                 i += 1
 
         reserve = 0.0
+        multi = v0 and steps_left > 0 and bool(running)
         if sglang:
             schedule_running(0, prefill_only=True)
             reserve = ratio * sum(min(r.output - r.generated, 4096) for r in running)
         elif not v0:
             schedule_running(long_prefill_token_threshold)
-        if v0 or sglang or not preempted:
+        if (v0 or sglang or not preempted) and not multi:
             while waiting and budget > 0 and len(running) < max_num_seqs:
                 pick = 0
                 if lpm and cache and len(waiting) <= 128:  # longest cached prefix first, the first of equals
@@ -357,6 +360,8 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                 if cache:
                     cache.hash_full(r)
                 budget -= new
+        if v0:  # a prefill step is one step; a decode batch runs num_scheduler_steps without scheduling
+            steps_left = steps_left - 1 if multi else (num_scheduler_steps - 1 if not scheduled else 0)
         if (v0 or sglang) and not scheduled:
             schedule_running(0)  # no prefill admitted, so every running request decodes
             if sglang and scheduled:
@@ -374,6 +379,8 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                                     np.array([c for _, c in pre], dtype=np.int64)).total_s
         # CPU time before the pass: fixed, per scheduled sequence, per scheduled token
         cpu_s = overhead_s + per_seq_s * len(scheduled) + per_token_s * sum(new for _, new, _ in scheduled)
+        if multi:  # the GPU advances a multi-step batch's inputs itself
+            cpu_s = 0.0
         # async scheduling prepares this iteration while the GPU runs the one before: the longer counts
         end = now + (max(t, cpu_s) if async_scheduling else t + cpu_s)
         if end > max_time_s:

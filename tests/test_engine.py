@@ -26,7 +26,7 @@ CPU_TERMS = st.sampled_from([(0.0, 0.0, False), (0.0, 0.0, False), (40e-6, 0.0, 
 
 
 def replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked, threshold, v0,
-                   overhead_s, stages=1, spec=None, cpu=(0.0, 0.0, False)):
+                   overhead_s, stages=1, spec=None, cpu=(0.0, 0.0, False), steps=1):
     """One replica's rows for run_cluster_nb, as fastsim.simulation builds them (spec: a
     SpeculativeConfig; cpu: CPU seconds per scheduled sequence and per scheduled token, and whether
     they overlap the GPU's, which the config allows with V1 at one stage)."""
@@ -34,8 +34,9 @@ def replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blo
     params[nb.CPU_OVERLAP] = overlaps(cpu, v0, stages)
     ints = np.zeros(E.N_RI, np.int64)
     ints[[E.RI_MAX_SEQS, E.RI_MAX_TOKENS, E.RI_BLOCK_SIZE, E.RI_NUM_BLOCKS, E.RI_CHUNKED, E.RI_THRESHOLD, E.RI_V0,
-          E.RI_STAGES, E.RI_WINDOW]] = [max_num_seqs, max_num_batched_tokens, block_size, num_blocks, chunked,
-                                        threshold, v0, stages, cm.model.sliding_window or 0]
+          E.RI_STAGES, E.RI_WINDOW, E.RI_SCHED_STEPS]] = [max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
+                                                         chunked, threshold, v0, stages, cm.model.sliding_window or 0,
+                                                         steps]
     return ints, params, tok, seq
 
 
@@ -48,9 +49,9 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
         timeline=True, cm=CM, rejected=None, replicas=1, stages=1, policy=E.ROUTE_ROUND_ROBIN, session=None,
         fast_decode=True, prefix_caching=False, block_ids=None, turns=None, content=None,
         route_params=(0.5, 32, 1.0001, 1.0), sglang=False, lpm=False, fast=False, no_evict=False, kv0=None, spec=None,
-        cpu=(0.0, 0.0, False)):
+        cpu=(0.0, 0.0, False), steps=1):
     ints, params, tok, seq = replica_arrays(cm, max_num_seqs, max_num_batched_tokens, block_size, num_blocks,
-                                            chunked, threshold, v0, overhead_s, stages, spec, cpu)
+                                            chunked, threshold, v0, overhead_s, stages, spec, cpu, steps)
     arrivals = np.asarray(arrivals, dtype=np.float64)
     n = arrivals.size
     rejected = np.zeros(n, np.bool_) if rejected is None else np.asarray(rejected)
@@ -166,7 +167,7 @@ engines = st.fixed_dictionaries({
     "max_num_seqs": st.integers(1, 16), "max_num_batched_tokens": st.integers(64, 600),
     "block_size": st.sampled_from([1, 4, 16]), "num_blocks": st.integers(25, 200),
     "chunked": st.booleans(), "threshold": st.sampled_from([0, 0, 48]), "v0": st.booleans(),
-    "no_evict": st.sampled_from([False, False, True])})
+    "no_evict": st.sampled_from([False, False, True]), "steps": st.sampled_from([1, 1, 4])})
 
 
 def _fits(prompts, outputs, e):
@@ -200,13 +201,13 @@ def test_kernel_matches_reference_scheduler(wl, e, preload, cpu):
     r = run(arrivals, prompts, outputs, max_num_seqs=e["max_num_seqs"],
             max_num_batched_tokens=e["max_num_batched_tokens"], block_size=e["block_size"],
             num_blocks=e["num_blocks"], chunked=e["chunked"], threshold=e["threshold"], v0=e["v0"],
-            no_evict=e["no_evict"], kv0=kv0, cpu=cpu)
+            no_evict=e["no_evict"], kv0=kv0, cpu=cpu, steps=e["steps"])
     reqs, history = ref.simulate_reference(
         CM, arrivals, prompts, outputs, max_num_seqs=e["max_num_seqs"],
         max_num_batched_tokens=e["max_num_batched_tokens"], block_size=e["block_size"],
         num_blocks=e["num_blocks"], chunked_prefill=e["chunked"], long_prefill_token_threshold=e["threshold"],
         v0=e["v0"], overhead_s=OVERHEAD, per_seq_s=cpu[0], per_token_s=cpu[1], no_evict=e["no_evict"], kv0=kv0,
-        async_scheduling=overlaps(cpu, e["v0"]))
+        async_scheduling=overlaps(cpu, e["v0"]), num_scheduler_steps=e["steps"] if e["v0"] else 1)
     for i, q in enumerate(reqs):
         assert r["preempts"][i] == q.preemptions
         assert r["generated"][i] == q.generated
@@ -261,7 +262,8 @@ def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang
               block_size=e["block_size"], num_blocks=e["num_blocks"] * 4, chunked=e["chunked"],
               threshold=e["threshold"], v0=e["v0"] and not sglang, timeline=timeline, replicas=replicas,
               policy=policy, max_time_s=2.0 if window else np.inf, no_evict=e["no_evict"] and not sglang,
-              sglang=sglang, prefix_caching=caching, cm=windowed(sliding) if sliding else CM, stages=stages, cpu=cpu)
+              sglang=sglang, prefix_caching=caching, cm=windowed(sliding) if sliding else CM, stages=stages, cpu=cpu,
+              steps=e["steps"] if stages == 1 else 1)
     if caching:
         n = len(prompts)
         kw["v0"] = kw["no_evict"] = False

@@ -214,7 +214,7 @@ def test_fast_mode_gives_exact_modes_results(wl, e, replicas, caching, max_time,
               threshold=e["threshold"], v0=e["v0"] and not caching, timeline=timeline, replicas=replicas,
               policy=policy, max_time_s=max_time, prefix_caching=caching, turns=(nxt, think_s),
               no_evict=e["no_evict"] and not caching, spec=SPECS[spec], cm=windowed(sliding) if sliding else CM,
-              cpu=cpu)
+              cpu=cpu, steps=e["steps"])
     kw["kv0"] = preloaded(arrivals, outputs, not caching and n % 2 == 0)
     if caching:
         seq = list(range(n))

@@ -333,8 +333,9 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                 np.empty((max_stages, max_bs), np.int64), np.empty(max_seqs, np.int64), np.empty(max_seqs, np.int64)))
     reqs = (arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,
             preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo, gen0)
+    # steps_left: vLLM V0 multi-step, the steps a replica's decode batch still runs without scheduling
     reps = (n_running, free, q_head, q_tail, n_waiting, outstanding, stage_free, fl_end, fl_id, fl_head,
-            fl_count, batch_seq, nt_ratio, hit_bufs, session_replica, tree)
+            fl_count, batch_seq, nt_ratio, hit_bufs, session_replica, tree, np.zeros(n_rep, np.int64))
     counts = (rep_iters, rep_peak, rep_preempts, rep_requests, rep_stretched, rep_time)
     routing = (policy, route_params, dest, next_same, own_next)
     # Flags and integer settings go in an array: in a tuple Numba types some as literals and
@@ -402,7 +403,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
     (arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,
      preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo, gen0) = reqs
     (n_running, free, q_head, q_tail, n_waiting, outstanding, stage_free, fl_end, fl_id, fl_head,
-     fl_count, batch_seq, nt_ratio, hit_bufs, session_replica, tree) = reps
+     fl_count, batch_seq, nt_ratio, hit_bufs, session_replica, tree, steps_left) = reps
     rep_iters, rep_peak, rep_preempts, rep_requests, rep_stretched, rep_time = counts
     policy, route_params, dest, next_same, own_next = routing
     record_timeline, fast_decode = limits[0] != 0, limits[1] != 0
@@ -592,6 +593,9 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             if not handled:  # the order of admission matters: exact mode decides
                 lz_nb.to_exact_nb(lz, r, slots, n_running, block_size, scratch, apc, ri[E.RI_APC] != 0)
                 lz[0][r, lz_nb.C_EXITS] += 1
+        # vLLM V0 multi-step: a decode batch's later steps run without the scheduler, so nothing is
+        # admitted and no CPU time is spent between them (the GPU advances the inputs itself).
+        multi = v0 and steps_left[r] > 0 and n_running[r] > 0
         if not handled and fl_count[r] < stages:
             budget = ri[E.RI_MAX_TOKENS]
             sg = ri[E.RI_SGLANG] != 0
@@ -606,7 +610,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 for k in range(n_running[r]):
                     reserve += min(s_output[r, k] - (s_tokens[r, k] - s_prompt[r, k]), E.SGL_CLIP_MAX_NEW_TOKENS)
                 reserve *= nt_ratio[r]
-            if v0 or sg or step_preempts == 0:
+            if (v0 or sg or step_preempts == 0) and not multi:
                 watermark = int(0.01 * ri[E.RI_NUM_BLOCKS]) if v0 else 0
                 no_evict = ri[E.RI_NO_EVICT] != 0
                 reserved = reserved_blocks_nb(s_prompt[r], s_output[r], s_prompt[r], n_running[r], False,
@@ -675,6 +679,8 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                     agg = add_to_batch_nb(agg, new, done_tok, prompt[i], window)
                     n_sched += 1
                     budget -= new
+            if v0:  # a prefill step is one step; a decode batch runs num_scheduler_steps
+                steps_left[r] = steps_left[r] - 1 if multi else (ri[E.RI_SCHED_STEPS] - 1 if n_sched == 0 else 0)
             if (v0 or sg) and n_sched == 0:
                 # No prefill admitted: a step of every running request (each a decode).
                 more_preempts, n_sched, budget, agg = _schedule_running(
@@ -691,7 +697,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             tokens = n_dec + pre_tokens
             body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
             account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages)
-            cpu = cpu_in_series_nb(p, cpu_overhead_nb(p, agg), body + head)
+            cpu = 0.0 if multi else cpu_in_series_nb(p, cpu_overhead_nb(p, agg), body + head)
             t = pp.launch_nb(p, r, t_r, body, head, tokens, cpu, stages, stage_free, flight, max_stages)
             rep_iters[r] += 1
             used = ri[E.RI_NUM_BLOCKS] - free[r]

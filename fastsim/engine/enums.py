@@ -53,7 +53,8 @@ RI_APC = 11          # enable_prefix_caching
 RI_SGLANG = 12       # framework: sglang (prefill batches apart from decode batches, reserved decode room)
 RI_LPM = 13          # schedule_policy: lpm (SGLang: the waiting request with the longest cached prefix first)
 RI_NO_EVICT = 14     # TensorRT-LLM GUARANTEED_NO_EVICT: admit only if every admitted request can reach prompt + output
-N_RI = 15
+RI_SCHED_STEPS = 15  # vLLM V0's num_scheduler_steps: a decode batch runs this many steps per scheduling
+N_RI = 16
 
 # SGLang's admission reserve: each running request's remaining output (clipped) times a ratio that
 # starts at 0.7, decays to 0.1 over 600 decode steps and is reset by a retraction
