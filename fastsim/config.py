@@ -13,6 +13,26 @@ from fastsim.errors import FastsimError
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_no_for_numbers(cls, data: Any) -> Any:
+        """pydantic reads `true` as 1 where a number is expected: `num_requests: true` would run one
+        request. A yes/no value is refused wherever the field does not take one."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and not _takes_bool(field.annotation):
+                    raise ValueError(f"{key}: {str(value).lower()} is a yes/no value where this field takes "
+                                     "something else; give a number (or the field's kind of value)")
+        return data
+
+
+def _takes_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_takes_bool(a) for a in getattr(annotation, "__args__", ()) or ()
+               if not isinstance(a, (str, int, float)))  # (Literal's values are not types)
+
 
 # -- length distributions (tokens) ---------------------------------------------------------------
 # The longest context any catalog model has is 163,840 tokens; ten million leaves room for any real
@@ -782,12 +802,29 @@ def deep_merge(base, over):
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML whose mappings refuse a key given twice (PyYAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_config_file(path: str | Path | None) -> dict:
     """A config file's raw mapping (None: the built-in default scenario), not yet validated."""
     if path is None:
         return DEFAULT_CONFIG
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise FastsimError(f"config: {path} is not a text file (a YAML config is UTF-8 text); "
+                           "give the YAML file") from None
     except OSError as e:
         raise FastsimError(f"config: cannot read {str(path)!r} ({e.strerror})") from None
     except yaml.YAMLError as e:

@@ -4,6 +4,7 @@ import sys
 from typer.testing import CliRunner
 
 from fastsim.cli import app
+from fastsim.errors import FastsimError
 
 runner = CliRunner()
 
@@ -54,3 +55,18 @@ def test_warmup_command_reports_the_kernels_ready():
     from fastsim.engine import kernels_compiled
 
     assert kernels_compiled()
+
+
+def test_config_mistakes_yaml_hides_are_refused_in_one_line(tmp_path):
+    """A key given twice (YAML keeps the last), true where a number goes (pydantic reads 1), and a
+    binary file: each a one-line error naming it, exit 1, no traceback."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("engine:\n  max_num_seqs: 64\n  max_num_seqs: 128\n")
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(bytes(range(256)))
+    for args, want in ((["validate", str(dup)], "key 'max_num_seqs' is given twice"),
+                       (["validate", "--set", "workload.num_requests=true"], "num_requests: true is a yes/no value"),
+                       (["run", str(binary)], "is not a text file")):
+        r = runner.invoke(app, args)  # (the CLI's entry point prints a FastsimError as one line)
+        assert r.exit_code == 1 and isinstance(r.exception, FastsimError) and want in str(r.exception), (args, r)
+    assert runner.invoke(app, ["validate", "--set", "engine.enable_prefix_caching=true"]).exit_code == 0
