@@ -80,13 +80,14 @@ def run_cmd(
 ) -> None:
     """Simulate a deployment under a workload; write per-request results and summary.json."""
     from fastsim.config import load_config
-    from fastsim.output import write_result
+    from fastsim.output import check_output_dir, write_result
     from fastsim.simulation import simulate
 
     overrides = list(set_ or [])
     if fmt is not None:
         overrides.append(f"output.format={fmt}")
     cfg = load_config(config, overrides)
+    out = check_output_dir(out or cfg.output.dir)
     with Progress(*_progress_columns(), console=err_console, transient=True) as bar:
         tasks: dict[str, int] = {}
 
@@ -100,7 +101,7 @@ def run_cmd(
 
         result = simulate(cfg, progress=report)
         report("writing results")
-        written = write_result(result, out or Path(cfg.output.dir), cfg.output.format)
+        written = write_result(result, out, cfg.output.format)
     if not quiet:
         console.print(summary_table(result.summaries))
     stalled = {name: s["stalled_requests"] for name, s in result.summaries.items() if s.get("stalled_requests")}
@@ -195,6 +196,7 @@ def sweep_cmd(
     """Run many variations of a config in parallel; one summary row per point and engine in
     <out>/sweep.parquet. Re-running skips the points already done."""
     from fastsim.config import Sweep, build_config, deep_merge, parse_overrides, read_config_file
+    from fastsim.output import check_output_dir
     from fastsim.sweep import parse_cli_parameter, run_sweep, sweep_points
 
     if executor not in ("local", "ray"):
@@ -214,7 +216,7 @@ def sweep_cmd(
         raise FastsimError("sweep: nothing to vary; give --grid key=v1,v2 (or --zip) or a `sweep:` section "
                            "in the config")
     points = sweep_points(spec, raw)
-    out_dir = out or Path(cfg.output.dir)
+    out_dir = check_output_dir(out or cfg.output.dir)
     n_jobs = jobs or _default_jobs()
     # No refresh thread while worker processes are forked (Linux): the bar redraws on each update.
     with Progress(*_progress_columns(), console=err_console, transient=True, auto_refresh=False) as bar:
@@ -290,11 +292,12 @@ def capacity_cmd(
     """The highest request rate that meets every SLO, per engine (bisection on the rate, same seed)."""
     from fastsim.capacity import engine_configs, find_capacity, parse_slo
     from fastsim.config import build_config, deep_merge, parse_overrides, read_config_file
-    from fastsim.output import write_json_atomic
+    from fastsim.output import check_output_dir, write_json_atomic
 
     raw = deep_merge(read_config_file(config), parse_overrides(list(set_ or [])))
     cfg = build_config(raw)
     targets = [parse_slo(s) for s in (slo or [])]
+    out = check_output_dir(out or cfg.output.dir)
     results = []
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err_console, transient=True) as bar:
         for name, eng_raw in engine_configs(raw):
@@ -319,7 +322,7 @@ def capacity_cmd(
         if c.rate is None:
             lowest = min(c.probes, key=lambda p: p.rate)
             err_console.print(f"{c.engine}: misses the SLOs even at {lowest.rate:.3g} req/s ({lowest.why})")
-    path = (out or Path(cfg.output.dir)) / "capacity.json"
+    path = out / "capacity.json"
     write_json_atomic(path, {"slos": [str(s) for s in targets], "tolerance": tolerance, "engines": [
         {"engine": c.engine, "max_request_rate": c.rate, "summary_at_max_rate": c.at_rate,
          "probes": [{"request_rate": p.rate, "meets": p.meets, "why_not": p.why or None,
@@ -368,11 +371,13 @@ def search_cmd(
     within the SLOs, and the cost/latency Pareto frontier. Writes <out>/search.parquet."""
     from fastsim.capacity import parse_slo
     from fastsim.config import build_config, deep_merge, parse_overrides, read_config_file
+    from fastsim.output import check_output_dir
     from fastsim.search import SearchSpace, run_search
 
     raw = deep_merge(read_config_file(config), parse_overrides(list(set_ or [])))
     cfg = build_config(raw)
     targets = [parse_slo(s) for s in (slo or [])]
+    out_dir = check_output_dir(out or cfg.output.dir)
     space = SearchSpace(
         gpus=list(gpu or []), tensor_parallel_size=_int_list(tp, "--tp"), pipeline_parallel_size=_int_list(pp, "--pp"),
         max_num_seqs=_int_list(max_num_seqs, "--max-num-seqs") if max_num_seqs else [cfg.engine.max_num_seqs],
@@ -388,7 +393,7 @@ def search_cmd(
                        "do not fit)")
             bar.refresh()
 
-        res = run_search(raw, rate, targets, space, out or Path(cfg.output.dir), latency=latency,
+        res = run_search(raw, rate, targets, space, out_dir, latency=latency,
                          objective=objective, executor=executor, jobs=jobs or _default_jobs(), address=address, progress=report)
     lat = res.latency
     t = Table(title=f"Pareto frontier at {res.request_rate:g} req/s: " + ", ".join(str(s) for s in targets))

@@ -8,6 +8,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from fastsim.errors import FastsimError
+
 
 def _umask_mode() -> int:
     """0o666 less the process umask: the mode a plain open() would have given (mkstemp gives 0o600)."""
@@ -33,6 +35,23 @@ def _uninterruptible():
         signal.signal(signal.SIGINT, previous)
         if came:
             os.kill(os.getpid(), signal.SIGINT)  # now handled as it would have been
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """The output folder, refused before any work if results could not be written there: a file of
+    that name, a file where a parent folder would go, or a folder without write permission."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FastsimError(f"--out / output.dir: {path} is a file, not a folder; name a folder (new or existing)")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FastsimError(f"--out / output.dir: {path} cannot be made, as {probe} is a file; name another folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FastsimError(f"--out / output.dir: cannot write in {probe} (permission denied); name a folder "
+                           "you can write to")
+    return path
 
 
 def _tmp_path(path: Path) -> Path:

@@ -70,3 +70,17 @@ def test_config_mistakes_yaml_hides_are_refused_in_one_line(tmp_path):
         r = runner.invoke(app, args)  # (the CLI's entry point prints a FastsimError as one line)
         assert r.exit_code == 1 and isinstance(r.exception, FastsimError) and want in str(r.exception), (args, r)
     assert runner.invoke(app, ["validate", "--set", "engine.enable_prefix_caching=true"]).exit_code == 0
+
+
+def test_output_folder_problems_are_refused_before_any_work(tmp_path):
+    """--out naming a file, or a folder under a file: one line, exit 1, before the simulation (or the
+    sweep's or capacity search's runs); nothing written."""
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    for args in (["run", "--out", str(a_file)], ["run", "--out", str(a_file / "sub")],
+                 ["sweep", "--grid", "engine.max_num_seqs=8,16", "--out", str(a_file)],
+                 ["capacity", "--slo", "ttft_ms:p99=500", "--out", str(a_file)]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1 and isinstance(r.exception, FastsimError), (args, r)
+        assert "--out / output.dir" in str(r.exception) and str(a_file) in str(r.exception)
+    assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
