@@ -165,7 +165,15 @@ class Batch(_Strict):
     at_s: float = Field(default=0.0, ge=0)
 
 
-Arrival = Annotated[Union[Poisson, GammaArrivals, ConstantRate, Batch], Field(discriminator="process")]
+class ClosedLoop(_Strict):
+    """A fixed number of requests in flight, as `vllm bench serve --max-concurrency N` at its default
+    infinite rate: N requests at once, then each as soon as one of those in flight completes."""
+    process: Literal["closed_loop"]
+    max_concurrency: int = Field(ge=1, le=1 << 20, description="requests in flight at all times (vLLM's "
+                                 "--max-concurrency)")
+
+
+Arrival = Annotated[Union[Poisson, GammaArrivals, ConstantRate, Batch, ClosedLoop], Field(discriminator="process")]
 
 
 class Trace(_Strict):
@@ -250,6 +258,9 @@ class Client(_Strict):
 
     @model_validator(mode="after")
     def _lengths(self):
+        if isinstance(self.arrival, ClosedLoop) and (self.trace is not None or self.conversation is not None):
+            raise ValueError("arrival closed_loop sends each request when one in flight completes: drop "
+                             "trace / conversation, or give another arrival process")
         if self.trace is not None:
             if self.dataset is not None or self.prompt_tokens is not None or self.output_tokens is not None:
                 raise ValueError("a trace brings its own lengths: drop dataset/prompt_tokens/output_tokens")

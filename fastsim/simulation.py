@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from fastsim.catalog import GpuSpec, ModelSpec, load_gpu, load_model
 from fastsim.catalog.gpus import load_gpu_file
-from fastsim.config import Batch, Config, Engine, Pool, format_validation_error, load_config
+from fastsim.config import Batch, ClosedLoop, Config, Engine, Pool, format_validation_error, load_config
 from fastsim.cost import CostModel
 from fastsim.cost.profile import load_profile
 from fastsim.cost.serving import engine_serving
@@ -161,9 +161,11 @@ def plan_engines(cfg: Config):
     custom = load_gpu_file(cfg.hardware.gpus_file) if cfg.hardware.gpus_file else None
     gpu = _gpu(cfg, cfg.hardware.gpu, custom)
     plans = [(eng, _pools(cfg, eng, model, gpu, custom)) for eng in cfg.engine_variants()]
-    if cfg.cluster.disaggregation is not None and any(c.conversation for c in cfg.workload.clients):
-        raise FastsimError("cluster.disaggregation: multi-turn conversations are not modelled with it yet "
-                           "(a turn's arrival depends on the decode pool); drop workload.clients[].conversation")
+    if cfg.cluster.disaggregation is not None and any(c.conversation or isinstance(c.arrival, ClosedLoop)
+                                                      for c in cfg.workload.clients):
+        raise FastsimError("cluster.disaggregation: multi-turn conversations and closed loops are not modelled "
+                           "with it yet (an arrival then depends on the decode pool); drop "
+                           "workload.clients[].conversation or arrival closed_loop")
     for eng, pools in plans:
         if router_for(cfg, eng) == "prefix_aware" and not any(rp.engine.enable_prefix_caching for rp in pools):
             raise FastsimError(f"cluster.router = 'prefix_aware' routes by what replicas cache, but engine "
@@ -420,18 +422,19 @@ def simulate(config: Config | str | Path | None = None, overrides: list[str] | N
     for eng, pools in plans:
         budget = WallBudget(deadline)
         reason = rejections(workload, pools)
+        api_s = engine_serving(eng).api_server_latency_ms * 1e-3
+        online = online_mask(workload, cfg)
+        engine_view = answered_through_api_server(workload, online, api_s)
         stage = f"simulating {eng.name}"
         report = (lambda done, stage=stage, admitted=int((reason == 0).sum()): say(stage, done, admitted))
         if cfg.cluster.disaggregation is not None:
             from fastsim.disaggregation import run_disaggregated
 
-            out, extra = run_disaggregated(cfg, model, pools, workload, measured, reason, report, budget)
+            out, extra = run_disaggregated(cfg, model, pools, engine_view, measured, reason, report, budget)
         else:
-            out, extra = run_pools(cfg, model, pools, workload, measured, reason > 0, report,
+            out, extra = run_pools(cfg, model, pools, engine_view, measured, reason > 0, report,
                                    router=router_for(cfg, eng), budget=budget), {}
         wall = budget.kernel_s
-        api_s = engine_serving(eng).api_server_latency_ms * 1e-3
-        online = online_mask(workload, cfg)
         if api_s > 0:
             out = through_api_server(out, online, api_s)
         if extra:  # disaggregation's parts of each request's time, the API server's among them
@@ -460,6 +463,17 @@ def online_mask(workload: Workload, cfg: Config) -> np.ndarray:
     online = np.array([c.online if c.online is not None else not isinstance(c.arrival, Batch)
                        for c in cfg.workload.clients], dtype=bool)
     return online[workload.client]
+
+
+def answered_through_api_server(workload: Workload, online: np.ndarray, api_s: float) -> Workload:
+    """The workload as the engine sees it: an online client's next request (a conversation's next
+    turn, a closed loop's next request) leaves the client when it has its answer, api_s after the
+    engine finished the last (response path, then its own request path), so the engine sees it
+    think time + api_s after that finish."""
+    if api_s == 0 or not (workload.think_s >= 0).any():
+        return workload
+    return replace(workload, think_s=np.where(online & (workload.think_s >= 0), workload.think_s + api_s,
+                                              workload.think_s))
 
 
 def through_api_server(out: tuple, online: np.ndarray, api_s: float) -> tuple:

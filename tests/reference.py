@@ -241,6 +241,7 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
     next_turn, think = turns if turns else ([-1] * len(reqs), [-1.0] * len(reqs))
     order = lambda r: (r.arrival, think[r.id] >= 0, r.id)  # noqa: E731
     pending = sorted((r for r in reqs if think[r.id] < 0), key=order)
+    sent = {r.id for r in pending}  # a closed loop sends each of the rest when one of it finishes
     waiting, running = [], []
     free = num_blocks
     now = 0.0
@@ -398,8 +399,16 @@ def simulate_reference(cost_model, arrivals, prompts, outputs, *, max_num_seqs, 
                     r.finish = end
                     free += cache.release(r) if cache else r.blocks
                     r.blocks = 0
+                    child = None
                     if next_turn[r.id] >= 0:
                         child = reqs[next_turn[r.id]]
+                    elif next_turn[r.id] <= -2:  # a closed loop: its first request not yet sent
+                        k = -2 - next_turn[r.id]
+                        while k >= 0 and k in sent:
+                            k = -2 - next_turn[k] if next_turn[k] <= -2 else -1
+                        child = reqs[k] if k >= 0 else None
+                    if child is not None:
+                        sent.add(child.id)
                         child.arrival = end + think[child.id]
                         pending = sorted(pending + [child], key=order)
         running = [r for r in running if r.finish is None]

@@ -207,3 +207,37 @@ def test_sglang_runs_prefills_apart_from_decodes_by_hand():
     a_kv = 100 + iterations_before - 1
     assert v["first_tok"][1] == pytest.approx(t0 + OVERHEAD + fwd(dec=[a_kv], new=[500], ctx=[0]), rel=1e-9)
     assert g["first_tok"][1] == pytest.approx(t0 + OVERHEAD + fwd(new=[500], ctx=[0]), rel=1e-9)
+
+
+@given(lengths=st.lists(st.tuples(st.integers(1, 80), st.integers(1, 40)), min_size=1, max_size=24),
+       concurrency=st.integers(1, 6), max_seqs=st.integers(1, 6), budget=st.integers(80, 300),
+       fast=st.booleans())
+def test_closed_loops_match_reference(lengths, concurrency, max_seqs, budget, fast):
+    """A closed loop (`vllm bench serve --max-concurrency`): the first requests at once, then each
+    finish sends the first request not yet sent, whichever request finished (pointers -2 - row, as
+    fastsim.workload lays them out); in both modes, against the reference scheduler."""
+    n = len(lengths)
+    prompts, outputs = [p for p, _ in lengths], [o for _, o in lengths]
+    rows = np.arange(n)
+    ptr = np.where(rows < concurrency, concurrency, rows + 1)
+    next_turn = [int(-2 - q) if q < n else -1 for q in ptr]
+    think = [-1.0 if i < concurrency else 0.0 for i in range(n)]
+    arrivals = [0.0 if i < concurrency else np.nan for i in range(n)]
+    bs = 4
+    num_blocks = max(-(-(p + o) // bs) for p, o in lengths) + 8
+    r = run(arrivals, prompts, outputs, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
+            num_blocks=num_blocks, turns=(next_turn, think), timeline=False, fast=fast)
+    reqs, _ = ref.simulate_reference(
+        CM, arrivals, prompts, outputs, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
+        num_blocks=num_blocks, overhead_s=OVERHEAD, turns=(next_turn, think))
+    for i, q in enumerate(reqs):
+        for got, want in ((r["arrival"][i], q.arrival), (r["first_tok"][i], q.first_token),
+                          (r["finish"][i], q.finish)):
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-12), i
+    assert (r["status"] == E.FINISHED).all()
+    # never more than `concurrency` in flight; the rows are sent in their order
+    sent = np.asarray(r["arrival"])
+    assert (np.diff(sent) >= 0).all()
+    events = sorted([(f, 0) for f in r["finish"]] + [(a, 1) for a in sent])
+    level = np.cumsum([1 if kind else -1 for _, kind in events])
+    assert level.max() == min(concurrency, n)

@@ -180,6 +180,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     """
     n = arrival_s.size
     next_turn, think_s = conv
+    next_turn = next_turn.copy()  # (a closed loop's pointers move as its requests are sent)
     arrival = arrival_s.copy()
     has_turns = False
     for i in range(n):
@@ -835,7 +836,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
             freed += px.apc_finish_nb(apc, r, k, i, block_size) if on else s_blocks[k]
             s_blocks[k] = -1  # marks the slot for removal
             done += 1
-            if turns[0][i] >= 0:
+            if turns[0][i] != -1:  # (a next turn, or a closed loop to refill)
                 hp.next_turn_due_nb(turns, i, end)
     if n_ref > 0:
         itl_add_nb(itl_acc, end - ref_last, n_ref)
@@ -1135,7 +1136,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
                     max_itl[i] = max(s_max_itl[k], worst_gap)
                     s_blocks[k] = -1  # marks the slot for removal
                     done += 1
-                    if turns[0][i] >= 0:
+                    if turns[0][i] != -1:  # (a next turn, or a closed loop to refill)
                         due = hp.next_turn_due_nb(turns, i, end)
                         t_arrival = min(t_arrival, due)
                         finish_by = min(finish_by, due)

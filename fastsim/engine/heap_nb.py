@@ -122,12 +122,30 @@ def _key_take(h, h_n, row, k):
     _key_rise(h, row, k, key)
 
 
+@njit(cache=True, error_model="numpy")
+def _first_unsent_nb(next_turn, arrival, rejected, j):
+    """From row j along a closed loop's pointers (-2 - row), the first request not yet sent (its
+    arrival unknown, NaN) nor rejected; -1 if none. The rows passed are pointed at it, so later
+    walks start there (each row is passed about once)."""
+    start = j
+    while j >= 0 and (not np.isnan(arrival[j]) or rejected[j]):
+        j = -2 - next_turn[j] if next_turn[j] <= -2 else -1
+    k = start
+    while k >= 0 and k != j:
+        nxt = -2 - next_turn[k] if next_turn[k] <= -2 else -1
+        next_turn[k] = -2 - j if j >= 0 else -1
+        k = nxt
+    return j
+
+
 @njit(cache=True, error_model="numpy", inline="always")  # a call in the completion loops slows them
 def next_turn_due_nb(turns, i, end):
     """Request i finished at `end`: the next turn of its conversation arrives after its think time
     (never if it was rejected). Returns that arrival time (inf: none)."""
     next_turn, think_s, arrival, h_t, h_i, h_n, rejected = turns
     j = next_turn[i]
+    if j <= -2:  # a closed loop: its first request not yet sent, whichever of its requests finished
+        j = _first_unsent_nb(next_turn, arrival, rejected, -2 - j)
     if j < 0 or rejected[j]:
         return np.inf
     arrival[j] = end + think_s[j]

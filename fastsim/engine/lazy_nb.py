@@ -372,7 +372,7 @@ def _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns
         if not apc_on:
             freed += blocks
         done += 1
-        if turns[0][i] >= 0:
+        if turns[0][i] != -1:  # (a next turn, or a closed loop to refill)
             due = min(due, hp.next_turn_due_nb(turns, i, end))
     return done, freed, due
 
@@ -540,7 +540,7 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns,
                 freed += s_blocks[r, k]
             _release_slot(lz, r, k)
             done += 1
-            if turns[0][i] >= 0:
+            if turns[0][i] != -1:  # (a next turn, or a closed loop to refill)
                 hp.next_turn_due_nb(turns, i, end)
         elif 0 <= s_blocks[r, k] * bs - s_computed[r, k] < bs and _apc_joins(apc, apc_on, r, k):
             _join(lz, r, k, slots, bs)

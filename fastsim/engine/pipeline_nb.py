@@ -386,7 +386,7 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
                             s_blocks[k] = -1  # marks the slot for removal
                             done += 1
                             alive -= 1
-                            if turns[0][i] >= 0:
+                            if turns[0][i] != -1:  # (a next turn, or a closed loop to refill)
                                 t_arrival = min(t_arrival, hp.next_turn_due_nb(turns, i, end))
                         elif left > m:
                             next_fin = min(next_fin, left)

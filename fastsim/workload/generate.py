@@ -28,8 +28,10 @@ class Workload:
     block_offsets: np.ndarray = None
     block_ids: np.ndarray = None
     block_tokens: int = 0
-    # Conversations: session (-1: none), turn number (0-based), the next turn's row (-1: none),
-    # and for later turns the think time after the previous answer (-1.0 for first turns).
+    # Conversations: session (-1: none), turn number (0-based), the next turn's row (-1: none; a
+    # closed loop's -2 - row: the first of its requests from that row on still to send, whichever of
+    # its requests finishes), and for later turns the think time after the previous answer (-1.0
+    # for first turns).
     session: np.ndarray = None
     turn: np.ndarray = None
     next_turn: np.ndarray = None
@@ -199,6 +201,24 @@ def conversations(client: C.Client, count: int | None, duration_s: float | None,
             "next_turn": next_turn, "think_s": think, "seq_id": first[session]}
 
 
+def closed_loop(client: C.Client, count: int, rng: np.random.Generator, field: str) -> dict:
+    """max_concurrency requests at once, each followed by the next as soon as it completes: request
+    i is the first of slot i % C, or the next after request i - C (a turn with no think time and a
+    prompt of its own, which the engine's conversation machinery then times). Statistically the same
+    as vLLM's semaphore, which sends the next request to whichever slot frees first: the lengths
+    are independent draws either way, and C are in flight until the last C."""
+    c = client.arrival.max_concurrency
+    prompt, output = _lengths(client, count, rng, field)
+    rows = np.arange(count)
+    # The first c are sent at once; any request that finishes sends the first not yet sent, found
+    # from its pointer: the (c+1)-th for the first c, the next one for the rest.
+    ptr = np.where(rows < c, c, rows + 1)
+    nxt = np.where(ptr < count, -2 - ptr, -1)
+    return {"t": np.zeros(count), "prompt": prompt + client.system_prompt_tokens, "output": output,
+            "session": rows % c, "turn": rows // c, "next_turn": nxt,
+            "think_s": np.where(rows < c, -1.0, 0.0)}
+
+
 def generate_workload(wl: C.Workload, seed: int) -> Workload:
     counts = split_requests(wl.num_requests, wl.clients) if wl.num_requests else [c.num_requests for c in wl.clients]
     parts = []
@@ -216,6 +236,11 @@ def generate_workload(wl: C.Workload, seed: int) -> Workload:
         elif client.conversation is not None:
             parts.append(conversations(client, counts[i], None if counts[i] is not None else wl.duration_s,
                                        rng, field))
+        elif isinstance(client.arrival, C.ClosedLoop):
+            if counts[i] is None:
+                raise FastsimError(f"{field}.arrival: closed_loop sends a fixed number of requests; give "
+                                   "workload.num_requests (or the client's num_requests), not duration_s")
+            parts.append(closed_loop(client, counts[i], rng, field))
         else:
             t = arrivals(client.arrival, counts[i], None if counts[i] is not None else wl.duration_s, rng)
             prompt, output = _lengths(client, t.size, rng, field)
@@ -244,15 +269,19 @@ def _assemble(wl: C.Workload, parts: list[dict], blocks: dict) -> Workload:
 
     def column(name, fill, dtype, shift=None):
         """One column in arrival order; `shift` renumbers row references (-1 stays -1)."""
-        cols = []
+        cols, pooled = [], []
         for j, p in enumerate(parts):
             v = np.asarray(p[name] if name in p else np.full(sizes[j], fill), dtype)
-            if shift == "rows":
+            if shift == "rows":  # a row, or a closed loop's pointer -2 - row
+                pooled.append(v <= -2)
+                v = np.where(v <= -2, -2 - v, v)
                 v = np.where(v >= 0, v + base[j], -1)
             cols.append(v)
         out = np.concatenate(cols) if cols else np.zeros(0, dtype)
         if shift == "rows" and not in_order:
             out = np.where(out >= 0, rank[np.maximum(out, 0)], -1)
+        if shift == "rows":
+            out = np.where(np.concatenate(pooled), -2 - out, out) if pooled else out
         return out if in_order else out[order]
 
     # Sessions numbered across clients; a request without one is its own token sequence.
