@@ -70,6 +70,42 @@ def summary_table(summaries: dict[str, dict]) -> Table:
     return t
 
 
+QUICK = "Quick flags (vllm bench serve's names)"
+
+
+def quick_overrides(model, gpu, num_prompts, request_rate, max_concurrency, dataset, input_len, output_len) -> list[str]:
+    """The quick flags as --set overrides (values as JSON, which the YAML parser reads)."""
+    import json
+    import math
+
+    out = [f"model={model}"] if model else []
+    out += [f"hardware.gpu={gpu}"] if gpu else []
+    out += [f"workload.num_requests={num_prompts}"] if num_prompts else []
+    if all(v is None for v in (request_rate, max_concurrency, dataset, input_len, output_len)):
+        return out
+    if (input_len is None) != (output_len is None):
+        raise FastsimError("--input-len and --output-len: give both (fixed lengths) or neither (a dataset's)")
+    if dataset is not None and input_len is not None:
+        raise FastsimError("--dataset and --input-len/--output-len: give one source of lengths")
+    rate = math.inf if request_rate is None else request_rate
+    if max_concurrency is not None and math.isfinite(rate):
+        raise FastsimError("--max-concurrency with a finite --request-rate (arrivals held back by a limit in "
+                           "flight) is not modelled yet; drop one of them")
+    if max_concurrency is not None:
+        arrival = {"process": "closed_loop", "max_concurrency": max_concurrency}
+    elif math.isfinite(rate):
+        arrival = {"process": "poisson", "rate": rate}
+    else:
+        arrival = {"process": "batch"}
+    client = {"name": "bench", "arrival": arrival, "online": True}
+    if input_len is not None:
+        client |= {"prompt_tokens": {"dist": "constant", "value": input_len},
+                   "output_tokens": {"dist": "constant", "value": output_len}}
+    else:
+        client["dataset"] = {"name": dataset or "sharegpt_vllm"}
+    return out + [f"workload.clients={json.dumps([client])}"]
+
+
 @app.command("run")
 def run_cmd(
     config: Annotated[Optional[Path], typer.Argument(help="YAML config; none: the built-in default scenario")] = None,
@@ -77,13 +113,32 @@ def run_cmd(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key: engine.max_num_seqs=128")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="parquet | arrow | csv (default: output.format)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary table")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", help="model id (`fastsim models`)", rich_help_panel=QUICK)] = None,
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="GPU id (`fastsim gpus`)", rich_help_panel=QUICK)] = None,
+    num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", min=1, help="requests in all",
+                                                       rich_help_panel=QUICK)] = None,
+    request_rate: Annotated[Optional[float], typer.Option("--request-rate", help="Poisson requests/s; inf: all "
+                                                          "at once", rich_help_panel=QUICK)] = None,
+    max_concurrency: Annotated[Optional[int], typer.Option("--max-concurrency", min=1, help="requests in flight "
+                                                           "(a closed loop)", rich_help_panel=QUICK)] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="built-in dataset (sharegpt, sharegpt_vllm, ...)",
+                                                   rich_help_panel=QUICK)] = None,
+    input_len: Annotated[Optional[int], typer.Option("--input-len", min=1, help="every prompt this long",
+                                                     rich_help_panel=QUICK)] = None,
+    output_len: Annotated[Optional[int], typer.Option("--output-len", min=1, help="every answer this long",
+                                                      rich_help_panel=QUICK)] = None,
 ) -> None:
-    """Simulate a deployment under a workload; write per-request results and summary.json."""
+    """Simulate a deployment under a workload; write per-request results and summary.json.
+
+    The quick flags take `vllm bench serve`'s names: with any of --request-rate, --max-concurrency,
+    --dataset, --input-len or --output-len the workload is one client built from them (vLLM's
+    ShareGPT sample unless lengths are given; all at once unless a rate or a concurrency is)."""
     from fastsim.config import load_config
     from fastsim.output import check_output_dir, write_result
     from fastsim.simulation import simulate
 
-    overrides = list(set_ or [])
+    overrides = list(set_ or []) + quick_overrides(model, gpu, num_prompts, request_rate, max_concurrency, dataset,
+                                                   input_len, output_len)
     if fmt is not None:
         overrides.append(f"output.format={fmt}")
     cfg = load_config(config, overrides)

@@ -84,3 +84,27 @@ def test_output_folder_problems_are_refused_before_any_work(tmp_path):
         assert r.exit_code == 1 and isinstance(r.exception, FastsimError), (args, r)
         assert "--out / output.dir" in str(r.exception) and str(a_file) in str(r.exception)
     assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_quick_flags_build_a_vllm_bench_serve_workload(tmp_path):
+    """--max-concurrency: a closed loop of that many; --input-len/--output-len: fixed lengths at
+    --request-rate; --num-prompts; mistakes refused in one line."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "c"
+    r = runner.invoke(app, ["run", "-q", "--model", "meta-llama/Llama-3.1-8B", "--gpu", "H100-SXM",
+                            "--max-concurrency", "4", "--num-prompts", "30", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out / "requests.parquet").to_pandas()
+    assert len(t) == 30 and (t["arrival_s"] == 0).sum() == 4 and t["session"].nunique() == 4
+    out = tmp_path / "f"
+    r = runner.invoke(app, ["run", "-q", "--input-len", "100", "--output-len", "20", "--request-rate", "5",
+                            "--num-prompts", "25", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out / "requests.parquet").to_pandas()
+    assert len(t) == 25 and (t["prompt_tokens"] == 100).all() and (t["output_tokens"] == 20).all()
+    assert (t["arrival_s"].diff().dropna() > 0).all()  # Poisson arrivals, not all at once
+    for args, want in ((["--input-len", "100"], "give both"),
+                       (["--max-concurrency", "4", "--request-rate", "2"], "not modelled yet")):
+        r = runner.invoke(app, ["run", "-q", *args])
+        assert r.exit_code == 1 and isinstance(r.exception, FastsimError) and want in str(r.exception)
