@@ -175,7 +175,7 @@ def run_cmd(
 @app.command("warmup")
 def warmup_cmd() -> None:
     """Compile the simulation kernels now (a few minutes, once per fastsim version), so that the
-    first `fastsim run` starts at once; removes the compiled kernels of earlier versions."""
+    first `fastsim run` starts at once; removes the compiled kernels of other versions."""
     import os
 
     from fastsim.engine import kernels_compiled, prune_stale_caches
@@ -187,7 +187,7 @@ def warmup_cmd() -> None:
         bar.add_task("loading simulation kernels" if was else COMPILING, total=None)
         seconds = warm_up()
     removed = prune_stale_caches()
-    freed = f"; removed {len(removed)} cache(s) of earlier versions" if removed else ""
+    freed = f"; removed {len(removed)} cache(s) of other versions" if removed else ""
     console.print(f"simulation kernels {'were already' if was else 'are now'} compiled ({seconds:.1f} s){freed}")
     console.print(f"cache: {os.environ['NUMBA_CACHE_DIR']}", highlight=False, soft_wrap=True)
 

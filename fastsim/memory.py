@@ -132,6 +132,20 @@ def non_torch_bytes(gpu: GpuSpec, engine: Engine, tp: int) -> float:
     return NON_TORCH_BYTES
 
 
+def _kv_room(model: ModelSpec, gpu: GpuSpec, engine: Engine, tp: int) -> tuple:
+    """(total, budget, weights, activations, non-torch, KV bytes per token, bytes left for KV) on one
+    GPU at TP `tp`: vLLM's budget is gpu_memory_utilization x what CUDA reports; TensorRT-LLM's KV
+    cache is a fraction of what the model leaves."""
+    total = gpu.cuda_memory_bytes
+    weights, act, kv_tok = _per_gpu(model, engine, tp)
+    other = non_torch_bytes(gpu, engine, tp)
+    if engine.framework == "trtllm":
+        return total, total, weights, act, other, kv_tok, \
+            engine.kv_cache_free_gpu_mem_fraction * (total - weights - act - other)
+    budget = engine.gpu_memory_utilization * total
+    return total, budget, weights, act, other, kv_tok, budget - weights - act - other
+
+
 def memory_plan(model: ModelSpec, gpu: GpuSpec, engine: Engine, check_context: bool = True) -> MemoryPlan:
     """The KV-cache size vLLM would allocate, or a FastsimError saying why the deployment cannot work
     (with `check_context` False, also a cache that cannot hold one max_model_len request)."""
@@ -144,14 +158,7 @@ def memory_plan(model: ModelSpec, gpu: GpuSpec, engine: Engine, check_context: b
                            f"only {model.num_hidden_layers} layers to split; use at most that")
     model.check_expert_split(expert_parallel_size(model, engine))
     max_len = engine.max_model_len or model.max_position_embeddings
-    total = gpu.cuda_memory_bytes
-    budget = engine.gpu_memory_utilization * total
-    weights, act, kv_tok = _per_gpu(model, engine, tp)
-    other = non_torch_bytes(gpu, engine, tp)
-    free = budget - weights - act - other
-    if engine.framework == "trtllm":  # a fraction of what is left after loading the model
-        budget = total
-        free = engine.kv_cache_free_gpu_mem_fraction * (total - weights - act - other)
+    total, budget, weights, act, other, kv_tok, free = _kv_room(model, gpu, engine, tp)
     if free <= 0:
         split = tp * engine.pipeline_parallel_size
         raise FastsimError(
@@ -186,8 +193,7 @@ def smallest_tp_hint(model: ModelSpec, gpu: GpuSpec, engine: Engine, need_tokens
     for tp in range(engine.tensor_parallel_size + 1, model.num_attention_heads + 1):
         if model.num_attention_heads % tp:
             continue
-        weights, act, kv_tok = _per_gpu(model, engine, tp)
-        free = engine.gpu_memory_utilization * gpu.cuda_memory_bytes - weights - act - non_torch_bytes(gpu, engine, tp)
+        *_, kv_tok, free = _kv_room(model, gpu, engine, tp)
         if free >= need_tokens * kv_tok:
             return f"; tensor_parallel_size >= {tp} fits"
     return ""

@@ -42,6 +42,7 @@ def test_a_run_says_it_compiles_when_the_cache_lacks_the_kernels(monkeypatch):
     for compiled in (False, True):
         stages.clear()
         monkeypatch.setattr(sim, "kernels_compiled", lambda: compiled)
+        monkeypatch.setattr(sim, "_kernels_checked", False)  # (as in a fresh process)
         sim.simulate(None, ["workload.num_requests=5"], progress=lambda stage, done=0, total=0: stages.append(stage))
         assert (stages[0] == sim.COMPILING) is (not compiled)
         assert "generating workload" in stages

@@ -29,7 +29,6 @@ if "numba" in sys.modules:  # imported first by the caller: its configuration is
     _config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
 
-
 def kernels_compiled() -> bool:
     """Whether the cache holds this version's compiled engine (a run then loads it in a second or two
     instead of compiling for minutes)."""
@@ -37,8 +36,9 @@ def kernels_compiled() -> bool:
 
 
 def prune_stale_caches() -> list[Path]:
-    """Remove the compiled kernels of other versions of the engine from fastsim's cache folder
-    (each is ~10-30 MB; nothing uses them once the sources change). Returns what was removed."""
+    """Remove the compiled kernels of other versions of the engine's sources from fastsim's cache
+    folder (each ~10-30 MB; another checkout of another version recompiles its own). Returns what
+    was removed."""
     mine = compile_cache_dir()
     if Path(os.environ["NUMBA_CACHE_DIR"]) != mine:  # the user's own folder: not ours to prune
         return []

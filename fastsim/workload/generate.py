@@ -202,11 +202,12 @@ def conversations(client: C.Client, count: int | None, duration_s: float | None,
 
 
 def closed_loop(client: C.Client, count: int, rng: np.random.Generator, field: str) -> dict:
-    """max_concurrency requests at once, each followed by the next as soon as it completes: request
-    i is the first of slot i % C, or the next after request i - C (a turn with no think time and a
-    prompt of its own, which the engine's conversation machinery then times). Statistically the same
-    as vLLM's semaphore, which sends the next request to whichever slot frees first: the lengths
-    are independent draws either way, and C are in flight until the last C."""
+    """max_concurrency (C) requests at once; whenever one finishes, the first not yet sent goes,
+    as vLLM's semaphore sends it: C in flight until the last is sent. The later ones are turns with
+    no think time and a prompt of their own, which the engine's turn machinery times; each points
+    (-2 - row) at where to look for the first unsent one (heap_nb.next_turn_due_nb). `session` and
+    `turn` number them by the order they are sent in (i % C, i // C), not by the slot that sends
+    them, which only the run decides."""
     c = client.arrival.max_concurrency
     prompt, output = _lengths(client, count, rng, field)
     rows = np.arange(count)
