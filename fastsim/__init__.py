@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 
 
 def simulate(config=None, overrides=None):
-    """Run a config (a fastsim.config.Config, a YAML path, or None for the built-in default);
+    """Run a config (a fastsim.config.Config, a YAML path, a dict of the YAML's sections, or None
+    for the built-in default);
     returns a Result with .requests (pyarrow.Table), .summary (dict) and .to_pandas()."""
     from fastsim.simulation import simulate as _simulate
 

@@ -142,16 +142,38 @@ class Dataset(_Strict):
 
 
 # -- arrivals ----------------------------------------------------------------------------------
-class Poisson(_Strict):
-    process: Literal["poisson"]
+class _RandomArrivals(_Strict):
     rate: float = Field(gt=0, description="requests per second")
+    schedule: Literal["fastsim", "vllm_bench", "vllm_bench_legacy"] = Field(
+        default="fastsim", description="fastsim: gaps drawn from the run's seed; vllm_bench: the very send "
+        "times `vllm bench serve --request-rate R --seed S` uses (NumPy's global generator seeded with S, "
+        "the gaps rescaled so the last request leaves at num_prompts / R, as vLLM does since July 2025, PR "
+        "21108); vllm_bench_legacy: benchmark_serving.py before that (the first request at 0, no rescaling). "
+        "Compare a simulation with one benchmark run without the run-to-run spread of random arrivals")
+    seed: int | None = Field(default=None, ge=0, description="vllm_bench schedules: vLLM's --seed (default: "
+                             "simulation.seed; vllm bench serve's own default is 0)")
 
 
-class GammaArrivals(_Strict):
+class Poisson(_RandomArrivals):
+    process: Literal["poisson"]
+
+
+class GammaArrivals(_RandomArrivals):
     """Gamma inter-arrival times: cv > 1 is burstier than Poisson (cv = 1), cv < 1 smoother."""
     process: Literal["gamma"]
-    rate: float = Field(gt=0, description="requests per second")
-    cv: float = Field(gt=0, description="coefficient of variation of inter-arrival times")
+    cv: float | None = Field(default=None, gt=0, description="coefficient of variation of inter-arrival times")
+    burstiness: float | None = Field(default=None, gt=0, description="vllm bench serve's --burstiness, the "
+                                     "gamma shape: cv = 1 / sqrt(burstiness); give this or cv")
+
+    @model_validator(mode="after")
+    def _one_shape(self):
+        if (self.cv is None) == (self.burstiness is None):
+            raise ValueError("give exactly one of 'cv' or 'burstiness' (vLLM's --burstiness = 1 / cv^2)")
+        return self
+
+    @property
+    def shape(self) -> float:
+        return self.burstiness if self.burstiness is not None else 1.0 / self.cv**2
 
 
 class ConstantRate(_Strict):
@@ -827,10 +849,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_config_file(path: str | Path | None) -> dict:
-    """A config file's raw mapping (None: the built-in default scenario), not yet validated."""
+def read_config_file(path: str | Path | dict | None) -> dict:
+    """A config file's raw mapping (None: the built-in default scenario; a dict: itself, as a
+    notebook user writes one), not yet validated."""
     if path is None:
         return DEFAULT_CONFIG
+    if isinstance(path, dict):
+        return path
     try:
         raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError:
@@ -858,6 +883,7 @@ def build_config(raw: dict) -> Config:
         raise FastsimError(format_validation_error(e)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read and validate a config file (None: the built-in default scenario), then apply overrides."""
+def load_config(path: str | Path | dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Read and validate a config file (None: the built-in default scenario; a dict: a config's
+    mapping), then apply overrides."""
     return build_config(deep_merge(read_config_file(path), parse_overrides(overrides or [])))

@@ -400,9 +400,10 @@ def warm_up() -> float:
     return time.perf_counter() - t0
 
 
-def simulate(config: Config | str | Path | None = None, overrides: list[str] | None = None,
+def simulate(config: Config | str | Path | dict | None = None, overrides: list[str] | None = None,
              progress=None) -> Result:
-    """Run every engine of `config` (a Config, a YAML path, or None for the built-in default)
+    """Run every engine of `config` (a Config, a YAML path, a config's mapping as a dict, or None
+    for the built-in default)
     on one workload. If given, `progress(stage: str, done: int, total: int)` is called as the
     run advances (done/total: requests finished of those admitted, while simulating)."""
     cfg = config if isinstance(config, Config) else load_config(config, overrides)

@@ -116,6 +116,17 @@ def test_stepped_mode_gives_exact_modes_results_bit_for_bit(caching):
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # (NaN too)
 
 
+def test_a_dict_runs_as_its_yaml_file_does(tmp_path):
+    import fastsim
+
+    from_file = simulate(str(write_cfg(tmp_path)), ["engine.max_num_seqs=8"])
+    from_dict = fastsim.simulate(SMALL, ["engine.max_num_seqs=8"])
+    assert from_dict.requests.equals(from_file.requests)
+    assert SMALL["engine"]["max_num_seqs"] == 32  # the caller's mapping is left as it was
+    with pytest.raises(FastsimError, match="engine.max_num_seqs"):
+        fastsim.simulate(SMALL | {"engine": {"max_num_seqs": 0}})
+
+
 def test_output_read_by_duckdb_and_pandas(tmp_path):
     p = write_cfg(tmp_path)
     res = CliRunner().invoke(app, ["run", str(p), "--out", str(tmp_path / "o"), "--set", "output.timeline=true"])

@@ -13,8 +13,8 @@ from fastsim.validation.report import error_stats, markdown_tables
 # The development set's error as last recorded (bench/validate.py, docs/validation.md; 9.0% and
 # 25.6% before the serving terms): a change may lower these, and must then lower them here; raising
 # them needs a reason in the commit.
-RECORDED_MEDIAN = 0.056
-RECORDED_P90 = 0.173
+RECORDED_MEDIAN = 0.051
+RECORDED_P90 = 0.177  # 0.173 at 4 seeds, whose noise had flattered it; 64 seeds estimate it
 MARGIN = 0.005
 
 

@@ -84,6 +84,55 @@ def test_arrival_processes():
     assert (w.arrival_s == 0).all() and len(w) == 8
 
 
+def _vllm_send_times(n, rate, burstiness, seed, legacy):
+    """vLLM's own loop, written as vllm/benchmarks/serve.py (get_request, since PR 21108) and
+    benchmark_serving.py before it do: the global generator seeded, one scalar gamma draw per
+    request, Python float sums, then (since PR 21108) the rescale to n / rate."""
+    np.random.seed(seed)
+    theta = 1.0 / (rate * burstiness)
+    delays = [np.random.gamma(shape=burstiness, scale=theta) for _ in range(n)]
+    if legacy:  # the first request at once, each later one after a gap
+        out, t = [], 0.0
+        for d in delays:
+            out.append(t)
+            t += d
+        return out
+    for i in range(1, n):
+        delays[i] += delays[i - 1]
+    factor = (n / rate) / delays[-1]
+    return [d * factor for d in delays]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("arrival", [{"process": "poisson", "rate": 4.0},
+                                     {"process": "gamma", "rate": 2.5, "burstiness": 0.5}])
+def test_vllm_bench_schedule_is_vllms_send_times_to_the_bit(arrival, legacy):
+    schedule = "vllm_bench_legacy" if legacy else "vllm_bench"
+    a = arrival | {"schedule": schedule, "seed": 7}
+    w = generate_workload(wl([client(arrival=a)], num_requests=300), seed=123)  # the arrival's seed wins
+    want = _vllm_send_times(300, arrival["rate"], arrival.get("burstiness", 1.0), 7, legacy)
+    assert np.array_equal(np.sort(w.arrival_s), np.array(want))
+    if not legacy:
+        assert w.arrival_s.max() == pytest.approx(300 / arrival["rate"], rel=1e-12)
+    # Without its own seed the schedule takes the run's, as vllm bench serve takes --seed.
+    w0 = generate_workload(wl([client(arrival={"process": "poisson", "rate": 4.0, "schedule": schedule})],
+                              num_requests=50), seed=7)
+    assert np.array_equal(w0.arrival_s, np.array(_vllm_send_times(50, 4.0, 1.0, 7, legacy)))
+
+
+def test_vllm_bench_schedule_needs_a_request_count_and_gamma_one_shape():
+    a = {"process": "poisson", "rate": 4.0, "schedule": "vllm_bench"}
+    with pytest.raises(FastsimError, match=r"clients.0.arrival.schedule: vllm_bench .*num_requests"):
+        generate_workload(wl([client(arrival=a)], duration_s=10), seed=0)
+    with pytest.raises(ValueError, match="exactly one of 'cv' or 'burstiness'"):
+        client(arrival={"process": "gamma", "rate": 1.0, "cv": 2.0, "burstiness": 0.25})
+    # burstiness is the gamma shape: cv = 1 / sqrt(burstiness)
+    w = generate_workload(wl([client(arrival={"process": "gamma", "rate": 5.0, "burstiness": 0.25})],
+                             num_requests=20_000), seed=1)
+    gaps = np.diff(w.arrival_s)
+    assert gaps.std() / gaps.mean() == pytest.approx(2.0, abs=0.15)
+
+
 def test_duration_mode_and_sorting():
     w = generate_workload(wl([client(arrival={"process": "poisson", "rate": 10.0})], duration_s=100), seed=0)
     assert 850 < len(w) < 1150 and w.arrival_s.max() < 100

@@ -88,7 +88,24 @@ def split_requests(total: int, clients: list[C.Client]) -> list[int]:
     return out
 
 
-def arrivals(spec, n: int | None, duration_s: float | None, rng: np.random.Generator) -> np.ndarray:
+def vllm_bench_arrivals(spec, n: int, seed: int) -> np.ndarray:
+    """The send times of `vllm bench serve --request-rate R --burstiness B --seed S` for n prompts.
+    vLLM seeds NumPy's global generator with S and, for datasets that do not draw from it (ShareGPT:
+    Python's random.shuffle), draws one gamma(B, 1/(R*B)) gap per request before sending any
+    (vllm/benchmarks/serve.py, get_request). Since PR 21108 (July 2025) the first request waits for
+    the first gap and all are rescaled so the last leaves at n / R; before it, benchmark_serving.py
+    sent the first at once and each later one after its gap, unscaled. The same floats in the same
+    order, so the times are vLLM's to the last bit."""
+    shape = 1.0 if isinstance(spec, C.Poisson) else spec.shape
+    gaps = np.random.RandomState(seed).gamma(shape, 1.0 / (spec.rate * shape), size=n)
+    t = np.cumsum(gaps)  # sequential sums, as vLLM's loop adds them
+    if spec.schedule == "vllm_bench_legacy":
+        return np.concatenate(([0.0], t[:-1]))
+    return t * ((n / spec.rate) / t[-1])
+
+
+def arrivals(spec, n: int | None, duration_s: float | None, rng: np.random.Generator, seed: int = 0,
+             field: str = "workload.clients") -> np.ndarray:
     """Arrival times: exactly n of them, or all of them before duration_s."""
     if isinstance(spec, C.Batch):
         return np.full(n or 0, spec.at_s)
@@ -96,11 +113,16 @@ def arrivals(spec, n: int | None, duration_s: float | None, rng: np.random.Gener
         count = n if n is not None else int(np.ceil(duration_s * spec.rate))
         t = np.arange(count) / spec.rate
         return t if n is not None else t[t < duration_s]
+    if spec.schedule != "fastsim":
+        if n is None:
+            raise FastsimError(f"{field}.arrival.schedule: {spec.schedule} sends a set number of requests "
+                               "(vllm bench serve's --num-prompts); give workload.num_requests, not duration_s")
+        return vllm_bench_arrivals(spec, n, seed if spec.seed is None else spec.seed) if n else np.zeros(0)
 
     def gaps(k: int) -> np.ndarray:
         if isinstance(spec, C.Poisson):
             return rng.exponential(1.0 / spec.rate, size=k)
-        shape = 1.0 / spec.cv**2  # gamma with mean 1/rate and the given CV
+        shape = spec.shape  # gamma with mean 1/rate and the given CV
         return rng.gamma(shape, 1.0 / (spec.rate * shape), size=k)
 
     if n is not None:
@@ -115,7 +137,8 @@ def arrivals(spec, n: int | None, duration_s: float | None, rng: np.random.Gener
         t0 = t[-1]
 
 
-def replay(client: C.Client, limit: int | None, duration_s: float | None, rng: np.random.Generator, field: str):
+def replay(client: C.Client, limit: int | None, duration_s: float | None, rng: np.random.Generator, field: str,
+           seed: int = 0):
     """A trace client's (arrival_s, prompt, output): windowed, sampled, time-scaled, limited."""
     tr = client.trace
     rows = read_trace(tr.format, tr.file)
@@ -135,7 +158,7 @@ def replay(client: C.Client, limit: int | None, duration_s: float | None, rng: n
             raise FastsimError(f"{field}.trace: {tr.file} has lengths but no arrival times; give the client "
                                "an arrival process, e.g. arrival: {process: poisson, rate: 5.0}")
         n = len(rows) if limit is None else min(limit, len(rows))
-        t = arrivals(client.arrival, n, None, rng)
+        t = arrivals(client.arrival, n, None, rng, seed, field)
         return t, rows.take(np.arange(n))
     t = rows.arrival_s - (rows.arrival_s.min() if len(rows) else 0.0)
     t = t / tr.speedup
@@ -171,7 +194,7 @@ def sample_times(spec, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def conversations(client: C.Client, count: int | None, duration_s: float | None, rng: np.random.Generator,
-                  field: str) -> dict:
+                  field: str, seed: int = 0) -> dict:
     """A conversation client's turns, session by session: `count` turns in all (the last session
     cut short), or every turn of the sessions starting before duration_s."""
     conv = client.conversation
@@ -180,9 +203,9 @@ def conversations(client: C.Client, count: int | None, duration_s: float | None,
         n_sessions = int(np.searchsorted(np.cumsum(turns), count)) + 1
         turns = turns[:n_sessions].copy()
         turns[-1] -= turns.sum() - count
-        start = arrivals(client.arrival, n_sessions, None, rng)
+        start = arrivals(client.arrival, n_sessions, None, rng, seed, field)
     else:
-        start = arrivals(client.arrival, None, duration_s, rng)
+        start = arrivals(client.arrival, None, duration_s, rng, seed, field)
         turns = sample_lengths(conv.turns, start.size, rng, f"{field}.conversation.turns")
     n = int(turns.sum())
     first = np.concatenate([[0], np.cumsum(turns)[:-1]]).astype(np.int64)  # each session's first row
@@ -230,20 +253,20 @@ def generate_workload(wl: C.Workload, seed: int) -> Workload:
         field = f"workload.clients.{i}"
         if client.trace is not None:
             limit = client.num_requests or (counts[i] if wl.num_requests else None)
-            t, rows = replay(client, limit, wl.duration_s, rng, field)
+            t, rows = replay(client, limit, wl.duration_s, rng, field, seed)
             parts.append({"t": t, "prompt": rows.prompt_tokens, "output": rows.output_tokens})
             if rows.hash_offsets is not None:
                 blocks[i] = (rows.hash_offsets, rows.hash_ids, rows.hash_block_tokens)
         elif client.conversation is not None:
             parts.append(conversations(client, counts[i], None if counts[i] is not None else wl.duration_s,
-                                       rng, field))
+                                       rng, field, seed))
         elif isinstance(client.arrival, C.ClosedLoop):
             if counts[i] is None:
                 raise FastsimError(f"{field}.arrival: closed_loop sends a fixed number of requests; give "
                                    "workload.num_requests (or the client's num_requests), not duration_s")
             parts.append(closed_loop(client, counts[i], rng, field))
         else:
-            t = arrivals(client.arrival, counts[i], None if counts[i] is not None else wl.duration_s, rng)
+            t = arrivals(client.arrival, counts[i], None if counts[i] is not None else wl.duration_s, rng, seed, field)
             prompt, output = _lengths(client, t.size, rng, field)
             parts.append({"t": t, "prompt": prompt + client.system_prompt_tokens, "output": output})
         parts[-1]["client"] = np.full(parts[-1]["t"].size, i, dtype=np.int32)
