@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -141,6 +142,7 @@ def run_cmd(
                                                    input_len, output_len)
     if fmt is not None:
         overrides.append(f"output.format={fmt}")
+    started_at = time.time()
     cfg = load_config(config, overrides)
     out = check_output_dir(out or cfg.output.dir)
     with Progress(*_progress_columns(), console=err_console, transient=True) as bar:
@@ -156,7 +158,8 @@ def run_cmd(
 
         result = simulate(cfg, progress=report)
         report("writing results")
-        written = write_result(result, out, cfg.output.format)
+        written = write_result(result, out, cfg.output.format, config=cfg, command=["fastsim"] + sys.argv[1:],
+                               started_at=started_at)
     if not quiet:
         console.print(summary_table(result.summaries))
     stalled = {name: s["stalled_requests"] for name, s in result.summaries.items() if s.get("stalled_requests")}

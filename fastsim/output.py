@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -81,27 +82,34 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_table_atomic(table, path: str | Path, fmt: str) -> Path:
-    """Write a pyarrow Table as parquet, arrow (IPC file) or csv; returns the final path."""
+def _write_table(table, path: Path, fmt: str) -> None:
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    path = Path(path).with_suffix({"parquet": ".parquet", "arrow": ".arrow", "csv": ".csv"}[fmt])
+    if fmt == "parquet":
+        pq.write_table(table, path)
+    elif fmt == "arrow":
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    else:  # CSV has no dictionary type: write plain strings
+        plain = table.cast(pa.schema([pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type)
+                                      else f for f in table.schema]))
+        pacsv.write_csv(plain, path)
+
+
+TABLE_SUFFIX = {"parquet": ".parquet", "arrow": ".arrow", "csv": ".csv"}
+
+
+def write_table_atomic(table, path: str | Path, fmt: str) -> Path:
+    """Write a pyarrow Table as parquet, arrow (IPC file) or csv; returns the final path."""
+    path = Path(path).with_suffix(TABLE_SUFFIX[fmt])
     with _replacing(path) as tmp:
-        if fmt == "parquet":
-            pq.write_table(table, tmp)
-        elif fmt == "arrow":
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-        else:  # CSV has no dictionary type: write plain strings
-            plain = table.cast(pa.schema([pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type)
-                                          else f for f in table.schema]))
-            pacsv.write_csv(plain, tmp)
+        _write_table(table, tmp, fmt)
     return path
 
 
-def write_json_atomic(path: str | Path, data) -> None:
+def _json_text(data) -> str:
     import json
     import math
 
@@ -115,7 +123,11 @@ def write_json_atomic(path: str | Path, data) -> None:
             return [clean(v) for v in x]
         return x
 
-    write_text_atomic(path, json.dumps(clean(data), indent=2) + "\n")
+    return json.dumps(clean(data), indent=2) + "\n"
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    write_text_atomic(path, _json_text(data))
 
 
 # Measurements of this machine, not of the simulated system: written to run.json, not summary.json,
@@ -129,26 +141,145 @@ def simulated_only(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in WALL_CLOCK_KEYS}
 
 
-def write_result(result, out_dir: str | Path, fmt: str) -> list[Path]:
-    """requests.<fmt>, summary.json, run.json (fastsim's version and this machine's wall time) and,
-    if recorded, timeline.<fmt>; with several engines each also gets <out>/<engine>/summary.json.
-    Every file appears whole or not at all."""
+STAGING_PREFIX = ".fastsim-staging-"
+# What a run folder holds besides the per-engine summaries; a folder an earlier fastsim wrote (no
+# list of files in its run.json) loses these before a new run's files go in.
+_RUN_FILES = ("summary.json", "run.json", "config.yaml") + tuple(
+    stem + suffix for stem in ("requests", "timeline") for suffix in TABLE_SUFFIX.values())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def clean_leftovers(out: Path) -> list[Path]:
+    """What killed writes left in `out`: staging folders of processes that are gone, and the hidden
+    temporary files of run files (`.requests.parquet.x1y2.tmp`) that earlier versions wrote beside them."""
+    removed = []
+    for p in out.glob(STAGING_PREFIX + "*"):
+        pid = p.name[len(STAGING_PREFIX):].split("-")[0]
+        if p.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    for p in out.glob(".*.tmp"):
+        if any(p.name.startswith(f".{name}.") for name in _RUN_FILES):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _previous_files(out: Path) -> list[Path]:
+    """The files of the run that wrote `out` before: those its run.json lists, or fastsim's names."""
+    import json
+
+    try:
+        listed = json.loads((out / "run.json").read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    names = listed if isinstance(listed, list) and all(isinstance(n, str) for n in listed) else _RUN_FILES
+    root = out.resolve()
+    inside = [out / n for n in names if (out / n).resolve().is_relative_to(root) and (out / n).resolve() != root]
+    return [p for p in inside if p.is_file()]
+
+
+def run_metadata(config=None, command: list[str] | None = None, started_at: float | None = None) -> dict:
+    """What made a run: fastsim's and its libraries' versions, the command line, when it ran."""
+    import platform
+    import shlex
+    import sys
+    import time
+    from datetime import datetime, timezone
+
+    import numba
+    import numpy
+    import pyarrow
+
     from fastsim import __version__
 
+    def iso(t):
+        return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+    now = time.time()
+    meta = {"fastsim_version": __version__,
+            "command": shlex.join(command if command is not None else ["python"] + sys.argv),
+            "started_at": iso(started_at if started_at is not None else now), "finished_at": iso(now),
+            "python": platform.python_version(), "numpy": numpy.__version__, "numba": numba.__version__,
+            "pyarrow": pyarrow.__version__, "machine": platform.platform()}
+    if config is not None:
+        meta["seed"] = config.simulation.seed
+    return meta
+
+
+def write_result(result, out_dir: str | Path, fmt: str, config=None, command: list[str] | None = None,
+                 started_at: float | None = None) -> list[Path]:
+    """requests.<fmt>, summary.json, config.yaml (the resolved config, if given), run.json (what made
+    the run: versions, command line, times, this machine's wall time, the list of files) and, if
+    recorded, timeline.<fmt>; with several engines each also gets <out>/<engine>/summary.json.
+
+    All or nothing: every file is written into a hidden staging folder inside `out`, and only when
+    all are whole do they replace the previous run's, whose files not written again (a timeline, a
+    format) are removed, so one folder never mixes two runs. Ctrl-C while staging leaves the
+    previous run as it was; the swap itself is a few renames that Ctrl-C waits for."""
     out = Path(out_dir)
-    written = [write_table_atomic(result.requests, out / "requests", fmt)]
-    write_json_atomic(out / "summary.json", simulated_only(result.summary))
-    written.append(out / "summary.json")
-    if len(result.summaries) > 1:
-        for name, s in result.summaries.items():
-            write_json_atomic(out / name / "summary.json", simulated_only(s))
-            written.append(out / name / "summary.json")
-    write_json_atomic(out / "run.json", {"fastsim_version": __version__, "wall_time_s": {
-        name: {k: s[k] for k in WALL_CLOCK_KEYS if k in s} for name, s in result.summaries.items()}})
-    written.append(out / "run.json")
-    if result.timelines:
-        import pyarrow as pa
-        tl = pa.concat_tables([t.append_column("engine", pa.array([name] * t.num_rows, pa.string()))
-                               for name, t in result.timelines.items()])
-        written.append(write_table_atomic(tl, out / "timeline", fmt))
-    return written
+    out.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out)
+    with _uninterruptible():  # a name to remove exists as soon as the folder does
+        stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
+    try:
+        files: list[str] = []
+
+        def put(rel: str, write) -> None:
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            write(stage / rel)
+            files.append(rel)
+
+        put("requests" + TABLE_SUFFIX[fmt], lambda p: _write_table(result.requests, p, fmt))
+        put("summary.json", lambda p: p.write_text(_json_text(simulated_only(result.summary))))
+        if len(result.summaries) > 1:
+            for name, s in result.summaries.items():
+                put(f"{name}/summary.json", lambda p, s=s: p.write_text(_json_text(simulated_only(s))))
+        if result.timelines:
+            import pyarrow as pa
+            tl = pa.concat_tables([t.append_column("engine", pa.array([name] * t.num_rows, pa.string()))
+                                   for name, t in result.timelines.items()])
+            put("timeline" + TABLE_SUFFIX[fmt], lambda p: _write_table(tl, p, fmt))
+        if config is not None:
+            put("config.yaml", lambda p: p.write_text(config_yaml(config)))
+        files.append("run.json")
+        meta = run_metadata(config, command, started_at) | {
+            "wall_time_s": {name: {k: s[k] for k in WALL_CLOCK_KEYS if k in s}
+                            for name, s in result.summaries.items()},
+            "files": files}
+        (stage / "run.json").write_text(_json_text(meta))
+        mode = _umask_mode()
+        with _uninterruptible():
+            for old in _previous_files(out):
+                if old.relative_to(out).as_posix() not in files:
+                    old.unlink(missing_ok=True)
+                    if old.parent != out and not any(old.parent.iterdir()):
+                        old.parent.rmdir()  # an engine's folder that only held its summary
+            for rel in files:  # run.json last: while it names the old files, the old run is what it describes
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(stage / rel, mode)
+                os.replace(stage / rel, out / rel)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return [out / rel for rel in files]
+
+
+def config_yaml(config) -> str:
+    """The resolved config as YAML: every key with the value the run used, defaults included, so
+    that `fastsim run config.yaml` in the output folder runs it again."""
+    import yaml
+
+    from fastsim import __version__
+
+    head = (f"# the resolved config of this run (fastsim {__version__}); `fastsim run` takes it as it is\n"
+            "# (file paths as given: relative ones to the folder fastsim ran in)\n")
+    return head + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
