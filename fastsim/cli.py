@@ -136,7 +136,7 @@ def run_cmd(
     ShareGPT sample unless lengths are given; all at once unless a rate or a concurrency is)."""
     from fastsim.config import load_config
     from fastsim.output import check_output_dir, write_result
-    from fastsim.simulation import simulate
+    from fastsim.simulation import COMPILING, simulate
 
     overrides = list(set_ or []) + quick_overrides(model, gpu, num_prompts, request_rate, max_concurrency, dataset,
                                                    input_len, output_len)
@@ -145,11 +145,13 @@ def run_cmd(
     started_at = time.time()
     cfg = load_config(config, overrides)
     out = check_output_dir(out or cfg.output.dir)
-    with Progress(*_progress_columns(), console=err_console, transient=True) as bar:
+    with _progress(*_progress_columns()) as bar:
         tasks: dict[str, int] = {}
 
         def report(stage: str, done: int = 0, total: int = 0) -> None:
             if stage not in tasks:
+                if bar.disable and stage == COMPILING:  # minutes: a log should say why nothing happens
+                    err_console.print(f"{stage} ...", highlight=False)
                 for earlier in tasks.values():  # done: its elapsed time stops
                     bar.update(earlier, total=1, completed=1)
                     bar.stop_task(earlier)
@@ -162,17 +164,21 @@ def run_cmd(
                                started_at=started_at)
     if not quiet:
         console.print(summary_table(result.summaries))
+    for note in result.warnings:
+        _warn(note)
     stalled = {name: s["stalled_requests"] for name, s in result.summaries.items() if s.get("stalled_requests")}
     for name, count in stalled.items():
-        err_console.print(f"[bold yellow]warning:[/] {name}: {count} requests never finished although no time "
-                          "limit was set: the engine could not make progress for them (please report the config)",
-                          highlight=False)
+        _warn(f"{name}: {count} requests never finished although no time limit was set: the engine could not "
+              "make progress for them (please report the config)")
     _warn_uncalibrated(cfg)
     stopped = [name for name, s in result.summaries.items() if s.get("stopped_by_wall_time_budget")]
     if stopped:
-        err_console.print(f"[bold yellow]warning:[/] simulation.max_wall_time_s ran out ({', '.join(stopped)}): "
-                          "requests not done are marked unfinished", highlight=False)
+        _warn(f"simulation.max_wall_time_s ran out ({', '.join(stopped)}): requests not done are marked unfinished")
     console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _warn(text: str) -> None:
+    err_console.print(f"[bold yellow]warning:[/] {text}", highlight=False)
 
 
 @app.command("warmup")
@@ -185,8 +191,7 @@ def warmup_cmd() -> None:
     from fastsim.simulation import COMPILING, warm_up
 
     was = kernels_compiled()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
-                  transient=True) as bar:
+    with _progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()) as bar:
         bar.add_task("loading simulation kernels" if was else COMPILING, total=None)
         seconds = warm_up()
     removed = prune_stale_caches()
@@ -208,7 +213,13 @@ def _warn_uncalibrated(cfg) -> None:
     for name in sorted(names):
         why = profile_warning(load_gpu(name, custom))
         if why:
-            err_console.print(f"[bold yellow]warning:[/] {why}", highlight=False)
+            _warn(why)
+
+
+def _progress(*columns, **kw) -> Progress:
+    """Progress on stderr, gone when done; none when stderr is not a terminal (a log or a pipe
+    would keep only the blank line a finished bar leaves)."""
+    return Progress(*columns, console=err_console, disable=not err_console.is_terminal, transient=True, **kw)
 
 
 def _progress_columns():
@@ -277,7 +288,7 @@ def sweep_cmd(
     out_dir = check_output_dir(out or cfg.output.dir)
     n_jobs = jobs or _default_jobs()
     # No refresh thread while worker processes are forked (Linux): the bar redraws on each update.
-    with Progress(*_progress_columns(), console=err_console, transient=True, auto_refresh=False) as bar:
+    with _progress(*_progress_columns(), auto_refresh=False) as bar:
         task = bar.add_task(f"sweep of {len(points)} points", total=len(points))
 
         def report(done: int, total: int, failed: int) -> None:
@@ -357,7 +368,7 @@ def capacity_cmd(
     targets = [parse_slo(s) for s in (slo or [])]
     out = check_output_dir(out or cfg.output.dir)
     results = []
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err_console, transient=True) as bar:
+    with _progress(SpinnerColumn(), TextColumn("{task.description}")) as bar:
         for name, eng_raw in engine_configs(raw):
             task = bar.add_task(f"{name}: searching")
 
@@ -443,7 +454,7 @@ def search_cmd(
                                 if max_num_batched_tokens else [cfg.engine.max_num_batched_tokens]),
         max_replicas=max_replicas)
     # No refresh thread while worker processes are forked (Linux): the bar redraws on each update.
-    with Progress(*_progress_columns(), console=err_console, transient=True, auto_refresh=False) as bar:
+    with _progress(*_progress_columns(), auto_refresh=False) as bar:
         task = bar.add_task("deployments", total=None)
 
         def report(done: int, total: int, pruned: int) -> None:
@@ -495,8 +506,11 @@ def validate_cmd(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key")] = None,
 ) -> None:
     """Check a config without simulating; show each engine's memory plan."""
+    import numpy as np
+
     from fastsim.config import load_config
-    from fastsim.simulation import plan_engines
+    from fastsim.simulation import check_memory, plan_engines, rejection_note, rejections
+    from fastsim.workload import generate_workload
 
     from fastsim.cost.serving import engine_serving
     from fastsim.memory import expert_parallel_size, kv_dtype
@@ -548,6 +562,19 @@ def validate_cmd(
     for label, f in rows:
         t.add_row(label, *[cell(f(rp)) for _, rp in columns])
     console.print(t)
+    # What run checks before it simulates: the memory the arrays need, then the workload itself
+    # (traces read and parsed, lengths drawn), and which requests no replica could serve.
+    check_memory(cfg, len(plans))
+    workload = generate_workload(cfg.workload, cfg.simulation.seed)
+    span = float(np.nanmax(workload.arrival_s) - np.nanmin(workload.arrival_s))  # NaN: later turns
+    pace = f"{(len(workload) - 1) / span:,.3g} req/s offered" if span > 0 else "all at once"
+    console.print(f"workload: {len(workload):,} requests from {len(cfg.workload.clients)} client(s), {pace}, "
+                  f"mean prompt {workload.prompt_tokens.mean():,.0f} / output {workload.output_tokens.mean():,.0f} "
+                  "tokens", highlight=False)
+    for eng, pools in plans:
+        note = rejection_note(eng.name, workload, rejections(workload, pools), pools)
+        if note:
+            _warn(note)
     _warn_uncalibrated(cfg)
     console.print(f"{config or 'the built-in default'}{' with ' + ', '.join(set_) if set_ else ''}: valid")
 

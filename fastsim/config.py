@@ -301,7 +301,7 @@ class Client(_Strict):
 class Workload(_Strict):
     num_requests: int | None = Field(default=None, ge=1, description="requests in all (split across clients "
                                      "by rate unless a client gives its own)")
-    duration_s: float | None = Field(default=None, gt=0, description="generate arrivals for this long")
+    duration_s: float | None = Field(default=None, gt=0, le=1e9, description="generate arrivals for this long")
     clients: list[Client] = Field(min_length=1, description="request sources, each with its arrivals and "
                                   "lengths")
 

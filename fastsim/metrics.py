@@ -159,3 +159,33 @@ def summarize(table: pa.Table, itl: dict, sim: Simulation, slo: Slo, extra: dict
             "slo": {k: v for k, v in slo.model_dump().items() if v is not None}}
     out |= extra
     return out
+
+
+def load_report(table: pa.Table, open_loop: np.ndarray) -> dict:
+    """Offered load against what was served, over the requests of open-loop clients (their arrivals
+    do not wait for answers: Poisson, gamma, constant rates, traces). Overloaded: they were served at
+    under 0.9 of the rate they came, and the queue grew through the run (the last tenth of arrivals
+    waited over 10x the first tenth, and over a second), so the figures describe a growing backlog
+    rather than a steady state."""
+    arrival = table.column("arrival_s").to_numpy()
+    rows = np.flatnonzero(open_loop & ~np.isnan(arrival))
+    if rows.size < 20:
+        return {}
+    order = rows[np.argsort(arrival[rows], kind="stable")]
+    span = float(arrival[order[-1]] - arrival[order[0]])
+    if span <= 0:
+        return {}
+    finish = table.column("finish_s").to_numpy()[order]
+    finished = ~np.isnan(finish)
+    offered = (order.size - 1) / span
+    served = finished.sum() / float(np.nanmax(finish) - arrival[order[0]]) if finished.any() else 0.0
+    queue = table.column("queue_ms").to_numpy()[order]
+    tenth = max(order.size // 10, 1)
+    first, last = np.nanmean(queue[:tenth]) if finished[:tenth].any() else 0.0, queue[-tenth:]
+    # A request still waiting at the end has waited at least until then.
+    waited = np.where(np.isnan(last), (np.nanmax(finish) - arrival[order[-tenth:]]) * 1e3, last) \
+        if finished.any() else np.zeros(tenth)
+    late = float(np.mean(waited))
+    overloaded = bool(served < 0.9 * offered and late > max(10 * first, 1000.0))
+    return {"offered_request_rate": offered, "served_request_rate": float(served),
+            "late_queue_ms": late, "overloaded": overloaded}

@@ -27,7 +27,7 @@ from fastsim.engine import kernels_compiled
 from fastsim.engine.cluster_nb import run_cluster_nb
 from fastsim.errors import FastsimError
 from fastsim.memory import MemoryPlan, kv_dtype, memory_plan, stage_layers
-from fastsim.metrics import itl_stats_from_histogram, request_table, summarize
+from fastsim.metrics import itl_stats_from_histogram, load_report, request_table, summarize
 from fastsim.workload import Workload, generate_workload
 
 
@@ -60,6 +60,7 @@ class Result:
     summaries: dict[str, dict]
     timelines: dict[str, pa.Table] = field(default_factory=dict)
     pools: dict[str, list[ReplicaPlan]] = field(default_factory=dict)  # per engine: replicas and memory
+    warnings: list[str] = field(default_factory=list)  # what a user should read beside the figures
 
     @property
     def summary(self) -> dict:
@@ -84,6 +85,27 @@ def rejections(workload: Workload, pools: list[ReplicaPlan]) -> np.ndarray:
     reason[total > kv_tokens] = E.REASON_KV
     reason[total > max_len] = E.REASON_CONTEXT
     return reason
+
+
+def rejection_note(engine: str, workload: Workload, reason: np.ndarray, pools: list[ReplicaPlan]) -> str | None:
+    """One line on the requests no replica of `engine` can serve, with the numbers that show why."""
+    n = int((reason > 0).sum())
+    if n == 0:
+        return None
+    total = workload.prompt_tokens + workload.output_tokens
+    parts = []
+    for code, limit, fix in ((E.REASON_CONTEXT, min(rp.memory.max_model_len for rp in pools),
+                              "raise engine.max_model_len (up to the model's context) or shorten them"),
+                             (E.REASON_KV, min(rp.memory.kv_tokens for rp in pools),
+                              "give the KV cache more room (gpu_memory_utilization, a larger TP) or shorten them")):
+        hit = reason == code
+        if hit.any():
+            low, high = int(total[hit].min()), int(total[hit].max())
+            parts.append(f"{int(hit.sum()):,} {E.REASON_NAMES[code]} ({limit:,} tokens; they need "
+                         f"{low:,}{f'-{high:,}' if high > low else ''} tokens of prompt + output): {fix}")
+    head = (f"all {n:,} requests would be rejected, nothing to simulate" if n == len(workload) else
+            f"{n:,} of {len(workload):,} requests are rejected")
+    return f"{engine}: {head}: " + "; ".join(parts)
 
 
 def validate_engine(engine: Engine, plan: MemoryPlan) -> None:
@@ -423,9 +445,15 @@ def simulate(config: Config | str | Path | dict | None = None, overrides: list[s
     limit = cfg.simulation.max_wall_time_s
     deadline = time.monotonic() + limit if limit is not None else float("inf")
     online = online_mask(workload, cfg)
-    for eng, pools in plans:
+    open_loop = np.array([c.conversation is None and not isinstance(c.arrival, (Batch, ClosedLoop))
+                          for c in cfg.workload.clients], dtype=bool)[workload.client]
+    reasons = [rejections(workload, pools) for _, pools in plans]
+    notes = [rejection_note(eng.name, workload, reason, pools) for (eng, pools), reason in zip(plans, reasons)]
+    for reason, note in zip(reasons, notes):
+        if (reason > 0).all():  # a run of nothing but rejections is surely not what was meant
+            raise FastsimError(note)
+    for (eng, pools), reason in zip(plans, reasons):
         budget = WallBudget(deadline)
-        reason = rejections(workload, pools)
         api_s = engine_serving(eng).api_server_latency_ms * 1e-3
         engine_view = answered_through_api_server(workload, online, api_s)
         stage = f"simulating {eng.name}"
@@ -448,6 +476,14 @@ def simulate(config: Config | str | Path | dict | None = None, overrides: list[s
             table = table.append_column(name, pa.array(column))
         summaries[eng.name] = summarize(table, itl_stats_from_histogram(itl_hist, itl_stats), cfg.simulation,
                                         cfg.slo, cluster_summary(eng, pools, counters, gpu_time, table, wall))
+        summaries[eng.name] |= load_report(table, open_loop)
+        if summaries[eng.name].get("overloaded"):
+            r = summaries[eng.name]
+            notes.append(f"{eng.name}: overloaded: requests came at {r['offered_request_rate']:.3g} req/s and were "
+                         f"served at about {r['served_request_rate']:.3g} req/s; the last tenth waited "
+                         f"{r['late_queue_ms'] / 1e3:,.1f} s in the queue, so the figures describe a growing backlog, "
+                         "not a steady state: lower the rate or add capacity (fastsim capacity finds the rate "
+                         "it sustains)")
         summaries[eng.name]["stopped_by_wall_time_budget"] = budget.hit
         # Nothing limited the run, yet requests never ended: the engine found no way forward for
         # them (none is known; the fuzz tests check for it). Said, not hidden.
@@ -457,7 +493,7 @@ def simulate(config: Config | str | Path | dict | None = None, overrides: list[s
         pool_plans[eng.name] = pools
         if cfg.output.timeline:
             timelines[eng.name] = pa.table({name: timeline[:, i] for i, name in enumerate(E.TL_COLUMNS)})
-    return Result(pa.concat_tables(tables), summaries, timelines, pool_plans)
+    return Result(pa.concat_tables(tables), summaries, timelines, pool_plans, [n for n in notes if n])
 
 
 def online_mask(workload: Workload, cfg: Config) -> np.ndarray:

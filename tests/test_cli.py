@@ -109,3 +109,40 @@ def test_quick_flags_build_a_vllm_bench_serve_workload(tmp_path):
                        (["--max-concurrency", "4", "--request-rate", "2"], "not modelled yet")):
         r = runner.invoke(app, ["run", "-q", *args])
         assert r.exit_code == 1 and isinstance(r.exception, FastsimError) and want in str(r.exception)
+
+
+def test_validate_checks_what_run_checks(tmp_path):
+    """A missing or malformed trace and a run too large for this machine: refused by validate as by
+    run, in one line, before anything is simulated."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    for trace, want in ((tmp_path / "missing.csv", "No such file"), (bad, "not an Azure trace")):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"workload:\n  num_requests: 10\n  clients:\n    - trace: {{format: azure, file: {trace}}}\n")
+        for cmd in ("validate", "run"):
+            r = runner.invoke(app, [cmd, str(cfg), *(["--out", str(tmp_path / "o")] if cmd == "run" else [])])
+            assert r.exit_code == 1 and isinstance(r.exception, FastsimError) and want in str(r.exception), (cmd, r)
+    r = runner.invoke(app, ["validate", "--set", "workload.num_requests=100000000000"])
+    assert r.exit_code == 1 and "GB of memory" in str(r.exception)
+    assert not (tmp_path / "o").exists()
+
+
+def test_requests_no_replica_can_serve_are_said_and_a_run_of_nothing_else_refused(tmp_path):
+    """Llama-3-8B's 8,192-token context: prompts of 8,000 + 200 answer tokens cannot be served."""
+    lengths = ["--set", "workload.clients.0.prompt_tokens={dist: uniform, low: 7000, high: 9000}",
+               "--set", "workload.clients.0.output_tokens={dist: constant, value: 200}",
+               "--set", "workload.clients.0.dataset=null", "--set", "workload.num_requests=200"]
+    r = runner.invoke(app, ["run", "-q", *lengths, "--out", str(tmp_path / "some")])
+    assert r.exit_code == 0, r.output
+    import pyarrow.parquet as pq
+    t = pq.read_table(tmp_path / "some" / "requests.parquet").to_pandas()
+    over = (t["prompt_tokens"] + t["output_tokens"] > 8192)
+    assert 0 < over.sum() < len(t) and (t.loc[over, "status"] == "rejected").all()
+    assert f"{over.sum()} of 200 requests are rejected" in r.output and "max_model_len" in r.output
+    r = runner.invoke(app, ["validate", *lengths])
+    assert r.exit_code == 0 and f"{over.sum()} of 200 requests are rejected" in r.output
+    r = runner.invoke(app, ["run", "-q", "--input-len", "9000", "--output-len", "10", "--num-prompts", "5",
+                            "--out", str(tmp_path / "none")])
+    assert r.exit_code == 1 and isinstance(r.exception, FastsimError)
+    assert "all 5 requests would be rejected" in str(r.exception) and "9,010 tokens" in str(r.exception)
+    assert not (tmp_path / "none").exists()

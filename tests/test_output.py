@@ -132,3 +132,34 @@ def test_the_folder_says_what_made_it_and_its_config_runs_again(tmp_path):
     assert "wall_time_s" not in json.loads((out / "summary.json").read_text())
     again = build_config(yaml.safe_load((out / "config.yaml").read_text()))
     assert again == cfg and again.engine.max_num_seqs == 16
+
+
+def _served(arrival, finish, queue_ms):
+    import numpy as np
+    return pa.table({"arrival_s": np.asarray(arrival, float), "finish_s": np.asarray(finish, float),
+                     "queue_ms": np.asarray(queue_ms, float)})
+
+
+def test_load_report_tells_a_growing_backlog_from_a_busy_steady_state():
+    import numpy as np
+
+    from fastsim.metrics import load_report
+
+    n = 100
+    arrival = np.arange(n) / 10.0  # 10 req/s for 9.9 s
+    # Served one every 0.2 s from the start: 5 req/s; request i waits 0.1 i s (the last tenth ~9.5 s).
+    start = 0.2 * np.arange(n)
+    r = load_report(_served(arrival, start + 0.05, (start - arrival) * 1e3), np.ones(n, bool))
+    assert r["offered_request_rate"] == pytest.approx(10.0)
+    assert r["served_request_rate"] == pytest.approx(n / (0.2 * (n - 1) + 0.05))
+    assert r["late_queue_ms"] == pytest.approx(np.mean(0.1 * np.arange(90, 100)) * 1e3)
+    assert r["overloaded"]
+    # Kept up: each served on arrival.
+    r = load_report(_served(arrival, arrival + 0.05, np.zeros(n)), np.ones(n, bool))
+    assert r["served_request_rate"] == pytest.approx(n / 9.95) and not r["overloaded"]
+    # Still waiting at the end counts as having waited until then; closed-loop rows are not looked at.
+    finish = np.where(np.arange(n) < 90, start + 0.05, np.nan)
+    r = load_report(_served(arrival, finish, np.where(np.isnan(finish), np.nan, (start - arrival) * 1e3)),
+                    np.ones(n, bool))
+    assert r["late_queue_ms"] == pytest.approx(np.mean(finish[89] - arrival[90:]) * 1e3) and r["overloaded"]
+    assert load_report(_served(arrival, start + 0.05, (start - arrival) * 1e3), np.zeros(n, bool)) == {}

@@ -88,7 +88,7 @@ def test_replaying_a_past_run(tmp_path):
     ("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,374,44\nyesterday,1,2\n",
      ":3: TIMESTAMP = 'yesterday'"),
     ("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,-5,44\n", ":2: ContextTokens = '-5'"),
-    ("azure", "TIMESTAMP,Context\n", ":1: not a Azure trace: no column 'ContextTokens'"),
+    ("azure", "TIMESTAMP,Context\n", ":1: not an Azure trace: no column 'ContextTokens'"),
     ("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,3\n", ":2: wrong number of fields"),
     ("mooncake", '{"timestamp": 0, "input_length": 5, "output_length": 2, "hash_ids": [0]}\n{"timestamp": 1,',
      ":2: not valid JSON"),

@@ -214,3 +214,10 @@ def test_conversation_workload_by_duration_keeps_every_turn_of_its_sessions():
                                     think_time_s=C.ExponentialTime(dist="exponential", mean=2.0)))])
     w = generate_workload(wl, seed=0)
     assert len(w) == 150 and sorted(set(w.prompt_tokens.tolist())) == [10, 25, 40]
+
+
+def test_arrivals_beyond_what_float_seconds_resolve_are_refused():
+    with pytest.raises(FastsimError, match=r"clients.0: its requests arrive over .* raise its arrival rate"):
+        generate_workload(wl([client(arrival={"process": "poisson", "rate": 1e-300})], num_requests=20), seed=0)
+    with pytest.raises(ValueError, match="less than or equal to 1000000000"):
+        wl([client(arrival={"process": "poisson", "rate": 1.0})], duration_s=1e12)

@@ -243,6 +243,10 @@ def closed_loop(client: C.Client, count: int, rng: np.random.Generator, field: s
             "think_s": np.where(rows < c, -1.0, 0.0)}
 
 
+# float64 seconds keep steps of 1.2e-7 s up to 1e9 s: beyond that, latencies of milliseconds blur.
+MAX_TIME_S = 1e9
+
+
 def generate_workload(wl: C.Workload, seed: int) -> Workload:
     counts = split_requests(wl.num_requests, wl.clients) if wl.num_requests else [c.num_requests for c in wl.clients]
     parts = []
@@ -269,6 +273,11 @@ def generate_workload(wl: C.Workload, seed: int) -> Workload:
             t = arrivals(client.arrival, counts[i], None if counts[i] is not None else wl.duration_s, rng, seed, field)
             prompt, output = _lengths(client, t.size, rng, field)
             parts.append({"t": t, "prompt": prompt + client.system_prompt_tokens, "output": output})
+        t = parts[-1]["t"]
+        if t.size and np.nanmax(t) > MAX_TIME_S:
+            raise FastsimError(f"{field}: its requests arrive over {np.nanmax(t):.3g} s (more than {MAX_TIME_S:.0e} s, "
+                               "~30 years), where times lose the precision of milliseconds; raise its arrival rate "
+                               "or lower the number of requests")
         parts[-1]["client"] = np.full(parts[-1]["t"].size, i, dtype=np.int32)
         parts[-1]["shared_tokens"] = np.full(parts[-1]["t"].size, client.system_prompt_tokens, dtype=np.int64)
     out = _assemble(wl, parts, blocks)

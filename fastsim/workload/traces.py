@@ -60,7 +60,7 @@ def _csv_rows(path: Path, need: tuple[str, ...], fmt: str):
         reader = csv.DictReader(fh)
         missing = [c for c in need if c not in (reader.fieldnames or [])]
         if missing:
-            raise FastsimError(f"{path}:1: not a {fmt} trace: no column {missing[0]!r} "
+            raise FastsimError(f"{path}:1: not {'an' if fmt[0] in 'AEIOU' else 'a'} {fmt} trace: no column {missing[0]!r} "
                                f"(columns: {', '.join(reader.fieldnames or [])})")
         for line, row in enumerate(reader, start=2):
             if None in row.values() or None in row:
