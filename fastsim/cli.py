@@ -261,12 +261,14 @@ def sweep_cmd(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="run again the points that failed "
                             "before (done points are always skipped)")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no results table")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="run a sweep of more than 10,000 points")] = False,
 ) -> None:
     """Run many variations of a config in parallel; one summary row per point and engine in
     <out>/sweep.parquet. Re-running skips the points already done."""
     from fastsim.config import Sweep, build_config, deep_merge, parse_overrides, read_config_file
     from fastsim.output import check_output_dir
-    from fastsim.sweep import parse_cli_parameter, run_sweep, sweep_points
+    from fastsim.sweep import (MAX_POINTS_UNASKED, check_values, parameter_sizes, parse_cli_parameter, point_count,
+                               run_sweep, sweep_points)
 
     if executor not in ("local", "ray"):
         raise FastsimError(f"--executor {executor!r}: expected local or ray")
@@ -284,8 +286,15 @@ def sweep_cmd(
     else:
         raise FastsimError("sweep: nothing to vary; give --grid key=v1,v2 (or --zip) or a `sweep:` section "
                            "in the config")
+    count = point_count(spec)
+    if count > MAX_POINTS_UNASKED and not yes:
+        sizes = " x ".join(f"{n:,}" for n in parameter_sizes(spec))
+        raise FastsimError(f"sweep: {count:,} points ({spec.mode} of {sizes}) is more than {MAX_POINTS_UNASKED:,}; "
+                           "give --yes to run them all, or --random N to draw N of them")
+    check_values(spec, raw)
     points = sweep_points(spec, raw)
     out_dir = check_output_dir(out or cfg.output.dir)
+    err_console.print(f"sweep: {len(points):,} points on {jobs or _default_jobs()} worker(s)", highlight=False)
     n_jobs = jobs or _default_jobs()
     # No refresh thread while worker processes are forked (Linux): the bar redraws on each update.
     with _progress(*_progress_columns(), auto_refresh=False) as bar:

@@ -38,13 +38,21 @@ class Point:
 
 
 # -- which points ----------------------------------------------------------------------------------
-def range_values(r: SweepRange) -> list:
-    """start, start + step, ... up to stop inclusive (to rounding); integers if all three are."""
-    n = int(math.floor((r.stop - r.start) / r.step + 1e-9)) + 1
-    values = [r.start + i * r.step for i in range(n)]
+def range_size(r: SweepRange) -> int:
+    return int(math.floor((r.stop - r.start) / r.step + 1e-9)) + 1
+
+
+def range_value(r: SweepRange, i: int):
+    """The i-th value of a range: an integer if start, stop and step all are."""
+    v = r.start + i * r.step
     if all(float(x).is_integer() for x in (r.start, r.stop, r.step)):
-        return [int(round(v)) for v in values]
-    return [round(v, 12) for v in values]
+        return int(round(v))
+    return round(v, 12)
+
+
+def range_values(r: SweepRange) -> list:
+    """start, start + step, ... up to stop inclusive (to rounding)."""
+    return [range_value(r, i) for i in range(range_size(r))]
 
 
 def parameter_values(spec) -> list:
@@ -126,6 +134,61 @@ def _point_raw(base_raw: dict, params: dict) -> dict:
     for key, value in params.items():
         set_path(over, key, value, f"sweep parameter {key!r}")
     return deep_merge(copy.deepcopy({k: v for k, v in base_raw.items() if k != "sweep"}), over)
+
+
+# A sweep this large is more likely a typo (1:100000:1) than a plan: it runs only when asked twice.
+MAX_POINTS_UNASKED = 10_000
+
+
+def parameter_sizes(sweep: Sweep) -> list[int]:
+    """How many values each listed or ranged parameter takes (a range not made into a list)."""
+    return [range_size(v) if isinstance(v, SweepRange) else len(v) for v in sweep.parameters.values()
+            if not isinstance(v, SweepDistribution)]
+
+
+def point_count(sweep: Sweep) -> int:
+    """How many points a sweep has, counted without making them."""
+    sizes = parameter_sizes(sweep)
+    if sweep.mode == "random":
+        return sweep.samples
+    if sweep.mode == "zip":
+        return max(sizes, default=0)
+    return math.prod(sizes)
+
+
+def _is_about(loc: tuple, key: str) -> bool:
+    """Whether a validation error's location is the key itself: its parts in order, the union
+    tags pydantic inserts (`poisson` in workload.clients.0.arrival.poisson.rate) aside."""
+    parts, i = key.split("."), 0
+    for step in map(str, loc):
+        if i < len(parts) and step == parts[i]:
+            i += 1
+    return i == len(parts) and str(loc[-1]) == parts[-1]
+
+
+def check_values(sweep: Sweep, base_raw: dict) -> None:
+    """A value wrong on its own (a word where a number goes, outside its field's range) would fail
+    every point that has it: refused before any point runs. Values that are wrong only together
+    with others fail their points. A range is checked at its ends, a list at every value."""
+    for key, spec in sweep.parameters.items():
+        if isinstance(spec, SweepDistribution):
+            continue
+        ends = [range_value(spec, 0), range_value(spec, range_size(spec) - 1)] if isinstance(spec, SweepRange) else None
+        seen = set()
+        for v in ends if ends is not None else parameter_values(spec):
+            marker = json.dumps(v, sort_keys=True, default=str)
+            if marker in seen:
+                continue
+            seen.add(marker)
+            try:
+                Config(**_point_raw(base_raw, {key: v}))
+            except ValidationError as e:
+                if any(err["type"] == "extra_forbidden" for err in e.errors()):  # a misspelt key, as check_keys says
+                    raise FastsimError(format_validation_error(e, label="sweep parameter: ")) from None
+                own = [err for err in e.errors() if err["loc"] and _is_about(err["loc"], key)]
+                if own:
+                    raise FastsimError(f"sweep parameter {key} = {v!r}: {own[0]['msg']}; every point with this "
+                                       "value would fail: fix or drop it") from None
 
 
 def check_keys(base_raw: dict, point: Point) -> None:

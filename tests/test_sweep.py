@@ -11,7 +11,8 @@ from fastsim.cli import app
 from fastsim.config import Sweep, SweepRange
 from fastsim.errors import FastsimError
 from fastsim.simulation import simulate
-from fastsim.sweep import (flat_summary, parse_cli_parameter, range_values, run_sweep, sweep_points)
+from fastsim.sweep import (check_values, flat_summary, parse_cli_parameter, point_count, range_values, run_sweep,
+                           sweep_points)
 
 BASE = {"model": "meta-llama/Meta-Llama-3-8B", "hardware": {"gpu": "H100-SXM"},
         "workload": {"num_requests": 60, "clients": [{"arrival": {"process": "poisson", "rate": 4.0},
@@ -127,6 +128,38 @@ def test_cli_sweep_and_its_errors(tmp_path):
     assert "max_num_seq is not a known option" in str(res.exception)
     res = runner.invoke(app, ["sweep", "-o", str(tmp_path / "o")])
     assert isinstance(res.exception, FastsimError) and "nothing to vary" in str(res.exception)
+
+
+def test_values_wrong_on_their_own_are_refused_before_any_point_runs(tmp_path):
+    runner = CliRunner()
+    for grid, want in ((["engine.max_num_seqs=64,abc"], "engine.max_num_seqs = 'abc': Input should be a valid integer"),
+                       (["engine.max_num_seqs=0:64:32"], "engine.max_num_seqs = 0: Input should be greater than"),
+                       (["workload.clients.0.arrival.rate=2,-1"], "arrival.rate = -1: Input should be greater")):
+        args = ["sweep", "-o", str(tmp_path / "o")] + [a for g in grid for a in ("--grid", g)]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1 and isinstance(res.exception, FastsimError) and want in str(res.exception), res
+    assert not (tmp_path / "o").exists()
+    # Wrong only together with the base (more tokens per step than max_num_seqs allows is fine, but a
+    # budget under max_model_len without chunking is not): such a value fails its points, not the sweep.
+    check_values(Sweep(parameters={"engine.max_num_batched_tokens": [512, 8192]}),
+                 {"engine": {"enable_chunked_prefill": False}})
+
+
+def test_a_sweep_of_more_points_than_the_limit_needs_yes(tmp_path, monkeypatch):
+    grid = Sweep(parameters={"a": SweepRange(start=1, stop=200, step=1), "b": [1, 2, 3]})
+    assert point_count(grid) == 600 == len(sweep_points(grid, BASE))
+    assert point_count(Sweep(mode="zip", parameters={"a": [1, 2], "b": [3, 4]})) == 2
+    assert point_count(Sweep(mode="random", samples=7, parameters={"a": {"low": 1, "high": 2}})) == 7
+    runner = CliRunner()
+    args = ["sweep", "-o", str(tmp_path / "o"), "--grid", "engine.max_num_seqs=1:200:1",
+            "--grid", "engine.max_num_batched_tokens=2048:8192:64"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 1 and "19,400 points (grid of 200 x 97)" in str(res.exception) and "--yes" in str(res.exception)
+    import fastsim.sweep as sw
+    ran = []
+    monkeypatch.setattr(sw, "run_sweep", lambda raw, points, *a, **k: ran.append(len(points)) or 1 / 0)
+    runner.invoke(app, args + ["--yes"])
+    assert ran == [19400]
 
 
 def test_ray_executor_gives_the_local_table(tmp_path):
