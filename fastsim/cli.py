@@ -15,10 +15,26 @@ from rich.table import Table
 from fastsim.errors import FastsimError
 from fastsim.output import write_text_atomic
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                   help="fastsim: predict what an LLM-serving deployment does under a workload.")
 console = Console()
 err_console = Console(stderr=True)
+# -q means the same everywhere: no tables or listings, only the closing line, warnings and errors.
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no tables: only the closing line, warnings and errors")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fastsim import __version__
+
+        console.print(f"fastsim {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", "-V", help="print fastsim's version and exit",
+                                                callback=_version, is_eager=True)] = False) -> None:
+    """fastsim: predict what an LLM-serving deployment does under a workload."""
 
 
 def _table(key: str, *columns: str) -> Table:
@@ -33,6 +49,8 @@ def _table(key: str, *columns: str) -> Table:
 _SUMMARY_ROWS = [
     ("completed", "completed requests", "{:.0f}"), ("rejected", "rejected", "{:.0f}"),
     ("unfinished", "unfinished", "{:.0f}"), ("duration", "duration (s)", "{:.2f}"),
+    ("total_input_tokens", "total input tokens", "{:.0f}"), ("total_output_tokens", "total generated tokens", "{:.0f}"),
+    ("offered_request_rate", "offered rate (req/s)", "{:.3f}"),
     ("request_throughput", "request throughput (req/s)", "{:.3f}"),
     ("request_goodput", "request goodput (req/s)", "{:.3f}"),
     ("output_throughput", "output throughput (tok/s)", "{:.1f}"),
@@ -40,8 +58,10 @@ _SUMMARY_ROWS = [
     ("mean_ttft_ms", "mean TTFT (ms)", "{:.2f}"), ("median_ttft_ms", "median TTFT (ms)", "{:.2f}"),
     ("p99_ttft_ms", "p99 TTFT (ms)", "{:.2f}"), ("mean_tpot_ms", "mean TPOT (ms)", "{:.2f}"),
     ("median_tpot_ms", "median TPOT (ms)", "{:.2f}"), ("p99_tpot_ms", "p99 TPOT (ms)", "{:.2f}"),
-    ("mean_itl_ms", "mean ITL (ms)", "{:.2f}"), ("p99_itl_ms", "p99 ITL (ms)", "{:.2f}"),
-    ("mean_e2el_ms", "mean E2EL (ms)", "{:.2f}"), ("p99_e2el_ms", "p99 E2EL (ms)", "{:.2f}"),
+    ("mean_itl_ms", "mean ITL (ms)", "{:.2f}"), ("median_itl_ms", "median ITL (ms)", "{:.2f}"),
+    ("p99_itl_ms", "p99 ITL (ms)", "{:.2f}"),
+    ("mean_e2el_ms", "mean E2EL (ms)", "{:.2f}"), ("median_e2el_ms", "median E2EL (ms)", "{:.2f}"),
+    ("p99_e2el_ms", "p99 E2EL (ms)", "{:.2f}"),
     ("preemptions", "preemptions", "{:.0f}"), ("prefix_cache_hit_rate", "prefix cache hit rate", "{:.3f}"), ("num_gpu_blocks", "KV blocks", "{:.0f}"),
     ("peak_kv_blocks_used", "peak KV blocks used", "{:.0f}"), ("iterations", "iterations", "{:.0f}"),
     ("comm_time_s", "TP communication (GPU-s)", "{:.2f}"),
@@ -57,17 +77,24 @@ def _cell(v, fmt: str) -> str:
     return "-" if v is None or v != v else fmt.format(v)
 
 
+def _goodput_caption(slo: dict) -> str:
+    """Which SLO the goodput counted, in vllm bench serve's --goodput form (ttft:200 tpot:30, ms)."""
+    if not slo:
+        return "goodput: no slo: section, so none counted"
+    return "goodput: requests meeting " + " ".join(f"{k.removesuffix('_ms')}:{v:g}" for k, v in slo.items()) + " (ms)"
+
+
 def summary_table(summaries: dict[str, dict]) -> Table:
-    t = Table(title="fastsim summary")
+    """The figures vllm bench serve prints (same order and percentiles) and fastsim's own, one column
+    per engine; a row no engine has (an offered rate of a closed loop) is left out."""
+    t = Table(title="fastsim summary", caption=_goodput_caption(next(iter(summaries.values())).get("slo") or {}))
     t.add_column("metric", no_wrap=True)
     for name in summaries:
         t.add_column(name, justify="right")
     for key, label, fmt in _SUMMARY_ROWS:
-        cells = []
-        for s in summaries.values():
-            v = s.get(key)
-            cells.append(_cell(v, fmt))
-        t.add_row(label, *cells)
+        if key == "offered_request_rate" and not any(key in s for s in summaries.values()):
+            continue
+        t.add_row(label, *[_cell(s.get(key), fmt) for s in summaries.values()])
     return t
 
 
@@ -113,7 +140,7 @@ def run_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: output.dir)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key: engine.max_num_seqs=128")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="parquet | arrow | csv (default: output.format)")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary table")] = False,
+    quiet: Quiet = False,
     model: Annotated[Optional[str], typer.Option("--model", help="model id (`fastsim models`)", rich_help_panel=QUICK)] = None,
     gpu: Annotated[Optional[str], typer.Option("--gpu", help="GPU id (`fastsim gpus`)", rich_help_panel=QUICK)] = None,
     num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", min=1, help="requests in all",
@@ -182,7 +209,7 @@ def _warn(text: str) -> None:
 
 
 @app.command("warmup")
-def warmup_cmd() -> None:
+def warmup_cmd(quiet: Quiet = False) -> None:
     """Compile the simulation kernels now (a few minutes, once per fastsim version), so that the
     first `fastsim run` starts at once; removes the compiled kernels of other versions."""
     import os
@@ -197,7 +224,8 @@ def warmup_cmd() -> None:
     removed = prune_stale_caches()
     freed = f"; removed {len(removed)} cache(s) of other versions" if removed else ""
     console.print(f"simulation kernels {'were already' if was else 'are now'} compiled ({seconds:.1f} s){freed}")
-    console.print(f"cache: {os.environ['NUMBA_CACHE_DIR']}", highlight=False, soft_wrap=True)
+    if not quiet:
+        console.print(f"cache: {os.environ['NUMBA_CACHE_DIR']}", highlight=False, soft_wrap=True)
 
 
 def _warn_uncalibrated(cfg) -> None:
@@ -233,9 +261,10 @@ def _default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-_SWEEP_COLUMNS = [("request_throughput", "req/s", "{:.3f}"), ("output_throughput", "out tok/s", "{:.0f}"),
-                  ("p99_ttft_ms", "p99 TTFT ms", "{:.1f}"), ("p99_tpot_ms", "p99 TPOT ms", "{:.2f}"),
-                  ("request_goodput", "goodput req/s", "{:.3f}")]
+# Two-line headers: a sweep's table fits 80 columns with two swept keys.
+_SWEEP_COLUMNS = [("request_throughput", "req/s", "{:.3f}"), ("output_throughput", "out\ntok/s", "{:.0f}"),
+                  ("p99_ttft_ms", "p99 TTFT\n(ms)", "{:.1f}"), ("p99_tpot_ms", "p99 TPOT\n(ms)", "{:.2f}"),
+                  ("request_goodput", "goodput\n(req/s)", "{:.3f}")]
 
 
 @app.command("sweep")
@@ -260,7 +289,7 @@ def sweep_cmd(
                              "table: <out>/requests/point_id=<id>/ (a Parquet dataset)")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="run again the points that failed "
                             "before (done points are always skipped)")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no results table")] = False,
+    quiet: Quiet = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="run a sweep of more than 10,000 points")] = False,
 ) -> None:
     """Run many variations of a config in parallel; one summary row per point and engine in
@@ -330,21 +359,24 @@ def _sweep_spec(model, data: dict):
 
 
 def _sweep_table(rows: list[dict], keys: list[str], limit: int = 40) -> Table:
+    """The swept values (never cut to '…'), the engine if there are several, the headline figures,
+    and the status if any point failed."""
     t = Table(title=f"sweep ({len(rows)} rows{'; first ' + str(limit) if len(rows) > limit else ''})")
     short = [k.rsplit(".", 1)[-1] for k in keys]  # the full keys are the table's column names
     for k, name in zip(keys, short):
-        t.add_column(name if short.count(name) == 1 else k)
-    t.add_column("engine")
+        t.add_column(name if short.count(name) == 1 else k, no_wrap=True)
+    engines = len({row.get("engine") for row in rows}) > 1
+    failed = any(row["status"] != "ok" for row in rows)
+    if engines:
+        t.add_column("engine", no_wrap=True)
     for _, label, _ in _SWEEP_COLUMNS:
-        t.add_column(label, justify="right", no_wrap=True)
-    t.add_column("status")
+        t.add_column(label, justify="right")
+    if failed:
+        t.add_column("status")
     for row in rows[:limit]:
-        cells = [str(row.get(k)) for k in keys] + [str(row.get("engine") or "-")]
-        for key, _, fmt in _SWEEP_COLUMNS:
-            v = row.get(key)
-            cells.append(_cell(v, fmt))
-        cells.append(row["status"])
-        t.add_row(*cells)
+        cells = [str(row.get(k)) for k in keys] + ([str(row.get("engine") or "-")] if engines else [])
+        cells += [_cell(row.get(key), fmt) for key, _, fmt in _SWEEP_COLUMNS]
+        t.add_row(*cells, *([row["status"]] if failed else []))
     return t
 
 
@@ -366,6 +398,7 @@ def capacity_cmd(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder for capacity.json "
                    "(default: output.dir)")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """The highest request rate that meets every SLO, per engine (bisection on the rate, same seed)."""
     from fastsim.capacity import engine_configs, find_capacity, parse_slo
@@ -395,7 +428,8 @@ def capacity_cmd(
             continue
         t.add_row(c.engine, f"{c.rate:.3f}", f"{c.at_rate['output_throughput']:.0f}",
                   *(f"{c.at_rate[s.key]:.2f}" for s in targets), str(len(c.probes)))
-    console.print(t)
+    if not quiet:
+        console.print(t)
     for c in results:
         if c.rate is None:
             lowest = min(c.probes, key=lambda p: p.rate)
@@ -444,6 +478,7 @@ def search_cmd(
                     min=1)] = None,
     executor: Annotated[str, typer.Option("--executor", help="local or ray")] = "local",
     address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """The cheapest (or, with --objective, most energy-efficient ...) deployment (GPU, TP, PP, replicas, engine limits) that serves a request rate
     within the SLOs, and the cost/latency Pareto frontier. Writes <out>/search.parquet."""
@@ -482,7 +517,8 @@ def search_cmd(
         t.add_row(r["gpu"], str(r["tensor_parallel_size"]), str(r["pipeline_parallel_size"]),
                   str(r["data_parallel_size"]), str(r["max_num_seqs"]), str(r["max_num_batched_tokens"]),
                   str(r["num_gpus"]), f"{r['cost_usd_per_hour']:.2f}", *(f"{r[k]:.3g}" for k in extra), f"{r[lat]:.1f}")
-    console.print(t)
+    if not quiet:
+        console.print(t)
     if res.frontier:
         c = res.frontier[0]
         console.print(f"best by {objective}: {c['data_parallel_size']} x {c['gpu']} replicas at TP "
@@ -500,6 +536,7 @@ def plot_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="where to write (default: RESULTS/plots)")] = None,
     x: Annotated[Optional[str], typer.Option("--x", help="sweep: the swept key on the x axis (default: the "
                  "arrival rate)")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Figures (PNG and SVG): latency CDFs per engine, KV use and queues over time (with
     output.timeline), throughput and latency against the swept rate."""
@@ -513,6 +550,7 @@ def plot_cmd(
 def validate_cmd(
     config: Annotated[Optional[Path], typer.Argument(help="YAML config to check; none: the built-in default")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Check a config without simulating; show each engine's memory plan."""
     import numpy as np
@@ -570,16 +608,18 @@ def validate_cmd(
 
     for label, f in rows:
         t.add_row(label, *[cell(f(rp)) for _, rp in columns])
-    console.print(t)
+    if not quiet:
+        console.print(t)
     # What run checks before it simulates: the memory the arrays need, then the workload itself
     # (traces read and parsed, lengths drawn), and which requests no replica could serve.
     check_memory(cfg, len(plans))
     workload = generate_workload(cfg.workload, cfg.simulation.seed)
     span = float(np.nanmax(workload.arrival_s) - np.nanmin(workload.arrival_s))  # NaN: later turns
     pace = f"{(len(workload) - 1) / span:,.3g} req/s offered" if span > 0 else "all at once"
-    console.print(f"workload: {len(workload):,} requests from {len(cfg.workload.clients)} client(s), {pace}, "
-                  f"mean prompt {workload.prompt_tokens.mean():,.0f} / output {workload.output_tokens.mean():,.0f} "
-                  "tokens", highlight=False)
+    if not quiet:
+        console.print(f"workload: {len(workload):,} requests from {len(cfg.workload.clients)} client(s), {pace}, "
+                      f"mean prompt {workload.prompt_tokens.mean():,.0f} / output "
+                      f"{workload.output_tokens.mean():,.0f} tokens", highlight=False)
     for eng, pools in plans:
         note = rejection_note(eng.name, workload, rejections(workload, pools), pools)
         if note:
@@ -591,35 +631,42 @@ def validate_cmd(
 @app.command("generate-config")
 def generate_config_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write here instead of stdout")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Print a commented YAML config with every option and its default."""
     from fastsim.config_template import config_template
 
-    _print_or_write(config_template(), out)
+    _print_or_write(config_template(), out, quiet)
 
 
-def _print_or_write(text: str, out: Path | None) -> None:
+def _print_or_write(text: str, out: Path | None, quiet: bool = False) -> None:
     if out is None:
         sys.stdout.write(text)
     else:
         write_text_atomic(out, text)
-        console.print(f"wrote {out}")
+        if not quiet:
+            console.print(f"wrote {out}")
 
 
 @app.command("config-reference")
 def config_reference_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write here instead of stdout")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Print the configuration reference (Markdown): every key, its type, default and meaning."""
     from fastsim.config_reference import config_reference
 
-    _print_or_write(config_reference(), out)
+    _print_or_write(config_reference(), out, quiet)
 
 
 @app.command("models")
-def models_cmd() -> None:
+def models_cmd(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only the ids, one per line")] = False) -> None:
     """List the built-in models (any local config.json path works too)."""
     from fastsim.catalog import load_model, model_ids
+
+    if quiet:
+        console.print("\n".join(model_ids()), highlight=False)
+        return
 
     t = _table("id", "params (B)", "active (B)", "layers", "hidden", "attention", "experts", "KV KiB/token (bf16)",
                "max context")
@@ -636,9 +683,13 @@ def models_cmd() -> None:
 
 
 @app.command("gpus")
-def gpus_cmd() -> None:
+def gpus_cmd(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only the ids, one per line")] = False) -> None:
     """List the built-in GPUs with their datasheet figures."""
     from fastsim.catalog.gpus import builtin_gpus
+
+    if quiet:
+        console.print("\n".join(builtin_gpus()), highlight=False)
+        return
 
     from fastsim.cost.profile import profile_origin
 
@@ -658,6 +709,7 @@ def calibrate_cmd(
     measurements: Annotated[Path, typer.Argument(help="step-times CSV in the format of measure_steps.py")],
     gpu: Annotated[str, typer.Option("--gpu", help="GPU catalog id the measurements were taken on")],
     out: Annotated[Path, typer.Option("-o", "--out", help="where to write the fitted profile (YAML)")] = Path("profile.yaml"),
+    quiet: Quiet = False,
 ) -> None:
     """Fit a cost profile from measured GEMM/copy micro-benchmarks (and layer rows, if any)."""
     from fastsim.catalog import load_gpu
@@ -669,7 +721,7 @@ def calibrate_cmd(
     prof = fit_profile(meas, spec)
     write_text_atomic(out, prof.to_yaml())
     console.print(f"fitted on {len(meas.gemm)} GEMM rows and {len(meas.layers)} layer rows -> {out}")
-    if meas.layers:
+    if meas.layers and not quiet:
         console.print(error_table(prof, spec, meas.layers))
 
 

@@ -146,3 +146,35 @@ def test_requests_no_replica_can_serve_are_said_and_a_run_of_nothing_else_refuse
     assert r.exit_code == 1 and isinstance(r.exception, FastsimError)
     assert "all 5 requests would be rejected" in str(r.exception) and "9,010 tokens" in str(r.exception)
     assert not (tmp_path / "none").exists()
+
+
+def test_what_a_vllm_bench_serve_user_reaches_for_first(tmp_path):
+    """--version and -h; -q on every command; vLLM's totals and percentiles in the summary, and the
+    SLO the goodput counted; tables within 80 columns, swept values never cut to '…'."""
+    from fastsim import __version__
+
+    for args in (["--version"], ["-V"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0 and r.output.strip() == f"fastsim {__version__}"
+    assert runner.invoke(app, ["run", "-h"]).exit_code == 0
+    names = [c.name for c in app.registered_commands]
+    assert len(names) == 12
+    for name in names:
+        r = runner.invoke(app, [name, "--help"], terminal_width=200)
+        assert "--quiet" in r.output and "-q" in r.output, name
+    r = runner.invoke(app, ["gpus", "-q"])
+    assert r.exit_code == 0 and "H100-SXM" in r.output.split("\n") and "│" not in r.output
+    r = runner.invoke(app, ["run", "--num-prompts", "60", "--set", "slo.ttft_ms=200", "--out", str(tmp_path / "r")],
+                      terminal_width=80)
+    assert r.exit_code == 0, r.output
+    for label in ("total input tokens", "total generated tokens", "median ITL (ms)", "median E2EL (ms)",
+                  "goodput: requests meeting ttft:200"):
+        assert label in r.output, label
+    assert max(len(line) for line in r.output.splitlines()) <= 80
+    r = runner.invoke(app, ["sweep", "-o", str(tmp_path / "s"), "-j", "1", "--grid", "engine.max_num_seqs=16,64",
+                            "--grid", "workload.clients.0.arrival.rate=2,8", "--set", "workload.num_requests=50"],
+                      terminal_width=80)
+    assert r.exit_code == 0, r.output
+    table = [line for line in r.output.splitlines() if line.startswith("│")]
+    assert len(table) == 4 and all("…" not in line and len(line) <= 80 for line in table)
+    assert table[0].split("│")[1].strip() == "16" and table[1].split("│")[2].strip() == "8"

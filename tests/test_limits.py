@@ -174,3 +174,46 @@ def test_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path):
     assert again.returncode == 0, again.stderr
     after = {p.name: p.stat().st_mtime_ns for p in points.glob("*.json")}
     assert len(after) == 3 and all(after[name] == mtime for name, mtime in done.items())  # not redone
+
+
+def _children(pid: int) -> list[int]:
+    import os
+
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:  # the field after the state: the parent's id
+                out.append(int(entry))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sweep_workers_end_when_the_sweep_is_killed(tmp_path):
+    """kill -9 of a sweep gives it no chance to stop its pool: the workers must end by themselves."""
+    import os
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "fastsim.cli", "sweep", "-q", "-j", "2", "-o", str(tmp_path / "o"),
+                             "--grid", "workload.num_requests=3000000,3000001", "--set", "simulation.mode=exact"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.monotonic()
+    workers: list[int] = []
+    while len(workers) < 2 and proc.poll() is None and time.monotonic() - t0 < 240:
+        time.sleep(0.1)
+        workers = _children(proc.pid)
+    assert len(workers) == 2, proc.stderr.read() if proc.poll() is not None else "no workers"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    t0 = time.monotonic()
+    while any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers) \
+            and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive
