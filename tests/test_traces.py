@@ -110,6 +110,28 @@ def test_missing_trace_file(tmp_path):
         read_trace("azure", tmp_path / "none.csv")
 
 
+@pytest.mark.parametrize("fmt", ["azure", "mooncake", "vidur", "fastsim"])
+def test_an_unreadable_trace_says_permission_denied(tmp_path, monkeypatch, fmt):
+    """(Tests run as root read any file, so the operating system's refusal is staged.)"""
+    import builtins
+    import os
+
+    f = tmp_path / ("t.parquet" if fmt == "fastsim" else "t.txt")
+    f.write_text("x")
+    denied = PermissionError(13, os.strerror(13), str(f))
+
+    def refuse(*args, **kwargs):
+        raise denied
+
+    monkeypatch.setattr(Path, "open", refuse)
+    monkeypatch.setattr(builtins, "open", refuse)
+    import pyarrow.parquet as pq
+    monkeypatch.setattr(pq, "read_table", refuse)
+    with pytest.raises(FastsimError, match="Permission denied") as e:
+        read_trace(fmt, f)
+    assert str(f) in str(e.value) and "\n" not in str(e.value)
+
+
 def test_take_keeps_each_rows_block_ids():
     rows = read_trace("mooncake", FIX / "mooncake_conversation_300.jsonl")
     idx = np.array([1, 5, 7])
