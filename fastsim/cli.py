@@ -556,10 +556,11 @@ def validate_cmd(
     import numpy as np
 
     from fastsim.config import load_config
-    from fastsim.simulation import check_memory, plan_engines, rejection_note, rejections
+    from fastsim.planning import check_memory, plan_engines, rejection_note, rejections
     from fastsim.workload import generate_workload
 
     from fastsim.cost.serving import engine_serving
+    from fastsim.frameworks import FRAMEWORKS
     from fastsim.memory import expert_parallel_size, kv_dtype
 
     cfg = load_config(config, list(set_ or []))
@@ -577,7 +578,7 @@ def validate_cmd(
             ("GPU memory, as CUDA reports it (GiB)", lambda rp: rp.memory.gpu_total_bytes / gib),
             # TensorRT-LLM sizes the KV cache by kv_cache_free_gpu_mem_fraction of what is left instead.
             ("budget at gpu_memory_utilization (GiB)",
-             lambda rp: "-" if rp.engine.framework == "trtllm" else rp.memory.budget_bytes / gib),
+             lambda rp: "-" if FRAMEWORKS[rp.engine.framework].trtllm_memory else rp.memory.budget_bytes / gib),
             ("weights (GiB)", lambda rp: rp.memory.weight_bytes / gib),
             ("activation peak of the profiling run (GiB)", lambda rp: rp.memory.activation_bytes / gib),
             ("non-torch: CUDA workspaces, NCCL buffers (GiB)", lambda rp: rp.memory.non_torch_bytes / gib),

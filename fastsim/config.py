@@ -8,6 +8,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fastsim.errors import FastsimError
+from fastsim.frameworks import FRAMEWORK_NAMES, FRAMEWORKS
+from fastsim.policies import DECODE_ROUTERS, PREFILL_ROUTERS, ROUTERS
 
 
 class _Strict(BaseModel):
@@ -383,7 +385,7 @@ class Engine(_Strict):
     same: max_num_seqs = --max-running-requests, max_num_batched_tokens = --chunked-prefill-size,
     block_size = --page-size, enable_prefix_caching = not --disable-radix-cache)."""
     name: str = Field(default="vllm", description="this engine's name in the output (engines: variants)")
-    framework: Literal["vllm", "sglang", "trtllm", "dynamo"] = Field(
+    framework: Literal[FRAMEWORK_NAMES] = Field(
         default="vllm", description="vllm: V1 scheduling (mixed prefill/decode batches, FCFS); sglang: "
         "prefill batches apart from decode batches, admission that reserves room for running requests' "
         "output, radix cache at token granularity (block_size 1) and longest-prefix-first queueing; trtllm: "
@@ -489,40 +491,33 @@ class Engine(_Strict):
                 raise ValueError(f"quantization {data['quantization']} stores weights as {weights}, but dtype is "
                                  f"{data['dtype']}; drop quantization or dtype")
             data = {**data, "dtype": weights}
-        if isinstance(data, dict) and data.get("framework") == "sglang":
-            data = {"block_size": 1, "enable_prefix_caching": True, **data}
-            data.setdefault("schedule_policy", "lpm" if data["enable_prefix_caching"] else "fcfs")
-        if isinstance(data, dict) and data.get("framework") == "dynamo":
-            # Dynamo's KV router reads the workers' prefix caches (vLLM V1 turns them on by default).
-            data = {"enable_prefix_caching": True, **data}
-        if isinstance(data, dict) and data.get("framework") == "trtllm":
-            # TensorRT-LLM's defaults (LLM API / trtllm-bench): max_batch_size 2048, max_num_tokens 8192,
-            # tokens_per_block 32, GUARANTEED_NO_EVICT, free_gpu_memory_fraction 0.9, FP8 on Hopper and
-            # later (NVIDIA's published throughput runs use FP8 checkpoints and FP8 KV). Chunked
-            # context is on here so that prompts longer than max_num_tokens run at all.
-            data = {"max_num_seqs": 2048, "max_num_batched_tokens": 8192, "block_size": 32,
-                    "capacity_scheduler_policy": "guaranteed_no_evict", "kv_cache_free_gpu_mem_fraction": 0.9,
-                    "enable_chunked_prefill": True, **data}
+        if isinstance(data, dict) and data.get("framework") in FRAMEWORKS:
+            fw = FRAMEWORKS[data["framework"]]
+            data = {**fw.defaults, **data}
+            if "lpm" in fw.queue_policies:  # longest prefix first needs a cache to look in
+                data.setdefault("schedule_policy", "lpm" if data.get("enable_prefix_caching") else "fcfs")
         return data
 
     @model_validator(mode="after")
     def _framework_options(self):
-        if self.framework in ("vllm", "dynamo") and self.schedule_policy == "lpm":
-            raise ValueError("schedule_policy: lpm is SGLang's (vLLM serves first-come-first-served); "
-                             "set framework: sglang or drop it")
-        if self.framework in ("vllm", "dynamo") and self.max_num_batched_tokens < self.max_num_seqs:
+        fw = FRAMEWORKS[self.framework]
+        if self.schedule_policy is not None and self.schedule_policy not in fw.queue_policies:
+            raise ValueError(f"schedule_policy: {self.schedule_policy} is SGLang's (vLLM serves "
+                             "first-come-first-served); set framework: sglang or drop it")
+        if fw.budget_at_least_batch and self.max_num_batched_tokens < self.max_num_seqs:
             # vLLM refuses this at startup: a full batch of decodes would not fit in one step's tokens.
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than "
                              f"max_num_seqs ({self.max_num_seqs}); raise max_num_batched_tokens to at least "
                              f"{self.max_num_seqs} or lower max_num_seqs (vLLM refuses this too)")
-        if self.framework == "sglang" and self.scheduler == "v0":
+        if fw.sglang_scheduler and self.scheduler == "v0":
             raise ValueError("scheduler: v0 is vLLM's; SGLang has its own scheduler (drop scheduler)")
-        if self.framework != "trtllm" and (self.capacity_scheduler_policy or self.kv_cache_free_gpu_mem_fraction):
+        if not fw.trtllm_capacity and (self.capacity_scheduler_policy or self.kv_cache_free_gpu_mem_fraction):
             raise ValueError("capacity_scheduler_policy and kv_cache_free_gpu_mem_fraction are TensorRT-LLM's; "
                              "set framework: trtllm or drop them")
-        if self.framework == "trtllm" and (self.scheduler == "v0" or self.enable_prefix_caching):
-            raise ValueError("framework trtllm is modelled with its own scheduler and without KV cache reuse; "
-                             "drop scheduler / enable_prefix_caching")
+        if (not fw.v0_scheduler and not fw.sglang_scheduler and self.scheduler == "v0") or (
+                not fw.prefix_caching and self.enable_prefix_caching):
+            raise ValueError(f"framework {self.framework} is modelled with its own scheduler and without KV cache "
+                             "reuse; drop scheduler / enable_prefix_caching")
         if self.speculative_config is not None and self.pipeline_parallel_size > 1:
             raise ValueError("speculative_config is modelled with pipeline_parallel_size 1 (as vLLM supports it); "
                              "drop one of them")
@@ -532,11 +527,11 @@ class Engine(_Strict):
                              "modelled at pipeline_parallel_size 1 without speculative decoding; set scheduler: v0 "
                              "(V1's successor is async_scheduling) or drop it")
         if self.async_scheduling and (self.scheduler == "v0" or self.pipeline_parallel_size > 1
-                                      or self.framework == "trtllm"):
+                                      or not fw.async_scheduling):
             raise ValueError("async_scheduling is modelled for vLLM's V1 scheduler (and SGLang's overlap "
                              "scheduler) at pipeline_parallel_size 1; drop async_scheduling, or scheduler: v0 / "
                              "pipeline_parallel_size / framework: trtllm")
-        if self.framework == "sglang" and self.long_prefill_token_threshold:
+        if not fw.long_prefill_threshold and self.long_prefill_token_threshold:
             raise ValueError("long_prefill_token_threshold is vLLM's; SGLang chunks by "
                              "max_num_batched_tokens (--chunked-prefill-size) alone")
         return self
@@ -589,16 +584,15 @@ class Disaggregation(_Strict):
     prefill: "Pool" = Field(description="the prefill pool: count, gpu, engine arguments")
     decode: "Pool" = Field(description="the decode pool: count, gpu, engine arguments")
     kv_transfer: KvTransfer = KvTransfer()
-    prefill_router: Literal["round_robin", "random", "least_requests", "least_kv", "prefix_aware", "kv_aware"] | None = Field(
+    prefill_router: Literal[PREFILL_ROUTERS] | None = Field(
         default=None, description="default: cluster.router (kv_aware under framework dynamo)")
-    decode_router: Literal["round_robin", "random", "least_requests", "least_kv", "kv_aware"] | None = Field(
+    decode_router: Literal[DECODE_ROUTERS] | None = Field(
         default=None, description="default: cluster.router (kv_aware under framework dynamo: with no cache in "
         "the decode pool, the fewest blocks in use)")
 
 
 class Cluster(_Strict):
-    router: Literal["round_robin", "random", "least_requests", "least_kv", "session_affinity", "prefix_aware",
-                    "kv_aware"] = Field(
+    router: Literal[ROUTERS] = Field(
         default="round_robin", description="how arrivals pick a replica; least_requests = fewest outstanding; "
         "prefix_aware = the replica caching the longest prefix of the prompt, unless the load is unbalanced "
         "(SGLang router's cache-aware policy, over the replicas' real caches); kv_aware = NVIDIA Dynamo's KV "

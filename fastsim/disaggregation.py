@@ -9,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from fastsim.engine import enums as E
+from fastsim.kernel_run import run_pools
+from fastsim.planning import router_for
+
 
 def transfer_s(cfg, prefill_pool, prompt: np.ndarray) -> np.ndarray:
     """Seconds to move each request's prompt KV: every GPU of the prefill instance sends its shard
@@ -19,8 +22,6 @@ def transfer_s(cfg, prefill_pool, prompt: np.ndarray) -> np.ndarray:
 
 def run_disaggregated(cfg, model, pools, workload, measured, reason, report, budget=None) -> tuple[tuple, dict]:
     """(the kernel's output tuple for the whole deployment, extra per-request columns)."""
-    from fastsim.simulation import router_for, run_pools
-
     dis = cfg.cluster.disaggregation
     prefill, decode = pools
     n = len(workload)

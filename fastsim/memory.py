@@ -8,6 +8,7 @@ from fastsim.catalog.models import EMBEDDING_BYTES, auto_kv_cache_dtype
 from fastsim.config import Engine
 from fastsim.cost.speculative import drafter
 from fastsim.errors import FastsimError
+from fastsim.frameworks import FRAMEWORKS
 
 GB = 1e9
 GIB = 2**30
@@ -118,14 +119,14 @@ def activation_bytes(model: ModelSpec, engine: Engine, tp: int) -> float:
         persistent = tokens * model.num_experts_per_tok * (3 * model.moe_intermediate_size / tp + h) * 2
         inter = model.shared_expert_intermediate_size
     forward = tokens * (2 * h + 3 * inter / tp) * 2
-    if engine.framework == "trtllm" or (engine.framework == "vllm" and engine.scheduler == "v0"):
+    if FRAMEWORKS[engine.framework].v0_sampler or engine.scheduler == "v0":  # V0 adds the sampler's logits
         return persistent + forward + rows * V0_SAMPLER_BYTES_PER_LOGIT
     return persistent + max(forward, rows * V1_SAMPLER_BYTES_PER_LOGIT)
 
 
 def non_torch_bytes(gpu: GpuSpec, engine: Engine, tp: int) -> float:
     """Memory outside PyTorch's allocator per GPU: CUDA workspaces, and NCCL's buffers under TP."""
-    if engine.framework == "trtllm":
+    if FRAMEWORKS[engine.framework].trtllm_memory:
         return TRTLLM_NON_TORCH_BYTES
     if tp > 1 and gpu.interconnect == "nvlink":
         return NON_TORCH_BYTES + NVLINK_NCCL_BUFFER_BYTES
@@ -139,7 +140,7 @@ def _kv_room(model: ModelSpec, gpu: GpuSpec, engine: Engine, tp: int) -> tuple:
     total = gpu.cuda_memory_bytes
     weights, act, kv_tok = _per_gpu(model, engine, tp)
     other = non_torch_bytes(gpu, engine, tp)
-    if engine.framework == "trtllm":
+    if FRAMEWORKS[engine.framework].trtllm_memory:
         return total, total, weights, act, other, kv_tok, \
             engine.kv_cache_free_gpu_mem_fraction * (total - weights - act - other)
     budget = engine.gpu_memory_utilization * total

@@ -54,7 +54,7 @@ def at_rate(base_raw: dict, rate: float) -> dict:
 
 def why_not_fit(raw: dict, c: Candidate) -> str | None:
     """The memory plan's objection to one replica of c, or None if it fits (and has a price)."""
-    from fastsim.simulation import plan_engines
+    from fastsim.planning import plan_engines
 
     try:
         _, _, plans = plan_engines(build_config(deployment_raw(raw, c, 1)))

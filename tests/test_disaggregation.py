@@ -9,7 +9,8 @@ from fastsim.cost import CostModel
 from fastsim.cost.profile import default_profile
 from fastsim.cost.serving import serving_profile
 from fastsim.errors import FastsimError
-from fastsim.simulation import plan_engines, simulate
+from fastsim.planning import plan_engines
+from fastsim.simulation import simulate
 
 VLLM = serving_profile("vllm")  # the engine's default framework: its kernels and CPU time per iteration
 CM = CostModel.create("meta-llama/Meta-Llama-3-8B", "H100-SXM", profile=VLLM.kernels(default_profile()))

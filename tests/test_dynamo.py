@@ -5,7 +5,8 @@ import pytest
 
 from fastsim.config import Engine, load_config
 from fastsim.errors import FastsimError
-from fastsim.simulation import plan_engines, router_for, simulate
+from fastsim.planning import plan_engines, router_for
+from fastsim.simulation import simulate
 
 SYSTEM = ("workload.clients=[{arrival: {process: constant, rate: 1.0}, system_prompt_tokens: 1600, "
           "prompt_tokens: {dist: constant, value: 16}, output_tokens: {dist: constant, value: 1000}}]")

@@ -13,7 +13,7 @@ from fastsim.cost.speculative import speculative_cost_model
 from fastsim.engine import cost_nb as nb
 from fastsim.engine import enums as E
 from fastsim.engine.cluster_nb import run_cluster_nb
-from fastsim.simulation import prefix_cache_arrays
+from fastsim.kernel_run import prefix_cache_arrays
 from fastsim.workload import Workload
 
 CM = CostModel.create("meta-llama/Meta-Llama-3-8B", "H100-SXM")

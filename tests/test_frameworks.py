@@ -5,7 +5,8 @@ from fastsim.catalog import load_gpu, load_model
 from fastsim.config import Engine, load_config
 from fastsim.errors import FastsimError
 from fastsim.memory import memory_plan, non_torch_bytes
-from fastsim.simulation import plan_engines, simulate
+from fastsim.planning import plan_engines
+from fastsim.simulation import simulate
 
 
 def cfg(**engine):
@@ -66,3 +67,24 @@ def test_token_budget_below_max_num_seqs_is_vllms_refusal_only():
     cfg(framework="vllm", max_num_batched_tokens=256)  # equal is allowed
     for framework in ("sglang", "trtllm"):
         cfg(framework=framework, max_num_batched_tokens=128, max_num_seqs=256)
+
+
+def test_every_framework_is_one_registry_entry_the_config_and_planning_read():
+    """A framework's defaults are engine arguments its own rules accept, its serving terms exist,
+    and the config offers exactly the registered names; routers likewise have one list of names."""
+    from fastsim.config import Cluster, Engine
+    from fastsim.cost.serving import PROFILES
+    from fastsim.engine import enums as E
+    from fastsim.frameworks import FRAMEWORK_NAMES, FRAMEWORKS
+    from fastsim.policies import ROUTERS
+
+    assert Engine.model_fields["framework"].annotation.__args__ == FRAMEWORK_NAMES
+    for name, fw in FRAMEWORKS.items():
+        assert set(fw.defaults) <= set(Engine.model_fields), name
+        eng = Engine(framework=name)
+        assert all(getattr(eng, k) == v for k, v in fw.defaults.items()), name
+        assert fw.serving in PROFILES, name
+    assert Cluster.model_fields["router"].annotation.__args__ == ROUTERS == tuple(E.ROUTE_NAMES)
+    # A rule read from the profile, not the name: TensorRT-LLM's queue has no longest-prefix order.
+    with pytest.raises(ValueError, match="schedule_policy: lpm is SGLang's"):
+        Engine(framework="trtllm", schedule_policy="lpm")

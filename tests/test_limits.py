@@ -10,8 +10,10 @@ import pytest
 
 from fastsim.config import load_config
 from fastsim.errors import FastsimError
-from fastsim.simulation import (BASE_BYTES, BYTES_PER_REQUEST, BYTES_PER_REQUEST_PER_ENGINE, WallBudget,
-                                available_memory_bytes, check_memory, expected_requests, run_polled, simulate)
+from fastsim.kernel_run import WallBudget, run_polled
+from fastsim.planning import (BASE_BYTES, BYTES_PER_REQUEST, BYTES_PER_REQUEST_PER_ENGINE, available_memory_bytes,
+                              check_memory, expected_requests)
+from fastsim.simulation import simulate
 
 
 def test_a_run_too_big_for_memory_is_refused_with_the_estimate():
@@ -60,7 +62,8 @@ def test_wall_clock_budget_stops_cleanly_and_accounts_for_every_request():
 def test_kernel_stops_when_asked():
     """progress[1] set before the run: nothing is simulated, every request ends unfinished."""
     from fastsim.engine import enums as E
-    from fastsim.simulation import plan_engines, run_pools
+    from fastsim.kernel_run import run_pools
+    from fastsim.planning import plan_engines
     from fastsim.workload import generate_workload
 
     cfg = load_config(None, ["workload.num_requests=100"])

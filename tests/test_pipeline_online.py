@@ -15,7 +15,9 @@ import pytest
 
 from fastsim.config import build_config
 from fastsim.engine import cost_nb as nb
-from fastsim.simulation import plan_engines, replica_arrays, simulate
+from fastsim.kernel_run import replica_arrays
+from fastsim.planning import plan_engines
+from fastsim.simulation import simulate
 
 MODEL = "meta-llama/Meta-Llama-3-70B"
 

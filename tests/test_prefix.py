@@ -103,7 +103,7 @@ def _content(prompts, outputs, ids_per_req, seq, shared_len, shared_id):
 
 def _cache(content, source, num_blocks, bs, max_seqs, longest, session=None):
     from fastsim.engine import enums as E
-    from fastsim.simulation import prefix_cache_arrays
+    from fastsim.kernel_run import prefix_cache_arrays
     from fastsim.workload import Workload
 
     n = content[2].size

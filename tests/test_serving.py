@@ -9,7 +9,8 @@ from fastsim.cost import CostModel
 from fastsim.cost.profile import (BANDWIDTH_FIELDS, OTHER_LINK, PRE_HOPPER_ATTENTION, default_profile, gpu_profile,
                                   profile_origin, profile_warning)
 from fastsim.cost.serving import PROFILES, engine_serving, serving_profile
-from fastsim.simulation import plan_engines, simulate
+from fastsim.planning import plan_engines
+from fastsim.simulation import simulate
 
 
 def one_request(prompt, output, *extra, process="batch", online=None):

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from fastsim.cost.profile import PRE_HOPPER, CostProfile, ElementwisePasses
+from fastsim.frameworks import FRAMEWORKS
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def serving_profile(framework: str, scheduler: str = "v1") -> ServingProfile:
     """The profile of an engine's framework (vLLM's V0 scheduler has its own)."""
     if framework == "vllm" and scheduler == "v0":
         return PROFILES["vllm-v0"]
-    return PROFILES[framework]
+    return PROFILES[FRAMEWORKS[framework].serving]
 
 
 def engine_serving(engine) -> ServingProfile:

@@ -1,6 +1,8 @@
 """Integer codes used inside kernels, and their names for the output table."""
 from __future__ import annotations
 
+from fastsim.policies import ROUTERS
+
 # Request status
 PENDING = 0      # not yet arrived, or waiting: never final
 RUNNING = 1      # never final
@@ -72,9 +74,9 @@ ROUTE_LEAST_KV = 3
 ROUTE_SESSION_AFFINITY = 4
 ROUTE_PREFIX_AWARE = 5
 ROUTE_KV_AWARE = 6
-ROUTE_NAMES = {"round_robin": ROUTE_ROUND_ROBIN, "random": ROUTE_RANDOM, "least_requests": ROUTE_LEAST_REQUESTS,
-               "least_kv": ROUTE_LEAST_KV, "session_affinity": ROUTE_SESSION_AFFINITY,
-               "prefix_aware": ROUTE_PREFIX_AWARE, "kv_aware": ROUTE_KV_AWARE}
+ROUTE_NAMES = {name: i for i, name in enumerate(ROUTERS)}  # the config's names, numbered in their order
+assert [ROUTE_NAMES[n] for n in ROUTERS] == [ROUTE_ROUND_ROBIN, ROUTE_RANDOM, ROUTE_LEAST_REQUESTS, ROUTE_LEAST_KV,
+                                             ROUTE_SESSION_AFFINITY, ROUTE_PREFIX_AWARE, ROUTE_KV_AWARE]
 # prefix_aware's parameters (route_params), named as SGLang's router names them
 RP_CACHE_THRESHOLD = 0
 RP_BALANCE_ABS = 1
