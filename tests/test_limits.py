@@ -155,6 +155,7 @@ def test_ctrl_c_in_the_middle_of_a_write_waits_for_the_whole_file(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == (["point.json"] if kind == "json" else ["requests.parquet"])
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path):
     import yaml
 

@@ -127,6 +127,7 @@ def test_an_amd_gpu_without_measurements_is_flagged():
     assert profile_warning(load_gpu("H100-SXM")) is None and profile_warning(load_gpu("L40S")) is None
 
 
+@pytest.mark.slow
 def test_overlapped_gaps_are_each_iterations_longer_time():
     """lazy_nb._gaps (fast mode's closed-form runs) against max(cpu, gpu) and cpu + gpu iteration by
     iteration, the GPU's time growing with the context as a quadratic."""

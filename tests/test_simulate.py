@@ -77,6 +77,7 @@ def test_same_seed_bit_identical_outputs(tmp_path):
     assert not np.array_equal(other.requests.column("arrival_s").to_numpy(), t1.column("arrival_s").to_numpy())
 
 
+@pytest.mark.slow
 def test_byte_identical_across_processes_and_modes_differ_only_where_they_should(tmp_path):
     """Two fresh processes (hash seeds differ), same config and seed: identical files. Another
     seed: a different workload."""

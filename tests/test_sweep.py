@@ -162,6 +162,7 @@ def test_a_sweep_of_more_points_than_the_limit_needs_yes(tmp_path, monkeypatch):
     assert ran == [19400]
 
 
+@pytest.mark.slow
 def test_ray_executor_gives_the_local_table(tmp_path):
     """On a local Ray instance (CI installs Ray with the test extras): the same rows, bit for bit."""
     pytest.importorskip("ray")

@@ -66,6 +66,7 @@ def test_error_statistics_by_hand():
     assert "| all | 4 |" in markdown_tables(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.regression
 def test_development_set_error_does_not_drift_up():
     rows = validate()
