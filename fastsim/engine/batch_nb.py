@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from numba.core import config as numba_config
 from numba.core import types
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.core.extending import intrinsic
@@ -85,6 +86,19 @@ def _bits_float(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], context.get_value_type(types.float64))
     return types.float64(types.int64), codegen
+
+
+if numba_config.DISABLE_JIT:
+    # The kernels run as plain Python (NUMBA_DISABLE_JIT=1, so that coverage sees their bodies):
+    # what the compiled intrinsics mean, in Python.
+    def trailing_zeros(b):  # noqa: F811
+        return (int(b) & -int(b)).bit_length() - 1
+
+    def _float_bits(x):  # noqa: F811
+        return np.float64(x).view(np.int64)
+
+    def _bits_float(bits):  # noqa: F811
+        return np.int64(bits).view(np.float64)
 
 
 # A positive double's bits >> (52 - ITL_OCTAVE_BITS) are its biased exponent followed by its leading
