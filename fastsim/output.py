@@ -1,4 +1,5 @@
-"""Writing results so that a reader never sees a half-written file: temporary name, then rename."""
+"""Writing results so that a reader never sees a half-written file or a folder that mixes two runs: a
+single file under a temporary name, then renamed; a run's folder staged whole, then swapped in."""
 from __future__ import annotations
 
 import os

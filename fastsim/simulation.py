@@ -1,4 +1,6 @@
-"""Orchestration: config -> catalogs -> cost tables + workload arrays -> engine kernel -> tables."""
+"""One run of a config: plan it (planning), make the workload, run each engine's pools through the
+kernel (kernel_run; disaggregation for split pools), and turn the arrays into the request table, the
+summary and the timeline (metrics)."""
 from __future__ import annotations
 
 import time
