@@ -149,6 +149,22 @@ _RUN_FILES = ("summary.json", "run.json", "config.yaml") + tuple(
     stem + suffix for stem in ("requests", "timeline") for suffix in TABLE_SUFFIX.values())
 
 
+# What `fastsim plot` draws into <out>/plots: figures of a run, which a new run into the folder makes
+# stale (its own figures are drawn again by the next `fastsim plot`).
+PLOTS_DIR = "plots"
+FIGURES = ("latency_cdf", "timeline", "sweep_throughput", "sweep_latency", "pareto")
+FIGURE_FORMATS = ("png", "svg")
+
+
+def remove_figures(folder: Path, keep: set[Path] = frozenset()) -> None:
+    """fastsim's figures in `folder` other than `keep` (a user's own files there stay)."""
+    for name in FIGURES:
+        for fmt in FIGURE_FORMATS:
+            p = folder / f"{name}.{fmt}"
+            if p not in keep:
+                p.unlink(missing_ok=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -260,6 +276,7 @@ def write_result(result, out_dir: str | Path, fmt: str, config=None, command: li
         (stage / "run.json").write_text(_json_text(meta))
         mode = _umask_mode()
         with _uninterruptible():
+            remove_figures(out / PLOTS_DIR)  # drawn from the run being replaced
             for old in _previous_files(out):
                 if old.relative_to(out).as_posix() not in files:
                     old.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fastsim.errors import FastsimError
+from fastsim.output import FIGURE_FORMATS, PLOTS_DIR, remove_figures
 
 FIGSIZE = (10.0, 4.0)  # inches
 DPI = 100
@@ -63,7 +64,7 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     """PNG and SVG, each written to a temporary name and renamed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for fmt in ("png", "svg"):
+    for fmt in FIGURE_FORMATS:
         path = out_dir / f"{name}.{fmt}"
         tmp = out_dir / f".{name}.{fmt}.{os.getpid()}.tmp"
         try:
@@ -215,7 +216,7 @@ def plot_results(results: Path, out_dir: Path | None = None, x: str | None = Non
     """Every figure the folder's files allow."""
     if not results.is_dir():
         raise FastsimError(f"plot: {str(results)!r} is not a folder fastsim wrote (fastsim run / sweep --out)")
-    out_dir = out_dir or results / "plots"
+    out_dir = out_dir or results / PLOTS_DIR
     written: list[Path] = []
     if (p := _find(results, "requests")) is not None:
         written += latency_cdfs(_read_table(p), out_dir)
@@ -227,4 +228,5 @@ def plot_results(results: Path, out_dir: Path | None = None, x: str | None = Non
         written += pareto_frontier(_read_table(results / "search.parquet"), out_dir)
     if not written:
         raise FastsimError(f"plot: {results} holds no requests, timeline, sweep or search table to plot")
+    remove_figures(out_dir, keep=set(written))  # an earlier run's figures this one has no data for
     return written

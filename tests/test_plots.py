@@ -36,6 +36,22 @@ def test_run_figures(tmp_path):
             check_image(p)
 
 
+def test_figures_of_an_earlier_run_do_not_outlive_it(tmp_path):
+    """A new run into a folder removes the figures drawn from the old one; `fastsim plot` removes
+    figures it has no data for now; a user's own files in plots/ stay."""
+    out = tmp_path / "run"
+    args = ["run", "-q", "--set", "workload.num_requests=40", "-o", str(out)]
+    assert CliRunner().invoke(app, args + ["--set", "output.timeline=true"]).exit_code == 0
+    plot_results(out)
+    (out / "plots" / "notes.txt").write_text("mine")
+    assert CliRunner().invoke(app, args).exit_code == 0  # no timeline this time
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["notes.txt"]
+    (out / "plots" / "timeline.png").write_bytes(b"stale")  # as an older fastsim would have left it
+    written = plot_results(out)
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["latency_cdf.png", "latency_cdf.svg", "notes.txt"]
+    assert {p.name for p in written} == {"latency_cdf.png", "latency_cdf.svg"}
+
+
 def test_sweep_figures_and_errors(tmp_path):
     points = sweep_points(Sweep(parameters={"workload.clients.0.arrival.rate": [2, 4, 8],
                                             "engine.max_num_seqs": [16, 256]}), BASE)
