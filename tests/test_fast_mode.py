@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastsim.engine import enums as E
+from fastsim.engine import closed_form_nb as cf
 from fastsim.engine import lazy_nb as lz
 from fastsim.engine.batch_nb import ceil_div_pow2_nb, div_pow2_nb, itl_bin_low_nb, itl_bin_nb, mod_pow2_nb
 from fastsim.config import SpeculativeConfig
@@ -44,7 +45,7 @@ def test_run_iteration_is_the_cost_models_to_rounding(n, keys, overlap, spec):
     p[OVERLAP] = overlap
     body, head = stage_time_nb(p, tok, seq, 0, 0, (n, float(keys), 0, 0, 0.0, 0.0))
     rest, comm = decode_only_nb(p, tok, seq, 0, 0, n)
-    attention = lz.attention_nb(lz.attention_coefs_nb(p), n, float(keys))
+    attention = cf.attention_nb(cf.attention_coefs_nb(p), n, float(keys))
     assert rest + attention == pytest.approx(body + head, rel=1e-14)
     assert comm == tok[1, n] + seq[1, n]
     if SPECS[spec] is None:  # one formula: bit for bit
@@ -57,15 +58,15 @@ def test_closed_form_sum_of_iterations_matches_stepping(n, keys0, k, spec, cappe
     grow = n - min(capped, n)  # decoders whose keys still grow (the others read a whole window)
     N = k - 1
     p = TABLES[spec][0]
-    c = lz.attention_coefs_nb(p)
-    g0 = lz.attention_nb(c, n, float(keys0))
-    a1, a2, ok = lz.fit_nb(c, n, float(keys0), grow, g0, N)
+    c = cf.attention_coefs_nb(p)
+    g0 = cf.attention_nb(c, n, float(keys0))
+    a1, a2, ok = cf.fit_nb(c, n, float(keys0), grow, g0, N)
     while not ok:  # as the engine does: a run the quadratic does not fit is cut in half
         N //= 2
-        a1, a2, ok = lz.fit_nb(c, n, float(keys0), grow, g0, N)
+        a1, a2, ok = cf.fit_nb(c, n, float(keys0), grow, g0, N)
     k = N + 1
     want = step_attention(p, n, keys0, grow, k)
-    p0, p1, p2, p3, p4 = lz.power_sums_nb(k - 1)
+    p0, p1, p2, p3, p4 = cf.power_sums_nb(k - 1)
     assert (p0, p1, p2, p3, p4) == pytest.approx([sum(u ** m for u in range(k)) for m in range(5)], rel=1e-15)
     assert g0 * p0 + a1 * p1 + a2 * p2 == pytest.approx(math.fsum(want), rel=1e-12)
     b0 = 1e-3 + g0  # a gap: some constant plus the attention
@@ -92,7 +93,7 @@ def test_binning_a_run_of_gaps_matches_binning_each(b0, slope, a2, k, count):
     """Bins found by solving for their edges are those of each gap alone, out to the clamped ends
     (gaps from below ITL_MIN_S to above ITL_MAX_S), whether a run crosses no edge or hundreds."""
     hist = np.zeros(E.ITL_BINS, np.int64)
-    lz._bin_run((hist, np.zeros(3)), b0, slope, a2, k, count)
+    cf.bin_run_nb((hist, np.zeros(3)), b0, slope, a2, k, count)
     want = np.zeros(E.ITL_BINS, np.int64)
     for u in range(k):
         want[reference_bin(b0 + slope * u + a2 * u * u)] += count
@@ -134,10 +135,10 @@ def test_iterations_a_run_takes_are_the_last_that_runs(b0, slope, a2, kmax, tota
     t_arrival, max_time_s = t + to_arrival, t + to_limit
     last = 0
     for j in range(1, kmax + 1):  # reference: iterations run while each runs
-        if not lz._runs(t, b0, a1, a2, j, total, t_arrival, max_time_s):
+        if not cf.runs_nb(t, b0, a1, a2, j, total, t_arrival, max_time_s):
             break
         last = j
-    assert lz._last_run(t, b0, a1, a2, kmax, total, t_arrival, max_time_s) == last
+    assert cf.last_run_nb(t, b0, a1, a2, kmax, total, t_arrival, max_time_s) == last
 
 
 @given(phase=st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128]).flatmap(  # powers of two; <= 32 masks, above loops
@@ -152,8 +153,8 @@ def test_blocks_taken_over_a_run_match_counting_each_iteration(phase, D, free, k
             break
         used += phase[(D + j) % bs]
         fit = j + 1
-    assert lz._blocks_fit(ph, 0, D, bs, n, free, kmax) == fit
-    assert lz._blocks_used(ph, 0, D, bs, n, fit) == used
+    assert cf.blocks_fit_nb(ph, 0, D, bs, n, free, kmax) == fit
+    assert cf.blocks_used_nb(ph, 0, D, bs, n, fit) == used
 
 
 def compare(a, b, batch):

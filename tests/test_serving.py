@@ -129,10 +129,10 @@ def test_an_amd_gpu_without_measurements_is_flagged():
 
 @pytest.mark.slow
 def test_overlapped_gaps_are_each_iterations_longer_time():
-    """lazy_nb._gaps (fast mode's closed-form runs) against max(cpu, gpu) and cpu + gpu iteration by
+    """closed_form_nb.gaps_nb (fast mode's closed-form runs) against max(cpu, gpu) and cpu + gpu iteration by
     iteration, the GPU's time growing with the context as a quadratic."""
     from fastsim.engine import cost_nb as nb
-    from fastsim.engine.lazy_nb import _gaps
+    from fastsim.engine.closed_form_nb import gaps_nb
 
     rng = np.random.default_rng(0)
     for case in range(400):
@@ -144,7 +144,7 @@ def test_overlapped_gaps_are_each_iterations_longer_time():
         while u0 < kmax:
             g = lambda u: gpu0 + a1 * (u0 + u) + a2 * (u0 + u) ** 2
             b = g(0)
-            k, b0, t1, t2 = _gaps(p, cpu, b, a1 + 2 * a2 * u0, a2, kmax - u0)
+            k, b0, t1, t2 = gaps_nb(p, cpu, b, a1 + 2 * a2 * u0, a2, kmax - u0)
             assert 1 <= k <= kmax - u0
             for u in range(k):
                 want = max(cpu, g(u)) if overlap else cpu + g(u)

@@ -39,6 +39,7 @@ from fastsim.engine import heap_nb as hp
 from fastsim.engine import prefix_nb as px
 from fastsim.engine import lazy_nb as lz_nb
 from fastsim.engine import pipeline_nb as pp
+from fastsim.engine.routing_nb import route_nb
 from fastsim.engine.batch_nb import (account_nb, add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb,
                                      chunk_nb, div_pow2_nb, final_blocks_nb, itl_add_nb, mod_pow2_nb, move_slot_nb,
                                      reserved_blocks_nb, sort_by_key_nb, tally_gap_nb, timeline_row_nb)
@@ -66,81 +67,6 @@ def _tree_argmin(tree, leaves):
         # branched on: with many replicas which child is earlier is a coin flip at every level.
         i = 2 * i + (tree[2 * i + 1] < tree[2 * i])
     return i - leaves
-
-
-# -- router ----------------------------------------------------------------------------------------
-@njit(cache=True, error_model="numpy", inline="always")
-def _used_frac(rep_int, free, r):
-    """Replica r's KV blocks in use, as a fraction, as of its last decision (free blocks change
-    only at decisions, so routers read them here rather than each decision storing it)."""
-    return (rep_int[r, E.RI_NUM_BLOCKS] - free[r]) / rep_int[r, E.RI_NUM_BLOCKS]
-
-
-@njit(cache=True, error_model="numpy")
-def _route(policy, route_params, i, n_rep, rr_next, draw, session, session_replica, outstanding, free,
-           apc, rep_int, prompt):
-    if policy == E.ROUTE_ROUND_ROBIN:
-        return rr_next % n_rep
-    if policy == E.ROUTE_RANDOM:
-        return draw[i]
-    if policy == E.ROUTE_SESSION_AFFINITY and session[i] >= 0 and session_replica[session[i]] >= 0:
-        return session_replica[session[i]]
-    if policy == E.ROUTE_PREFIX_AWARE:
-        return _route_prefix_aware(route_params, i, n_rep, outstanding, apc, rep_int, prompt)
-    if policy == E.ROUTE_KV_AWARE:
-        return _route_kv_aware(route_params, i, n_rep, outstanding, free, apc, rep_int, prompt)
-    best = 0
-    for r in range(1, n_rep):
-        if policy == E.ROUTE_LEAST_KV:
-            u, u_best = _used_frac(rep_int, free, r), _used_frac(rep_int, free, best)
-            if u < u_best or (u == u_best and outstanding[r] < outstanding[best]):
-                best = r
-        elif outstanding[r] < outstanding[best]:
-            best = r
-    return best
-
-
-@njit(cache=True, error_model="numpy")
-def _route_prefix_aware(route_params, i, n_rep, outstanding, apc, rep_int, prompt):
-    """SGLang router's cache-aware policy over the replicas' real caches: while the load is balanced,
-    the replica caching the longest prefix of the prompt, if it covers at least cache_threshold of
-    it; otherwise (or when the most loaded replica has more than balance_abs_threshold requests
-    above the least, and more than balance_rel_threshold times as many) the least loaded."""
-    least, most = 0, 0
-    for r in range(1, n_rep):
-        if outstanding[r] < outstanding[least]:
-            least = r
-        if outstanding[r] > outstanding[most]:
-            most = r
-    hi, lo = outstanding[most], outstanding[least]
-    if hi - lo > route_params[E.RP_BALANCE_ABS] and hi > route_params[E.RP_BALANCE_REL] * lo:
-        return least
-    best, best_tokens = least, 0
-    for r in range(n_rep):
-        if rep_int[r, E.RI_APC]:
-            bs = rep_int[r, E.RI_BLOCK_SIZE]
-            tokens = px.apc_match_nb(apc, r, i, prompt[i], bs)[0] * bs
-            if tokens > best_tokens or (tokens == best_tokens and outstanding[r] < outstanding[best]):
-                best, best_tokens = r, tokens
-    if best_tokens > 0 and best_tokens >= route_params[E.RP_CACHE_THRESHOLD] * prompt[i]:
-        return best
-    return least
-
-
-@njit(cache=True, error_model="numpy")
-def _route_kv_aware(route_params, i, n_rep, outstanding, free, apc, rep_int, prompt):
-    """NVIDIA Dynamo's KV router at temperature 0: the replica with the lowest
-    kv_overlap_score_weight x (prompt blocks it would prefill, after its cached prefix) + (blocks in
-    use, with this request's); ties to fewer outstanding requests, then the lower index."""
-    best, best_cost = 0, np.inf
-    for r in range(n_rep):
-        bs = rep_int[r, E.RI_BLOCK_SIZE]
-        cached = px.apc_match_nb(apc, r, i, prompt[i], bs)[0] * bs if rep_int[r, E.RI_APC] else 0
-        cost = (route_params[E.RP_OVERLAP_WEIGHT] * (prompt[i] - cached) / bs
-                + _used_frac(rep_int, free, r) * rep_int[r, E.RI_NUM_BLOCKS] + prompt[i] / bs)
-        if cost < best_cost or (cost == best_cost and outstanding[r] < outstanding[best]):
-            best, best_cost = r, cost
-    return best
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -303,7 +229,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
         for i in range(n):
             if rejected[i] or think_s[i] >= 0:
                 continue
-            d = rr_next % n_rep if policy == E.ROUTE_ROUND_ROBIN else draw[i]  # (_route's rule, without its call)
+            d = rr_next % n_rep if policy == E.ROUTE_ROUND_ROBIN else draw[i]  # (route_nb's rule, without its call)
             rr_next += 1
             dest[i] = d
             if last_for[d] < 0:
@@ -468,7 +394,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                             for rr in range(n_rep):
                                 if lz_ok[rr]:
                                     lz_nb.apc_flush_nb(lz, rr, apc)
-                        dst = _route(policy, route_params, ai, n_rep, rr_next, draw, session, session_replica,
+                        dst = route_nb(policy, route_params, ai, n_rep, rr_next, draw, session, session_replica,
                                      outstanding, free, apc, rep_int, prompt)
                         rr_next += 1
                     _enqueue(ai, dst, session, session_replica, replica, rep_requests, outstanding, q_head, q_tail,
