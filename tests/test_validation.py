@@ -14,7 +14,7 @@ from fastsim.validation.report import error_stats, markdown_tables
 # 25.6% before the serving terms): a change may lower these, and must then lower them here; raising
 # them needs a reason in the commit.
 RECORDED_MEDIAN = 0.051
-RECORDED_P90 = 0.177  # 0.173 at 4 seeds, whose noise had flattered it; 64 seeds estimate it
+RECORDED_P90 = 0.151  # 0.173 at 4 seeds (flattered by their noise), 0.177 at 64, 0.151 after the refit
 MARGIN = 0.005
 
 

@@ -63,10 +63,10 @@ class CostProfile(BaseModel):
     # The link terms are fitted on the development set's TP 2-8 points over NVLink, and FP8 GEMMs'
     # share of their peak on its FP8 points (bench/fit_serving.py): a single-GPU BF16 calibration
     # cannot see them.
-    link_efficiency: float = Field(default=0.473, gt=0, le=1, description="all-reduce bus bandwidth / link bandwidth")
+    link_efficiency: float = Field(default=0.513, gt=0, le=1, description="all-reduce bus bandwidth / link bandwidth")
     allreduce_latency_us: float = Field(default=20.5, ge=0, description="fixed cost of one all-reduce: launch "
                                         "and synchronisation (a framework's own: fastsim.cost.serving)")
-    link_latency_us: float = Field(default=0.19, ge=0, description="latency of one ring step or point-to-point send")
+    link_latency_us: float = Field(default=0.58, ge=0, description="latency of one ring step or point-to-point send")
     fp8_attention: bool = Field(default=False, description="prefill attention runs in FP8 (at the FP8 peak) when "
                                 "the KV cache is FP8 and the GPU has FP8 (TensorRT-LLM's FP8 context FMHA)")
 

@@ -75,9 +75,9 @@ VLLM = ServingProfile(
     # vLLM as its CI ran it late 2024 (V0 engine with chunked prefill and async output processing),
     # and V1 scheduling: vLLM CI's static batches, ShareGPT offline and online points (H100, H200,
     # A100; TP 1 and 4).
-    "vllm", overhead_ms=1.9, per_seq_us=10.7, per_token_us=0.0, api_server_latency_ms=25.3,
+    "vllm", overhead_ms=1.96, per_seq_us=6.6, per_token_us=0.0, api_server_latency_ms=25.5,
     elementwise_kernels_per_layer=5, elementwise_passes=FUSED_VLLM, prefill_attention_speed=1.0,
-    decode_attention_speed=1.0, uses_sliding_window=True, allreduce_latency_us=20.5, fp8_attention=False,
+    decode_attention_speed=1.0, uses_sliding_window=True, allreduce_latency_us=20.0, fp8_attention=False,
     source="vLLM CI, late 2024 (18 points)")
 
 PROFILES = {
@@ -93,9 +93,9 @@ PROFILES = {
     # FP8 cache (its FP8 context FMHA), Hopper-tuned; decode attention (XQA) reads the cache faster
     # than SDPA; attention over the whole cache unless an engine is built with a max attention window.
     "trtllm": ServingProfile(
-        "trtllm", overhead_ms=1.9, per_seq_us=3.9, per_token_us=0.44, api_server_latency_ms=5.2,
-        elementwise_kernels_per_layer=4, elementwise_passes=FUSED_TRTLLM, prefill_attention_speed=1.6,
-        decode_attention_speed=1.35, uses_sliding_window=False, allreduce_latency_us=34.8, fp8_attention=True,
+        "trtllm", overhead_ms=1.77, per_seq_us=4.78, per_token_us=0.45, api_server_latency_ms=5.4,
+        elementwise_kernels_per_layer=4, elementwise_passes=FUSED_TRTLLM, prefill_attention_speed=1.55,
+        decode_attention_speed=1.35, uses_sliding_window=False, allreduce_latency_us=30.6, fp8_attention=True,
         source="NVIDIA's TensorRT-LLM offline and Triton online tables, Argonne (134 points)"),
 }
 PROFILES["dynamo"] = VLLM  # Dynamo's workers are vLLM engines
