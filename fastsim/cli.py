@@ -101,14 +101,19 @@ def summary_table(summaries: dict[str, dict]) -> Table:
 QUICK = "Quick flags (vllm bench serve's names)"
 
 
-def quick_overrides(model, gpu, num_prompts, request_rate, max_concurrency, dataset, input_len, output_len) -> list[str]:
-    """The quick flags as --set overrides (values as JSON, which the YAML parser reads)."""
+def quick_overrides(model, gpu, num_prompts, request_rate, max_concurrency, dataset, input_len, output_len,
+                    burstiness=None, seed=None) -> list[str]:
+    """The quick flags as --set overrides (values as JSON, which the YAML parser reads). A rate's
+    arrivals are `vllm bench serve`'s own send times for the same --seed (schedule vllm_bench)."""
     import json
     import math
 
     out = [f"model={model}"] if model else []
     out += [f"hardware.gpu={gpu}"] if gpu else []
     out += [f"workload.num_requests={num_prompts}"] if num_prompts else []
+    out += [f"simulation.seed={seed}"] if seed is not None else []
+    if burstiness is not None and (request_rate is None or math.isinf(request_rate)):
+        raise FastsimError("--burstiness shapes the gaps of a finite --request-rate; give one, or drop --burstiness")
     if all(v is None for v in (request_rate, max_concurrency, dataset, input_len, output_len)):
         return out
     if (input_len is None) != (output_len is None):
@@ -121,8 +126,10 @@ def quick_overrides(model, gpu, num_prompts, request_rate, max_concurrency, data
                            "flight) is not modelled yet; drop one of them")
     if max_concurrency is not None:
         arrival = {"process": "closed_loop", "max_concurrency": max_concurrency}
+    elif math.isfinite(rate) and burstiness not in (None, 1.0):
+        arrival = {"process": "gamma", "rate": rate, "burstiness": burstiness, "schedule": "vllm_bench"}
     elif math.isfinite(rate):
-        arrival = {"process": "poisson", "rate": rate}
+        arrival = {"process": "poisson", "rate": rate, "schedule": "vllm_bench"}
     else:
         arrival = {"process": "batch"}
     client = {"name": "bench", "arrival": arrival, "online": True}
@@ -155,18 +162,23 @@ def run_cmd(
                                                      rich_help_panel=QUICK)] = None,
     output_len: Annotated[Optional[int], typer.Option("--output-len", min=1, help="every answer this long",
                                                       rich_help_panel=QUICK)] = None,
+    burstiness: Annotated[Optional[float], typer.Option("--burstiness", min=1e-6, help="gamma shape of the gaps "
+                                                        "(1: Poisson)", rich_help_panel=QUICK)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="the run's seed (as vllm bench serve's: the "
+                                                "same send times)", rich_help_panel=QUICK)] = None,
 ) -> None:
     """Simulate a deployment under a workload; write per-request results and summary.json.
 
     The quick flags take `vllm bench serve`'s names: with any of --request-rate, --max-concurrency,
     --dataset, --input-len or --output-len the workload is one client built from them (vLLM's
-    ShareGPT sample unless lengths are given; all at once unless a rate or a concurrency is)."""
+    ShareGPT sample unless lengths are given; all at once unless a rate or a concurrency is). A
+    rate's requests leave when vllm bench serve would send them for the same --seed (default 0)."""
     from fastsim.config import load_config
     from fastsim.output import check_output_dir, write_result
     from fastsim.simulation import COMPILING, simulate
 
     overrides = list(set_ or []) + quick_overrides(model, gpu, num_prompts, request_rate, max_concurrency, dataset,
-                                                   input_len, output_len)
+                                                   input_len, output_len, burstiness, seed)
     if fmt is not None:
         overrides.append(f"output.format={fmt}")
     started_at = time.time()

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from fastsim.cli import app
@@ -105,8 +107,17 @@ def test_quick_flags_build_a_vllm_bench_serve_workload(tmp_path):
     t = pq.read_table(out / "requests.parquet").to_pandas()
     assert len(t) == 25 and (t["prompt_tokens"] == 100).all() and (t["output_tokens"] == 20).all()
     assert (t["arrival_s"].diff().dropna() > 0).all()  # Poisson arrivals, not all at once
+    # vllm bench serve's own send times (its --seed 0): rescaled so the last leaves at 25 / 5 s
+    assert t["arrival_s"].max() == pytest.approx(5.0, rel=1e-12)
+    out = tmp_path / "g"
+    r = runner.invoke(app, ["run", "-q", "--input-len", "100", "--output-len", "20", "--request-rate", "5",
+                            "--burstiness", "0.25", "--seed", "7", "--num-prompts", "400", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    gaps = np.diff(np.sort(pq.read_table(out / "requests.parquet").column("arrival_s").to_numpy()))
+    assert gaps.std() / gaps.mean() == pytest.approx(2.0, rel=0.2)  # cv = 1 / sqrt(burstiness)
     for args, want in ((["--input-len", "100"], "give both"),
-                       (["--max-concurrency", "4", "--request-rate", "2"], "not modelled yet")):
+                       (["--max-concurrency", "4", "--request-rate", "2"], "not modelled yet"),
+                       (["--burstiness", "0.5"], "--burstiness shapes the gaps of a finite --request-rate")):
         r = runner.invoke(app, ["run", "-q", *args])
         assert r.exit_code == 1 and isinstance(r.exception, FastsimError) and want in str(r.exception)
 
