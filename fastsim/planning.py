@@ -35,15 +35,20 @@ class ReplicaPlan:
         return self.engine.tensor_parallel_size * self.engine.pipeline_parallel_size
 
 
-def rejections(workload: Workload, pools: list[ReplicaPlan]) -> np.ndarray:
-    """Reason code per request: too long for the context, or for a replica's whole KV cache.
-    A request is checked against the most constrained pool, since the router may send it anywhere."""
-    total = workload.prompt_tokens + workload.output_tokens
-    reason = np.zeros(len(workload), np.int8)
-    # SGLang admits a request only while its tokens fit strictly inside the free room.
+def _request_limits(pools: list[ReplicaPlan]) -> tuple[int, int]:
+    """(the most tokens a request may hold in the smallest whole KV cache, the smallest max_model_len):
+    a request is checked against the most constrained pool, since the router may send it anywhere.
+    SGLang admits a request only while its tokens fit strictly inside the free room."""
     kv_tokens = min(rp.memory.num_gpu_blocks * rp.engine.block_size
                     - FRAMEWORKS[rp.engine.framework].sglang_scheduler for rp in pools)
-    max_len = min(rp.memory.max_model_len for rp in pools)
+    return kv_tokens, min(rp.memory.max_model_len for rp in pools)
+
+
+def rejections(workload: Workload, pools: list[ReplicaPlan]) -> np.ndarray:
+    """Reason code per request: too long for the context, or for a replica's whole KV cache."""
+    total = workload.prompt_tokens + workload.output_tokens
+    kv_tokens, max_len = _request_limits(pools)
+    reason = np.zeros(len(workload), np.int8)
     reason[total > kv_tokens] = E.REASON_KV
     reason[total > max_len] = E.REASON_CONTEXT
     return reason
@@ -55,10 +60,11 @@ def rejection_note(engine: str, workload: Workload, reason: np.ndarray, pools: l
     if n == 0:
         return None
     total = workload.prompt_tokens + workload.output_tokens
+    kv_tokens, max_len = _request_limits(pools)
     parts = []
-    for code, limit, fix in ((E.REASON_CONTEXT, min(rp.memory.max_model_len for rp in pools),
+    for code, limit, fix in ((E.REASON_CONTEXT, max_len,
                               "raise engine.max_model_len (up to the model's context) or shorten them"),
-                             (E.REASON_KV, min(rp.memory.kv_tokens for rp in pools),
+                             (E.REASON_KV, kv_tokens,
                               "give the KV cache more room (gpu_memory_utilization, a larger TP) or shorten them")):
         hit = reason == code
         if hit.any():
@@ -68,6 +74,18 @@ def rejection_note(engine: str, workload: Workload, reason: np.ndarray, pools: l
     head = (f"all {n:,} requests would be rejected, nothing to simulate" if n == len(workload) else
             f"{n:,} of {len(workload):,} requests are rejected")
     return f"{engine}: {head}: " + "; ".join(parts)
+
+
+def check_requests(plans, workload: Workload) -> tuple[list[np.ndarray], list[str]]:
+    """Per engine, why each request cannot be served (0: it can), and a note for each engine that
+    rejects some; a run in which an engine would reject every request is refused (surely not what
+    was meant). What `run` checks and `validate` reports, in one place."""
+    reasons = [rejections(workload, pools) for _, pools in plans]
+    notes = [rejection_note(eng.name, workload, reason, pools) for (eng, pools), reason in zip(plans, reasons)]
+    for reason, note in zip(reasons, notes):
+        if (reason > 0).all():
+            raise FastsimError(note)
+    return reasons, [n for n in notes if n]
 
 
 def validate_engine(engine: Engine, plan: MemoryPlan) -> None:

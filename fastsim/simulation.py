@@ -16,10 +16,9 @@ from fastsim.cost.serving import engine_serving
 from fastsim.disaggregation import run_disaggregated
 from fastsim.engine import enums as E
 from fastsim.engine import kernels_compiled
-from fastsim.errors import FastsimError
 from fastsim.kernel_run import WallBudget, measured_mask, run_pools
 from fastsim.metrics import itl_stats_from_histogram, load_report, request_table, summarize
-from fastsim.planning import ReplicaPlan, check_memory, plan_engines, rejection_note, rejections, router_for
+from fastsim.planning import ReplicaPlan, check_memory, check_requests, plan_engines, router_for
 from fastsim.workload import Workload, generate_workload
 
 
@@ -86,11 +85,7 @@ def simulate(config: Config | str | Path | dict | None = None, overrides: list[s
     online = online_mask(workload, cfg)
     open_loop = np.array([c.conversation is None and not isinstance(c.arrival, (Batch, ClosedLoop))
                           for c in cfg.workload.clients], dtype=bool)[workload.client]
-    reasons = [rejections(workload, pools) for _, pools in plans]
-    notes = [rejection_note(eng.name, workload, reason, pools) for (eng, pools), reason in zip(plans, reasons)]
-    for reason, note in zip(reasons, notes):
-        if (reason > 0).all():  # a run of nothing but rejections is surely not what was meant
-            raise FastsimError(note)
+    reasons, notes = check_requests(plans, workload)
     for (eng, pools), reason in zip(plans, reasons):
         budget = WallBudget(deadline)
         api_s = engine_serving(eng).api_server_latency_ms * 1e-3
@@ -130,7 +125,7 @@ def simulate(config: Config | str | Path | dict | None = None, overrides: list[s
         pool_plans[eng.name] = pools
         if cfg.output.timeline:
             timelines[eng.name] = pa.table({name: timeline[:, i] for i, name in enumerate(E.TL_COLUMNS)})
-    return Result(pa.concat_tables(tables), summaries, timelines, pool_plans, [n for n in notes if n])
+    return Result(pa.concat_tables(tables), summaries, timelines, pool_plans, notes)
 
 
 def online_mask(workload: Workload, cfg: Config) -> np.ndarray:

@@ -157,6 +157,9 @@ def test_requests_no_replica_can_serve_are_said_and_a_run_of_nothing_else_refuse
     assert r.exit_code == 1 and isinstance(r.exception, FastsimError)
     assert "all 5 requests would be rejected" in str(r.exception) and "9,010 tokens" in str(r.exception)
     assert not (tmp_path / "none").exists()
+    too_long = ["--set", "workload.clients.0.prompt_tokens={dist: constant, value: 9000}"]
+    r = runner.invoke(app, ["validate", *lengths, *too_long])
+    assert r.exit_code == 1 and "all 200 requests would be rejected" in str(r.exception)  # as run refuses it
 
 
 def test_what_a_vllm_bench_serve_user_reaches_for_first(tmp_path):
