@@ -63,7 +63,7 @@ def _tmp_path(path: Path) -> Path:
 
 
 @contextmanager
-def _replacing(path: Path):
+def replacing(path: Path):
     """Yields a temporary path beside `path`: if the block completes, it becomes `path`; if not, it
     is removed. The one way results are written, so every writer gets the same guarantees."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,7 @@ def _replacing(path: Path):
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    with _replacing(Path(path)) as tmp:
+    with replacing(Path(path)) as tmp:
         tmp.write_text(text)
 
 
@@ -105,7 +105,7 @@ TABLE_SUFFIX = {"parquet": ".parquet", "arrow": ".arrow", "csv": ".csv"}
 def write_table_atomic(table, path: str | Path, fmt: str) -> Path:
     """Write a pyarrow Table as parquet, arrow (IPC file) or csv; returns the final path."""
     path = Path(path).with_suffix(TABLE_SUFFIX[fmt])
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         _write_table(table, tmp, fmt)
     return path
 
@@ -192,12 +192,16 @@ def clean_leftovers(out: Path) -> list[Path]:
 
 
 def _previous_files(out: Path) -> list[Path]:
-    """The files of the run that wrote `out` before: those its run.json lists, or fastsim's names."""
+    """The files of the run that wrote `out` before: those its run.json lists, or fastsim's names if
+    an earlier version wrote it (a run.json without the list). A folder without run.json is no
+    fastsim run's, and its files are the user's: none is taken for a previous run's."""
     import json
 
     try:
         listed = json.loads((out / "run.json").read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
+    except OSError:
+        return []
+    except (ValueError, AttributeError):
         listed = None
     names = listed if isinstance(listed, list) and all(isinstance(n, str) for n in listed) else _RUN_FILES
     root = out.resolve()
@@ -276,7 +280,8 @@ def write_result(result, out_dir: str | Path, fmt: str, config=None, command: li
         (stage / "run.json").write_text(_json_text(meta))
         mode = _umask_mode()
         with _uninterruptible():
-            remove_figures(out / PLOTS_DIR)  # drawn from the run being replaced
+            if (out / "run.json").is_file():
+                remove_figures(out / PLOTS_DIR)  # drawn from the run being replaced
             for old in _previous_files(out):
                 if old.relative_to(out).as_posix() not in files:
                     old.unlink(missing_ok=True)

@@ -4,13 +4,12 @@ is written as PNG and SVG."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from fastsim.errors import FastsimError
-from fastsim.output import FIGURE_FORMATS, PLOTS_DIR, remove_figures
+from fastsim.output import FIGURE_FORMATS, PLOTS_DIR, remove_figures, replacing
 
 FIGSIZE = (10.0, 4.0)  # inches
 DPI = 100
@@ -61,17 +60,12 @@ def _equal(table, column: str, value: str) -> np.ndarray:
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
-    """PNG and SVG, each written to a temporary name and renamed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """PNG and SVG, each whole or not at all (output.replacing)."""
     written = []
     for fmt in FIGURE_FORMATS:
         path = out_dir / f"{name}.{fmt}"
-        tmp = out_dir / f".{name}.{fmt}.{os.getpid()}.tmp"
-        try:
+        with replacing(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=DPI)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         written.append(path)
     _pyplot().close(fig)
     return written

@@ -54,6 +54,17 @@ def test_a_folder_an_earlier_version_wrote_loses_its_run_files_only(tmp_path):
     assert listing(out) == ["notes.txt", "requests.parquet", "run.json", "summary.json"]
 
 
+def test_a_folder_no_fastsim_run_wrote_keeps_its_files(tmp_path):
+    """Without a run.json the folder is the user's: a new run adds its files and removes nothing."""
+    out = tmp_path / "data"
+    (out / "plots").mkdir(parents=True)
+    for name in ("requests.csv", "timeline.arrow", "plots/latency_cdf.png"):
+        (out / name).write_text("mine")
+    output.write_result(result(3), out, "parquet")
+    assert listing(out) == ["plots", "plots/latency_cdf.png", "requests.csv", "requests.parquet", "run.json",
+                            "summary.json", "timeline.arrow"]
+
+
 def test_a_run_json_listing_paths_outside_the_folder_removes_nothing_there(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
