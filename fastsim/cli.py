@@ -335,8 +335,9 @@ def sweep_cmd(
     check_values(spec, raw)
     points = sweep_points(spec, raw)
     out_dir = check_output_dir(out or cfg.output.dir)
-    err_console.print(f"sweep: {len(points):,} points on {jobs or _default_jobs()} worker(s)", highlight=False)
     n_jobs = jobs or _default_jobs()
+    if not quiet:
+        err_console.print(f"sweep: {len(points):,} points on {n_jobs} worker(s)", highlight=False)
     # No refresh thread while worker processes are forked (Linux): the bar redraws on each update.
     with _progress(*_progress_columns(), auto_refresh=False) as bar:
         task = bar.add_task(f"sweep of {len(points)} points", total=len(points))
@@ -568,7 +569,7 @@ def validate_cmd(
     import numpy as np
 
     from fastsim.config import load_config
-    from fastsim.planning import check_memory, plan_engines, rejection_note, rejections
+    from fastsim.planning import check_memory, check_requests, plan_engines
     from fastsim.workload import generate_workload
 
     from fastsim.cost.serving import engine_serving
@@ -633,10 +634,8 @@ def validate_cmd(
         console.print(f"workload: {len(workload):,} requests from {len(cfg.workload.clients)} client(s), {pace}, "
                       f"mean prompt {workload.prompt_tokens.mean():,.0f} / output "
                       f"{workload.output_tokens.mean():,.0f} tokens", highlight=False)
-    for eng, pools in plans:
-        note = rejection_note(eng.name, workload, rejections(workload, pools), pools)
-        if note:
-            _warn(note)
+    for note in check_requests(plans, workload)[1]:
+        _warn(note)
     _warn_uncalibrated(cfg)
     console.print(f"{config or 'the built-in default'}{' with ' + ', '.join(set_) if set_ else ''}: valid")
 

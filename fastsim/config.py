@@ -509,15 +509,15 @@ class Engine(_Strict):
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than "
                              f"max_num_seqs ({self.max_num_seqs}); raise max_num_batched_tokens to at least "
                              f"{self.max_num_seqs} or lower max_num_seqs (vLLM refuses this too)")
-        if fw.sglang_scheduler and self.scheduler == "v0":
-            raise ValueError("scheduler: v0 is vLLM's; SGLang has its own scheduler (drop scheduler)")
+        if self.scheduler == "v0" and not fw.v0_scheduler:
+            raise ValueError(f"scheduler: v0 is vLLM's; framework {self.framework} has its own scheduler "
+                             "(drop scheduler)")
         if not fw.trtllm_capacity and (self.capacity_scheduler_policy or self.kv_cache_free_gpu_mem_fraction):
             raise ValueError("capacity_scheduler_policy and kv_cache_free_gpu_mem_fraction are TensorRT-LLM's; "
                              "set framework: trtllm or drop them")
-        if (not fw.v0_scheduler and not fw.sglang_scheduler and self.scheduler == "v0") or (
-                not fw.prefix_caching and self.enable_prefix_caching):
-            raise ValueError(f"framework {self.framework} is modelled with its own scheduler and without KV cache "
-                             "reuse; drop scheduler / enable_prefix_caching")
+        if self.enable_prefix_caching and not fw.prefix_caching:
+            raise ValueError(f"framework {self.framework} is modelled without KV cache reuse; drop "
+                             "enable_prefix_caching")
         if self.speculative_config is not None and self.pipeline_parallel_size > 1:
             raise ValueError("speculative_config is modelled with pipeline_parallel_size 1 (as vLLM supports it); "
                              "drop one of them")

@@ -176,16 +176,15 @@ def load_report(table: pa.Table, open_loop: np.ndarray) -> dict:
     if span <= 0:
         return {}
     finish = table.column("finish_s").to_numpy()[order]
-    finished = ~np.isnan(finish)
-    offered = (order.size - 1) / span
-    served = finished.sum() / float(np.nanmax(finish) - arrival[order[0]]) if finished.any() else 0.0
     queue = table.column("queue_ms").to_numpy()[order]
+    finished = ~np.isnan(finish)
+    end = float(np.nanmax(finish)) if finished.any() else float(arrival[order[-1]])
+    offered = (order.size - 1) / span
+    served = finished.sum() / (end - arrival[order[0]]) if finished.any() else 0.0
     tenth = max(order.size // 10, 1)
-    first, last = np.nanmean(queue[:tenth]) if finished[:tenth].any() else 0.0, queue[-tenth:]
+    first = float(np.nanmean(queue[:tenth])) if finished[:tenth].any() else 0.0
     # A request still waiting at the end has waited at least until then.
-    waited = np.where(np.isnan(last), (np.nanmax(finish) - arrival[order[-tenth:]]) * 1e3, last) \
-        if finished.any() else np.zeros(tenth)
-    late = float(np.mean(waited))
+    late = float(np.mean(np.where(np.isnan(queue[-tenth:]), (end - arrival[order[-tenth:]]) * 1e3, queue[-tenth:])))
     overloaded = bool(served < 0.9 * offered and late > max(10 * first, 1000.0))
     return {"offered_request_rate": offered, "served_request_rate": float(served),
             "late_queue_ms": late, "overloaded": overloaded}
