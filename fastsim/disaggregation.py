@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastsim.engine import enums as E
+from fastsim.engine.bundles import KernelOut
 from fastsim.kernel_run import run_pools
 from fastsim.planning import router_for
 
@@ -20,8 +21,8 @@ def transfer_s(cfg, prefill_pool, prompt: np.ndarray) -> np.ndarray:
     return latency + prompt * prefill_pool.memory.kv_bytes_per_token / rate
 
 
-def run_disaggregated(cfg, model, pools, workload, measured, reason, report, budget=None) -> tuple[tuple, dict]:
-    """(the kernel's output tuple for the whole deployment, extra per-request columns)."""
+def run_disaggregated(cfg, model, pools, workload, measured, reason, report, budget=None) -> tuple[KernelOut, dict]:
+    """(the kernels' output for the whole deployment, extra per-request columns)."""
     dis = cfg.cluster.disaggregation
     prefill, decode = pools
     n = len(workload)
@@ -30,7 +31,7 @@ def run_disaggregated(cfg, model, pools, workload, measured, reason, report, bud
     ones = np.ones(n, np.int64)
     p_out = run_pools(cfg, model, [prefill], workload, measured, rejected, report, output=ones,
                       router=router_for(cfg, prefill.engine, dis.prefill_router), stream=0, budget=budget)
-    p_status, p_sched, p_tok, _, _, p_preempts, _, p_replica = p_out[:8]
+    p_status, p_sched, p_tok = p_out.status, p_out.first_scheduled_s, p_out.first_token_s
     # The first token is the prefill's; the KV follows, overlapped with the prefill or after it.
     move = transfer_s(cfg, prefill, prompt)
     if dis.kv_transfer.overlap:
@@ -44,30 +45,28 @@ def run_disaggregated(cfg, model, pools, workload, measured, reason, report, bud
                       arrival_s=ready[idx], prompt=prompt[idx], output=output[idx],
                       kv0=(np.ones(idx.size, np.int64), p_tok[idx]), session=np.full(idx.size, -1, np.int64),
                       router=router_for(cfg, decode.engine, dis.decode_router), stream=1, budget=budget)
-    d_status, d_sched, _, d_finish, d_generated, d_preempts, d_max_itl, d_replica = d_out[:8]
 
     status = p_status.copy()
     finish = np.where(p_status == E.FINISHED, p_tok, np.nan)
     generated = np.where(p_status == E.FINISHED, 1, 0).astype(np.int64)
     max_itl = np.zeros(n)
-    prefill_replica = np.where(np.isnan(p_sched), -1, p_replica).astype(np.int32)
+    prefill_replica = np.where(np.isnan(p_sched), -1, p_out.replica).astype(np.int32)
     replica = prefill_replica.copy()  # one-token requests end there
-    preempts = p_preempts.copy()
+    preempts = p_out.preemptions.copy()
     d_first = np.full(n, np.nan)
-    status[idx], finish[idx], generated[idx], max_itl[idx] = d_status, d_finish, d_generated, d_max_itl
-    replica[idx] = d_replica + prefill.count
-    preempts[idx] += d_preempts
-    d_first[idx] = d_sched
+    status[idx], finish[idx], generated[idx], max_itl[idx] = d_out.status, d_out.finish_s, d_out.generated, d_out.max_itl_s
+    replica[idx] = d_out.replica + prefill.count
+    preempts[idx] += d_out.preemptions
+    d_first[idx] = d_out.first_scheduled_s
     arrival = workload.arrival_s
-    timeline = p_out[10]
-    if d_out[10].shape[0]:
-        tl = d_out[10].copy()
+    timeline = p_out.timeline
+    if d_out.timeline.shape[0]:
+        tl = d_out.timeline.copy()
         tl[:, E.TL_REPLICA] += prefill.count
         timeline = np.concatenate([timeline, tl])
         timeline = timeline[np.argsort(timeline[:, E.TL_START_S], kind="stable")]
-    out = (status, p_sched, p_tok, finish, generated, preempts, max_itl, replica,
-           d_out[8], d_out[9], timeline, np.concatenate([p_out[11], d_out[11]]),
-           np.concatenate([p_out[12], d_out[12]]), p_out[13], arrival)
+    out = KernelOut(status, p_sched, p_tok, finish, generated, preempts, max_itl, replica, p_out.cached_tokens, arrival,
+                    d_out.itl_hist, d_out.itl_stats, timeline, np.concatenate([p_out.per_replica, d_out.per_replica]))
     went = ~np.isnan(d_first)
     extra = {
         "prefill_replica": prefill_replica,

@@ -18,6 +18,7 @@ from fastsim.cost.speculative import speculative_cost_model
 from fastsim.engine import cost_nb as nb
 from fastsim.engine import enums as E
 from fastsim.engine import prefix_nb as px
+from fastsim.engine.bundles import KernelOut
 from fastsim.engine.cluster_nb import run_cluster_nb
 from fastsim.frameworks import FRAMEWORKS
 from fastsim.memory import kv_dtype, stage_layers
@@ -74,8 +75,8 @@ def replica_arrays(model: ModelSpec, pools: list[ReplicaPlan], profile):
             np.concatenate(seq_parts, axis=1))
 
 
-def prefix_cache_arrays(rep_int: np.ndarray, workload: Workload, defer: bool = True) -> tuple:
-    """The `apc` tuple run_cluster_nb takes: room for the blocks and hash tables of the replicas
+def prefix_cache_arrays(rep_int: np.ndarray, workload: Workload, defer: bool = True) -> px.PrefixCache:
+    """The prefix caches run_cluster_nb takes: room for the blocks and hash tables of the replicas
     that enable prefix caching (a token of it for the others), the requests' block identities, and how
     many of their tokens another request may share while they run (a copy of its own: a preemption
     changes it) and once they have finished. defer=False names every shareable block as it fills
@@ -107,7 +108,7 @@ def prefix_cache_arrays(rep_int: np.ndarray, workload: Workload, defer: bool = T
     shareable = px.shareable_tokens(content, workload.block_tokens) if blk else np.zeros(len(workload), np.int64)
     running = px.running_shareable_tokens(content, shareable, workload.session, workload.output_tokens) \
         if blk and defer else shareable.copy()
-    return (pool, table, rep, slots, content + (running, shareable), rows, free_rows)
+    return px.PrefixCache(pool, table, rep, slots, content, running, shareable, rows, free_rows)
 
 
 def route_params(cfg: Config) -> np.ndarray:
@@ -179,7 +180,7 @@ def run_polled(kernel, args: tuple, progress: np.ndarray, report, interval_s: fl
 
 def run_pools(cfg: Config, model: ModelSpec, pools: list[ReplicaPlan], workload: Workload, measured: np.ndarray,
               rejected: np.ndarray, report, *, arrival_s=None, prompt=None, output=None, kv0=None, session=None,
-              router: str | None = None, stream: int = 0, budget: WallBudget | None = None) -> tuple:
+              router: str | None = None, stream: int = 0, budget: WallBudget | None = None) -> KernelOut:
     """One compiled run of the replicas of `pools` over the workload's requests (or the arrays given
     instead: a disaggregated decode pool sees its requests when their KV arrives)."""
     rep_int, rep_params, tok_table, seq_table = replica_arrays(model, pools, cfg.hardware.profile)

@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 
 from fastsim.config import Simulation, Slo
 from fastsim.engine import enums as E
+from fastsim.engine.bundles import KernelOut
 
 # The numeric columns of the per-request table, defined once: the Arrow schema derives from it.
 REQUEST_DTYPE = np.dtype([
@@ -32,9 +33,10 @@ def _dictionary(codes: np.ndarray, names: list[str]) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(names, pa.string()))
 
 
-def request_table(engine: str, workload, rejected_reason: np.ndarray, out: tuple) -> pa.Table:
-    status, first_sched, first_tok, finish, generated, preempts, max_itl, replica = out[:8]
-    arrival = out[14]  # later turns of conversations arrive when the simulation says
+def request_table(engine: str, workload, rejected_reason: np.ndarray, out: KernelOut) -> pa.Table:
+    status, first_sched, first_tok, finish = out.status, out.first_scheduled_s, out.first_token_s, out.finish_s
+    generated, preempts, max_itl, replica = out.generated, out.preemptions, out.max_itl_s, out.replica
+    arrival = out.arrival_s  # later turns of conversations arrive when the simulation says
     n = len(workload)
     # One contiguous array per column (a structured array's fields are strided and copy slowly).
     rec = {name: np.zeros(n, REQUEST_DTYPE[name]) for name in REQUEST_DTYPE.names}
@@ -50,7 +52,7 @@ def request_table(engine: str, workload, rejected_reason: np.ndarray, out: tuple
     rec["generated_tokens"] = generated
     rec["preemptions"] = preempts
     rec["replica"] = replica
-    rec["cached_tokens"] = out[13]
+    rec["cached_tokens"] = out.cached_tokens
     rec["ttft_ms"] = (first_tok - arrival) * 1e3
     rec["e2el_ms"] = (finish - arrival) * 1e3
     rec["queue_ms"] = (first_sched - arrival) * 1e3

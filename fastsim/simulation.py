@@ -15,6 +15,7 @@ from fastsim.config import Batch, ClosedLoop, Config, Engine, load_config
 from fastsim.cost.serving import engine_serving
 from fastsim.disaggregation import run_disaggregated
 from fastsim.engine import enums as E
+from fastsim.engine.bundles import KernelOut
 from fastsim.engine import kernels_compiled
 from fastsim.kernel_run import WallBudget, measured_mask, run_pools
 from fastsim.metrics import itl_stats_from_histogram, load_report, request_table, summarize
@@ -102,12 +103,11 @@ def simulate(config: Config | str | Path | dict | None = None, overrides: list[s
             out = through_api_server(out, online, api_s)
         if extra:  # disaggregation's parts of each request's time, the API server's among them
             extra["api_server_ms"] = np.where(online, api_s * 1e3, 0.0)
-        itl_hist, itl_stats, timeline, counters, gpu_time = out[8:13]
         table = request_table(eng.name, workload, reason, out)
         for name, column in extra.items():  # disaggregation: where each request's time went
             table = table.append_column(name, pa.array(column))
-        summaries[eng.name] = summarize(table, itl_stats_from_histogram(itl_hist, itl_stats), cfg.simulation,
-                                        cfg.slo, cluster_summary(eng, pools, counters, gpu_time, table, wall))
+        summaries[eng.name] = summarize(table, itl_stats_from_histogram(out.itl_hist, out.itl_stats), cfg.simulation,
+                                        cfg.slo, cluster_summary(eng, pools, out.per_replica, table, wall))
         summaries[eng.name] |= load_report(table, open_loop)
         if summaries[eng.name].get("overloaded"):
             r = summaries[eng.name]
@@ -124,7 +124,7 @@ def simulate(config: Config | str | Path | dict | None = None, overrides: list[s
         tables.append(table)
         pool_plans[eng.name] = pools
         if cfg.output.timeline:
-            timelines[eng.name] = pa.table({name: timeline[:, i] for i, name in enumerate(E.TL_COLUMNS)})
+            timelines[eng.name] = pa.table({name: out.timeline[:, i] for i, name in enumerate(E.TL_COLUMNS)})
     return Result(pa.concat_tables(tables), summaries, timelines, pool_plans, notes)
 
 
@@ -147,36 +147,36 @@ def answered_through_api_server(workload: Workload, online: np.ndarray, api_s: f
                                               workload.think_s))
 
 
-def through_api_server(out: tuple, online: np.ndarray, api_s: float) -> tuple:
+def through_api_server(out: KernelOut, online: np.ndarray, api_s: float) -> KernelOut:
     """The kernel's output with online requests' first token and finish seen api_s later: the API
     server's request path (parsing, tokenizing) and response path (detokenizing, streaming) add a
     near-constant latency outside the engine. The engine sees the request on arrival (the
     difference is a few ms of queueing order)."""
-    first_tok, finish = out[2].copy(), out[3].copy()
+    first_tok, finish = out.first_token_s.copy(), out.finish_s.copy()
     first_tok[online] += api_s
     finish[online] += api_s
-    return out[:2] + (first_tok, finish) + out[4:]
+    return out._replace(first_token_s=first_tok, finish_s=finish)
 
 
-def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray, gpu_time: np.ndarray,
-                    table: pa.Table, wall: float) -> dict:
+def cluster_summary(eng: Engine, pools: list[ReplicaPlan], stats: np.ndarray, table: pa.Table, wall: float) -> dict:
     """fastsim's own figures: memory, iterations, preemptions, per replica and in total."""
     finished = table.column("finish_s").to_numpy()
     sim_s = float(np.nanmax(finished)) if np.isfinite(finished).any() else 0.0
     replicas = []
     for rp in pools:
         for _ in range(rp.count):
-            c = counters[len(replicas)]
-            compute_s, comm_s = float(gpu_time[len(replicas), 0]), float(gpu_time[len(replicas), 1])
+            c = stats[len(replicas)]
+            compute_s, comm_s = float(c["compute_time_s"]), float(c["comm_time_s"])
             # Each GPU of a replica is busy for the forward passes of its pipeline stage.
             util = min((compute_s + comm_s) / rp.engine.pipeline_parallel_size / sim_s, 1.0) if sim_s > 0 else 0.0
             replicas.append({"replica": len(replicas), "pool": rp.pool, "gpu": rp.gpu.name,
                              "tensor_parallel_size": rp.engine.tensor_parallel_size,
                              "pipeline_parallel_size": rp.engine.pipeline_parallel_size,
-                             "num_gpu_blocks": rp.memory.num_gpu_blocks, "requests": int(c[4]),
-                             "iterations": int(c[0]), "preemptions": int(c[3]), "peak_kv_blocks_used": int(c[1]),
+                             "num_gpu_blocks": rp.memory.num_gpu_blocks, "requests": int(c["requests"]),
+                             "iterations": int(c["iterations"]), "preemptions": int(c["preemptions"]),
+                             "peak_kv_blocks_used": int(c["peak_kv_blocks_used"]),
                              # Held by requests still running when the run ended (cached blocks count as free).
-                             "kv_blocks_in_use_at_end": rp.memory.num_gpu_blocks - int(c[2]),
+                             "kv_blocks_in_use_at_end": rp.memory.num_gpu_blocks - int(c["free_blocks_at_end"]),
                              "compute_time_s": compute_s, "comm_time_s": comm_s, "num_gpus": rp.gpus_per_replica,
                              "gpu_utilization": util, "power_w": rp.gpu.power_w(util)})
     # None unless every GPU of the deployment has a price (catalog or hardware.prices_usd_per_hour).
@@ -189,12 +189,12 @@ def cluster_summary(eng: Engine, pools: list[ReplicaPlan], counters: np.ndarray,
             "kv_cache_gb": sum(rp.count * rp.memory.kv_cache_bytes for rp in pools) / 1e9,
             "kv_cache_tokens": sum(rp.count * rp.memory.kv_tokens for rp in pools),
             "peak_kv_blocks_used": max(r["peak_kv_blocks_used"] for r in replicas),
-            "iterations": int(counters[:, 0].sum()), "preemptions": int(counters[:, 3].sum()),
-            "decode_stretch_iterations": int(counters[:, 5].sum()),
-            "closed_form_iterations": int(counters[:, 9].sum()),  # fast mode's (of the stretches)
-            "prefix_cache_evictions": int(counters[:, 6].sum()),
+            "iterations": int(stats["iterations"].sum()), "preemptions": int(stats["preemptions"].sum()),
+            "decode_stretch_iterations": int(stats["stretched_iterations"].sum()),
+            "closed_form_iterations": int(stats["closed_form_iterations"].sum()),  # fast mode's (of the stretches)
+            "prefix_cache_evictions": int(stats["prefix_cache_evictions"].sum()),
             # Forward-pass time summed over iterations (and stages): TP communication apart.
-            "compute_time_s": float(gpu_time[:, 0].sum()), "comm_time_s": float(gpu_time[:, 1].sum()),
+            "compute_time_s": float(stats["compute_time_s"].sum()), "comm_time_s": float(stats["comm_time_s"].sum()),
             "simulated_time_s": sim_s,
             **energy_and_cost(replicas, sim_s, cost, int(pc.sum(table.column("generated_tokens")).as_py() or 0),
                               int(pc.sum(pc.equal(table.column("status"), "finished")).as_py() or 0)),

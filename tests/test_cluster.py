@@ -34,35 +34,35 @@ def test_round_robin_assignment_is_exact():
     r = run(np.linspace(0, 1, 20), [50] * 20, [5] * 20, replicas=3, policy=E.ROUTE_ROUND_ROBIN,
             rejected=np.arange(20) == 4)
     kept = np.flatnonzero(np.arange(20) != 4)
-    assert r["replica"][kept].tolist() == [i % 3 for i in range(19)]
-    assert r["replica"][4] == -1
-    assert r["counters"][:, 4].tolist() == [7, 6, 6]
+    assert r.replica[kept].tolist() == [i % 3 for i in range(19)]
+    assert r.replica[4] == -1
+    assert r.per_replica["requests"].tolist() == [7, 6, 6]
 
 
 def test_least_requests_avoids_the_busy_replica():
     # Request 0 is long and keeps replica 0 busy; each short one is done before the next arrives.
     r = run([0.0, 0.05, 0.1, 0.15], [100, 10, 10, 10], [2000, 2, 2, 2], replicas=2,
             policy=E.ROUTE_LEAST_REQUESTS)
-    assert r["replica"].tolist() == [0, 1, 1, 1]
+    assert r.replica.tolist() == [0, 1, 1, 1]
 
 
 def test_least_kv_prefers_the_emptier_cache():
     r = run([0.0, 0.0, 0.5], [4000, 100, 50], [500, 500, 5], replicas=2, policy=E.ROUTE_LEAST_KV)
     # At t=0 both are empty (ties go to the fewest outstanding, then the lowest index);
     # at 0.5 s replica 0 holds 4,000 tokens of KV, replica 1 only 100.
-    assert r["replica"].tolist() == [0, 1, 1]
+    assert r.replica.tolist() == [0, 1, 1]
 
 
 def test_session_affinity_sticks():
     session = [0, 1, 0, 2, 1, 0]
     r = run(np.arange(6) * 0.1, [20] * 6, [3] * 6, replicas=3, policy=E.ROUTE_SESSION_AFFINITY, session=session)
-    rep = r["replica"]
+    rep = r.replica
     assert rep[0] == rep[2] == rep[5] and rep[1] == rep[4]
 
 
 def test_random_routing_uses_the_seeded_draws():
     r = run(np.arange(200) * 0.01, [20] * 200, [3] * 200, replicas=4, policy=E.ROUTE_RANDOM)
-    assert np.array_equal(r["replica"], np.random.default_rng(0).integers(0, 4, 200))
+    assert np.array_equal(r.replica, np.random.default_rng(0).integers(0, 4, 200))
 
 
 def test_pipeline_one_request_by_hand():
@@ -81,18 +81,18 @@ def test_pipeline_one_request_by_hand():
     t1 = step(new=[100], ctx=[0])
     t2 = t1 + step(dec=[100])
     t3 = t2 + step(dec=[101])
-    assert r["first_tok"][0] == pytest.approx(t1, rel=1e-12)
-    assert r["finish"][0] == pytest.approx(t3, rel=1e-12)
+    assert r.first_token_s[0] == pytest.approx(t1, rel=1e-12)
+    assert r.finish_s[0] == pytest.approx(t3, rel=1e-12)
 
 
 def test_pipeline_keeps_two_micro_batches_in_flight():
     """Two requests, PP=2: the second is scheduled while the first's batch is still in stage 2."""
     r = run([0.0, 0.0], [50, 50], [20, 20], stages=2, max_num_batched_tokens=60,
             cm=CostModel.create(LLAMA, "H100-SXM", layers=16))
-    tl = r["timeline"]
+    tl = r.timeline
     starts, ends = tl[:, E.TL_START_S], tl[:, E.TL_START_S] + tl[:, E.TL_DURATION_S]
     assert (starts[1:] < ends[:-1]).any()  # a batch starts before the previous one finished
-    assert (r["status"] == E.FINISHED).all() and r["generated"].tolist() == [20, 20]
+    assert (r.status == E.FINISHED).all() and r.generated.tolist() == [20, 20]
 
 
 def cfg_dict(**engine):

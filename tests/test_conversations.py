@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 import reference as ref
 from fastsim.engine import enums as E
 from fastsim.engine import prefix_nb as px
-from test_engine import CM, OVERHEAD, fwd, run
+from fastsim.workload import BlockSources
+from test_engine import CM, OVERHEAD, assert_same_stats, fwd, run
 
 
 def build(sessions, system_prompt=0, jitter=False):
@@ -46,8 +47,8 @@ def build(sessions, system_prompt=0, jitter=False):
 
 def content_fn(prompts, content, bs):
     n = len(prompts)
-    c = (np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.asarray(prompts, np.int64), content["seq_id"],
-         content["shared_tokens"], content["shared_id"])
+    c = BlockSources(np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.asarray(prompts, np.int64), content["seq_id"],
+                     content["shared_tokens"], content["shared_id"])
     return lambda req, m: int(px.block_content_nb(req, m, bs, c, 0))
 
 
@@ -69,19 +70,19 @@ def test_conversations_match_reference(sessions, bs, max_seqs, budget, apc, syst
         CM, arrivals, prompts, outputs, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
         num_blocks=num_blocks, overhead_s=OVERHEAD, turns=turns,
         content=content_fn(prompts, content, bs) if apc else None, stats=stats)
-    assert r["counters"][6] == stats["evictions"]
+    assert r.per_replica["prefix_cache_evictions"] == stats["evictions"]
     for i, q in enumerate(reqs):
-        assert r["preempts"][i] == q.preemptions, i
-        assert r["cached"][i] == q.cached, i
-        for got, want in ((r["arrival"][i], q.arrival), (r["first_tok"][i], q.first_token),
-                          (r["finish"][i], q.finish)):
+        assert r.preemptions[i] == q.preemptions, i
+        assert r.cached_tokens[i] == q.cached, i
+        for got, want in ((r.arrival_s[i], q.arrival), (r.first_token_s[i], q.first_token),
+                          (r.finish_s[i], q.finish)):
             assert got == pytest.approx(want, rel=1e-9, abs=1e-12), i
-    assert (r["status"] == E.FINISHED).all()
+    assert (r.status == E.FINISHED).all()
     # A later turn arrives exactly its think time after the previous answer.
     nxt, think = turns
     for i, j in enumerate(nxt):
         if j >= 0:
-            assert r["arrival"][j] == r["finish"][i] + think[j]
+            assert r.arrival_s[j] == r.finish_s[i] + think[j]
 
 
 def test_multi_turn_ttft_with_and_without_prefix_caching_by_hand():
@@ -93,8 +94,8 @@ def test_multi_turn_ttft_with_and_without_prefix_caching_by_hand():
     assert prompts == [64, 112]
     plain = run(arrivals, prompts, outputs, turns=turns, content=content, timeline=False)
     cached = run(arrivals, prompts, outputs, turns=turns, content=content, timeline=False, prefix_caching=True)
-    ttft = lambda r: r["first_tok"] - r["arrival"]  # noqa: E731
-    assert cached["cached"].tolist() == [0, 64]
+    ttft = lambda r: r.first_token_s - r.arrival_s  # noqa: E731
+    assert cached.cached_tokens.tolist() == [0, 64]
     # Turn 1 is the same either way; turn 2's prefill shrinks from 112 tokens to 48 after 64.
     assert ttft(plain)[0] == pytest.approx(OVERHEAD + fwd(new=[64], ctx=[0]), rel=1e-9)
     assert ttft(cached)[0] == pytest.approx(ttft(plain)[0], rel=1e-12)
@@ -106,14 +107,14 @@ def test_multi_turn_ttft_with_and_without_prefix_caching_by_hand():
     drop = ttft(plain).mean() - ttft(cached).mean()
     assert drop == pytest.approx((want_plain - want_cached) / 2, rel=1e-9) and drop > 0
     # The second turn arrives when the first answer is complete, plus the 1 s think time.
-    assert cached["arrival"][1] == cached["finish"][0] + 1.0
+    assert cached.arrival_s[1] == cached.finish_s[0] + 1.0
 
 
 def test_a_turn_whose_previous_turn_never_finishes_never_arrives():
     arrivals, prompts, outputs, turns, content = build([(0.0, [(64, 500, 0.0), (32, 8, 0.0)])])
     r = run(arrivals, prompts, outputs, turns=turns, content=content, timeline=False, max_time_s=0.5)
-    assert r["status"].tolist() == [E.UNFINISHED, E.UNFINISHED]
-    assert np.isnan(r["arrival"][1])
+    assert r.status.tolist() == [E.UNFINISHED, E.UNFINISHED]
+    assert np.isnan(r.arrival_s[1])
 
 
 @given(sessions=conversations, bs=st.sampled_from([1, 4, 16]), max_seqs=st.integers(1, 8),
@@ -131,10 +132,11 @@ def test_decode_stretches_change_nothing_with_conversations_and_prefix_caching(
               session=session, stages=stages)
     a = run(arrivals, prompts, outputs, fast_decode=True, **kw)
     b = run(arrivals, prompts, outputs, fast_decode=False, **kw)
-    for key in ("status", "arrival", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl",
-                "replica", "cached", "itl_hist"):
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    np.testing.assert_array_equal(a["counters"][..., [0, 1, 2, 3, 4, 6, 7]], b["counters"][..., [0, 1, 2, 3, 4, 6, 7]])
+    for key in ("status", "arrival_s", "first_scheduled_s", "first_token_s", "finish_s", "generated", "preemptions", "max_itl_s",
+                "replica", "cached_tokens", "itl_hist"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+    assert_same_stats(a, b, "iterations", "peak_kv_blocks_used", "free_blocks_at_end", "preemptions", "requests",
+                      "prefix_cache_evictions", "prefix_cache_hit_tokens")
 
 
 @pytest.mark.parametrize("route_params, to", [((0.5, 32, 1.0001), 0),   # balanced: the replica caching 64 of 100
@@ -149,9 +151,9 @@ def test_prefix_aware_router_by_hand(route_params, to):
     content = {"shared_tokens": np.array([64, 0, 0, 64]), "shared_id": np.zeros(4, np.int64)}
     r = run(arrivals, prompts, outputs, replicas=2, policy=E.ROUTE_PREFIX_AWARE, prefix_caching=True,
             content=content, route_params=route_params, timeline=False)
-    assert r["replica"][:3].tolist() == [0, 1, 0]
-    assert r["replica"][3] == to
-    assert r["cached"][3] == (64 if to == 0 else 0)
+    assert r.replica[:3].tolist() == [0, 1, 0]
+    assert r.replica[3] == to
+    assert r.cached_tokens[3] == (64 if to == 0 else 0)
 
 
 def test_round_robin_takes_turns_when_conversations_decide_the_arrival_order():
@@ -160,8 +162,8 @@ def test_round_robin_takes_turns_when_conversations_decide_the_arrival_order():
     arrivals, prompts, outputs, turns, content = build([(0.0, [(50, 5, 1.0), (50, 5, 1.0)]),
                                                         (0.01, [(50, 5, 1.0), (50, 5, 1.0)])])
     r = run(arrivals, prompts, outputs, replicas=4, turns=turns, content=content, timeline=False)
-    order = np.argsort(r["arrival"], kind="stable")
-    assert r["replica"][order].tolist() == [0, 1, 2, 3]
+    order = np.argsort(r.arrival_s, kind="stable")
+    assert r.replica[order].tolist() == [0, 1, 2, 3]
 
 
 @given(sessions=conversations, bs=st.sampled_from([1, 4]), max_seqs=st.integers(1, 6), budget=st.integers(40, 300),
@@ -184,12 +186,12 @@ def test_sglang_scheduler_matches_reference(sessions, bs, max_seqs, budget, apc,
         num_blocks=num_blocks, overhead_s=OVERHEAD, turns=turns, chunked_prefill=chunked,
         content=content_fn(prompts, content, bs) if apc else None, sglang=True, lpm=lpm)
     for i, q in enumerate(reqs):
-        assert r["preempts"][i] == q.preemptions, i
-        assert r["cached"][i] == q.cached, i
-        for got, want in ((r["first_sched"][i], q.first_scheduled), (r["first_tok"][i], q.first_token),
-                          (r["finish"][i], q.finish)):
+        assert r.preemptions[i] == q.preemptions, i
+        assert r.cached_tokens[i] == q.cached, i
+        for got, want in ((r.first_scheduled_s[i], q.first_scheduled), (r.first_token_s[i], q.first_token),
+                          (r.finish_s[i], q.finish)):
             assert (np.isnan(got) and want is None) or got == pytest.approx(want, rel=1e-9, abs=1e-12), i
-    assert r["counters"][0] == len(history)
+    assert r.per_replica["iterations"] == len(history)
 
 
 def test_sglang_runs_prefills_apart_from_decodes_by_hand():
@@ -198,15 +200,15 @@ def test_sglang_runs_prefills_apart_from_decodes_by_hand():
     kw = dict(timeline=True, max_num_seqs=8)
     v = run([0.0, 0.1], [100, 500], [50, 5], **kw)
     g = run([0.0, 0.1], [100, 500], [50, 5], sglang=True, **kw)
-    row_v, row_g = (r["timeline"][r["timeline"][:, E.TL_PREFILL_TOKENS] == 500][0] for r in (v, g))
+    row_v, row_g = (r.timeline[r.timeline[:, E.TL_PREFILL_TOKENS] == 500][0] for r in (v, g))
     assert row_v[E.TL_NUM_DECODES] == 1 and row_g[E.TL_NUM_DECODES] == 0
     t0 = row_v[E.TL_START_S]
     assert row_g[E.TL_START_S] == t0  # the same iteration boundary admits B in both
     # A's KV before that step: its 100-token prompt and one token per decode iteration after the first.
-    iterations_before = int((v["timeline"][:, E.TL_START_S] < t0).sum())
+    iterations_before = int((v.timeline[:, E.TL_START_S] < t0).sum())
     a_kv = 100 + iterations_before - 1
-    assert v["first_tok"][1] == pytest.approx(t0 + OVERHEAD + fwd(dec=[a_kv], new=[500], ctx=[0]), rel=1e-9)
-    assert g["first_tok"][1] == pytest.approx(t0 + OVERHEAD + fwd(new=[500], ctx=[0]), rel=1e-9)
+    assert v.first_token_s[1] == pytest.approx(t0 + OVERHEAD + fwd(dec=[a_kv], new=[500], ctx=[0]), rel=1e-9)
+    assert g.first_token_s[1] == pytest.approx(t0 + OVERHEAD + fwd(new=[500], ctx=[0]), rel=1e-9)
 
 
 @given(lengths=st.lists(st.tuples(st.integers(1, 80), st.integers(1, 40)), min_size=1, max_size=24),
@@ -231,13 +233,13 @@ def test_closed_loops_match_reference(lengths, concurrency, max_seqs, budget, fa
         CM, arrivals, prompts, outputs, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
         num_blocks=num_blocks, overhead_s=OVERHEAD, turns=(next_turn, think))
     for i, q in enumerate(reqs):
-        for got, want in ((r["arrival"][i], q.arrival), (r["first_tok"][i], q.first_token),
-                          (r["finish"][i], q.finish)):
+        for got, want in ((r.arrival_s[i], q.arrival), (r.first_token_s[i], q.first_token),
+                          (r.finish_s[i], q.finish)):
             assert got == pytest.approx(want, rel=1e-9, abs=1e-12), i
-    assert (r["status"] == E.FINISHED).all()
+    assert (r.status == E.FINISHED).all()
     # never more than `concurrency` in flight; the rows are sent in their order
-    sent = np.asarray(r["arrival"])
+    sent = np.asarray(r.arrival_s)
     assert (np.diff(sent) >= 0).all()
-    events = sorted([(f, 0) for f in r["finish"]] + [(a, 1) for a in sent])
+    events = sorted([(f, 0) for f in r.finish_s] + [(a, 1) for a in sent])
     level = np.cumsum([1 if kind else -1 for _, kind in events])
     assert level.max() == min(concurrency, n)

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reference as ref
-from fastsim.catalog import load_gpu, load_model
+from fastsim.catalog import load_model
 from fastsim.cost import CostModel, CostProfile, default_profile
 from fastsim.engine import cost_nb as nb
 

@@ -73,11 +73,14 @@ def run(arrivals, prompts, outputs, *, max_num_seqs=256, max_num_batched_tokens=
                          prefix_cache_arrays(rep_int, wl), (wl.next_turn, wl.think_s), fast_decode, fast,
                          (np.zeros(n, np.int64), np.zeros(n)) if kv0 is None
                          else (np.asarray(kv0[0], np.int64), np.asarray(kv0[1], float)))
-    keys = ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",
-            "itl_hist", "itl_stats", "timeline", "counters", "gpu_time", "cached", "arrival")
-    res = dict(zip(keys, out))
-    res["counters"] = res["counters"][0] if replicas == 1 else res["counters"]
-    return res
+    # One replica's record on its own: r.per_replica["iterations"] is then a number.
+    return out._replace(per_replica=out.per_replica[0]) if replicas == 1 else out
+
+
+def assert_same_stats(a, b, *fields, rtol=0.0):
+    """Two runs' per-replica figures agree on `fields` (exactly, or within rtol)."""
+    for f in fields:
+        np.testing.assert_allclose(a.per_replica[f], b.per_replica[f], rtol=rtol, atol=0, err_msg=f)
 
 
 def fwd(dec=(), new=(), ctx=()):
@@ -88,13 +91,13 @@ def fwd(dec=(), new=(), ctx=()):
 def test_one_request_alone_by_hand():
     r = run([0.5], [100], [4])
     ttft = fwd(new=[100], ctx=[0]) + OVERHEAD
-    assert r["first_tok"][0] == pytest.approx(0.5 + ttft, rel=1e-12)
+    assert r.first_token_s[0] == pytest.approx(0.5 + ttft, rel=1e-12)
     # Each later token: one decode over 100, 101, 102 cached tokens.
     itls = [fwd(dec=[c]) + OVERHEAD for c in (100, 101, 102)]
-    assert r["finish"][0] == pytest.approx(0.5 + ttft + sum(itls), rel=1e-12)
-    assert r["max_itl"][0] == pytest.approx(max(itls), rel=1e-12)
-    assert r["status"][0] == E.FINISHED and r["generated"][0] == 4
-    assert r["itl_stats"][0] == 3 and r["itl_stats"][1] == pytest.approx(sum(itls), rel=1e-12)
+    assert r.finish_s[0] == pytest.approx(0.5 + ttft + sum(itls), rel=1e-12)
+    assert r.max_itl_s[0] == pytest.approx(max(itls), rel=1e-12)
+    assert r.status[0] == E.FINISHED and r.generated[0] == 4
+    assert r.itl_stats[0] == 3 and r.itl_stats[1] == pytest.approx(sum(itls), rel=1e-12)
 
 
 def test_two_overlapping_requests_by_hand():
@@ -103,18 +106,18 @@ def test_two_overlapping_requests_by_hand():
     r = run([0.0, t_a / 2], [200, 50], [3, 2])
     step2 = fwd(dec=[200], new=[50], ctx=[0]) + OVERHEAD   # A decodes, B prefills: both get a token
     step3 = fwd(dec=[201, 50]) + OVERHEAD                   # A's last token, B's last token
-    assert r["first_tok"][0] == pytest.approx(t_a, rel=1e-12)
-    assert r["first_sched"][1] == pytest.approx(t_a, rel=1e-12)
-    assert r["first_tok"][1] == pytest.approx(t_a + step2, rel=1e-12)
-    assert r["finish"][0] == pytest.approx(t_a + step2 + step3, rel=1e-12)
-    assert r["finish"][1] == pytest.approx(t_a + step2 + step3, rel=1e-12)
+    assert r.first_token_s[0] == pytest.approx(t_a, rel=1e-12)
+    assert r.first_scheduled_s[1] == pytest.approx(t_a, rel=1e-12)
+    assert r.first_token_s[1] == pytest.approx(t_a + step2, rel=1e-12)
+    assert r.finish_s[0] == pytest.approx(t_a + step2 + step3, rel=1e-12)
+    assert r.finish_s[1] == pytest.approx(t_a + step2 + step3, rel=1e-12)
 
 
 def test_chunked_prefill_splits_a_long_prompt_by_budget():
     r = run([0.0], [1000], [1], max_num_batched_tokens=400)
     chunks = [fwd(new=[400], ctx=[0]), fwd(new=[400], ctx=[400]), fwd(new=[200], ctx=[800])]
-    assert r["finish"][0] == pytest.approx(sum(chunks) + 3 * OVERHEAD, rel=1e-12)
-    assert r["counters"][0] == 3
+    assert r.finish_s[0] == pytest.approx(sum(chunks) + 3 * OVERHEAD, rel=1e-12)
+    assert r.per_replica["iterations"] == 3
 
 
 def test_kv_exhaustion_preempts_the_newest_and_recomputes():
@@ -130,33 +133,33 @@ def test_kv_exhaustion_preempts_the_newest_and_recomputes():
         fwd(dec=[9]),                  # 7: B's 5th token
     ]
     ends = np.cumsum(np.array(steps) + OVERHEAD)
-    assert r["preempts"].tolist() == [0, 1]
-    assert r["finish"].tolist() == pytest.approx([ends[4], ends[6]], rel=1e-12)
-    assert r["first_tok"].tolist() == pytest.approx([ends[0], ends[0]], rel=1e-12)
-    assert r["max_itl"][1] == pytest.approx(ends[5] - ends[2], rel=1e-12)  # the gap B sat out
-    assert r["timeline"][:, E.TL_KV_BLOCKS_USED].max() == 4
-    assert r["timeline"][:, E.TL_PREEMPTIONS].tolist() == [0, 0, 0, 1, 0, 0, 0]
-    assert r["counters"][2] == 4  # every block returned
+    assert r.preemptions.tolist() == [0, 1]
+    assert r.finish_s.tolist() == pytest.approx([ends[4], ends[6]], rel=1e-12)
+    assert r.first_token_s.tolist() == pytest.approx([ends[0], ends[0]], rel=1e-12)
+    assert r.max_itl_s[1] == pytest.approx(ends[5] - ends[2], rel=1e-12)  # the gap B sat out
+    assert r.timeline[:, E.TL_KV_BLOCKS_USED].max() == 4
+    assert r.timeline[:, E.TL_PREEMPTIONS].tolist() == [0, 0, 0, 1, 0, 0, 0]
+    assert r.per_replica["free_blocks_at_end"] == 4  # every block returned
 
 
 def test_max_num_seqs_limits_the_batch():
     r = run(np.zeros(5), [10] * 5, [3] * 5, max_num_seqs=2)
-    tl = r["timeline"]
+    tl = r.timeline
     assert tl[:, E.TL_NUM_SEQS].max() == 2
-    assert (r["status"] == E.FINISHED).all()
+    assert (r.status == E.FINISHED).all()
     # FCFS: the first two finish together, before any of the others starts.
-    assert r["finish"][0] == r["finish"][1] <= r["first_sched"][2:].min()
+    assert r.finish_s[0] == r.finish_s[1] <= r.first_scheduled_s[2:].min()
 
 
 def test_time_limit_marks_unfinished():
     r = run([0.0, 0.0, 100.0], [10, 10, 10], [1000, 2, 2], max_time_s=1.0)
-    assert r["status"].tolist() == [E.UNFINISHED, E.FINISHED, E.UNFINISHED]
+    assert r.status.tolist() == [E.UNFINISHED, E.FINISHED, E.UNFINISHED]
 
 
 def test_rejected_requests_are_never_scheduled():
     r = run(np.zeros(3), [10, 10, 10], [2, 2, 2], rejected=np.array([False, True, False]))
-    assert r["status"].tolist() == [E.FINISHED, E.REJECTED, E.FINISHED]
-    assert np.isnan(r["first_sched"][1]) and r["replica"][1] == -1
+    assert r.status.tolist() == [E.FINISHED, E.REJECTED, E.FINISHED]
+    assert np.isnan(r.first_scheduled_s[1]) and r.replica[1] == -1
 
 
 workloads = st.integers(1, 40).flatmap(lambda n: st.tuples(
@@ -209,28 +212,28 @@ def test_kernel_matches_reference_scheduler(wl, e, preload, cpu):
         v0=e["v0"], overhead_s=OVERHEAD, per_seq_s=cpu[0], per_token_s=cpu[1], no_evict=e["no_evict"], kv0=kv0,
         async_scheduling=overlaps(cpu, e["v0"]), num_scheduler_steps=e["steps"] if e["v0"] else 1)
     for i, q in enumerate(reqs):
-        assert r["preempts"][i] == q.preemptions
-        assert r["generated"][i] == q.generated
-        for got, want in ((r["first_sched"][i], q.first_scheduled), (r["first_tok"][i], q.first_token),
-                          (r["finish"][i], q.finish)):
+        assert r.preemptions[i] == q.preemptions
+        assert r.generated[i] == q.generated
+        for got, want in ((r.first_scheduled_s[i], q.first_scheduled), (r.first_token_s[i], q.first_token),
+                          (r.finish_s[i], q.finish)):
             assert (np.isnan(got) and want is None) or got == pytest.approx(want, rel=1e-9, abs=1e-12)
-    assert r["counters"][0] == len(history)
+    assert r.per_replica["iterations"] == len(history)
 
     # Invariants: everything accounted for, blocks within capacity and all returned, time forward.
-    assert (r["status"] == E.FINISHED).all()
-    assert (r["generated"] == np.asarray(outputs)).all()
-    tl = r["timeline"]
+    assert (r.status == E.FINISHED).all()
+    assert (r.generated == np.asarray(outputs)).all()
+    tl = r.timeline
     assert (tl[:, E.TL_KV_BLOCKS_USED] <= e["num_blocks"]).all()
-    assert r["counters"][2] == e["num_blocks"]
+    assert r.per_replica["free_blocks_at_end"] == e["num_blocks"]
     assert (np.diff(tl[:, E.TL_START_S]) > 0).all()
-    assert (np.asarray(arrivals) <= r["first_sched"]).all()
+    assert (np.asarray(arrivals) <= r.first_scheduled_s).all()
     fresh = np.asarray(kv0[0]) == 0  # a preloaded request's first token was made elsewhere
-    assert (r["first_sched"] < r["first_tok"])[fresh].all() and (r["first_tok"] <= r["finish"])[fresh].all()
-    assert np.isnan(r["first_tok"][~fresh]).all() and (r["first_sched"] < r["finish"]).all()
+    assert (r.first_scheduled_s < r.first_token_s)[fresh].all() and (r.first_token_s <= r.finish_s)[fresh].all()
+    assert np.isnan(r.first_token_s[~fresh]).all() and (r.first_scheduled_s < r.finish_s).all()
     assert tl[:, E.TL_NUM_TOKENS].max() <= e["max_num_batched_tokens"] or e["v0"]
     assert tl[:, E.TL_NUM_SEQS].max() <= e["max_num_seqs"] or e["v0"]
     if e["no_evict"]:
-        assert (r["preempts"] == 0).all()  # what guaranteed_no_evict guarantees
+        assert (r.preemptions == 0).all()  # what guaranteed_no_evict guarantees
 
 
 @functools.cache
@@ -271,13 +274,13 @@ def test_decode_stretches_change_nothing(wl, e, replicas, window, policy, sglang
                          "shared_id": np.zeros(n, np.int64)}
     a = run(arrivals, prompts, outputs, fast_decode=True, **kw)
     b = run(arrivals, prompts, outputs, fast_decode=False, **kw)
-    for key in ("status", "first_sched", "first_tok", "finish", "generated", "preempts", "max_itl", "replica",
+    for key in ("status", "first_scheduled_s", "first_token_s", "finish_s", "generated", "preemptions", "max_itl_s", "replica",
                 "itl_hist", "timeline"):
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    np.testing.assert_array_equal(a["counters"][..., :5], b["counters"][..., :5])
-    np.testing.assert_array_equal(a["counters"][..., 6:8], b["counters"][..., 6:8])  # evictions, cache hits
-    np.testing.assert_allclose(a["gpu_time"], b["gpu_time"], rtol=1e-12)
-    np.testing.assert_allclose(a["itl_stats"], b["itl_stats"], rtol=1e-12)
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+    assert_same_stats(a, b, "iterations", "peak_kv_blocks_used", "free_blocks_at_end", "preemptions", "requests")
+    assert_same_stats(a, b, "prefix_cache_evictions", "prefix_cache_hit_tokens")  # evictions, cache hits
+    assert_same_stats(a, b, "compute_time_s", "comm_time_s", rtol=1e-12)
+    np.testing.assert_allclose(a.itl_stats, b.itl_stats, rtol=1e-12)
 
 
 def long_run(n):
@@ -295,9 +298,9 @@ def test_timeline_rows_of_replicas_in_step_come_in_replica_order():
     kw = dict(timeline=True, replicas=2, policy=E.ROUTE_LEAST_REQUESTS, max_num_seqs=2)
     a = run(np.zeros(17), [10] * 17, [80] * 17, fast_decode=True, **kw)
     b = run(np.zeros(17), [10] * 17, [80] * 17, fast_decode=False, **kw)
-    assert a["counters"][:, 5].sum() > 0  # stretched
-    np.testing.assert_array_equal(a["timeline"], b["timeline"])
-    start, rep = a["timeline"][:, E.TL_START_S], a["timeline"][:, E.TL_REPLICA]
+    assert a.per_replica["stretched_iterations"].sum() > 0  # stretched
+    np.testing.assert_array_equal(a.timeline, b.timeline)
+    start, rep = a.timeline[:, E.TL_START_S], a.timeline[:, E.TL_REPLICA]
     together = np.diff(start) == 0
     assert together.sum() > 10 and (np.diff(rep)[together] > 0).all()
     assert (np.diff(start) >= 0).all()
@@ -308,11 +311,11 @@ def test_decode_stretch_is_taken_and_exact_on_a_long_run(stages):
     arrivals, prompts, outputs = long_run(300)
     a = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast_decode=True, stages=stages)
     b = run(arrivals, prompts, outputs, timeline=False, num_blocks=1000, fast_decode=False, stages=stages)
-    for key in ("first_tok", "finish", "preempts", "max_itl", "itl_hist"):
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    np.testing.assert_array_equal(a["counters"][:5], b["counters"][:5])
-    assert b["preempts"].sum() > 0  # the run includes preemptions around the stretches
-    assert b["counters"][5] == 0 and a["counters"][5] > 0.5 * a["counters"][0]  # most iterations stretched
+    for key in ("first_token_s", "finish_s", "preemptions", "max_itl_s", "itl_hist"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+    assert_same_stats(a, b, "iterations", "peak_kv_blocks_used", "free_blocks_at_end", "preemptions", "requests")
+    assert b.preemptions.sum() > 0  # the run includes preemptions around the stretches
+    assert b.per_replica["stretched_iterations"] == 0 and a.per_replica["stretched_iterations"] > 0.5 * a.per_replica["iterations"]  # most iterations stretched
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -327,10 +330,11 @@ def test_pipeline_decode_stretch_is_exact_where_batches_complete_together(seed):
     kw = dict(timeline=False, stages=6, overhead_s=5e-3)
     a = run(arrivals, prompts, outputs, fast_decode=True, **kw)
     b = run(arrivals, prompts, outputs, fast_decode=False, **kw)
-    for key in ("first_tok", "finish", "max_itl", "itl_hist", "itl_stats", "gpu_time"):
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    np.testing.assert_array_equal(a["counters"][:5], b["counters"][:5])
-    assert a["counters"][5] > 0.5 * a["counters"][0]
+    for key in ("first_token_s", "finish_s", "max_itl_s", "itl_hist", "itl_stats"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+    assert_same_stats(a, b, "compute_time_s", "comm_time_s")
+    assert_same_stats(a, b, "iterations", "peak_kv_blocks_used", "free_blocks_at_end", "preemptions", "requests")
+    assert a.per_replica["stretched_iterations"] > 0.5 * a.per_replica["iterations"]
 
 
 def test_timeline_grows_past_its_first_allocation_and_keeps_every_iteration():
@@ -338,12 +342,12 @@ def test_timeline_grows_past_its_first_allocation_and_keeps_every_iteration():
     table and the loop resumes where it stopped. 3 staggered requests of 1,500 tokens are well over
     the first 1,024 rows; every iteration must be there once, in order, and match a run without it."""
     r = run([0.0, 0.01, 0.02], [100, 100, 100], [1500, 1500, 1500])
-    tl = r["timeline"]
-    assert tl.shape[0] == r["counters"][0] > 1024
+    tl = r.timeline
+    assert tl.shape[0] == r.per_replica["iterations"] > 1024
     assert (np.diff(tl[:, E.TL_START_S]) > 0).all()
     assert tl[:, E.TL_NUM_TOKENS].sum() == 3 * 100 + 3 * 1499  # prompts + decodes (the last token needs none)
     plain = run([0.0, 0.01, 0.02], [100, 100, 100], [1500, 1500, 1500], timeline=False)
-    np.testing.assert_array_equal(r["finish"], plain["finish"])
+    np.testing.assert_array_equal(r.finish_s, plain.finish_s)
 
 
 def test_guaranteed_no_evict_by_hand():
@@ -353,8 +357,8 @@ def test_guaranteed_no_evict_by_hand():
     kw = dict(block_size=16, num_blocks=10, timeline=False)
     trt = run([0.0, 0.001], [64, 32], [64, 32], no_evict=True, **kw)
     vllm = run([0.0, 0.001], [64, 32], [64, 32], **kw)
-    assert vllm["first_sched"][1] < vllm["finish"][0]
-    assert trt["first_sched"][1] == trt["finish"][0]  # the decision right after A's last token
-    assert (trt["preempts"] == 0).all()
+    assert vllm.first_scheduled_s[1] < vllm.finish_s[0]
+    assert trt.first_scheduled_s[1] == trt.finish_s[0]  # the decision right after A's last token
+    assert (trt.preemptions == 0).all()
     alone = run([0.0], [32], [32], **kw)
-    assert trt["finish"][1] - trt["first_sched"][1] == pytest.approx(alone["finish"][0], rel=1e-12)
+    assert trt.finish_s[1] - trt.first_scheduled_s[1] == pytest.approx(alone.finish_s[0], rel=1e-12)

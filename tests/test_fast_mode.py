@@ -15,7 +15,7 @@ from fastsim.cost.speculative import speculative_cost_model
 from fastsim.engine.cost_nb import (LAYERS, OVERLAP, SPEC_DRAFT_ATTN, SPEC_EXPECTED, SPEC_TOKENS, attention_time_nb,
                                     decode_only_nb, stage_time_nb, verify_attention_time_nb)
 from fastsim.metrics import itl_bin_edges_s
-from test_engine import CM, CPU_TERMS, _fits, engines, long_run, preloaded, run, windowed
+from test_engine import CM, CPU_TERMS, _fits, assert_same_stats, engines, long_run, preloaded, run, windowed
 
 
 def step_attention(p, n, keys0, grow, k):
@@ -159,22 +159,22 @@ def test_blocks_taken_over_a_run_match_counting_each_iteration(phase, D, free, k
 
 def compare(a, b, batch):
     """Fast (a) and exact (b) runs: the same decisions, times equal to rounding."""
-    for key in ("status", "generated", "preempts", "replica", "cached"):
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    for key in ("first_sched", "first_tok", "finish", "arrival", "max_itl"):
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-9, atol=1e-12, err_msg=key)
-    np.testing.assert_array_equal(a["counters"][..., :5], b["counters"][..., :5])
-    np.testing.assert_array_equal(a["counters"][..., 6:8], b["counters"][..., 6:8])  # prefix cache evictions, hits
-    np.testing.assert_allclose(a["gpu_time"], b["gpu_time"], rtol=1e-9)
-    np.testing.assert_allclose(a["itl_stats"], b["itl_stats"], rtol=1e-9)
+    for key in ("status", "generated", "preemptions", "replica", "cached_tokens"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+    for key in ("first_scheduled_s", "first_token_s", "finish_s", "arrival_s", "max_itl_s"):
+        np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=1e-9, atol=1e-12, err_msg=key)
+    assert_same_stats(a, b, "iterations", "peak_kv_blocks_used", "free_blocks_at_end", "preemptions", "requests")
+    assert_same_stats(a, b, "prefix_cache_evictions", "prefix_cache_hit_tokens")  # prefix cache evictions, hits
+    assert_same_stats(a, b, "compute_time_s", "comm_time_s", rtol=1e-9)
+    np.testing.assert_allclose(a.itl_stats, b.itl_stats, rtol=1e-9)
     # A gap within rounding of a bin edge may land in the next bin: the cumulative counts agree
     # everywhere to within one iteration's tokens (`batch`: the most requests decoding at once).
-    ca, cb = np.cumsum(a["itl_hist"]), np.cumsum(b["itl_hist"])
+    ca, cb = np.cumsum(a.itl_hist), np.cumsum(b.itl_hist)
     assert ca[-1] == cb[-1]
     assert np.abs(ca - cb).max() <= batch
     # Timeline rows (with output.timeline): the same iterations, replica by replica (across
     # replicas, starts equal in one mode may differ by rounding in the other).
-    ta, tb = (t[np.lexsort((t[:, E.TL_START_S], t[:, E.TL_REPLICA]))] for t in (a["timeline"], b["timeline"]))
+    ta, tb = (t[np.lexsort((t[:, E.TL_START_S], t[:, E.TL_REPLICA]))] for t in (a.timeline, b.timeline))
     assert ta.shape == tb.shape
     np.testing.assert_array_equal(ta[:, E.TL_NUM_SEQS:], tb[:, E.TL_NUM_SEQS:])
     np.testing.assert_allclose(ta[:, :E.TL_NUM_SEQS], tb[:, :E.TL_NUM_SEQS], rtol=1e-9, atol=1e-12)
@@ -237,9 +237,9 @@ def test_fast_mode_sums_most_iterations_and_stays_exact_on_a_long_run_with_preem
     a = run(arrivals, prompts, outputs, fast=True, **kw)
     b = run(arrivals, prompts, outputs, fast=False, **kw)
     compare(a, b, 256)
-    assert b["preempts"].sum() > 0
-    assert a["counters"][8] == 0  # every preemption decided in lazy form, none by going back to exact form
-    assert a["counters"][9] > 0.8 * a["counters"][0]  # iterations summed in closed form
+    assert b.preemptions.sum() > 0
+    assert a.per_replica["lazy_exits"] == 0  # every preemption decided in lazy form, none by going back to exact form
+    assert a.per_replica["closed_form_iterations"] > 0.8 * a.per_replica["iterations"]  # iterations summed in closed form
 
 
 @pytest.mark.parametrize("shared", ["none", "system prompt", "turns", "sequences"])
@@ -269,11 +269,11 @@ def test_prefix_caching_in_lazy_form_matches_exact_mode(shared):
     a = run(arrivals, prompts, outputs, fast=True, **kw)
     b = run(arrivals, prompts, outputs, fast=False, **kw)
     compare(a, b, 256)
-    assert b["preempts"].sum() > 0 and b["counters"][6] > 0
-    assert b["counters"][7] > 0  # tokens found in the cache (a preempted request's own, at least)
+    assert b.preemptions.sum() > 0 and b.per_replica["prefix_cache_evictions"] > 0
+    assert b.per_replica["prefix_cache_hit_tokens"] > 0  # tokens found in the cache (a preempted request's own, at least)
     if shared != "sequences":
-        assert a["counters"][9] > 0.8 * a["counters"][0]
-    assert a["counters"][5] > 0.8 * a["counters"][0]  # in closed form or in exact form's O(1) steps
+        assert a.per_replica["closed_form_iterations"] > 0.8 * a.per_replica["iterations"]
+    assert a.per_replica["stretched_iterations"] > 0.8 * a.per_replica["iterations"]  # in closed form or in exact form's O(1) steps
 
 
 @pytest.mark.parametrize("policy", [E.ROUTE_PREFIX_AWARE, E.ROUTE_KV_AWARE, E.ROUTE_LEAST_KV])
@@ -288,8 +288,8 @@ def test_a_lone_replica_behind_a_router_that_reads_state_is_still_summed(policy)
     a = run(arrivals, prompts, outputs, fast=True, **kw)
     b = run(arrivals, prompts, outputs, fast=False, **kw)
     compare(a, b, 256)
-    assert (a["replica"] == 0).all() and b["counters"][6] > 0
-    assert a["counters"][9] > 0.8 * a["counters"][0]  # summed in closed form
+    assert (a.replica == 0).all() and b.per_replica["prefix_cache_evictions"] > 0
+    assert a.per_replica["closed_form_iterations"] > 0.8 * a.per_replica["iterations"]  # summed in closed form
 
 
 # Cache sizes at which a router reading the free list before the lazy decoders' pending blocks
@@ -309,9 +309,9 @@ def test_replicas_behind_a_router_that_reads_their_caches_are_summed_and_exact(p
     a = run(arrivals, prompts, outputs, fast=True, **kw)
     b = run(arrivals, prompts, outputs, fast=False, **kw)
     compare(a, b, 3 * 256)
-    assert np.bincount(b["replica"], minlength=3).min() > n // 10  # the router spreads them
-    assert b["counters"][:, 6].sum() > 0 and b["counters"][:, 7].sum() > 0  # evictions, hits
-    assert a["counters"][:, 9].sum() > 0.7 * a["counters"][:, 0].sum()  # summed in closed form
+    assert np.bincount(b.replica, minlength=3).min() > n // 10  # the router spreads them
+    assert b.per_replica["prefix_cache_evictions"].sum() > 0 and b.per_replica["prefix_cache_hit_tokens"].sum() > 0  # evictions, hits
+    assert a.per_replica["closed_form_iterations"].sum() > 0.7 * a.per_replica["iterations"].sum()  # summed in closed form
 
 
 def test_a_timeline_keeps_fast_mode_summing_and_its_rows_in_order_of_start():
@@ -323,11 +323,11 @@ def test_a_timeline_keeps_fast_mode_summing_and_its_rows_in_order_of_start():
     a = run(arrivals, prompts, outputs, fast=True, **kw)
     b = run(arrivals, prompts, outputs, fast=False, **kw)
     compare(a, b, 3 * 256)
-    tl = a["timeline"]
-    assert tl.shape[0] == a["counters"][:, 0].sum()  # a row per iteration
+    tl = a.timeline
+    assert tl.shape[0] == a.per_replica["iterations"].sum()  # a row per iteration
     assert (np.diff(tl[:, E.TL_START_S]) >= 0).all()
     assert not (np.diff(tl[:, E.TL_REPLICA]) == 0).all()  # replicas interleave
-    assert a["counters"][:, 9].sum() > 0.8 * a["counters"][:, 0].sum()  # summed in closed form
+    assert a.per_replica["closed_form_iterations"].sum() > 0.8 * a.per_replica["iterations"].sum()  # summed in closed form
 
 
 @pytest.mark.parametrize("num_blocks", [100, 130])
@@ -340,8 +340,8 @@ def test_a_chunked_prefill_preempted_in_lazy_form_matches_exact_mode(num_blocks)
     a = run(arrivals, prompts, outputs, fast=True, **kw)
     b = run(arrivals, prompts, outputs, fast=False, **kw)
     compare(a, b, 256)
-    assert b["preempts"][:2].tolist() == [0, 0] and b["preempts"][2] > 10
-    assert a["counters"][8] == 0
+    assert b.preemptions[:2].tolist() == [0, 0] and b.preemptions[2] > 10
+    assert a.per_replica["lazy_exits"] == 0
 
 
 def test_without_decoders_to_sum_fast_mode_still_matches():
@@ -349,7 +349,7 @@ def test_without_decoders_to_sum_fast_mode_still_matches():
     a = run([0.0, 0.001, 0.002], [100, 5000, 30], [1, 1, 1], fast=True, timeline=False)
     b = run([0.0, 0.001, 0.002], [100, 5000, 30], [1, 1, 1], fast=False, timeline=False)
     compare(a, b, 256)
-    assert a["counters"][9] == 0
+    assert a.per_replica["closed_form_iterations"] == 0
 
 
 def test_worst_gap_record_overflowing_is_folded_into_the_requests():
@@ -363,7 +363,7 @@ def test_worst_gap_record_overflowing_is_folded_into_the_requests():
     a = run(arrivals, prompts, outputs, fast=True, timeline=True, num_blocks=20_000)
     b = run(arrivals, prompts, outputs, fast=False, timeline=True, num_blocks=20_000)
     compare(a, b, 256)
-    tl = b["timeline"]
+    tl = b.timeline
     record = []  # the falling gaps, from exact mode's iterations
     deepest = 0
     for gap in np.diff(tl[:, E.TL_START_S] + tl[:, E.TL_DURATION_S]):

@@ -73,7 +73,7 @@ def test_kernel_stops_when_asked():
 
     budget = WallBudget(deadline=0.0)  # already past
     out = run_pools(cfg, model, plans[0][1], w, np.ones(100, bool), np.zeros(100, bool), seen.append, budget=budget)
-    assert budget.hit and (out[0] == E.UNFINISHED).all() and seen[-1] == 0
+    assert budget.hit and (out.status == E.UNFINISHED).all() and seen[-1] == 0
 
 
 def test_ctrl_c_stops_the_kernel_before_returning():

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastsim.engine import prefix_nb as px
+from fastsim.workload import BlockSources
 
 
 @given(ops=st.lists(st.tuples(st.sampled_from(["ins", "del", "find"]), st.integers(0, 40)), max_size=300),
@@ -57,7 +58,7 @@ def test_block_content_follows_source_blocks():
     offsets = np.array([0, 2, 4])
     ids = np.array([7, 8, 7, 9])
     prompt = np.array([1024, 1024])
-    content = (offsets, ids, prompt, np.arange(2), np.zeros(2, np.int64), np.zeros(2, np.int64))
+    content = BlockSources(offsets, ids, prompt, np.arange(2), np.zeros(2, np.int64), np.zeros(2, np.int64))
     c = lambda req, m, bs=16: px.block_content_nb(req, m, bs, content, 512)  # noqa: E731
     assert all(c(0, m) == c(1, m) for m in range(32))      # tokens 0..511: the shared block
     assert all(c(0, m) != c(1, m) for m in range(32, 64))  # tokens 512..1023: different blocks
@@ -67,7 +68,7 @@ def test_block_content_follows_source_blocks():
     assert px.block_content_nb(0, 1, 384, content, 512) != px.block_content_nb(1, 1, 384, content, 512)
     assert px.block_content_nb(0, 0, 384, content, 512) == px.block_content_nb(1, 0, 384, content, 512)
     # Past the prompt (generated tokens) a block is the request's own, whatever the ids say.
-    short = (offsets, ids, np.array([1000, 1000]), np.arange(2), np.zeros(2, np.int64), np.zeros(2, np.int64))
+    short = BlockSources(offsets, ids, np.array([1000, 1000]), np.arange(2), np.zeros(2, np.int64), np.zeros(2, np.int64))
     assert px.block_content_nb(0, 61, 16, short, 512) != px.block_content_nb(1, 61, 16, short, 512)
     assert px.block_content_nb(0, 62, 16, short, 512) != px.block_content_nb(1, 62, 16, short, 512)
     assert px.block_content_nb(0, 0, 16, short, 512) == px.block_content_nb(1, 0, 16, short, 512)
@@ -77,8 +78,8 @@ def test_block_content_of_system_prompts_and_conversations():
     # Requests 0 and 1: one client's 40-token system prompt, own sequences; 2 and 3: turns of one
     # conversation (seq 2); 4: another client with the same system prompt length.
     n = 5
-    content = (np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.array([100, 100, 60, 200, 100]),
-               np.array([0, 1, 2, 2, 4]), np.array([40, 40, 40, 40, 40]), np.array([0, 0, 0, 0, 1]))
+    content = BlockSources(np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.array([100, 100, 60, 200, 100]),
+                           np.array([0, 1, 2, 2, 4]), np.array([40, 40, 40, 40, 40]), np.array([0, 0, 0, 0, 1]))
     c = lambda req, m: px.block_content_nb(req, m, 16, content, 0)  # noqa: E731
     assert c(0, 0) == c(1, 0) == c(2, 0) and c(0, 1) == c(1, 1)  # tokens 0..31: inside the system prompt
     assert c(0, 2) != c(1, 2)        # tokens 32..47 straddle its end: each request's own
@@ -97,8 +98,8 @@ def test_mix_is_never_empty_and_spreads():
 def _content(prompts, outputs, ids_per_req, seq, shared_len, shared_id):
     offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids_per_req])]).astype(np.int64)
     ids = np.array([i for x in ids_per_req for i in x], np.int64)
-    return (offsets, ids, np.asarray(prompts, np.int64), np.asarray(seq, np.int64),
-            np.asarray(shared_len, np.int64), np.asarray(shared_id, np.int64))
+    return BlockSources(offsets, ids, np.asarray(prompts, np.int64), np.asarray(seq, np.int64),
+                        np.asarray(shared_len, np.int64), np.asarray(shared_id, np.int64))
 
 
 def _cache(content, source, num_blocks, bs, max_seqs, longest, session=None):
@@ -152,7 +153,7 @@ def test_cache_with_private_blocks_matches_a_block_per_block_cache(wl, bs, num_b
     if turns:
         # A first turn defers its answer's blocks (later ones are covered by the first's length).
         firsts = [seqs.index(g) for g in set(seqs) if seqs.count(g) > 1]
-        assert all(apc[4][px.CONTENT_SHAREABLE][i] == max(prompts[i], sys_len[i]) for i in firsts)
+        assert all(apc.shareable_running[i] == max(prompts[i], sys_len[i]) for i in firsts)
     # A turn is there once every earlier request of its sequence has finished.
     there = lambda q: not turns or all(j in done for j in range(q.id) if seqs[j] == seqs[q.id])  # noqa: E731
     cache = ref.PrefixCache(num_blocks, bs, lambda q, m: int(px.block_content_nb(q, m, bs, content, source)))
@@ -213,7 +214,7 @@ def test_cache_with_private_blocks_matches_a_block_per_block_cache(wl, bs, num_b
                     px.apc_move_slot_nb(apc, 0, j, k)
                     slot[other] = k
         assert free == len(cache.free)
-        assert apc[2][0, px.EVICTIONS] == cache.evictions
+        assert apc.rep[0, px.EVICTIONS] == cache.evictions
         for p in reqs:
             if p.id not in slot and p.id not in done and there(p):
                 assert px.apc_match_nb(apc, 0, p.id, p.num_tokens, bs)[0] == len(cache.lookup(p)[0])
@@ -302,5 +303,5 @@ def test_partly_filled_last_block_is_evicted_first_and_not_counted():
         px.apc_hash_full_nb(apc, 0, k, req, tokens, 4)
         if req == 0:
             assert px.apc_release_nb(apc, 0, k) == 2
-            assert apc[2][0, px.EVICTIONS] == 0
-    assert apc[2][0, px.EVICTIONS] == 1
+            assert apc.rep[0, px.EVICTIONS] == 0
+    assert apc.rep[0, px.EVICTIONS] == 1

@@ -7,13 +7,14 @@ from hypothesis import strategies as st
 import reference as ref
 from fastsim.engine import enums as E
 from fastsim.engine import prefix_nb as px
+from fastsim.workload import BlockSources
 from test_engine import CM, OVERHEAD, fwd, run
 
 
 def content_fn(offsets, ids, bs, source, prompts):
     n = len(prompts)
-    content = (offsets, ids, np.asarray(prompts, np.int64), np.arange(n, dtype=np.int64), np.zeros(n, np.int64),
-               np.zeros(n, np.int64))
+    content = BlockSources(offsets, ids, np.asarray(prompts, np.int64), np.arange(n, dtype=np.int64),
+                           np.zeros(n, np.int64), np.zeros(n, np.int64))
     return lambda req, m: int(px.block_content_nb(req, m, bs, content, source))
 
 
@@ -60,15 +61,15 @@ def test_prefix_caching_matches_reference(wl, bs, num_blocks, max_seqs, budget, 
         CM, arr, pr, out, max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=bs,
         num_blocks=num_blocks, long_prefill_token_threshold=threshold, overhead_s=OVERHEAD,
         content=content_fn(sub_off, sub_ids, bs, 32, pr), stats=stats)
-    assert r["counters"][6] == stats["evictions"]
+    assert r.per_replica["prefix_cache_evictions"] == stats["evictions"]
     for i, q in enumerate(reqs):
-        assert r["cached"][i] == q.cached, i
-        assert r["preempts"][i] == q.preemptions, i
-        assert r["finish"][i] == pytest.approx(q.finish, rel=1e-9), i
-        assert r["first_tok"][i] == pytest.approx(q.first_token, rel=1e-9), i
-    assert r["counters"][0] == len(history)
-    assert [int(u) for u in r["timeline"][:, E.TL_KV_BLOCKS_USED]] == [u for _, u in history]
-    assert (r["status"] == E.FINISHED).all()
+        assert r.cached_tokens[i] == q.cached, i
+        assert r.preemptions[i] == q.preemptions, i
+        assert r.finish_s[i] == pytest.approx(q.finish, rel=1e-9), i
+        assert r.first_token_s[i] == pytest.approx(q.first_token, rel=1e-9), i
+    assert r.per_replica["iterations"] == len(history)
+    assert [int(u) for u in r.timeline[:, E.TL_KV_BLOCKS_USED]] == [u for _, u in history]
+    assert (r.status == E.FINISHED).all()
 
 
 def test_shared_prompt_is_prefilled_once_by_hand():
@@ -77,11 +78,11 @@ def test_shared_prompt_is_prefilled_once_by_hand():
     offsets = np.array([0, 1, 2])
     ids = np.array([42, 42])
     r = run([0.0, 5.0], [4000, 4000], [2, 2], prefix_caching=True, block_ids=(offsets, ids, 4096), timeline=False)
-    assert r["cached"].tolist() == [0, 3984]
-    assert r["first_tok"][1] - 5.0 == pytest.approx(fwd(new=[16], ctx=[3984]) + OVERHEAD, rel=1e-12)
+    assert r.cached_tokens.tolist() == [0, 3984]
+    assert r.first_token_s[1] - 5.0 == pytest.approx(fwd(new=[16], ctx=[3984]) + OVERHEAD, rel=1e-12)
     off = run([0.0, 5.0], [4000, 4000], [2, 2], prefix_caching=False, timeline=False)
-    assert off["first_tok"][1] - 5.0 == pytest.approx(fwd(new=[4000], ctx=[0]) + OVERHEAD, rel=1e-12)
-    assert r["first_tok"][1] - 5.0 < 0.2 * (off["first_tok"][1] - 5.0)
+    assert off.first_token_s[1] - 5.0 == pytest.approx(fwd(new=[4000], ctx=[0]) + OVERHEAD, rel=1e-12)
+    assert r.first_token_s[1] - 5.0 < 0.2 * (off.first_token_s[1] - 5.0)
 
 
 def test_preempted_request_recomputes_from_its_own_cached_blocks():
@@ -92,5 +93,5 @@ def test_preempted_request_recomputes_from_its_own_cached_blocks():
                                      max_num_batched_tokens=8192, block_size=16, num_blocks=9,
                                      overhead_s=OVERHEAD, content=content_fn(np.zeros(3, np.int64),
                                                                             np.zeros(0, np.int64), 16, 0, [64, 64]))
-    assert r["preempts"].tolist() == [q.preemptions for q in reqs] and r["preempts"].sum() > 0
-    assert r["finish"].tolist() == pytest.approx([q.finish for q in reqs], rel=1e-9)
+    assert r.preemptions.tolist() == [q.preemptions for q in reqs] and r.preemptions.sum() > 0
+    assert r.finish_s.tolist() == pytest.approx([q.finish for q in reqs], rel=1e-9)

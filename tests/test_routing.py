@@ -2,7 +2,6 @@
 scheduler over the requests routed to it, and a state-dependent router is replayed arrival by
 arrival from those replicas' own histories."""
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -62,8 +61,8 @@ def test_routers_match_a_naive_twin_of_independent_replicas(wl, replicas, policy
     r = run(arrivals, prompts, outputs, replicas=replicas, policy=policy, **SMALL)
     draw = np.random.default_rng(0).integers(0, replicas, len(arrivals))  # run()'s draws
     replica, finish = routed_reference(arrivals, prompts, outputs, replicas, policy, draw)
-    assert list(r["replica"]) == list(replica)
-    np.testing.assert_allclose(r["finish"], finish, rtol=1e-9, atol=1e-12)
+    assert list(r.replica) == list(replica)
+    np.testing.assert_allclose(r.finish_s, finish, rtol=1e-9, atol=1e-12)
 
 
 def test_least_requests_by_hand():
@@ -72,5 +71,5 @@ def test_least_requests_by_hand():
     while replica 0 still serves request 2."""
     arrivals, prompts, outputs = [0.0, 0.0, 0.0, 0.5], [16, 16, 16, 16], [2, 2, 400, 2]
     r = run(arrivals, prompts, outputs, replicas=2, policy=E.ROUTE_LEAST_REQUESTS, **SMALL)
-    assert list(r["replica"]) == [0, 1, 0, 1]
-    assert r["finish"][1] < 0.5 < r["finish"][2]
+    assert list(r.replica) == [0, 1, 0, 1]
+    assert r.finish_s[1] < 0.5 < r.finish_s[2]

@@ -147,8 +147,9 @@ def tally_gap_nb(itl_acc, last, gap, ref_last, n_ref):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def move_slot_nb(slots, k, m):
-    """The request in slot k into slot m (slots: one replica's rows of the slot arrays)."""
-    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    """The request in slot k into slot m (slots: a bundles.Slots of one replica's rows)."""
+    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
+    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
     s_req[m] = s_req[k]
     s_prompt[m] = s_prompt[k]
     s_tokens[m] = s_tokens[k]

@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit
 
 from fastsim.engine import enums as E
+from fastsim.engine.bundles import REPLICA_STATS, KernelOut, Slots
 from fastsim.engine import heap_nb as hp
 from fastsim.engine import prefix_nb as px
 from fastsim.engine import lazy_nb as lz_nb
@@ -81,13 +82,8 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     offsets rep_int[:, RI_TOK_OFF] / rep_int[:, RI_SEQ_OFF]: row 0 compute + communication, row 1
     communication alone (reported apart).
 
-    Returns per-request (status, first_scheduled_s, first_token_s, finish_s, generated, preemptions,
-    max_itl_s, replica), then (itl_hist, itl_stats=[count, sum, sum of squares], timeline,
-    per-replica counters [iterations, peak_blocks_used, free_blocks_at_end, preemptions, requests,
-    iterations stepped in decode stretches, prefix-cache evictions, prompt tokens served from the
-    cache, times fast mode's lazy form went back to exact form to decide, iterations it summed in
-    closed form], per-replica GPU-seconds
-    [compute, communication], per-request cached prompt tokens).
+    Returns a bundles.KernelOut: per request its status, times, tokens and replica; per run the ITL
+    histogram, the timeline and a bundles.REPLICA_STATS record per replica.
     `progress[1]` set non-zero by another thread stops the run between two events, as if max_time_s
     had been reached then (a wall-clock budget).
     `progress[0]` is kept at the number of requests done, for a progress bar polled from another
@@ -95,7 +91,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     (fastsim.engine.prefix_nb; rep_int[:, RI_APC]). `conv = (next_turn, think_s)`: a request with
     think_s >= 0 is a later turn of a conversation; it arrives think_s after the request whose
     next_turn it is finishes (its arrival_s is ignored), or never if that one does not finish.
-    The arrival times are returned last. `kv0 = (generated, last_token_s)` per request, for a
+    `kv0 = (generated, last_token_s)` per request, for a
     disaggregated decode pool: a request with generated > 0 arrives with the KV of all but its last
     token already computed (sent by a prefill instance), so its first step is a decode; its
     last_token_s is the time of its previous token. None: every request starts from nothing.
@@ -239,7 +235,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             last_for[d] = i
     # The event loop's arguments, bundled (a function of more than 30 arguments cannot be inlined).
     tables = (tok_table, seq_table)
-    slots = (s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
+    slots = Slots(s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
     itl_acc = (itl_hist, itl)
     # Fast mode's lazy form, where it applies.
     lz_ok = np.zeros(n_rep, np.bool_)
@@ -251,7 +247,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     lz = lz_nb.lazy_state_nb(n_rep, max_seqs, max_bs, lz_ok.any())
     for r in range(n_rep):
         if lz_ok[r]:
-            lz[0][r, lz_nb.C_WINDOW] = rep_int[r, E.RI_WINDOW]
+            lz.cnt[r, lz_nb.C_WINDOW] = rep_int[r, E.RI_WINDOW]
     # Working arrays of to_exact_nb (the first three), _decode_run, and pipeline_nb.pp_decode_run_nb
     # (a column per group of requests that travel the pipeline together, at most one per stage).
     scratch = (np.empty(max_seqs, np.int64), np.empty(max_seqs, np.int64), np.empty(max_seqs),
@@ -280,7 +276,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
 
     # Requests still in a slot when the run stops: write their progress back.
     for r in range(n_rep):
-        if lz_ok[r] and lz[0][r, lz_nb.C_ON]:
+        if lz_ok[r] and lz.cnt[r, lz_nb.C_ON]:
             lz_nb.to_exact_nb(lz, r, slots, n_running, rep_int[r, E.RI_BLOCK_SIZE], scratch, apc,
                               rep_int[r, E.RI_APC] != 0)
         for k in range(n_running[r]):
@@ -290,20 +286,25 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     for i in range(n):
         if status[i] == E.PENDING or status[i] == E.RUNNING:
             status[i] = E.UNFINISHED
-    counters = np.empty((n_rep, 10), np.int64)
+    stats = np.zeros(n_rep, REPLICA_STATS)
     for r in range(n_rep):
-        counters[r, 0] = rep_iters[r]
-        counters[r, 1] = rep_peak[r]
-        counters[r, 2] = free[r]
-        counters[r, 3] = rep_preempts[r]
-        counters[r, 4] = rep_requests[r]
-        counters[r, 5] = rep_stretched[r]
-        counters[r, 6] = apc[2][r, px.EVICTIONS] if rep_int[r, E.RI_APC] else 0
-        counters[r, 7] = apc[2][r, px.HIT_TOKENS] if rep_int[r, E.RI_APC] else 0
-        counters[r, 8] = lz[0][r, lz_nb.C_EXITS] if lz_ok[r] else 0
-        counters[r, 9] = lz[0][r, lz_nb.C_SUMMED] if lz_ok[r] else 0
-    return (status, first_sched, first_tok, finish, generated, preempts, max_itl, replica,
-            itl_hist, itl, _by_start(timeline[:n_tl]), counters, rep_time, cached, arrival)
+        st = stats[r]
+        st.iterations = rep_iters[r]
+        st.peak_kv_blocks_used = rep_peak[r]
+        st.free_blocks_at_end = free[r]
+        st.preemptions = rep_preempts[r]
+        st.requests = rep_requests[r]
+        st.stretched_iterations = rep_stretched[r]
+        if rep_int[r, E.RI_APC]:
+            st.prefix_cache_evictions = apc.rep[r, px.EVICTIONS]
+            st.prefix_cache_hit_tokens = apc.rep[r, px.HIT_TOKENS]
+        if lz_ok[r]:
+            st.lazy_exits = lz.cnt[r, lz_nb.C_EXITS]
+            st.closed_form_iterations = lz.cnt[r, lz_nb.C_SUMMED]
+        st.compute_time_s = rep_time[r, 0]
+        st.comm_time_s = rep_time[r, 1]
+    return KernelOut(status, first_sched, first_tok, finish, generated, preempts, max_itl, replica, cached, arrival,
+                     itl_hist, itl, _by_start(timeline[:n_tl]), stats)
 
 
 def _without_refcounts(fn):
@@ -338,7 +339,8 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
     stateless, has_turns = limits[5] != 0, limits[6] != 0
     reads_caches = policy == E.ROUTE_PREFIX_AWARE or policy == E.ROUTE_KV_AWARE
     tok_table, seq_table = tables
-    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
+    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
     itl_hist, itl = itl_acc
     h_t, h_i, h_n = turns[3], turns[4], turns[5]
     n = arrival.size
@@ -413,7 +415,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
         window = ri[E.RI_WINDOW]
         v0 = ri[E.RI_V0] != 0
         lazy_r = lz_ok[r]
-        on = lazy_r and lz[0][r, lz_nb.C_ON] != 0
+        on = lazy_r and lz.cnt[r, lz_nb.C_ON] != 0
         # Fast mode, a lone replica under stateless routing: nothing else can happen, so it takes in
         # its own arrivals and decides in a chain, never through the tree. (With more replicas a
         # chain must yield to any replica deciding earlier; 64 replicas measured slower that way
@@ -453,15 +455,15 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
         # Fast mode: a replica in exact form with nothing in flight goes (back) to lazy form, unless
         # a request would decode there as an explicit slot (lz_nb.stuck_nb); in lazy form, one that
         # has come to do so sends it back.
-        if on and lz[0][r, lz_nb.C_STUCK] != 0:
+        if on and lz.cnt[r, lz_nb.C_STUCK] != 0:
             lz_nb.to_exact_nb(lz, r, slots, n_running, block_size, scratch, apc, ri[E.RI_APC] != 0)
-            lz[0][r, lz_nb.C_EXITS] += 1
+            lz.cnt[r, lz_nb.C_EXITS] += 1
             on = False
         elif lazy_r and not on and fl_count[r] == 0:
-            if lz[0][r, lz_nb.C_COOL] > 0:
-                lz[0][r, lz_nb.C_COOL] -= 1
+            if lz.cnt[r, lz_nb.C_COOL] > 0:
+                lz.cnt[r, lz_nb.C_COOL] -= 1
             elif lz_nb.stuck_nb(slots, r, n_running[r], block_size, apc, ri[E.RI_APC] != 0):
-                lz[0][r, lz_nb.C_COOL] = lz_nb.COOLDOWN
+                lz.cnt[r, lz_nb.C_COOL] = lz_nb.COOLDOWN
             else:
                 lz_nb.to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, block_size, apc, ri[E.RI_APC] != 0)
                 on = True
@@ -519,7 +521,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                                                                      lz_queue, lz_sched_reqs, apc, hit_bufs[r])
             if not handled:  # the order of admission matters: exact mode decides
                 lz_nb.to_exact_nb(lz, r, slots, n_running, block_size, scratch, apc, ri[E.RI_APC] != 0)
-                lz[0][r, lz_nb.C_EXITS] += 1
+                lz.cnt[r, lz_nb.C_EXITS] += 1
         # vLLM V0 multi-step: a decode batch's later steps run without the scheduler, so nothing is
         # admitted and no CPU time is spent between them (the GPU advances the inputs itself).
         multi = v0 and steps_left[r] > 0 and n_running[r] > 0
@@ -638,7 +640,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
         nxt = pp.next_decision_nb(r, t_r, cpu, n_sched > 0, stages, stage_free, flight)
         if own and nxt == INF and own_next[r] >= 0:
             nxt = arrival[own_next[r]]  # idle: its own next arrival wakes it
-        may_chain = (lazy_r and lz[0][r, lz_nb.C_ON] != 0 and stages == 1 and not record_timeline
+        may_chain = (lazy_r and lz.cnt[r, lz_nb.C_ON] != 0 and stages == 1 and not record_timeline
                      and nxt <= max_time_s and nxt < INF)
         if may_chain and (own or n_sched > 0 and nxt < _outside_events(r, nxt, stateless, arrival, own_next, a, n,
                                                                        h_t, h_n, has_turns, n_rep, policy, tree,
@@ -767,7 +769,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
     if n_ref > 0:
         itl_add_nb(itl_acc, end - ref_last, n_ref)
     if done > 0:
-        row = (s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
+        row = Slots(s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
         m = 0
         for k in range(running):
             if s_blocks[k] >= 0:
@@ -784,7 +786,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
 def _longest_prefix_first(apc, r, head, q_next, prompt, generated, block_size, lpm_memo):
     """SGLang's lpm policy: the waiting request with the longest cached prefix (the first of equals),
     and the one before it in the queue (-1: it is the head)."""
-    evictions = apc[2][r, px.EVICTIONS]
+    evictions = apc.rep[r, px.EVICTIONS]
     best, best_before, best_hits = head, -1, -1
     before = -1
     i = head
@@ -918,7 +920,8 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     tok_table, seq_table = tables
     hit_buf = hit_bufs[r]
     prompt, generated, status, finish, max_itl, output, gen0, first_sched = requests
-    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
+    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
     n_running, free, q_head, n_waiting, stage_free, rep_time = replicas
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]

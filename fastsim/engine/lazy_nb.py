@@ -34,6 +34,8 @@ decision, and returns to lazy form a few decisions later.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
@@ -86,6 +88,26 @@ STACK_CAP = 1024
 COOLDOWN = 8
 
 
+
+class LazyState(NamedTuple):
+    """The lazy form of every replica, [replica, ...] (a token of it when fast mode is off)."""
+
+    cnt: np.ndarray         # per-replica counters, columns C_*
+    t_last: np.ndarray      # time of the lazy decoders' last token
+    phase: np.ndarray       # [r, p]: lazy decoders that need a new block at clock phase p (mod block_size)
+    s_stamp: np.ndarray     # [r, slot]: a lazy decoder's tokens at join - clock at join
+    s_seq: np.ndarray       # [r, slot]: admission number
+    s_state: np.ndarray     # [r, slot]: FREE, LAZY or EXPLICIT
+    free_slots: np.ndarray  # [r, i]: a stack of free slots
+    ex_slot: np.ndarray     # [r, i]: the explicit slots
+    fh: np.ndarray          # [r, i]: the finish heap (a finish and a window's reach per decoder)
+    fh_n: np.ndarray        # its size
+    stk_d: np.ndarray       # [r, i]: the max-gap stack: clocks ...
+    stk_g: np.ndarray       # ... and gaps
+    ord_slot: np.ndarray    # [r, i]: the admission-order stack: slots ...
+    ord_seq: np.ndarray     # ... and the admission numbers they were pushed for
+
+
 @njit(cache=True, error_model="numpy")
 def lazy_state_nb(n_rep, max_seqs, max_bs, on):
     """Room for the lazy form of n_rep replicas (a token of it when fast mode is off)."""
@@ -105,8 +127,8 @@ def lazy_state_nb(n_rep, max_seqs, max_bs, on):
     stk_g = np.zeros((n_rep, STACK_CAP))
     ord_slot = np.zeros((n_rep, 2 * max_seqs), np.int64)
     ord_seq = np.zeros((n_rep, 2 * max_seqs), np.int64)
-    return (cnt, t_last, phase, s_stamp, s_seq, s_state, free_slots, ex_slot, fh, fh_n, stk_d, stk_g, ord_slot,
-            ord_seq)
+    return LazyState(cnt, t_last, phase, s_stamp, s_seq, s_state, free_slots, ex_slot, fh, fh_n, stk_d, stk_g,
+                     ord_slot, ord_seq)
 
 
 # -- the newest running request: a stack of (slot, admission number) in admission order -------------
@@ -116,7 +138,7 @@ def lazy_state_nb(n_rep, max_seqs, max_bs, on):
 @njit(cache=True, error_model="numpy", inline="always")
 def _order_push(lz, r, k):
     """Slot k has just been admitted (or, going to lazy form, is taken in admission order)."""
-    cnt, s_seq, s_state, ord_slot, ord_seq = lz[0], lz[4], lz[5], lz[12], lz[13]
+    cnt, s_seq, s_state, ord_slot, ord_seq = lz.cnt, lz.s_seq, lz.s_state, lz.ord_slot, lz.ord_seq
     m = cnt[r, C_ORDN]
     if m == ord_slot.shape[1]:
         m = 0
@@ -134,7 +156,7 @@ def _order_push(lz, r, k):
 @njit(cache=True, error_model="numpy", inline="always")
 def _order_pop_newest(lz, r):
     """The running slot admitted last, taken off the stack (there is one)."""
-    cnt, s_seq, s_state, ord_slot, ord_seq = lz[0], lz[4], lz[5], lz[12], lz[13]
+    cnt, s_seq, s_state, ord_slot, ord_seq = lz.cnt, lz.s_seq, lz.s_state, lz.ord_slot, lz.ord_seq
     m = cnt[r, C_ORDN] - 1
     while s_state[r, ord_slot[r, m]] == FREE or s_seq[r, ord_slot[r, m]] != ord_seq[r, m]:
         m -= 1
@@ -146,7 +168,7 @@ def _order_pop_newest(lz, r):
 @njit(cache=True, error_model="numpy", inline="always")
 def _stk_query(lz, r, lo):
     """The largest gap of the iterations after `lo` (0.0 if none)."""
-    cnt, stk_d, stk_g = lz[0], lz[10], lz[11]
+    cnt, stk_d, stk_g = lz.cnt, lz.stk_d, lz.stk_g
     n = cnt[r, C_STKN]
     a, b = 0, n
     while a < b:  # first entry with iteration > lo; every later one is smaller
@@ -161,7 +183,7 @@ def _stk_query(lz, r, lo):
 @njit(cache=True, error_model="numpy", inline="always")
 def _stk_push(lz, r, d, g, slots, bs):
     """Iteration d (the latest) had gap g. A full stack is folded into the slots' own maxima."""
-    cnt, stk_d, stk_g = lz[0], lz[10], lz[11]
+    cnt, stk_d, stk_g = lz.cnt, lz.stk_d, lz.stk_g
     n = cnt[r, C_STKN]
     while n > 0 and stk_g[r, n - 1] <= g:
         n -= 1
@@ -177,20 +199,20 @@ def _stk_push(lz, r, d, g, slots, bs):
 def _rebase(lz, r, slots, bs, g):
     """Move every lazy decoder's join to now (same tokens, same block phase), folding the gaps since
     its join, and g, into its own worst gap; the stack then starts empty."""
-    s_state, s_max_itl = lz[5], slots[7]
+    s_state, s_max_itl = lz.s_state, slots.max_itl
     for k in range(s_state.shape[1]):
         if s_state[r, k] == LAZY:
             _write_out(lz, r, k, slots, bs)
             s_max_itl[r, k] = max(s_max_itl[r, k], g)
-    lz[0][r, C_STKN] = 0
+    lz.cnt[r, C_STKN] = 0
 
 
 @njit(cache=True, error_model="numpy")
 def _write_out(lz, r, k, slots, bs):
     """Lazy decoder k's tokens, blocks and worst gap as of the clock now, and its join moved to now
     (same context sum, same block phase: the decoder aggregates stay valid)."""
-    cnt, s_stamp = lz[0], lz[3]
-    s_tokens, s_blocks, s_max_itl = slots[2], slots[5], slots[7]
+    cnt, s_stamp = lz.cnt, lz.s_stamp
+    s_tokens, s_blocks, s_max_itl = slots.tokens, slots.blocks, slots.max_itl
     D = cnt[r, C_D]
     s_max_itl[r, k] = max(s_max_itl[r, k], _stk_query(lz, r, s_stamp[r, k]))
     s_tokens[r, k] += D - s_stamp[r, k]
@@ -202,15 +224,15 @@ def _write_out(lz, r, k, slots, bs):
 def _phase(lz, r, k, slots, bs):
     """The step (mod block_size) at which lazy decoder k takes a new block: when the room left in its
     last block at its join, counted down one token a step, runs out."""
-    return mod_pow2_nb(lz[3][r, k] + slots[5][r, k] * bs - (slots[2][r, k] - 1), bs)
+    return mod_pow2_nb(lz.s_stamp[r, k] + slots.blocks[r, k] * bs - (slots.tokens[r, k] - 1), bs)
 
 
 # -- joining and leaving the lazy decoders --------------------------------------------------------
 @njit(cache=True, error_model="numpy", inline="always")
 def _join(lz, r, k, slots, bs):
     """Slot k has just sampled a token and decodes from now on (its KV is one token behind)."""
-    cnt, phase, s_stamp, s_seq, s_state = lz[0], lz[2], lz[3], lz[4], lz[5]
-    s_tokens, s_measured = slots[2], slots[8]
+    cnt, phase, s_stamp, s_seq, s_state = lz.cnt, lz.phase, lz.s_stamp, lz.s_seq, lz.s_state
+    s_tokens, s_measured = slots.tokens, slots.measured
     D = cnt[r, C_D]
     tokens = s_tokens[r, k]
     s_state[r, k] = LAZY
@@ -224,28 +246,28 @@ def _join(lz, r, k, slots, bs):
     cnt[r, C_NMEAS] += s_measured[r, k]
     cnt[r, C_MAXDEC] = max(cnt[r, C_MAXDEC], s_seq[r, k])
     phase[r, _phase(lz, r, k, slots, bs)] += 1
-    hp.key_push_nb(lz[8], lz[9], r, _finish_key(lz, r, k, slots))
+    hp.key_push_nb(lz.fh, lz.fh_n, r, _finish_key(lz, r, k, slots))
     cross = _cross_at(lz, r, k, slots)
     if cross != NEVER:
-        hp.key_push_nb(lz[8], lz[9], r, (cross << STEP_SHIFT) | CROSS | k)
+        hp.key_push_nb(lz.fh, lz.fh_n, r, (cross << STEP_SHIFT) | CROSS | k)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _finish_key(lz, r, k, slots):
     """Lazy decoder k's key in the finish heap: the clock at its last token, then its slot."""
-    s_prompt, s_tokens, s_output = slots[1], slots[2], slots[4]
-    return ((lz[3][r, k] + s_output[r, k] - (s_tokens[r, k] - s_prompt[r, k])) << STEP_SHIFT) | k
+    s_prompt, s_tokens, s_output = slots.prompt, slots.tokens, slots.output
+    return ((lz.s_stamp[r, k] + s_output[r, k] - (s_tokens[r, k] - s_prompt[r, k])) << STEP_SHIFT) | k
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _cross_at(lz, r, k, slots):
     """The clock from which lazy decoder k reads the whole window (tokens = window), if that comes
     after its join and before it finishes (then the finish heap holds it); else NEVER."""
-    window = lz[0][r, C_WINDOW]
+    window = lz.cnt[r, C_WINDOW]
     if window == 0:
         return NEVER
-    stamp = lz[3][r, k]
-    at = window - slots[2][r, k] + stamp
+    stamp = lz.s_stamp[r, k]
+    at = window - slots.tokens[r, k] + stamp
     return at if stamp < at < _finish_key(lz, r, k, slots) >> STEP_SHIFT else NEVER
 
 
@@ -259,7 +281,7 @@ def _keys(cnt, r):
 @njit(cache=True, error_model="numpy", inline="always")
 def _release_slot(lz, r, k):
     """Slot k's request has left (finished or preempted): the slot is free for the next admission."""
-    cnt, s_state, free_slots = lz[0], lz[5], lz[6]
+    cnt, s_state, free_slots = lz.cnt, lz.s_state, lz.free_slots
     s_state[r, k] = FREE
     free_slots[r, cnt[r, C_NFREE]] = k
     cnt[r, C_NFREE] += 1
@@ -275,10 +297,10 @@ def _release_slot(lz, r, k):
 @njit(cache=True, error_model="numpy", inline="always")
 def apc_flush_nb(lz, r, apc):
     """The blocks the lazy decoders took, off the free list now."""
-    c = lz[0][r, C_PEND]
+    c = lz.cnt[r, C_PEND]
     if c > 0:
         px.apc_pop_nb(apc, r, c)
-        lz[0][r, C_PEND] = 0
+        lz.cnt[r, C_PEND] = 0
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -291,14 +313,14 @@ def _apc_joins(apc, apc_on, r, k):
 @njit(cache=True, error_model="numpy", inline="always")
 def _decodes_public(apc, apc_on, r, k, slots, bs):
     """Slot k, a decoder, cannot join the lazy decoders before it finishes."""
-    final_tokens = slots[1][r, k] + slots[4][r, k]  # prompt + output
+    final_tokens = slots.prompt[r, k] + slots.output[r, k]  # prompt + output
     return not _apc_joins(apc, apc_on, r, k) and px.apc_public_to_end_nb(apc, r, k, final_tokens, bs)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _apc_sync(apc, r, k, slots, bs):
     """Lazy decoder k, just written out: its private blocks and named blocks in the cache's slot."""
-    px.apc_sync_private_nb(apc, r, k, slots[5][r, k], slots[2][r, k] - 1, bs)
+    px.apc_sync_private_nb(apc, r, k, slots.blocks[r, k], slots.tokens[r, k] - 1, bs)
 
 
 @njit(cache=True, error_model="numpy")
@@ -306,7 +328,7 @@ def _apc_release_left(lz, r, apc, start, s_req, bs):
     """The requests that left at one completion (the slots freed since the free-slot stack's entry
     `start`) let go of their blocks in admission order, as exact mode's slot order has them: the
     order in which they join the free list is the order of their eviction. Returns the blocks freed."""
-    cnt, s_seq, free_slots = lz[0], lz[4], lz[6]
+    cnt, s_seq, free_slots = lz.cnt, lz.s_seq, lz.free_slots
     end = cnt[r, C_NFREE]
     for x in range(start + 1, end):  # (insertion sort: one or a few)
         k = free_slots[r, x]
@@ -329,8 +351,8 @@ def _leave(lz, r, k, slots, bs, apc, apc_on):
     """Lazy decoder k leaves at the current clock, finished or preempted: (its blocks, returned; its
     worst gap). With prefix caching its blocks are the cache's to return (they are counted in its
     slot there)."""
-    cnt, phase, s_stamp = lz[0], lz[2], lz[3]
-    s_tokens, s_blocks, s_max_itl, s_measured = slots[2], slots[5], slots[7], slots[8]
+    cnt, phase, s_stamp = lz.cnt, lz.phase, lz.s_stamp
+    s_tokens, s_blocks, s_max_itl, s_measured = slots.tokens, slots.blocks, slots.max_itl, slots.measured
     phase[r, _phase(lz, r, k, slots, bs)] -= 1
     cnt[r, C_NDEC] -= 1
     window = cnt[r, C_WINDOW]
@@ -351,15 +373,15 @@ def _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns
     """Lazy decoders whose last token came at `end` (the clock now) leave. Returns (requests finished,
     blocks freed, the earliest next turn they make due); with prefix caching no blocks yet: the
     caller returns them (_apc_release_left), with any other request leaving at this completion."""
-    cnt, fh, fh_n = lz[0], lz[8], lz[9]
-    s_req, s_output = slots[0], slots[4]
+    cnt, fh, fh_n = lz.cnt, lz.fh, lz.fh_n
+    s_req, s_output = slots.req, slots.output
     D = cnt[r, C_D]
     done, freed, due = 0, 0, np.inf
     while fh_n[r] > 0 and fh[r, 0] >> STEP_SHIFT <= D:
         key = hp.key_pop_nb(fh, fh_n, r)
         k = key & ((1 << SLOT_BITS) - 1)
         if key & CROSS:  # it reaches the window
-            cnt[r, C_SUML] -= slots[2][r, k] - lz[3][r, k]
+            cnt[r, C_SUML] -= slots.tokens[r, k] - lz.s_stamp[r, k]
             cnt[r, C_NCAP] += 1
             continue
         blocks, worst = _leave(lz, r, k, slots, bs, apc, apc_on)
@@ -381,14 +403,14 @@ def _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns
 def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs, apc, apc_on):
     """Replica r, at a decision with nothing in flight, in exact form (slots 0..n-1 in admission
     order): take its steady decoders into lazy form, the rest as explicit slots."""
-    cnt, t_last, phase, s_seq, s_state, free_slots, ex_slot = lz[0], lz[1], lz[2], lz[4], lz[5], lz[6], lz[7]
-    s_prompt, s_tokens, s_computed, s_blocks, s_last = slots[1], slots[2], slots[3], slots[5], slots[6]
+    cnt, t_last, phase, s_seq, s_state, free_slots, ex_slot = lz.cnt, lz.t_last, lz.phase, lz.s_seq, lz.s_state, lz.free_slots, lz.ex_slot
+    s_prompt, s_tokens, s_computed, s_blocks, s_last = slots.prompt, slots.tokens, slots.computed, slots.blocks, slots.last
     n = n_running[r]
     for f in range(bs):
         phase[r, f] = 0
     for c in (C_NDEC, C_SUML, C_NMEAS, C_NEX, C_STKN, C_PEND, C_NCAP, C_STUCK):
         cnt[r, c] = 0
-    lz[9][r] = 0
+    lz.fh_n[r] = 0
     cnt[r, C_MAXDEC] = -1
     t_last[r] = t_r
     for k in range(n):
@@ -425,7 +447,7 @@ def stuck_nb(slots, r, n, bs, apc, apc_on):
     prompt, joins the lazy decoders once past it.)"""
     if not apc_on:
         return False
-    s_prompt, s_tokens, s_computed = slots[1], slots[2], slots[3]
+    s_prompt, s_tokens, s_computed = slots.prompt, slots.tokens, slots.computed
     for k in range(n):
         if (s_tokens[r, k] - s_computed[r, k] == 1 and s_computed[r, k] >= s_prompt[r, k]
                 and _decodes_public(apc, apc_on, r, k, slots, bs)):
@@ -437,8 +459,9 @@ def stuck_nb(slots, r, n, bs, apc, apc_on):
 def to_exact_nb(lz, r, slots, n_running, bs, scratch, apc, apc_on):
     """Write replica r's lazy decoders out and put its slots back in admission order. `scratch`
     starts with two int64 and one float64 array of max_num_seqs entries (nothing is allocated here)."""
-    cnt, t_last, s_seq, s_state = lz[0], lz[1], lz[4], lz[5]
-    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    cnt, t_last, s_seq, s_state = lz.cnt, lz.t_last, lz.s_seq, lz.s_state
+    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
+    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
     used, seqs, tmp = scratch[0], scratch[1], scratch[2]
     if apc_on:
         apc_flush_nb(lz, r, apc)
@@ -470,7 +493,7 @@ def to_exact_nb(lz, r, slots, n_running, bs, scratch, apc, apc_on):
     _permute(s_max_itl[r], used, m, tmp)
     if apc_on:
         for c in range(px.N_SLOT_COLS):
-            _permute(apc[3][r, c], used, m, seqs)
+            _permute(apc.slot[r, c], used, m, seqs)
     for j in range(m):
         seqs[j] = s_measured[r, used[j]]
     for j in range(m):
@@ -494,8 +517,9 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns,
     """Batch `bid` of lazy replica r completed at `end`: the lazy decoders (all in it) each gain a
     token, those at their last leave; explicit slots it sampled for gain theirs, and join the lazy
     decoders unless finished. Returns (requests finished, blocks freed)."""
-    cnt, t_last, ex_slot = lz[0], lz[1], lz[7]
-    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    cnt, t_last, ex_slot = lz.cnt, lz.t_last, lz.ex_slot
+    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
+    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
     _, generated, status, finish, max_itl, first_tok = requests
     done = 0
     freed = 0
@@ -551,7 +575,7 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns,
     cnt[r, C_NEX] = m
     n_running[r] -= done
     if apc_on and done > 0:
-        freed = _apc_release_left(lz, r, apc, left_from, slots[0], bs)
+        freed = _apc_release_left(lz, r, apc, left_from, slots.req, bs)
     return done, freed
 
 
@@ -564,8 +588,9 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
     batch aggregates, preemptions), or (False, 0, _, 0) when exact mode must decide: the budget runs
     out at an explicit slot older than some decoder (the lazy form takes decoders first; exact mode
     takes admission order)."""
-    cnt, phase, s_seq, s_state, free_slots, ex_slot = lz[0], lz[2], lz[4], lz[5], lz[6], lz[7]
-    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    cnt, phase, s_seq, s_state, free_slots, ex_slot = lz.cnt, lz.phase, lz.s_seq, lz.s_state, lz.free_slots, lz.ex_slot
+    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
+    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
     q_head, q_tail, q_next, n_waiting = queue
     prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached, gen0, preempts = reqs
     bs = ri[E.RI_BLOCK_SIZE]
@@ -702,16 +727,16 @@ def _apc_chunk(lz, r, k, apc, slots, bs, more, new, dec_now, taken_now):
     """Explicit slot k's chunk of `new` tokens: `more` blocks from the cache, the full ones named
     (after the decoders admitted before it took theirs, if it names a shared block). Returns how
     many of this step's `dec_now` decoder blocks have been taken."""
-    computed = slots[3][r, k]
+    computed = slots.computed[r, k]
     if more > 0:
         px.apc_allocate_nb(apc, r, k, more)
     if div_pow2_nb(computed, bs) > div_pow2_nb(computed - new, bs):
-        if dec_now > taken_now and apc[3][r, px.HASHED, k] < apc[3][r, px.SHARED, k]:
+        if dec_now > taken_now and apc.slot[r, px.HASHED, k] < apc.slot[r, px.SHARED, k]:
             older = _older_decoders(lz, r, k, slots, bs)
             if older > taken_now:
                 px.apc_pop_nb(apc, r, older - taken_now)
                 taken_now = older
-        px.apc_hash_full_nb(apc, r, k, slots[0][r, k], computed, bs)
+        px.apc_hash_full_nb(apc, r, k, slots.req[r, k], computed, bs)
     return taken_now
 
 
@@ -719,7 +744,7 @@ def _apc_chunk(lz, r, k, apc, slots, bs, more, new, dec_now, taken_now):
 def _older_decoders(lz, r, k, slots, bs):
     """How many lazy decoders admitted before slot k take a block at this step. (A scan: only when a
     slot names a shared block while decoders take blocks.)"""
-    cnt, s_seq, s_state = lz[0], lz[4], lz[5]
+    cnt, s_seq, s_state = lz.cnt, lz.s_seq, lz.s_state
     f = mod_pow2_nb(cnt[r, C_D], bs)
     older = 0
     for j in range(s_state.shape[1]):
@@ -735,18 +760,18 @@ def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_to
     does: its progress written back, its blocks freed, itself to the front of the waiting queue.
     Returns the blocks it needed this step (a lazy decoder: one, at its block phase; an explicit
     slot: its chunk's, as schedule_nb gave out the budget, `left0` after the decoders)."""
-    cnt, t_last, s_state, ex_slot = lz[0], lz[1], lz[5], lz[7]
-    s_req, s_prompt, s_tokens, s_computed = slots[0], slots[1], slots[2], slots[3]
-    s_blocks, s_last, s_max_itl = slots[5], slots[6], slots[7]
+    cnt, t_last, s_state, ex_slot = lz.cnt, lz.t_last, lz.s_state, lz.ex_slot
+    s_req, s_prompt, s_tokens, s_computed = slots.req, slots.prompt, slots.tokens, slots.computed
+    s_blocks, s_last, s_max_itl = slots.blocks, slots.last, slots.max_itl
     q_head, q_tail, q_next, n_waiting = queue
     v = _order_pop_newest(lz, r)
     if s_state[r, v] == LAZY:
         D = cnt[r, C_D]
         need = 1 if _phase(lz, r, v, slots, bs) == mod_pow2_nb(D, bs) else 0
-        hp.key_remove_nb(lz[8], lz[9], r, _finish_key(lz, r, v, slots))
+        hp.key_remove_nb(lz.fh, lz.fh_n, r, _finish_key(lz, r, v, slots))
         cross = _cross_at(lz, r, v, slots)
         if cross != NEVER and D < cross:  # (not reached yet)
-            hp.key_remove_nb(lz[8], lz[9], r, (cross << STEP_SHIFT) | CROSS | v)
+            hp.key_remove_nb(lz.fh, lz.fh_n, r, (cross << STEP_SHIFT) | CROSS | v)
         _leave(lz, r, v, slots, bs, apc, apc_on)
         s_last[r, v] = t_last[r]
     else:
@@ -821,12 +846,12 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     (iterations, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0).
     tl = (timeline, loop state, whether it is recorded): a row per iteration, as many as the
     timeline has room for (the run ends there; the caller makes room)."""
-    cnt, phase, fh = lz[0], lz[2], lz[8]
+    cnt, phase, fh = lz.cnt, lz.phase, lz.fh
     tok_table, seq_table = tables
     n_running, free, stage_free, rep_time = replicas
     q_head, n_waiting = queue[0], queue[3]
     prompt, output, generated, status, finish, max_itl, gen0, first_sched = reqs
-    s_prompt, s_output = slots[1], slots[4]
+    s_prompt, s_output = slots.prompt, slots.output
     itl = itl_acc[1]
     bs = ri[E.RI_BLOCK_SIZE]
     budget = ri[E.RI_MAX_TOKENS]
@@ -847,7 +872,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             return 0, t_r, 0, 0
         if apc_on:
             apc_flush_nb(lz, r, apc)  # (the head's lookup reads the free list)
-        reserved = reserved_blocks_nb(s_prompt[r], s_output[r], lz[5][r], lz[5].shape[1], True, bs) \
+        reserved = reserved_blocks_nb(s_prompt[r], s_output[r], lz.s_state[r], lz.s_state.shape[1], True, bs) \
             if ri[E.RI_NO_EVICT] != 0 else 0
         if head_may_start_nb(apc, apc_on, r, q_head[r], ri, n, n, phase[r, mod_pow2_nb(D, bs)], free_r, reserved,
                              prompt, output, generated, gen0, first_sched, hit_buf):
@@ -921,7 +946,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         left_from = cnt[r, C_NFREE]
         left, freed, due = _finish_due(lz, r, t, slots, bs, finish, status, generated, max_itl, turns, apc, apc_on)
         if apc_on:
-            freed = _apc_release_left(lz, r, apc, left_from, slots[0], bs)
+            freed = _apc_release_left(lz, r, apc, left_from, slots.req, bs)
         free_r += freed
         n_running[r] -= left
         done += left
@@ -932,6 +957,6 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
         return 0, t_r, 0, 0
     free[r] = free_r
     stage_free[r, 0] = t
-    lz[1][r] = t  # the lazy decoders' last token
+    lz.t_last[r] = t  # the lazy decoders' last token
     cnt[r, C_SUMMED] += total
     return total, t, done, peak

@@ -17,6 +17,7 @@ from numba import njit
 
 from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
+from fastsim.engine.bundles import Slots
 from fastsim.engine.batch_nb import (account_nb, add_to_batch_nb, arrived_kv_nb, ceil_div_pow2_nb, chunk_nb,
                                      itl_add_nb, mod_pow2_nb, move_slot_nb, reserved_blocks_nb, tally_gap_nb)
 from fastsim.engine.cost_nb import cpu_overhead_nb, pp_send_time_nb, stage_time_nb
@@ -89,12 +90,13 @@ def next_decision_nb(r, t_r, cpu, scheduled, stages, stage_free, flight):
 
 
 @njit(cache=True, error_model="numpy")
-def _groups(r, ri, slots, nrun, flight, max_stages, gi, gf, phase, label, indiv):
+def _groups(r, ri, row, nrun, flight, max_stages, gi, gf, phase, label, indiv):
     """Each running request's group (label), and the groups' sums; False when a request is not a
     steady decoder (a prefill to schedule or a chunk of one in flight), or a group's requests had
     their last tokens at different times (two batches merged; a recomputed request in flight). A
     request whose prompt's last chunk is in flight decodes from its first token on."""
-    s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_measured, s_sample = slots
+    s_prompt, s_tokens, s_computed, s_output = row.prompt, row.tokens, row.computed, row.output
+    s_blocks, s_last, s_measured, s_sample = row.blocks, row.last, row.measured, row.sample
     fl_id, fl_head, fl_count = flight[1], flight[2], flight[3]
     bs = ri[E.RI_BLOCK_SIZE]
     fc = fl_count[r]
@@ -144,11 +146,11 @@ def _groups(r, ri, slots, nrun, flight, max_stages, gi, gf, phase, label, indiv)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _individual_tokens(g, end, nphys, slots, label, indiv, first_tok, gf, itl_acc):
+def _individual_tokens(g, end, nphys, row, label, indiv, first_tok, gf, itl_acc):
     """Group g's batch completed at `end` while some of its requests' tokens have gaps of their own
     (or none: a first token): every request's token as exact mode's completion gives it, in slot
     order, with its binning of gaps — one shared gap counted once, the others one by one."""
-    s_req, s_last, s_max_itl, s_measured, s_blocks = slots
+    s_req, s_last, s_max_itl, s_measured, s_blocks = row.req, row.last, row.max_itl, row.measured, row.blocks
     ref_last = -1.0
     n_ref = 0
     for k in range(nphys):
@@ -168,16 +170,16 @@ def _individual_tokens(g, end, nphys, slots, label, indiv, first_tok, gf, itl_ac
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _compact(nphys, slots, label, indiv):
+def _compact(nphys, row, label, indiv):
     """Move the running requests down over the finished ones (s_blocks < 0), in order; returns
     their count."""
-    s_blocks = slots[5]
+    s_blocks = row.blocks
     m = 0
     for k in range(nphys):
         if s_blocks[k] < 0:
             continue
         if m != k:
-            move_slot_nb(slots, k, m)
+            move_slot_nb(row, k, m)
             label[m] = label[k]
             indiv[m] = indiv[k]
         m += 1
@@ -209,10 +211,11 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
     tok_table, seq_table = tables
     prompt, generated, status, finish, max_itl, output, gen0, first_sched = requests
     last_tok, measured, cached, first_tok = admit_reqs
-    s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample = slots
+    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
+    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
-    row = (s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
+    row = Slots(s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
     n_running, free, _, n_waiting, stage_free, rep_time = replicas
     q_head, q_tail, q_next = queue[0], queue[1], queue[2]
     fl_end, fl_id, fl_head, fl_count, batch_seq = flight
@@ -224,8 +227,7 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
     if (nrun == 0 or nrun > ri[E.RI_MAX_TOKENS] or fc >= stages or ri[E.RI_V0] != 0 or ri[E.RI_SGLANG] != 0
             or ri[E.RI_APC] != 0 or ri[E.RI_WINDOW] > 0):
         return 0, t_r, 0, 0
-    if not _groups(r, ri, (s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_measured, s_sample), nrun,
-                   flight, max_stages, gi, gf, phase, label, indiv):
+    if not _groups(r, ri, row, nrun, flight, max_stages, gi, gf, phase, label, indiv):
         return 0, t_r, 0, 0
     free_r = free[r]
     need = phase[fc, mod_pow2_nb(1, bs)]
@@ -356,7 +358,7 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
             gi[G_DONE, g] = m
             if gi[G_N, g] > 0:
                 if gi[G_INDIV, g] > 0:
-                    _individual_tokens(g, end, nphys, (s_req, s_last, s_max_itl, s_measured, s_blocks), label, indiv,
+                    _individual_tokens(g, end, nphys, row, label, indiv,
                                        first_tok, gf, itl_acc)
                     gi[G_INDIV, g] = 0
                 else:

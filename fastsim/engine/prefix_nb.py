@@ -24,6 +24,8 @@ Every kernel here has a plain-Python twin in tests/test_prefix.py.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
@@ -57,8 +59,8 @@ def block_content_nb(req, m, block_size, content, source_tokens):
     - else the block belongs to its token sequence `seq`: the turns of one conversation share it
       (each turn's prompt extends the previous one's prompt and answer), other requests do not.
     """
-    offsets, ids, prompt, seq, shared_len, shared_id = content[0], content[1], content[2], content[3], content[4], \
-        content[5]
+    offsets, ids, prompt, seq = content.offsets, content.ids, content.prompt, content.seq
+    shared_len, shared_id = content.shared_len, content.shared_id
     end = (m + 1) * block_size
     if source_tokens > 0 and end <= prompt[req]:
         lo = offsets[req]
@@ -208,7 +210,8 @@ def shareable_tokens(content: tuple, source_tokens: int) -> np.ndarray:
     From block_content_nb's three sources: source-block ids (the longest prefix of ids another
     request has too), a client's system prompt (if another request of the client has it), a
     conversation's token sequence (every block of a turn: another turn has it)."""
-    offsets, ids, prompt, seq, shared_len, shared_id = content[:6]
+    offsets, ids, prompt, seq = content.offsets, content.ids, content.prompt, content.seq
+    shared_len, shared_id = content.shared_len, content.shared_id
     n = prompt.size
     out = np.zeros(n, np.int64)
     if n == 0:
@@ -238,7 +241,7 @@ def running_shareable_tokens(content: tuple, shareable: np.ndarray, session: np.
     all of those, its blocks are shareable only once it has finished (or is preempted, when it may
     look them up itself), and nobody holds a copy meanwhile. Sequences shared otherwise keep all of
     `shareable`."""
-    prompt, seq, shared_len = content[2], content[3], content[4]
+    prompt, seq, shared_len = content.prompt, content.seq, content.shared_len
     out = shareable.copy()
     if prompt.size == 0:
         return out
@@ -266,7 +269,7 @@ def running_shareable_tokens(content: tuple, shareable: np.ndarray, session: np.
 
 
 # -- a replica's prefix cache, as the engine holds it --------------------------------------------
-# The engine passes one tuple `apc = (pool, table, rep, slots, content, rows, free_rows)`:
+# The engine passes one PrefixCache `apc` (below), whose fields are:
 #   pool[row, node]    nodes of every replica's free list: blocks (global ids 0..B-1) and extents
 #                      (B + a block id of the replica: as many as its blocks). A block: KEY (EMPTY =
 #                      not cached), REF, MARK (stamp of the last lookup that hit it); an extent, in
@@ -277,13 +280,14 @@ def running_shareable_tokens(content: tuple, shareable: np.ndarray, session: np.
 #   rep[r, col]        BLK_BASE, HT_BASE, HT_SIZE, FL_HEAD, FL_TAIL, EVICTIONS, HIT_TOKENS,
 #                      SOURCE_TOKENS, ROWS_FREE, the MEMO_* of the last lookup, EXT_BASE, and the
 #                      sizes of the two stacks
-#   slots[r, col, k]   per running slot: ROW of its block table, NBLK public blocks in it, HASHED
+#   slot[r, col, k]    per running slot: ROW of its block table, NBLK public blocks in it, HASHED
 #                      full blocks named so far (private ones only counted), SKEY the key of the
 #                      last public one named, PRIV private blocks held, SHARED its first blocks
 #                      that may be public while it runs
-#   content           the requests' block contents (see block_content_nb), then their tokens
-#                      shareable while they run (a copy: a preemption extends its request's over
-#                      what it named), then those shareable once they have finished
+#   content            the requests' block contents (see block_content_nb)
+#   shareable_running  their tokens shareable while they run (a copy: a preemption extends its
+#                      request's over what it named)
+#   shareable_after    ... and those shareable once they have finished
 #   rows[r, row, j]    block tables (a request's public blocks in order; shared ones in several)
 #   free_rows[r, i]    a stack of unused block-table rows
 KEY, REF, PREV, FNEXT, MARK, STACK = range(6)
@@ -295,14 +299,28 @@ EXT_BASE, IDS_FREE, EXTS_FREE = range(13, 16)
 N_REP_COLS = 16
 ROW, NBLK, HASHED, SKEY, PRIV, SHARED = range(6)
 N_SLOT_COLS = 6
-CONTENT_SHAREABLE, CONTENT_SHAREABLE_AFTER = 6, 7  # the content tuple's shareable tokens (see above)
+
+
+
+class PrefixCache(NamedTuple):
+    """The prefix caches of a run's replicas (the layout above); fastsim.kernel_run builds it."""
+
+    pool: np.ndarray
+    table: np.ndarray
+    rep: np.ndarray
+    slot: np.ndarray
+    content: tuple              # the requests' block contents (fastsim.workload.BlockSources)
+    shareable_running: np.ndarray
+    shareable_after: np.ndarray
+    rows: np.ndarray
+    free_rows: np.ndarray
 
 
 @njit(cache=True, error_model="numpy")
 def apc_init_nb(apc, r, num_blocks):
     """Replica r's blocks: all free (one extent, none named, no block with an identity yet), none
     cached; every block-table row unused."""
-    pool, rep, free_rows = apc[0], apc[2], apc[6]
+    pool, rep, free_rows = apc.pool, apc.rep, apc.free_rows
     base, ext = rep[r, BLK_BASE], rep[r, EXT_BASE]
     for j in range(num_blocks):
         for x in (base + j, ext + j):
@@ -328,7 +346,7 @@ def apc_init_nb(apc, r, num_blocks):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _table(apc, r):
-    table, rep = apc[1], apc[2]
+    table, rep = apc.table, apc.rep
     lo = rep[r, HT_BASE]
     hi = lo + rep[r, HT_SIZE]
     return table[0, lo:hi], table[1, lo:hi]
@@ -337,7 +355,7 @@ def _table(apc, r):
 @njit(cache=True, error_model="numpy", inline="always")
 def _shared_blocks(apc, req, block_size):
     """Request req's first blocks that may be public."""
-    return div_pow2_nb(apc[4][CONTENT_SHAREABLE][req], block_size)
+    return div_pow2_nb(apc.shareable_running[req], block_size)
 
 
 @njit(cache=True, error_model="numpy")
@@ -350,7 +368,7 @@ def apc_lookup_nb(apc, r, req, num_tokens, block_size, hit_buf):
     memo then), that prefix still holds and the lookup resumes where it stopped. `hit_buf` is
     replica r's own. (Private blocks are nobody else's: the lookup ends before them.)
     """
-    pool, rep, content = apc[0], apc[2], apc[4]
+    pool, rep, content = apc.pool, apc.rep, apc.content
     keys, vals = _table(apc, r)
     key = ROOT_KEY
     hits = 0
@@ -378,7 +396,7 @@ def apc_match_nb(apc, r, req, num_tokens, block_size, hits=0, key=ROOT_KEY):
     """How many leading blocks of request `req` replica r's cache holds, as a lookup would find them,
     leaving no trace (a router asks every replica; SGLang's queue ordering every waiting request).
     Resumes from (hits, key) of an earlier match if no block was evicted since. Returns (hits, key)."""
-    rep, content = apc[2], apc[4]
+    rep, content = apc.rep, apc.content
     keys, vals = _table(apc, r)
     last = min(div_pow2_nb(num_tokens - 1, block_size), _shared_blocks(apc, req, block_size))
     while hits < last:
@@ -394,7 +412,7 @@ def apc_match_nb(apc, r, req, num_tokens, block_size, hits=0, key=ROOT_KEY):
 def apc_idle_nb(apc, hit_buf, hits):
     """How many of the blocks a lookup hit nobody holds: taking them shrinks the free list. (Apart
     from the lookup: an admission that fails without them never pays for the count.)"""
-    pool = apc[0]
+    pool = apc.pool
     idle = 0
     for j in range(hits):
         idle += pool[REF, hit_buf[j]] == 0
@@ -405,7 +423,7 @@ def apc_idle_nb(apc, hit_buf, hits):
 def apc_start_nb(apc, r, k, req, block_size, hit_buf, hits, key):
     """Slot k takes a block-table row and the cached blocks of its prefix. Returns how many of
     those left the free list."""
-    pool, rep, slots, rows, free_rows = apc[0], apc[2], apc[3], apc[5], apc[6]
+    pool, rep, slots, rows, free_rows = apc.pool, apc.rep, apc.slot, apc.rows, apc.free_rows
     prev, nxt, ends = pool[PREV], pool[FNEXT], rep[r, FL_HEAD:FL_TAIL + 1]
     rep[r, ROWS_FREE] -= 1
     row = free_rows[r, rep[r, ROWS_FREE]]
@@ -434,7 +452,7 @@ def apc_admit_nb(apc, r, k, req, block_size, hit_buf, hits, key, need, computed)
     taken = apc_start_nb(apc, r, k, req, block_size, hit_buf, hits, key)
     apc_allocate_nb(apc, r, k, need)
     apc_hash_full_nb(apc, r, k, req, computed, block_size)
-    apc[2][r, HIT_TOKENS] += hits * block_size
+    apc.rep[r, HIT_TOKENS] += hits * block_size
     return taken + need
 
 
@@ -502,7 +520,7 @@ def apc_allocate_nb(apc, r, k, count):
     the whole of it inlined into the engine's loops measured ~50% slower where blocks are mostly
     public (the Mooncake conversation replay on Llama-3.1-8B), a call in every case ~85% slower
     where they are private (ShareGPT)."""
-    pool, rep, slots = apc[0], apc[2], apc[3]
+    pool, rep, slots = apc.pool, apc.rep, apc.slot
     x = rep[r, FL_HEAD]
     if slots[r, NBLK, k] + slots[r, PRIV, k] >= slots[r, SHARED, k] and x >= rep[r, EXT_BASE] \
             and pool[SIZE, x] > count:  # (the extent outlives it: the list is not touched)
@@ -515,7 +533,7 @@ def apc_allocate_nb(apc, r, k, count):
 @njit(cache=True, error_model="numpy")
 def _allocate_nb(apc, r, k, count):
     """apc_allocate_nb, every case."""
-    pool, rep, slots, rows = apc[0], apc[2], apc[3], apc[5]
+    pool, rep, slots, rows = apc.pool, apc.rep, apc.slot, apc.rows
     prev, nxt, ends = pool[PREV], pool[FNEXT], rep[r, FL_HEAD:FL_TAIL + 1]
     keys, vals = _table(apc, r)
     stamp = rep[r, MEMO_STAMP]
@@ -543,7 +561,7 @@ def _allocate_nb(apc, r, k, count):
 def apc_pop_nb(apc, r, count):
     """`count` blocks off the head of the free list into private use, evicting cached ones: only how
     many matters, not which (fast mode's lazy decoders take theirs so, as a count, later)."""
-    pool, rep = apc[0], apc[2]
+    pool, rep = apc.pool, apc.rep
     prev, nxt, ends = pool[PREV], pool[FNEXT], rep[r, FL_HEAD:FL_TAIL + 1]
     keys, vals = _table(apc, r)
     stamp = rep[r, MEMO_STAMP]
@@ -565,7 +583,7 @@ def apc_pop_nb(apc, r, count):
 def apc_private_from_here_nb(apc, r, k):
     """Whether every block slot k fills and takes from now on is private (its shareable ones are
     all named): then only how many it takes matters (apc_pop_nb, apc_sync_private_nb)."""
-    return apc[3][r, HASHED, k] >= apc[3][r, SHARED, k]
+    return apc.slot[r, HASHED, k] >= apc.slot[r, SHARED, k]
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -573,7 +591,7 @@ def apc_public_to_end_nb(apc, r, k, final_tokens, block_size):
     """Whether slot k's shareable blocks reach past the last block it fills, holding `final_tokens`
     at its end (its last token's KV is never computed): it never decodes into private blocks only
     (its client's system prompt is longer than all of it)."""
-    return apc[3][r, SHARED, k] > div_pow2_nb(final_tokens - 1, block_size)
+    return apc.slot[r, SHARED, k] > div_pow2_nb(final_tokens - 1, block_size)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -581,7 +599,7 @@ def apc_sync_private_nb(apc, r, k, blocks, computed, block_size):
     """Slot k (apc_private_from_here_nb), now holding `blocks` blocks with `computed` tokens in
     them, the new ones taken as a count: its columns as taking and naming them one by one leaves
     them."""
-    slots = apc[3]
+    slots = apc.slot
     slots[r, PRIV, k] = blocks - slots[r, NBLK, k]
     slots[r, HASHED, k] = max(slots[r, HASHED, k], div_pow2_nb(computed, block_size))
 
@@ -590,7 +608,7 @@ def apc_sync_private_nb(apc, r, k, blocks, computed, block_size):
 def apc_hash_full_nb(apc, r, k, req, computed, block_size):
     """Name and cache slot k's blocks that `computed` tokens have filled (private ones: counted;
     public ones named by a call, as apc_allocate_nb says why)."""
-    slots = apc[3]
+    slots = apc.slot
     if slots[r, HASHED, k] >= slots[r, SHARED, k]:
         slots[r, HASHED, k] = max(slots[r, HASHED, k], div_pow2_nb(computed, block_size))
     else:
@@ -600,7 +618,7 @@ def apc_hash_full_nb(apc, r, k, req, computed, block_size):
 @njit(cache=True, error_model="numpy")
 def _hash_full_nb(apc, r, k, req, computed, block_size):
     """apc_hash_full_nb, every case."""
-    pool, rep, slots, content, rows = apc[0], apc[2], apc[3], apc[4], apc[5]
+    pool, rep, slots, content, rows = apc.pool, apc.rep, apc.slot, apc.content, apc.rows
     m = slots[r, HASHED, k]
     shared = slots[r, SHARED, k]
     if m < shared and (m + 1) * block_size <= computed:
@@ -626,8 +644,8 @@ def apc_publish_nb(apc, r, k, req, block_size):
     become public (identities, names in the hash table, as they would have had all along), and so
     do, when it runs again, those up to its last named one (it may name them again; anything past
     them nobody has had yet)."""
-    pool, rep, slots, content, rows = apc[0], apc[2], apc[3], apc[4], apc[5]
-    shareable = content[CONTENT_SHAREABLE]
+    pool, rep, slots, content, rows = apc.pool, apc.rep, apc.slot, apc.content, apc.rows
+    shareable = apc.shareable_running
     shareable[req] = max(shareable[req], slots[r, HASHED, k] * block_size)
     if slots[r, PRIV, k] == 0:
         return
@@ -655,7 +673,7 @@ def apc_publish_nb(apc, r, k, req, block_size):
 def apc_deferred_nb(apc, req):
     """Whether request `req` has blocks shareable once it has finished, not while it runs (see the
     module's docstring): they are named when it finishes."""
-    return apc[4][CONTENT_SHAREABLE_AFTER][req] > apc[4][CONTENT_SHAREABLE][req]
+    return apc.shareable_after[req] > apc.shareable_running[req]
 
 
 @njit(cache=True, error_model="numpy")
@@ -673,7 +691,7 @@ def apc_release_nb(apc, r, k):
     """Slot k's request lets go of its blocks, last first (so its tail is evicted first): its private
     ones as one extent, then public ones nobody else holds; all to the free list, still cached.
     Returns how many became free."""
-    pool, rep, slots, rows, free_rows = apc[0], apc[2], apc[3], apc[5], apc[6]
+    pool, rep, slots, rows, free_rows = apc.pool, apc.rep, apc.slot, apc.rows, apc.free_rows
     prev, nxt, ends = pool[PREV], pool[FNEXT], rep[r, FL_HEAD:FL_TAIL + 1]
     row = slots[r, ROW, k]
     freed = slots[r, PRIV, k]
@@ -695,6 +713,6 @@ def apc_release_nb(apc, r, k):
 
 @njit(cache=True, error_model="numpy")
 def apc_move_slot_nb(apc, r, src, dst):
-    slots = apc[3]
+    slots = apc.slot
     for c in range(N_SLOT_COLS):
         slots[r, c, dst] = slots[r, c, src]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -9,6 +10,20 @@ from fastsim import config as C
 from fastsim.errors import FastsimError
 from fastsim.workload.distributions import builtin_dataset_path, read_column, sample_lengths
 from fastsim.workload.traces import read_trace
+
+
+
+class BlockSources(NamedTuple):
+    """Per request, what names its KV blocks (fastsim.engine.prefix_nb.block_content_nb): its prompt's
+    source block ids (ragged: ids[offsets[i]:offsets[i+1]]), its prompt length, its token sequence
+    (a conversation's turns share one) and its client's shared system prompt (length and id)."""
+
+    offsets: np.ndarray
+    ids: np.ndarray
+    prompt: np.ndarray
+    seq: np.ndarray
+    shared_len: np.ndarray
+    shared_id: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -57,10 +72,10 @@ class Workload:
     def __len__(self) -> int:
         return self.arrival_s.size
 
-    def content(self) -> tuple:
+    def content(self) -> BlockSources:
         """What prefix_nb.block_content_nb names blocks from."""
-        return (self.block_offsets, self.block_ids, self.prompt_tokens, self.seq_id, self.shared_tokens,
-                self.shared_id)
+        return BlockSources(self.block_offsets, self.block_ids, self.prompt_tokens, self.seq_id, self.shared_tokens,
+                            self.shared_id)
 
 
 def _rate(arrival) -> float | None:
