@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastsim.engine import enums as E
+from fastsim.engine.bundles import ItlAcc
 from fastsim.engine import closed_form_nb as cf
 from fastsim.engine import lazy_nb as lz
 from fastsim.engine.batch_nb import ceil_div_pow2_nb, div_pow2_nb, itl_bin_low_nb, itl_bin_nb, mod_pow2_nb
@@ -93,7 +94,7 @@ def test_binning_a_run_of_gaps_matches_binning_each(b0, slope, a2, k, count):
     """Bins found by solving for their edges are those of each gap alone, out to the clamped ends
     (gaps from below ITL_MIN_S to above ITL_MAX_S), whether a run crosses no edge or hundreds."""
     hist = np.zeros(E.ITL_BINS, np.int64)
-    cf.bin_run_nb((hist, np.zeros(3)), b0, slope, a2, k, count)
+    cf.bin_run_nb(ItlAcc(hist, np.zeros(3)), b0, slope, a2, k, count)
     want = np.zeros(E.ITL_BINS, np.int64)
     for u in range(k):
         want[reference_bin(b0 + slope * u + a2 * u * u)] += count

@@ -125,7 +125,7 @@ def itl_bin_low_nb(i):
 @njit(cache=True, error_model="numpy")
 def itl_add_nb(itl_acc, gap, count):
     """`count` tokens each `gap` after their previous one: histogram, count, sum, sum of squares."""
-    itl_hist, itl = itl_acc
+    itl_hist, itl = itl_acc.hist, itl_acc.stats
     itl_hist[itl_bin_nb(gap)] += count
     itl[0] += count
     itl[1] += count * gap
@@ -148,8 +148,9 @@ def tally_gap_nb(itl_acc, last, gap, ref_last, n_ref):
 @njit(cache=True, error_model="numpy", inline="always")
 def move_slot_nb(slots, k, m):
     """The request in slot k into slot m (slots: a bundles.Slots of one replica's rows)."""
-    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
-    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
+    s_req, s_prompt, s_tokens, s_computed = slots.req, slots.prompt, slots.tokens, slots.computed
+    s_output, s_blocks, s_last, s_max_itl = slots.output, slots.blocks, slots.last, slots.max_itl
+    s_measured, s_sample = slots.measured, slots.sample
     s_req[m] = s_req[k]
     s_prompt[m] = s_prompt[k]
     s_tokens[m] = s_tokens[k]

@@ -204,7 +204,7 @@ def bin_run_nb(itl_acc, b0, a1, a2, k, count):
     non-decreasing in u). Solving every run's edges, with an earlier square-root solve, measured ~5%
     slower than binning short runs' gaps; in wall time binning is hidden behind the rest of a run
     (leaving it out altogether measured no faster), so this saves callgrind's mispredicts only."""
-    itl_hist = itl_acc[0]
+    itl_hist = itl_acc.hist
     if k <= BIN_EACH_MAX:
         for u in range(k):
             itl_hist[itl_bin_nb(b0 + a1 * u + a2 * u * u)] += count

@@ -35,7 +35,8 @@ import numpy as np
 from numba import njit
 
 from fastsim.engine import enums as E
-from fastsim.engine.bundles import REPLICA_STATS, KernelOut, Slots
+from fastsim.engine.bundles import (REPLICA_STATS, ItlAcc, KernelOut, Replicas, Requests, Routing, Scratch, Slots, Tables,
+                                    TimelineOut, Turns)
 from fastsim.engine import heap_nb as hp
 from fastsim.engine import prefix_nb as px
 from fastsim.engine import lazy_nb as lz_nb
@@ -113,7 +114,7 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
     h_t = np.empty((1, n if has_turns else 1))
     h_i = np.empty((1, n if has_turns else 1), np.int64)
     h_n = np.zeros(1, np.int64)
-    turns = (next_turn, think_s, arrival, h_t, h_i, h_n, rejected)
+    turns = Turns(next_turn, think_s, arrival, h_t, h_i, h_n, rejected)
     n_rep = rep_int.shape[0]
     max_seqs = 1
     max_stages = 1
@@ -234,9 +235,9 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
                 next_same[last_for[d]] = i
             last_for[d] = i
     # The event loop's arguments, bundled (a function of more than 30 arguments cannot be inlined).
-    tables = (tok_table, seq_table)
+    tables = Tables(tok_table, seq_table)
     slots = Slots(s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
-    itl_acc = (itl_hist, itl)
+    itl_acc = ItlAcc(itl_hist, itl)
     # Fast mode's lazy form, where it applies.
     lz_ok = np.zeros(n_rep, np.bool_)
     max_bs = 1
@@ -250,24 +251,24 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             lz.cnt[r, lz_nb.C_WINDOW] = rep_int[r, E.RI_WINDOW]
     # Working arrays of to_exact_nb (the first three), _decode_run, and pipeline_nb.pp_decode_run_nb
     # (a column per group of requests that travel the pipeline together, at most one per stage).
-    scratch = (np.empty(max_seqs, np.int64), np.empty(max_seqs, np.int64), np.empty(max_seqs),
-               np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64),
-               (np.empty((pp.N_G, max_stages), np.int64), np.empty((2, max_stages)),
-                np.empty((max_stages, max_bs), np.int64), np.empty(max_seqs, np.int64), np.empty(max_seqs, np.int64)))
-    reqs = (arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,
-            preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo, gen0)
-    # steps_left: vLLM V0 multi-step, the steps a replica's decode batch still runs without scheduling
-    reps = (n_running, free, q_head, q_tail, n_waiting, outstanding, stage_free, fl_end, fl_id, fl_head,
-            fl_count, batch_seq, nt_ratio, hit_bufs, session_replica, tree, np.zeros(n_rep, np.int64))
-    counts = (rep_iters, rep_peak, rep_preempts, rep_requests, rep_stretched, rep_time)
-    routing = (policy, route_params, dest, next_same, own_next)
+    scratch = Scratch(np.empty(max_seqs, np.int64), np.empty(max_seqs, np.int64), np.empty(max_seqs),
+                      np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64), np.empty(max_bs + 1, np.int64),
+                      pp.PipelineScratch(np.empty((pp.N_G, max_stages), np.int64), np.empty((2, max_stages)),
+                                         np.empty((max_stages, max_bs), np.int64), np.empty(max_seqs, np.int64),
+                                         np.empty(max_seqs, np.int64)))
+    reqs = Requests(arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,
+                    preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo, gen0)
+    reps = Replicas(n_running, free, q_head, q_tail, n_waiting, outstanding, stage_free, fl_end, fl_id, fl_head,
+                    fl_count, batch_seq, nt_ratio, hit_bufs, session_replica, tree, np.zeros(n_rep, np.int64),
+                    rep_iters, rep_peak, rep_preempts, rep_requests, rep_stretched, rep_time)
+    routing = Routing(policy, route_params, dest, next_same, own_next)
     # Flags and integer settings go in an array: in a tuple Numba types some as literals and
     # compiles the loop twice (once per typing), doubling the longest compilation.
     limits = np.array([record_timeline, fast_decode, leaves, max_stages, max_seqs, stateless, has_turns], np.int64)
     loop_state = np.array([n_left, a, rr_next, n_tl], np.int64)
     # The event loop runs without reference counting (see _events_nb); it returns when the
     # timeline needs room, which only an allocating caller can make.
-    while _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_params, tables, slots, itl_acc,
+    while _events_nb(reqs, reps, routing, max_time_s, limits, rep_int, rep_params, tables, slots, itl_acc,
                      turns, apc, lz, lz_ok, scratch, progress, timeline, loop_state):
         grown = np.empty((timeline.shape[0] * 2, timeline.shape[1]))
         grown[: timeline.shape[0]] = timeline
@@ -317,7 +318,7 @@ def _without_refcounts(fn):
 
 
 @_without_refcounts
-def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_params, tables, slots, itl_acc, turns,
+def _events_nb(reqs, reps, routing, max_time_s, limits, rep_int, rep_params, tables, slots, itl_acc, turns,
                apc, lz, lz_ok, scratch, progress, timeline, loop_state):
     """run_cluster_nb's event loop, from the state it was left in (loop_state: requests left, next
     arrival known in advance, router turn, timeline rows; limits: record_timeline, fast_decode, tree
@@ -328,33 +329,33 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
     anything it calls): in this loop the atomic reference-count pairs around every array taken from
     a tuple or a row cost more than the simulation itself (gdb samples: over half in NRT_incref /
     NRT_decref)."""
-    (arrival, think_s, rejected, session, draw, prompt, output, measured, last_tok, max_itl, generated,
-     preempts, status, first_sched, first_tok, finish, replica, cached, q_next, lpm_memo, gen0) = reqs
-    (n_running, free, q_head, q_tail, n_waiting, outstanding, stage_free, fl_end, fl_id, fl_head,
-     fl_count, batch_seq, nt_ratio, hit_bufs, session_replica, tree, steps_left) = reps
-    rep_iters, rep_peak, rep_preempts, rep_requests, rep_stretched, rep_time = counts
-    policy, route_params, dest, next_same, own_next = routing
+    arrival, think_s, rejected, session = reqs.arrival, reqs.think_s, reqs.rejected, reqs.session
+    draw, prompt, output, measured = reqs.draw, reqs.prompt, reqs.output, reqs.measured
+    last_tok, max_itl, generated, preempts = reqs.last_tok, reqs.max_itl, reqs.generated, reqs.preempts
+    status, first_sched, first_tok, finish = reqs.status, reqs.first_sched, reqs.first_tok, reqs.finish
+    replica, cached, q_next, lpm_memo, gen0 = reqs.replica, reqs.cached, reqs.q_next, reqs.lpm_memo, reqs.gen0
+    n_running, free, q_head, q_tail = reps.n_running, reps.free, reps.q_head, reps.q_tail
+    n_waiting, outstanding = reps.n_waiting, reps.outstanding
+    fl_end, fl_id, fl_head, fl_count = reps.fl_end, reps.fl_id, reps.fl_head, reps.fl_count
+    batch_seq, nt_ratio, hit_bufs = reps.batch_seq, reps.nt_ratio, reps.hit_bufs
+    session_replica, tree, steps_left = reps.session_replica, reps.tree, reps.steps_left
+    rep_iters, rep_peak, rep_preempts = reps.rep_iters, reps.rep_peak, reps.rep_preempts
+    rep_requests, rep_stretched, rep_time = reps.rep_requests, reps.rep_stretched, reps.rep_time
+    policy, route_params, dest, next_same, own_next = routing.policy, routing.params, routing.dest, routing.next_same, \
+        routing.own_next
     record_timeline, fast_decode = limits[0] != 0, limits[1] != 0
     leaves, max_stages, max_seqs = limits[2], limits[3], limits[4]
     stateless, has_turns = limits[5] != 0, limits[6] != 0
     reads_caches = policy == E.ROUTE_PREFIX_AWARE or policy == E.ROUTE_KV_AWARE
-    tok_table, seq_table = tables
-    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
-    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
-    itl_hist, itl = itl_acc
-    h_t, h_i, h_n = turns[3], turns[4], turns[5]
+    tok_table, seq_table = tables.tok, tables.seq
+    s_req, s_prompt, s_tokens, s_computed = slots.req, slots.prompt, slots.tokens, slots.computed
+    s_output, s_blocks, s_last, s_max_itl = slots.output, slots.blocks, slots.last, slots.max_itl
+    s_measured, s_sample = slots.measured, slots.sample
+    itl_hist, itl = itl_acc.hist, itl_acc.stats
+    h_t, h_i, h_n = turns.h_t, turns.h_i, turns.h_n
     n = arrival.size
     n_rep = rep_int.shape[0]
     n_left, a, rr_next, n_tl = loop_state[0], loop_state[1], loop_state[2], loop_state[3]
-    requests = (prompt, generated, status, finish, max_itl, output, gen0, first_sched)
-    replicas = (n_running, free, q_head, n_waiting, stage_free, rep_time)
-    lz_queue = (q_head, q_tail, q_next, n_waiting)
-    lz_sched_reqs = (prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached, gen0,
-                     preempts)
-    lz_done_reqs = (prompt, generated, status, finish, max_itl, first_tok)
-    lz_run_reqs = (prompt, output, generated, status, finish, max_itl, gen0, first_sched)
-    lz_replicas = (n_running, free, stage_free, rep_time)
-    flight = (fl_end, fl_id, fl_head, fl_count, batch_seq)
     chain_t = -1.0  # >= 0: replica r decides again at this time without going through the tree
     while n_left > 0:
         if progress[1] != 0:
@@ -435,7 +436,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             end = fl_end[r, fl_head[r]]
             if on:
                 done, freed = lz_nb.complete_nb(lz, r, fl_id[r, fl_head[r]], end, slots, n_running, block_size,
-                                                lz_done_reqs, itl_acc, turns, apc, ri[E.RI_APC] != 0)
+                                                reqs, itl_acc, turns, apc, ri[E.RI_APC] != 0)
             else:
                 done, freed = _complete(r, fl_id[r, fl_head[r]], end, n_running, s_req, s_prompt, s_tokens,
                                         s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample,
@@ -477,20 +478,20 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                                                         n_rep, policy, tree, leaves)
             if stages > 1:
                 k_iters, t_end, done, peak = pp.pp_decode_run_nb(
-                    r, t_r, t_next_arrival, max_time_s, ri, p, tables, requests, slots, replicas, lz_queue, flight,
-                    max_stages, (last_tok, measured, cached, first_tok), itl_acc, turns, scratch[6], apc, hit_bufs[r])
+                    r, t_r, t_next_arrival, max_time_s, ri, p, tables, reqs, slots, reps, max_stages, itl_acc, turns,
+                    scratch.pipeline, apc, hit_bufs[r])
             elif on:
                 loop_state[E.LS_ROWS] = n_tl
                 k_iters, t_end, done, peak = lz_nb.run_nb(
-                    lz, r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, slots, lz_replicas, lz_queue,
-                    lz_run_reqs, itl_acc, turns, apc, hit_bufs[r], (timeline, loop_state, record_timeline))
+                    lz, r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, slots, reps, reqs, itl_acc, turns,
+                    apc, hit_bufs[r], TimelineOut(timeline, loop_state, record_timeline))
                 n_tl = loop_state[E.LS_ROWS]
             else:
                 loop_state[E.LS_ROWS] = n_tl
                 k_iters, t_end, done, peak = _decode_run(
-                    r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas,
-                    itl_acc, turns, apc, ri[E.RI_APC] != 0, hit_bufs, scratch, nt_ratio,
-                    (timeline, loop_state, record_timeline))
+                    r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, v0, reqs, slots, reps, itl_acc, turns,
+                    apc, ri[E.RI_APC] != 0, hit_bufs, scratch, nt_ratio,
+                    TimelineOut(timeline, loop_state, record_timeline))
                 n_tl = loop_state[E.LS_ROWS]
             if k_iters > 0:
                 rep_iters[r] += k_iters
@@ -517,8 +518,8 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
         bid = batch_seq[r]
         handled = False
         if on:
-            handled, n_sched, agg, step_preempts = lz_nb.schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free,
-                                                                     lz_queue, lz_sched_reqs, apc, hit_bufs[r])
+            handled, n_sched, agg, step_preempts = lz_nb.schedule_nb(lz, r, bid, t_r, ri, slots, reps, reqs, apc,
+                                                                     hit_bufs[r])
             if not handled:  # the order of admission matters: exact mode decides
                 lz_nb.to_exact_nb(lz, r, slots, n_running, block_size, scratch, apc, ri[E.RI_APC] != 0)
                 lz.cnt[r, lz_nb.C_EXITS] += 1
@@ -627,7 +628,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
             body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
             account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages)
             cpu = 0.0 if multi else cpu_in_series_nb(p, cpu_overhead_nb(p, agg), body + head)
-            t = pp.launch_nb(p, r, t_r, body, head, tokens, cpu, stages, stage_free, flight, max_stages)
+            t = pp.launch_nb(p, r, t_r, body, head, tokens, cpu, stages, reps, max_stages)
             rep_iters[r] += 1
             used = ri[E.RI_NUM_BLOCKS] - free[r]
             if used > rep_peak[r]:
@@ -637,7 +638,7 @@ def _events_nb(reqs, reps, counts, routing, max_time_s, limits, rep_int, rep_par
                 n_tl += 1
 
         # 3. when this replica decides next
-        nxt = pp.next_decision_nb(r, t_r, cpu, n_sched > 0, stages, stage_free, flight)
+        nxt = pp.next_decision_nb(r, t_r, cpu, n_sched > 0, stages, reps)
         if own and nxt == INF and own_next[r] >= 0:
             nxt = arrival[own_next[r]]  # idle: its own next arrival wakes it
         may_chain = (lazy_r and lz.cnt[r, lz_nb.C_ON] != 0 and stages == 1 and not record_timeline
@@ -734,7 +735,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
     # are counted against the first one's previous-token time and binned together at the end.
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
-    itl_acc = (itl_hist, itl)
+    itl_acc = ItlAcc(itl_hist, itl)
     ref_last = -1.0
     n_ref = 0
     done = 0
@@ -764,7 +765,7 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
             freed += px.apc_finish_nb(apc, r, k, i, block_size) if on else s_blocks[k]
             s_blocks[k] = -1  # marks the slot for removal
             done += 1
-            if turns[0][i] != -1:  # (a next turn, or a closed loop to refill)
+            if turns.next_turn[i] != -1:  # (a next turn, or a closed loop to refill)
                 hp.next_turn_due_nb(turns, i, end)
     if n_ref > 0:
         itl_add_nb(itl_acc, end - ref_last, n_ref)
@@ -892,7 +893,7 @@ def _stretch_blocks(apc, r, it, bs, by_phase, start, s_req, s_computed, s_blocks
 
 
 @njit(cache=True, error_model="numpy")
-def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, requests, slots, replicas, itl_acc,
+def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, reqs, slots, reps, itl_acc,
                 turns, apc, on, hit_bufs, scratch, nt_ratio, tl):
     """Replica r at t_r has every running request ready to decode, nothing in flight: step the
     decode iterations that the normal path would run before anything else can happen (an arrival,
@@ -916,13 +917,16 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     tl = (timeline, loop state, whether it is recorded): the normal path's row for each iteration,
     while the timeline has room (the stretch ends there; the caller makes room).
     """
-    timeline, tl_state, record = tl
-    tok_table, seq_table = tables
+    timeline, tl_state, record = tl.timeline, tl.loop_state, tl.record
+    tok_table, seq_table = tables.tok, tables.seq
     hit_buf = hit_bufs[r]
-    prompt, generated, status, finish, max_itl, output, gen0, first_sched = requests
-    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
-    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
-    n_running, free, q_head, n_waiting, stage_free, rep_time = replicas
+    prompt, generated, status, finish = reqs.prompt, reqs.generated, reqs.status, reqs.finish
+    max_itl, output, gen0, first_sched = reqs.max_itl, reqs.output, reqs.gen0, reqs.first_sched
+    s_req, s_prompt, s_tokens, s_computed = slots.req, slots.prompt, slots.tokens, slots.computed
+    s_output, s_blocks, s_last, s_max_itl = slots.output, slots.blocks, slots.last, slots.max_itl
+    s_measured, s_sample = slots.measured, slots.sample
+    n_running, free, q_head, n_waiting = reps.n_running, reps.free, reps.q_head, reps.n_waiting
+    stage_free, rep_time = reps.stage_free, reps.rep_time
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
     nrun = n_running[r]
@@ -935,7 +939,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     base = 0       # sum of the active slots' computed tokens at the start (short of the window)
     n_meas = 0
     next_fin = 1 << 62  # iteration (1-based) at which the next request finishes
-    phase = scratch[3]  # slots needing a new block at iterations j with j % bs == index
+    phase = scratch.phase_a  # slots needing a new block at iterations j with j % bs == index
     phase[:bs] = 0
     for k in range(nrun):
         if s_tokens[k] - s_computed[k] != 1 or s_last[k] != t_r or s_computed[k] < s_prompt[k]:
@@ -949,7 +953,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     # (keys: that iteration; order: slot indices). Without a window every slot stays in `base`.
     window = ri[E.RI_WINDOW]
     n_cap, n_cross, next_cross = 0, 0, 0  # slots at the window; slots short of it, in `order`
-    reach, order = scratch[2], scratch[1]
+    reach, order = scratch.slot_f, scratch.slot_b
     if window > 0:
         for k in range(nrun):
             if s_computed[k] + 1 >= window:
@@ -983,7 +987,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     if on and not by_count:
         # Slots by the iteration phase at which they fill a block (computed % bs == 0): a slot
         # fills one at phase f and takes a new one at f + 1. Counting sort keeps slot order.
-        by_phase, start, fill = scratch[0], scratch[4], scratch[5]
+        by_phase, start, fill = scratch.slot_a, scratch.phase_b, scratch.phase_c
         start[: bs + 1] = 0
         for k in range(nrun):
             start[mod_pow2_nb(-s_computed[k], bs) + 1] += 1
@@ -1065,7 +1069,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
                     max_itl[i] = max(s_max_itl[k], worst_gap)
                     s_blocks[k] = -1  # marks the slot for removal
                     done += 1
-                    if turns[0][i] != -1:  # (a next turn, or a closed loop to refill)
+                    if turns.next_turn[i] != -1:  # (a next turn, or a closed loop to refill)
                         due = hp.next_turn_due_nb(turns, i, end)
                         t_arrival = min(t_arrival, due)
                         finish_by = min(finish_by, due)

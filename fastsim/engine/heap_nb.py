@@ -142,7 +142,8 @@ def _first_unsent_nb(next_turn, arrival, rejected, j):
 def next_turn_due_nb(turns, i, end):
     """Request i finished at `end`: the next turn of its conversation arrives after its think time
     (never if it was rejected). Returns that arrival time (inf: none)."""
-    next_turn, think_s, arrival, h_t, h_i, h_n, rejected = turns
+    next_turn, think_s, arrival, h_t = turns.next_turn, turns.think_s, turns.arrival, turns.h_t
+    h_i, h_n, rejected = turns.h_i, turns.h_n, turns.rejected
     j = next_turn[i]
     if j <= -2:  # a closed loop: its first request not yet sent, whichever of its requests finished
         j = _first_unsent_nb(next_turn, arrival, rejected, -2 - j)

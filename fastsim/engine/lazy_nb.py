@@ -88,7 +88,6 @@ STACK_CAP = 1024
 COOLDOWN = 8
 
 
-
 class LazyState(NamedTuple):
     """The lazy form of every replica, [replica, ...] (a token of it when fast mode is off)."""
 
@@ -393,7 +392,7 @@ def _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns
         if not apc_on:
             freed += blocks
         done += 1
-        if turns[0][i] != -1:  # (a next turn, or a closed loop to refill)
+        if turns.next_turn[i] != -1:  # (a next turn, or a closed loop to refill)
             due = min(due, hp.next_turn_due_nb(turns, i, end))
     return done, freed, due
 
@@ -403,8 +402,10 @@ def _finish_due(lz, r, end, slots, bs, finish, status, generated, max_itl, turns
 def to_lazy_nb(lz, r, t_r, slots, n_running, max_seqs, bs, apc, apc_on):
     """Replica r, at a decision with nothing in flight, in exact form (slots 0..n-1 in admission
     order): take its steady decoders into lazy form, the rest as explicit slots."""
-    cnt, t_last, phase, s_seq, s_state, free_slots, ex_slot = lz.cnt, lz.t_last, lz.phase, lz.s_seq, lz.s_state, lz.free_slots, lz.ex_slot
-    s_prompt, s_tokens, s_computed, s_blocks, s_last = slots.prompt, slots.tokens, slots.computed, slots.blocks, slots.last
+    cnt, t_last, phase, s_seq = lz.cnt, lz.t_last, lz.phase, lz.s_seq
+    s_state, free_slots, ex_slot = lz.s_state, lz.free_slots, lz.ex_slot
+    s_prompt, s_tokens, s_computed = slots.prompt, slots.tokens, slots.computed
+    s_blocks, s_last = slots.blocks, slots.last
     n = n_running[r]
     for f in range(bs):
         phase[r, f] = 0
@@ -460,9 +461,10 @@ def to_exact_nb(lz, r, slots, n_running, bs, scratch, apc, apc_on):
     """Write replica r's lazy decoders out and put its slots back in admission order. `scratch`
     starts with two int64 and one float64 array of max_num_seqs entries (nothing is allocated here)."""
     cnt, t_last, s_seq, s_state = lz.cnt, lz.t_last, lz.s_seq, lz.s_state
-    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
-    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
-    used, seqs, tmp = scratch[0], scratch[1], scratch[2]
+    s_req, s_prompt, s_tokens, s_computed = slots.req, slots.prompt, slots.tokens, slots.computed
+    s_output, s_blocks, s_last, s_max_itl = slots.output, slots.blocks, slots.last, slots.max_itl
+    s_measured, s_sample = slots.measured, slots.sample
+    used, seqs, tmp = scratch.slot_a, scratch.slot_b, scratch.slot_f
     if apc_on:
         apc_flush_nb(lz, r, apc)
     m = 0
@@ -513,14 +515,16 @@ def _permute(row, order, m, buf):
 
 # -- a completed batch -----------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy", inline="always")
-def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns, apc, apc_on):
+def complete_nb(lz, r, bid, end, slots, n_running, bs, reqs, itl_acc, turns, apc, apc_on):
     """Batch `bid` of lazy replica r completed at `end`: the lazy decoders (all in it) each gain a
     token, those at their last leave; explicit slots it sampled for gain theirs, and join the lazy
     decoders unless finished. Returns (requests finished, blocks freed)."""
     cnt, t_last, ex_slot = lz.cnt, lz.t_last, lz.ex_slot
-    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
-    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
-    _, generated, status, finish, max_itl, first_tok = requests
+    s_req, s_prompt, s_tokens, s_computed = slots.req, slots.prompt, slots.tokens, slots.computed
+    s_output, s_blocks, s_last, s_max_itl = slots.output, slots.blocks, slots.last, slots.max_itl
+    s_measured, s_sample = slots.measured, slots.sample
+    generated, status, finish, max_itl = reqs.generated, reqs.status, reqs.finish, reqs.max_itl
+    first_tok = reqs.first_tok
     done = 0
     freed = 0
     left_from = cnt[r, C_NFREE]
@@ -563,7 +567,7 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns,
                 freed += s_blocks[r, k]
             _release_slot(lz, r, k)
             done += 1
-            if turns[0][i] != -1:  # (a next turn, or a closed loop to refill)
+            if turns.next_turn[i] != -1:  # (a next turn, or a closed loop to refill)
                 hp.next_turn_due_nb(turns, i, end)
         elif 0 <= s_blocks[r, k] * bs - s_computed[r, k] < bs and _apc_joins(apc, apc_on, r, k):
             _join(lz, r, k, slots, bs)
@@ -581,7 +585,7 @@ def complete_nb(lz, r, bid, end, slots, n_running, bs, requests, itl_acc, turns,
 
 # -- one iteration ------------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy", inline="always")
-def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, hit_buf):
+def schedule_nb(lz, r, bid, t_r, ri, slots, reps, reqs, apc, hit_buf):
     """Replica r's next batch as exact mode's vLLM V1 scheduler forms it: every lazy decoder one
     token, explicit slots their next chunk, then waiting requests first come first served (with
     prefix caching, each prefilling only what the cache does not hold). Returns (True, scheduled,
@@ -589,10 +593,14 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
     out at an explicit slot older than some decoder (the lazy form takes decoders first; exact mode
     takes admission order)."""
     cnt, phase, s_seq, s_state, free_slots, ex_slot = lz.cnt, lz.phase, lz.s_seq, lz.s_state, lz.free_slots, lz.ex_slot
-    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
-    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
-    q_head, q_tail, q_next, n_waiting = queue
-    prompt, output, generated, last_tok, max_itl, measured, status, first_sched, cached, gen0, preempts = reqs
+    s_req, s_prompt, s_tokens, s_computed = slots.req, slots.prompt, slots.tokens, slots.computed
+    s_output, s_blocks, s_last, s_max_itl = slots.output, slots.blocks, slots.last, slots.max_itl
+    s_measured, s_sample = slots.measured, slots.sample
+    n_running, free, q_head, q_tail = reps.n_running, reps.free, reps.q_head, reps.q_tail
+    n_waiting = reps.n_waiting
+    q_next, prompt, output, generated = reqs.q_next, reqs.prompt, reqs.output, reqs.generated
+    last_tok, max_itl, measured, status = reqs.last_tok, reqs.max_itl, reqs.measured, reqs.status
+    first_sched, cached, gen0 = reqs.first_sched, reqs.cached, reqs.gen0
     bs = ri[E.RI_BLOCK_SIZE]
     thr = ri[E.RI_THRESHOLD]
     apc_on = ri[E.RI_APC] != 0
@@ -621,8 +629,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, n_running, free, queue, reqs, apc, h
         # until the needs of the rest fit. (What the rest are given of the budget is unchanged:
         # only newer slots, all preempted, came after them.)
         while need > free[r]:
-            need -= _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_tok, max_itl,
-                                    preempts, thr, left0, apc, apc_on)
+            need -= _preempt_newest(lz, r, slots, bs, reps, reqs, thr, left0, apc, apc_on)
             n_preempted += 1
         n = cnt[r, C_NDEC]
     # Apply.
@@ -754,8 +761,7 @@ def _older_decoders(lz, r, k, slots, bs):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_tok, max_itl, preempts, thr, left0,
-                    apc, apc_on):
+def _preempt_newest(lz, r, slots, bs, reps, reqs, thr, left0, apc, apc_on):
     """Preempt replica r's newest running request (the highest admission number), as exact mode
     does: its progress written back, its blocks freed, itself to the front of the waiting queue.
     Returns the blocks it needed this step (a lazy decoder: one, at its block phase; an explicit
@@ -763,7 +769,10 @@ def _preempt_newest(lz, r, slots, bs, n_running, free, queue, generated, last_to
     cnt, t_last, s_state, ex_slot = lz.cnt, lz.t_last, lz.s_state, lz.ex_slot
     s_req, s_prompt, s_tokens, s_computed = slots.req, slots.prompt, slots.tokens, slots.computed
     s_blocks, s_last, s_max_itl = slots.blocks, slots.last, slots.max_itl
-    q_head, q_tail, q_next, n_waiting = queue
+    n_running, free, q_head, q_tail = reps.n_running, reps.free, reps.q_head, reps.q_tail
+    n_waiting = reps.n_waiting
+    q_next, generated, last_tok, max_itl = reqs.q_next, reqs.generated, reqs.last_tok, reqs.max_itl
+    preempts = reqs.preempts
     v = _order_pop_newest(lz, r)
     if s_state[r, v] == LAZY:
         D = cnt[r, C_D]
@@ -837,7 +846,7 @@ def head_may_start_nb(apc, apc_on, r, i, ri, running, decoding, dec_need, free_r
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, replicas, queue, reqs, itl_acc,
+def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, reps, reqs, itl_acc,
            turns, apc, hit_buf, tl):
     """Lazy replica r at t_r, nothing in flight, only lazy decoders running: the decode iterations
     exact mode would run before anything else can happen (the same stopping rules as its decode
@@ -847,12 +856,13 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     tl = (timeline, loop state, whether it is recorded): a row per iteration, as many as the
     timeline has room for (the run ends there; the caller makes room)."""
     cnt, phase, fh = lz.cnt, lz.phase, lz.fh
-    tok_table, seq_table = tables
-    n_running, free, stage_free, rep_time = replicas
-    q_head, n_waiting = queue[0], queue[3]
-    prompt, output, generated, status, finish, max_itl, gen0, first_sched = reqs
+    tok_table, seq_table = tables.tok, tables.seq
+    n_running, free, stage_free, rep_time = reps.n_running, reps.free, reps.stage_free, reps.rep_time
+    q_head, n_waiting = reps.q_head, reps.n_waiting
+    prompt, output, generated, status = reqs.prompt, reqs.output, reqs.generated, reqs.status
+    finish, max_itl, gen0, first_sched = reqs.finish, reqs.max_itl, reqs.gen0, reqs.first_sched
     s_prompt, s_output = slots.prompt, slots.output
-    itl = itl_acc[1]
+    itl = itl_acc.stats
     bs = ri[E.RI_BLOCK_SIZE]
     budget = ri[E.RI_MAX_TOKENS]
     apc_on = ri[E.RI_APC] != 0
@@ -879,7 +889,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
             return 0, t_r, 0, 0
     coefs = attention_coefs_nb(p)
     tok_off, seq_off = ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF]
-    timeline, tl_state, record = tl
+    timeline, tl_state, record = tl.timeline, tl.loop_state, tl.record
     t = t_r
     total = 0
     done = 0

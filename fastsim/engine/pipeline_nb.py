@@ -12,6 +12,8 @@ admission — in O(P) each instead of O(running requests); a finish scans its gr
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
@@ -47,6 +49,18 @@ G_LAST = 0   # when its requests' last token came
 G_WORST = 1  # the longest gap since the run started or a request last joined (see the admission)
 
 
+
+class PipelineScratch(NamedTuple):
+    """pp_decode_run_nb's working arrays: a column per group (G_* rows, integer and float), each
+    group's slots by block phase, and per slot its group and INDIV_* mark."""
+
+    gi: np.ndarray
+    gf: np.ndarray
+    phase: np.ndarray
+    label: np.ndarray
+    indiv: np.ndarray
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def wrap_nb(i, m):
     """i mod m for 0 <= i < 2m: a position in a ring of m, without an integer division (~40 cycles,
@@ -55,12 +69,13 @@ def wrap_nb(i, m):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def launch_nb(p, r, t_r, body, head, tokens, cpu, stages, stage_free, flight, max_stages):
+def launch_nb(p, r, t_r, body, head, tokens, cpu, stages, reps, max_stages):
     """Replica r's batch decided at t_r (body: one stage's time; head: the LM head's, on the last)
     into the pipeline: stage 0 at t_r + its CPU time `cpu`, stage s once stage s-1 has finished
     it and stage s the batch before, a send between stages. It joins the in-flight ring as batch
     batch_seq[r]; returns its end."""
-    fl_end, fl_id, fl_head, fl_count, batch_seq = flight
+    stage_free, fl_end, fl_id, fl_head = reps.stage_free, reps.fl_end, reps.fl_id, reps.fl_head
+    fl_count, batch_seq = reps.fl_count, reps.batch_seq
     send = pp_send_time_nb(p, tokens) if stages > 1 else 0.0
     t = t_r + cpu
     for s in range(stages):
@@ -76,12 +91,12 @@ def launch_nb(p, r, t_r, body, head, tokens, cpu, stages, stage_free, flight, ma
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def next_decision_nb(r, t_r, cpu, scheduled, stages, stage_free, flight):
+def next_decision_nb(r, t_r, cpu, scheduled, stages, reps):
     """When replica r decides after its decision at t_r: the next micro-batch as soon as stage 0 is
     free while a virtual engine is and the CPU has prepared the batch just launched (`cpu`: its
     CPU time, if this decision launched one), else when its oldest batch completes; never (inf)
     with nothing in flight."""
-    fl_end, fl_head, fl_count = flight[0], flight[2], flight[3]
+    stage_free, fl_end, fl_head, fl_count = reps.stage_free, reps.fl_end, reps.fl_head, reps.fl_count
     if fl_count[r] == 0:
         return INF
     if fl_count[r] < stages and scheduled:
@@ -90,14 +105,14 @@ def next_decision_nb(r, t_r, cpu, scheduled, stages, stage_free, flight):
 
 
 @njit(cache=True, error_model="numpy")
-def _groups(r, ri, row, nrun, flight, max_stages, gi, gf, phase, label, indiv):
+def _groups(r, ri, row, nrun, reps, max_stages, gi, gf, phase, label, indiv):
     """Each running request's group (label), and the groups' sums; False when a request is not a
     steady decoder (a prefill to schedule or a chunk of one in flight), or a group's requests had
     their last tokens at different times (two batches merged; a recomputed request in flight). A
     request whose prompt's last chunk is in flight decodes from its first token on."""
     s_prompt, s_tokens, s_computed, s_output = row.prompt, row.tokens, row.computed, row.output
     s_blocks, s_last, s_measured, s_sample = row.blocks, row.last, row.measured, row.sample
-    fl_id, fl_head, fl_count = flight[1], flight[2], flight[3]
+    fl_id, fl_head, fl_count = reps.fl_id, reps.fl_head, reps.fl_count
     bs = ri[E.RI_BLOCK_SIZE]
     fc = fl_count[r]
     for g in range(fc + 1):
@@ -187,8 +202,8 @@ def _compact(nphys, row, label, indiv):
 
 
 @njit(cache=True, error_model="numpy")
-def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slots, replicas, queue, flight,
-                     max_stages, admit_reqs, itl_acc, turns, scratch, apc, hit_buf):
+def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, reqs, slots, reps, max_stages, itl_acc, turns,
+                     scratch, apc, hit_buf):
     """Replica r (P > 1 stages) at its decision t_r, its completed batches taken in, every running
     request a steady decoder (ready now, or in a batch in flight): take the decisions exact mode
     would take up to the next event — each batch's completion (its requests' tokens; those done
@@ -208,18 +223,21 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
     so the results are bit-identical. Returns (batches launched, the decision at which the plain
     path resumes, requests finished, peak blocks used), or (0, t_r, 0, 0) when this does not apply
     (nothing changed)."""
-    tok_table, seq_table = tables
-    prompt, generated, status, finish, max_itl, output, gen0, first_sched = requests
-    last_tok, measured, cached, first_tok = admit_reqs
-    s_req, s_prompt, s_tokens, s_computed, s_output = slots.req, slots.prompt, slots.tokens, slots.computed, slots.output
-    s_blocks, s_last, s_max_itl, s_measured, s_sample = slots.blocks, slots.last, slots.max_itl, slots.measured, slots.sample
+    tok_table, seq_table = tables.tok, tables.seq
+    prompt, generated, status, finish = reqs.prompt, reqs.generated, reqs.status, reqs.finish
+    max_itl, output, gen0, first_sched = reqs.max_itl, reqs.output, reqs.gen0, reqs.first_sched
+    last_tok, measured, cached, first_tok = reqs.last_tok, reqs.measured, reqs.cached, reqs.first_tok
+    q_next = reqs.q_next
+    s_req, s_prompt, s_tokens, s_computed = slots.req, slots.prompt, slots.tokens, slots.computed
+    s_output, s_blocks, s_last, s_max_itl = slots.output, slots.blocks, slots.last, slots.max_itl
+    s_measured, s_sample = slots.measured, slots.sample
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
     row = Slots(s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample)
-    n_running, free, _, n_waiting, stage_free, rep_time = replicas
-    q_head, q_tail, q_next = queue[0], queue[1], queue[2]
-    fl_end, fl_id, fl_head, fl_count, batch_seq = flight
-    gi, gf, phase, label, indiv = scratch
+    n_running, free, n_waiting = reps.n_running, reps.free, reps.n_waiting
+    rep_time, q_head, q_tail, fl_end = reps.rep_time, reps.q_head, reps.q_tail, reps.fl_end
+    fl_head, fl_count, batch_seq = reps.fl_head, reps.fl_count, reps.batch_seq
+    gi, gf, phase, label, indiv = scratch.gi, scratch.gf, scratch.phase, scratch.label, scratch.indiv
     nrun = n_running[r]
     bs = ri[E.RI_BLOCK_SIZE]
     stages = ri[E.RI_STAGES]
@@ -227,7 +245,7 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
     if (nrun == 0 or nrun > ri[E.RI_MAX_TOKENS] or fc >= stages or ri[E.RI_V0] != 0 or ri[E.RI_SGLANG] != 0
             or ri[E.RI_APC] != 0 or ri[E.RI_WINDOW] > 0):
         return 0, t_r, 0, 0
-    if not _groups(r, ri, row, nrun, flight, max_stages, gi, gf, phase, label, indiv):
+    if not _groups(r, ri, row, nrun, reps, max_stages, gi, gf, phase, label, indiv):
         return 0, t_r, 0, 0
     free_r = free[r]
     need = phase[fc, mod_pow2_nb(1, bs)]
@@ -326,10 +344,10 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
             gi[G_AT, wrap_nb(fl_head[r] + fl_count[r], max_stages)] = g
             gi[G_BID, g] = batch_seq[r]
             cpu = cpu_overhead_nb(p, agg)
-            launch_nb(p, r, d, body, head, agg[0] + agg[3], cpu, stages, stage_free, flight, max_stages)
+            launch_nb(p, r, d, body, head, agg[0] + agg[3], cpu, stages, reps, max_stages)
             peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
             batches += 1
-        d_next = next_decision_nb(r, d, cpu, ready >= 0, stages, stage_free, flight)
+        d_next = next_decision_nb(r, d, cpu, ready >= 0, stages, reps)
         if stop or d_next == INF or d_next >= t_arrival or d_next > max_time_s:
             break
         # the decision at d_next: is a batch complete by then?
@@ -388,7 +406,7 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, requests, slo
                             s_blocks[k] = -1  # marks the slot for removal
                             done += 1
                             alive -= 1
-                            if turns[0][i] != -1:  # (a next turn, or a closed loop to refill)
+                            if turns.next_turn[i] != -1:  # (a next turn, or a closed loop to refill)
                                 t_arrival = min(t_arrival, hp.next_turn_due_nb(turns, i, end))
                         elif left > m:
                             next_fin = min(next_fin, left)

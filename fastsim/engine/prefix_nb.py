@@ -301,7 +301,6 @@ ROW, NBLK, HASHED, SKEY, PRIV, SHARED = range(6)
 N_SLOT_COLS = 6
 
 
-
 class PrefixCache(NamedTuple):
     """The prefix caches of a run's replicas (the layout above); fastsim.kernel_run builds it."""
 
