@@ -11,6 +11,7 @@ from numba import njit
 
 from fastsim.cost import CostModel
 from fastsim.engine import cost_nb as nb
+from fastsim.engine.bundles import Batch
 
 
 @njit(cache=True)
@@ -18,7 +19,7 @@ def _many_tabled_nb(p, tok, seq, n, dec_counts, dec_keys):
     acc = 0.0
     for i in range(n):
         j = i % dec_counts.size
-        body, head = nb.stage_time_nb(p, tok, seq, 0, 0, (dec_counts[j], dec_keys[j], 1, 512, 131328.0, 512.0))
+        body, head = nb.stage_time_nb(p, tok, seq, 0, 0, Batch(dec_counts[j], dec_keys[j], 1, 512, 131328.0, 512.0))
         acc += body + head
     return acc
 

@@ -73,10 +73,9 @@ def test_pipeline_one_request_by_hand():
 
     def step(dec=(), new=(), ctx=()):
         agg = cm2.batch_aggregates(np.array(dec, np.int64), np.array(new, np.int64), np.array(ctx, np.int64))
-        agg = (agg[0], agg[1], agg[2], int(agg[3]), agg[4], agg[5])
         tok, seq = nb.build_tables_nb(cm2.params, cm2.ops, 8192, 256)
         body, head = nb.stage_time_nb(cm2.params, tok, seq, 0, 0, agg)  # one stage: 16 layers
-        return OVERHEAD + body + nb.pp_send_time_nb(cm2.params, agg[0] + agg[3]) + body + head
+        return OVERHEAD + body + nb.pp_send_time_nb(cm2.params, agg.n_decodes + agg.prefill_tokens) + body + head
 
     t1 = step(new=[100], ctx=[0])
     t2 = t1 + step(dec=[100])

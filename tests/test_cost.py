@@ -172,9 +172,8 @@ def test_tabled_stage_time_equals_closed_form(dec, pre):
     tok, seq = nb.build_tables_nb(cm.params, cm.ops, 2000, 50)
     agg = cm.batch_aggregates(np.array(dec, dtype=np.int64), np.array([n for n, _ in pre], dtype=np.int64),
                               np.array([c for _, c in pre], dtype=np.int64))
-    agg = (agg[0], agg[1], agg[2], int(agg[3]), agg[4], agg[5])
     body, head = nb.stage_time_nb(cm.params, tok, seq, 0, 0, agg)
     compute, comm = nb.forward_time_nb(cm.params, cm.ops, *agg)
     assert body + head == pytest.approx(compute + comm, rel=1e-12)
-    n, s_ = agg[0] + agg[3], agg[0] + agg[2]
+    n, s_ = agg.n_decodes + agg.prefill_tokens, agg.n_decodes + agg.n_prefills
     assert tok[1, n] + seq[1, s_] == pytest.approx(comm, rel=1e-12)  # the communication row

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastsim.engine import enums as E
-from fastsim.engine.bundles import ItlAcc
+from fastsim.engine.bundles import Batch, ItlAcc
 from fastsim.engine import closed_form_nb as cf
 from fastsim.engine import lazy_nb as lz
 from fastsim.engine.batch_nb import ceil_div_pow2_nb, div_pow2_nb, itl_bin_low_nb, itl_bin_nb, mod_pow2_nb
@@ -44,7 +44,7 @@ def test_run_iteration_is_the_cost_models_to_rounding(n, keys, overlap, spec):
     stage_time_nb, with and without speculation."""
     p, tok, seq = (a.copy() for a in TABLES[spec])
     p[OVERLAP] = overlap
-    body, head = stage_time_nb(p, tok, seq, 0, 0, (n, float(keys), 0, 0, 0.0, 0.0))
+    body, head = stage_time_nb(p, tok, seq, 0, 0, Batch(n, float(keys), 0, 0, 0.0, 0.0))
     rest, comm = decode_only_nb(p, tok, seq, 0, 0, n)
     attention = cf.attention_nb(cf.attention_coefs_nb(p), n, float(keys))
     assert rest + attention == pytest.approx(body + head, rel=1e-14)

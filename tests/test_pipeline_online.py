@@ -15,6 +15,7 @@ import pytest
 
 from fastsim.config import build_config
 from fastsim.engine import cost_nb as nb
+from fastsim.engine.bundles import Batch
 from fastsim.kernel_run import replica_arrays
 from fastsim.planning import plan_engines
 from fastsim.simulation import simulate
@@ -43,7 +44,7 @@ def test_a_decoding_request_waits_for_its_batch_to_cross_every_stage():
     p = params[0]
     hand = []
     for j in range(1, out):  # the j-th decode attends over the prompt and j tokens
-        agg = (1, float(prompt + j), 0, 0, 0.0, 0.0)
+        agg = Batch(1, float(prompt + j), 0, 0, 0.0, 0.0)
         body, head = nb.stage_time_nb(p, tok, seq, 0, 0, agg)
         hand.append(nb.cpu_overhead_nb(p, agg) + 4 * body + 3 * nb.pp_send_time_nb(p, 1) + head)
     tpot_pp = pp.requests.column("tpot_ms").to_numpy()[0]

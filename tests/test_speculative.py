@@ -13,6 +13,7 @@ from fastsim.cost.profile import default_profile
 from fastsim.cost.serving import serving_profile
 from fastsim.cost.speculative import decode_step_s, speculative_cost_model
 from fastsim.engine import cost_nb as nb
+from fastsim.engine.bundles import Batch
 from fastsim.errors import FastsimError
 from fastsim.memory import memory_plan
 from fastsim.simulation import simulate
@@ -68,19 +69,19 @@ def test_iteration_is_one_over_e_of_a_verify_step():
     e = 3.3616
     assert params[nb.FRAMEWORK_OVERHEAD_S] == pytest.approx(OVERHEAD / e)
     # 8 decodes at 500 cached tokens: one pass verifies 8 x 5 tokens (n-gram drafts cost no GPU time).
-    agg = (8, 8 * 501.0, 0, 0, 0.0, 0.0)
+    agg = Batch(8, 8 * 501.0, 0, 0, 0.0, 0.0)
     body, head = nb.stage_time_nb(params, tok, seq, 0, 0, agg)
     assert body + head == pytest.approx(pass_time(CM.params, 40, 40, 8, 8 * 501.0, 5.0) / e, rel=1e-12)
     # With a prefill chunk of 300 after 200 cached: the chunk's own pass in full, the decodes' addition / E.
     pairs = nb.chunk_pairs_nb(300, 200, 0)
-    mixed = (8, 8 * 501.0, 1, 300, pairs, 500.0)
+    mixed = Batch(8, 8 * 501.0, 1, 300, pairs, 500.0)
     body, head = nb.stage_time_nb(params, tok, seq, 0, 0, mixed)
     alone = pass_time(CM.params, 300, 1, 0, 0.0, 1.0, 1, pairs, 500.0, 300)
     step = pass_time(CM.params, 340, 41, 8, 8 * 501.0, 5.0, 1, pairs, 500.0, 300)
     assert body + head == pytest.approx(alone + (step - alone) / e, rel=1e-12)
     # A prefill-only iteration costs what it costs without speculation.
     base_p, base_tok, base_seq = speculative_cost_model(CM, None, 256, 8192, OVERHEAD)
-    only = (0, 0.0, 1, 300, pairs, 500.0)
+    only = Batch(0, 0.0, 1, 300, pairs, 500.0)
     assert nb.stage_time_nb(params, tok, seq, 0, 0, only) == nb.stage_time_nb(base_p, base_tok, base_seq, 0, 0, only)
 
 

@@ -17,6 +17,7 @@ from fastsim.catalog import ModelSpec, load_model
 from fastsim.config import SpeculativeConfig
 from fastsim.cost.model import CostModel
 from fastsim.engine import cost_nb as nb
+from fastsim.engine.bundles import Batch
 
 ONE_LAYER_DRAFTS = ("eagle", "eagle3", "mtp")
 
@@ -93,6 +94,6 @@ def speculative_cost_model(target: CostModel, sc: SpeculativeConfig | None, max_
 def decode_step_s(params: np.ndarray, tok: np.ndarray, seq: np.ndarray, batch: int, context: int) -> float:
     """Seconds per generated token for each of `batch` sequences decoding at `context` tokens,
     with the tables of speculative_cost_model (the per-iteration overhead in params included)."""
-    agg = (batch, float(batch * (context + 1)), 0, 0, 0.0, 0.0)
+    agg = Batch(batch, float(batch * (context + 1)), 0, 0, 0.0, 0.0)
     body, head = nb.stage_time_nb(params, tok, seq, 0, 0, agg)
     return body + head + nb.cpu_overhead_nb(params, agg)

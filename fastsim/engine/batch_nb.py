@@ -11,6 +11,7 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.core.extending import intrinsic
 
 from fastsim.engine import enums as E
+from fastsim.engine.bundles import Batch
 from fastsim.engine.cost_nb import chunk_pairs_nb
 
 
@@ -53,21 +54,22 @@ def chunk_nb(remaining, threshold, left):
 
 @njit(cache=True, error_model="numpy")
 def add_to_batch_nb(agg, new, computed, prompt_len, window):
-    """Add one scheduled request to the batch aggregates the cost model needs:
-    agg = (num_decodes, decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs, prefill_kv_tokens)."""
-    n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
+    """The batch `agg` (a bundles.Batch) with one more scheduled request: a decode (one new token
+    after its whole prompt) or a prefill chunk of `new` tokens after `computed`."""
     if new == 1 and computed >= prompt_len:
-        return (n_dec + 1, dec_keys + (min(computed + 1, window) if window > 0 else computed + 1),
-                n_pre, pre_tokens, pairs, pre_keys)
-    return (n_dec, dec_keys, n_pre + 1, pre_tokens + new, pairs + chunk_pairs_nb(new, computed, window),
-            pre_keys + (min(computed, window) if window > 0 else computed) + new)
+        keys = min(computed + 1, window) if window > 0 else computed + 1
+        return Batch(agg.n_decodes + 1, agg.decode_kv_tokens + keys, agg.n_prefills, agg.prefill_tokens,
+                     agg.prefill_pairs, agg.prefill_kv_tokens)
+    return Batch(agg.n_decodes, agg.decode_kv_tokens, agg.n_prefills + 1, agg.prefill_tokens + new,
+                 agg.prefill_pairs + chunk_pairs_nb(new, computed, window),
+                 agg.prefill_kv_tokens + (min(computed, window) if window > 0 else computed) + new)
 
 
 @njit(cache=True, error_model="numpy")
 def account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages):
     """Add one batch's GPU time, split into compute and communication (TP all-reduces, logits)."""
-    comm_layers = tok_table[1, ri[E.RI_TOK_OFF] + agg[0] + agg[3]]
-    comm_head = seq_table[1, ri[E.RI_SEQ_OFF] + agg[0] + agg[2]]
+    comm_layers = tok_table[1, ri[E.RI_TOK_OFF] + agg.n_decodes + agg.prefill_tokens]
+    comm_head = seq_table[1, ri[E.RI_SEQ_OFF] + agg.n_decodes + agg.n_prefills]
     rep_time[r, 0] += stages * (body - comm_layers) + head - comm_head
     rep_time[r, 1] += stages * comm_layers + comm_head
 
@@ -221,7 +223,7 @@ def reserved_blocks_nb(s_prompt, s_output, s_state, n_slots, lazy, block_size):
 def timeline_row_nb(timeline, i, start, duration, agg, used, waiting, running, preempts, r):
     """Row i of the timeline: an iteration of replica r from `start`, its batch `agg` (see
     add_to_batch_nb), the blocks in use once it has taken its own, the requests waiting and running."""
-    n_dec, n_pre, pre_tokens = agg[0], agg[2], agg[3]
+    n_dec, n_pre, pre_tokens = agg.n_decodes, agg.n_prefills, agg.prefill_tokens
     row = timeline[i]
     row[E.TL_START_S] = start
     row[E.TL_DURATION_S] = duration

@@ -168,3 +168,17 @@ class TimelineOut(NamedTuple):
     timeline: np.ndarray
     loop_state: np.ndarray  # [enums.LS_ROWS]: rows written
     record: bool
+
+
+class Batch(NamedTuple):
+    """One iteration's batch as the cost model sees it: sums over its requests."""
+
+    n_decodes: int
+    decode_kv_tokens: float    # keys the decodes attend over (each its context + 1, within a window)
+    n_prefills: int            # prefill chunks
+    prefill_tokens: int
+    prefill_pairs: float       # query-key pairs of the chunks' causal attention
+    prefill_kv_tokens: float   # keys the chunks attend over
+
+
+EMPTY_BATCH = Batch(0, 0.0, 0, 0, 0.0, 0.0)

@@ -7,6 +7,7 @@ import numpy as np
 from numba import njit
 
 from fastsim.engine import enums as E
+from fastsim.engine.bundles import Batch
 from fastsim.engine.batch_nb import div_pow2_nb, itl_bin_low_nb, itl_bin_nb, mod_pow2_nb, timeline_row_nb
 from fastsim.engine.cost_nb import (CPU_OVERLAP, LAYERS, SPEC_DRAFT_ATTN, SPEC_EXPECTED, SPEC_TOKENS, cache_attention_coefs_nb,
                                     cache_attention_nb, spec_decode_attention_nb)
@@ -121,7 +122,7 @@ def timeline_rows_nb(timeline, tl_state, r, t, b0, a1, a2, k, n, phase, D, bs, u
         if f == bs:
             f = 0
         timeline_row_nb(timeline, row_n, t + elapsed_nb(b0, a1, a2, u), b0 + a1 * u + a2 * u * u,
-                        (n, 0.0, 0, 0, 0.0, 0.0), used, waiting, running, 0, r)
+                        Batch(n, 0.0, 0, 0, 0.0, 0.0), used, waiting, running, 0, r)
         row_n += 1
     tl_state[E.LS_ROWS] = row_n
 

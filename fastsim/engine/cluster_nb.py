@@ -35,8 +35,8 @@ import numpy as np
 from numba import njit
 
 from fastsim.engine import enums as E
-from fastsim.engine.bundles import (REPLICA_STATS, ItlAcc, KernelOut, Replicas, Requests, Routing, Scratch, Slots, Tables,
-                                    TimelineOut, Turns)
+from fastsim.engine.bundles import (EMPTY_BATCH, REPLICA_STATS, Batch, ItlAcc, KernelOut, Replicas, Requests, Routing,
+                                    Scratch, Slots, Tables, TimelineOut, Turns)
 from fastsim.engine import heap_nb as hp
 from fastsim.engine import prefix_nb as px
 from fastsim.engine import lazy_nb as lz_nb
@@ -289,21 +289,21 @@ def run_cluster_nb(arrival_s, prompt, output, rejected, measured, session, draw,
             status[i] = E.UNFINISHED
     stats = np.zeros(n_rep, REPLICA_STATS)
     for r in range(n_rep):
-        st = stats[r]
-        st.iterations = rep_iters[r]
-        st.peak_kv_blocks_used = rep_peak[r]
-        st.free_blocks_at_end = free[r]
-        st.preemptions = rep_preempts[r]
-        st.requests = rep_requests[r]
-        st.stretched_iterations = rep_stretched[r]
+        st = stats[r]  # (a view: fields set by name, as NumPy sets them when run uncompiled)
+        st["iterations"] = rep_iters[r]
+        st["peak_kv_blocks_used"] = rep_peak[r]
+        st["free_blocks_at_end"] = free[r]
+        st["preemptions"] = rep_preempts[r]
+        st["requests"] = rep_requests[r]
+        st["stretched_iterations"] = rep_stretched[r]
         if rep_int[r, E.RI_APC]:
-            st.prefix_cache_evictions = apc.rep[r, px.EVICTIONS]
-            st.prefix_cache_hit_tokens = apc.rep[r, px.HIT_TOKENS]
+            st["prefix_cache_evictions"] = apc.rep[r, px.EVICTIONS]
+            st["prefix_cache_hit_tokens"] = apc.rep[r, px.HIT_TOKENS]
         if lz_ok[r]:
-            st.lazy_exits = lz.cnt[r, lz_nb.C_EXITS]
-            st.closed_form_iterations = lz.cnt[r, lz_nb.C_SUMMED]
-        st.compute_time_s = rep_time[r, 0]
-        st.comm_time_s = rep_time[r, 1]
+            st["lazy_exits"] = lz.cnt[r, lz_nb.C_EXITS]
+            st["closed_form_iterations"] = lz.cnt[r, lz_nb.C_SUMMED]
+        st["compute_time_s"] = rep_time[r, 0]
+        st["comm_time_s"] = rep_time[r, 1]
     return KernelOut(status, first_sched, first_tok, finish, generated, preempts, max_itl, replica, cached, arrival,
                      itl_hist, itl, _by_start(timeline[:n_tl]), stats)
 
@@ -513,7 +513,7 @@ def _events_nb(reqs, reps, routing, max_time_s, limits, rep_int, rep_params, tab
         # 2. a new batch, if a virtual engine is free
         n_sched = 0
         step_preempts = 0
-        agg = (0, 0.0, 0, 0, 0.0, 0.0)
+        agg = EMPTY_BATCH
         cpu = 0.0
         bid = batch_seq[r]
         handled = False
@@ -623,8 +623,7 @@ def _events_nb(reqs, reps, routing, max_time_s, limits, rep_int, rep_params, tab
         rep_preempts[r] += step_preempts
 
         if n_sched > 0:
-            n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
-            tokens = n_dec + pre_tokens
+            tokens = agg.n_decodes + agg.prefill_tokens
             body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
             account_nb(rep_time, r, ri, tok_table, seq_table, agg, body, head, stages)
             cpu = 0.0 if multi else cpu_in_series_nb(p, cpu_overhead_nb(p, agg), body + head)
@@ -676,7 +675,7 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
     s_blocks, s_last, s_max_itl, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_sample[r]
     # Scalars in locals for the loop (array elements would be reloaded on every pass).
     running, free_r, head, tail, waiting = n_running[r], free[r], q_head[r], q_tail[r], n_waiting[r]
-    agg = (0, 0.0, 0, 0, 0.0, 0.0)
+    agg = EMPTY_BATCH
     preempted = 0
     n_sched = 0
     k = 0
@@ -1019,7 +1018,7 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
             if s_blocks[k] >= 0:  # (not finished)
                 n_cap += 1
                 base -= s_computed[k]
-        agg = (n_act, float(base + (j + 1) * (n_act - n_cap) + window * n_cap), 0, 0, 0.0, 0.0)
+        agg = Batch(n_act, float(base + (j + 1) * (n_act - n_cap) + window * n_cap), 0, 0, 0.0, 0.0)
         body, head = stage_time_nb(p, tok_table, seq_table, ri[E.RI_TOK_OFF], ri[E.RI_SEQ_OFF], agg)
         end = max(t + cpu_in_series_nb(p, cpu_overhead_nb(p, agg), body + head), stage_free[r, 0]) + body + head
         if end > max_time_s or (j + 1 == next_fin and end >= finish_by):  # ties: the arrival first

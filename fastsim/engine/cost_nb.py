@@ -15,6 +15,8 @@ import math
 import numpy as np
 from numba import njit
 
+from fastsim.engine.bundles import Batch
+
 # -- layout of the params vector ---------------------------------------------------------------
 PEAK_FLOPS = 0          # dense tensor FLOP/s of the GEMM dtype, datasheet
 MEM_BW = 1              # bytes/s, datasheet
@@ -339,8 +341,7 @@ def build_tables_nb(p, ops, max_tokens, max_seqs):
 @njit(cache=True, error_model="numpy")
 def stage_time_nb(p, tok_table, seq_table, tok_off, seq_off, agg):
     """(layers' time, LM head's time) of one batch on one pipeline stage, from its aggregates
-    agg = (num_decodes, decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs,
-    prefill_kv_tokens), with the tables of build_tables_nb placed at offsets tok_off / seq_off:
+    `agg` (a bundles.Batch), with the tables of build_tables_nb placed at offsets tok_off / seq_off:
     what engine loops call. body + head equals forward_time_nb's compute + comm for one stage.
 
     Speculative decoding (SPEC_TOKENS = k > 0): the engine advances each decode one token per
@@ -348,7 +349,8 @@ def stage_time_nb(p, tok_table, seq_table, tok_off, seq_off, agg):
     gained per step): the step verifies k + 1 tokens per decode in one pass with the prefill chunks
     and runs the drafter; the iteration costs the prefill chunks' own pass plus 1/E of what the
     decodes add to it."""
-    n_dec, dec_keys, n_pre, pre_tokens, pairs, pre_keys = agg
+    n_dec, dec_keys, n_pre, pre_tokens = agg.n_decodes, agg.decode_kv_tokens, agg.n_prefills, agg.prefill_tokens
+    pairs, pre_keys = agg.prefill_pairs, agg.prefill_kv_tokens
     body = tok_table[0, tok_off + n_dec + pre_tokens] + p[LAYERS] * attention_time_nb(
         p, n_dec, dec_keys, n_pre, pairs, pre_keys, pre_tokens)
     head = seq_table[0, seq_off + n_dec + n_pre]
@@ -384,7 +386,8 @@ def cpu_overhead_nb(p, agg):
     """The CPU time an iteration adds before its forward pass: a fixed part, and parts per scheduled
     sequence and per scheduled token (agg: the batch's aggregates, as stage_time_nb takes them).
     cpu_in_series_nb says how much of it the iteration waits for."""
-    return p[FRAMEWORK_OVERHEAD_S] + p[CPU_PER_SEQ_S] * (agg[0] + agg[2]) + p[CPU_PER_TOKEN_S] * (agg[0] + agg[3])
+    return (p[FRAMEWORK_OVERHEAD_S] + p[CPU_PER_SEQ_S] * (agg.n_decodes + agg.n_prefills)
+            + p[CPU_PER_TOKEN_S] * (agg.n_decodes + agg.prefill_tokens))
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -420,7 +423,7 @@ def chunk_pairs_nb(new, ctx, window):
 
 @njit(cache=True, error_model="numpy")
 def batch_aggregates_nb(decode_ctx, prefill_new, prefill_ctx, window):
-    """(num_decodes, decode_kv_tokens, num_prefills, prefill_tokens, prefill_pairs, prefill_kv_tokens)."""
+    """The bundles.Batch of decodes over `decode_ctx` cached tokens and prefill chunks."""
     dec_keys = 0.0
     for c in decode_ctx:
         dec_keys += min(c + 1, window) if window > 0 else c + 1
@@ -437,4 +440,4 @@ def batch_aggregates_nb(decode_ctx, prefill_new, prefill_ctx, window):
         pre_tokens += n
         pairs += chunk_pairs_nb(n, c, window)
         pre_keys += (min(c, window) if window > 0 else c) + n
-    return decode_ctx.size, dec_keys, n_pre, pre_tokens, pairs, pre_keys
+    return Batch(decode_ctx.size, dec_keys, n_pre, pre_tokens, pairs, pre_keys)

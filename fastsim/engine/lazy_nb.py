@@ -42,6 +42,7 @@ from numba import njit
 from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
 from fastsim.engine import prefix_nb as px
+from fastsim.engine.bundles import EMPTY_BATCH, Batch
 from fastsim.engine.batch_nb import (add_to_batch_nb, arrived_kv_nb, blocks_needed_nb, ceil_div_pow2_nb, chunk_nb,
                                      div_pow2_nb, final_blocks_nb, itl_add_nb, mod_pow2_nb, reserved_blocks_nb,
                                      sort_by_key_nb)
@@ -606,7 +607,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, reps, reqs, apc, hit_buf):
     apc_on = ri[E.RI_APC] != 0
     n = cnt[r, C_NDEC]
     D = cnt[r, C_D]
-    agg = (0, 0.0, 0, 0, 0.0, 0.0)
+    agg = EMPTY_BATCH
     left0 = ri[E.RI_MAX_TOKENS] - n  # the budget left after the decoders
     left = left0
     if left < 0:
@@ -642,7 +643,7 @@ def schedule_nb(lz, r, bid, t_r, ri, slots, reps, reqs, apc, hit_buf):
     taken_now = 0
     if apc_on and (cnt[r, C_NEX] > 0 or n_waiting[r] > 0):
         apc_flush_nb(lz, r, apc)
-    agg = (n, _keys(cnt, r), 0, 0, 0.0, 0.0)
+    agg = Batch(n, _keys(cnt, r), 0, 0, 0.0, 0.0)
     n_sched = n
     left = ri[E.RI_MAX_TOKENS] - n
     for x in range(cnt[r, C_NEX]):

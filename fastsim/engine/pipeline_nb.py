@@ -19,7 +19,7 @@ from numba import njit
 
 from fastsim.engine import enums as E
 from fastsim.engine import heap_nb as hp
-from fastsim.engine.bundles import Slots
+from fastsim.engine.bundles import Batch, Slots
 from fastsim.engine.batch_nb import (account_nb, add_to_batch_nb, arrived_kv_nb, ceil_div_pow2_nb, chunk_nb,
                                      itl_add_nb, mod_pow2_nb, move_slot_nb, reserved_blocks_nb, tally_gap_nb)
 from fastsim.engine.cost_nb import cpu_overhead_nb, pp_send_time_nb, stage_time_nb
@@ -274,7 +274,7 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, reqs, slots, 
             j = gi[G_SCHED, g] + 1
             gi[G_SCHED, g] = j
             n_g = gi[G_N, g]
-            agg = (n_g, float(gi[G_BASE, g] + j * n_g), 0, 0, 0.0, 0.0)
+            agg = Batch(n_g, float(gi[G_BASE, g] + j * n_g), 0, 0, 0.0, 0.0)
             free_r -= phase[g, mod_pow2_nb(j, bs)]
             # The queue's head joins the batch as in exact mode's admission (V1: first come, first
             # served, while the token budget, max_num_seqs and the free blocks allow). Its tokens
@@ -344,7 +344,7 @@ def pp_decode_run_nb(r, t_r, t_arrival, max_time_s, ri, p, tables, reqs, slots, 
             gi[G_AT, wrap_nb(fl_head[r] + fl_count[r], max_stages)] = g
             gi[G_BID, g] = batch_seq[r]
             cpu = cpu_overhead_nb(p, agg)
-            launch_nb(p, r, d, body, head, agg[0] + agg[3], cpu, stages, reps, max_stages)
+            launch_nb(p, r, d, body, head, agg.n_decodes + agg.prefill_tokens, cpu, stages, reps, max_stages)
             peak = max(peak, ri[E.RI_NUM_BLOCKS] - free_r)
             batches += 1
         d_next = next_decision_nb(r, d, cpu, ready >= 0, stages, reps)
