@@ -160,6 +160,8 @@ def main() -> None:
     ap.add_argument("--variants", type=int, default=20000,
                     help="requests of the ShareGPT runs with " + ", ".join(v for v in VARIANTS if v != "plain")
                     + " (0: none)")
+    ap.add_argument("--no-cold", action="store_true",
+                    help="skip timing a first run on an empty Numba cache (minutes): for quick comparisons")
     ap.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -167,10 +169,11 @@ def main() -> None:
         print(json.dumps(one_run(int(n), float(rate), int(reps), int(replicas), mode, dataset, apc == "1",
                                  variant)))
         return
-    with tempfile.TemporaryDirectory() as d:
-        cold = compile_seconds(d)
-        warm = compile_seconds(d)
-    print(f"first run of 1,000 requests incl. imports: cold Numba cache {cold:.1f} s, cached {warm:.2f} s")
+    if not a.no_cold:
+        with tempfile.TemporaryDirectory() as d:
+            cold = compile_seconds(d)
+            warm = compile_seconds(d)
+        print(f"first run of 1,000 requests incl. imports: cold Numba cache {cold:.1f} s, cached {warm:.2f} s")
     caps = {}
     for dataset in ("sharegpt", "bwb") if a.bwb else ("sharegpt",):
         caps[dataset, "plain"] = capacity(dataset)
