@@ -351,7 +351,6 @@ def _events_nb(reqs, reps, routing, max_time_s, limits, rep_int, rep_params, tab
     s_req, s_prompt, s_tokens, s_computed = slots.req, slots.prompt, slots.tokens, slots.computed
     s_output, s_blocks, s_last, s_max_itl = slots.output, slots.blocks, slots.last, slots.max_itl
     s_measured, s_sample = slots.measured, slots.sample
-    itl_hist, itl = itl_acc.hist, itl_acc.stats
     h_t, h_i, h_n = turns.h_t, turns.h_i, turns.h_n
     n = arrival.size
     n_rep = rep_int.shape[0]
@@ -440,7 +439,7 @@ def _events_nb(reqs, reps, routing, max_time_s, limits, rep_int, rep_params, tab
             else:
                 done, freed = _complete(r, fl_id[r, fl_head[r]], end, n_running, s_req, s_prompt, s_tokens,
                                         s_computed, s_output, s_blocks, s_last, s_max_itl, s_measured, s_sample,
-                                        status, finish, first_tok, generated, max_itl, itl_hist, itl,
+                                        status, finish, first_tok, generated, max_itl, itl_acc,
                                         apc, ri[E.RI_APC] != 0, turns, block_size)
             free[r] += freed
             outstanding[r] -= done
@@ -490,7 +489,7 @@ def _events_nb(reqs, reps, routing, max_time_s, limits, rep_int, rep_params, tab
                 loop_state[E.LS_ROWS] = n_tl
                 k_iters, t_end, done, peak = _decode_run(
                     r, t_r, t_next_arrival, finish_by, max_time_s, ri, p, tables, v0, reqs, slots, reps, itl_acc, turns,
-                    apc, ri[E.RI_APC] != 0, hit_bufs, scratch, nt_ratio,
+                    apc, ri[E.RI_APC] != 0, scratch,
                     TimelineOut(timeline, loop_state, record_timeline))
                 n_tl = loop_state[E.LS_ROWS]
             if k_iters > 0:
@@ -725,7 +724,7 @@ def _schedule_running(r, bid, budget, threshold, block_size, window, n_running, 
 
 @njit(cache=True, error_model="numpy")
 def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_output, s_blocks, s_last,
-              s_max_itl, s_measured, s_sample, status, finish, first_tok, generated, max_itl, itl_hist, itl,
+              s_max_itl, s_measured, s_sample, status, finish, first_tok, generated, max_itl, itl_acc,
               apc, on, turns, block_size):
     """Batch `bid` of replica r completed at `end`: each request it sampled for gets a token; finished
     requests leave their slots (and their conversation's next turn is due). Returns (requests
@@ -734,7 +733,6 @@ def _complete(r, bid, end, n_running, s_req, s_prompt, s_tokens, s_computed, s_o
     # are counted against the first one's previous-token time and binned together at the end.
     s_req, s_prompt, s_tokens, s_computed, s_output = s_req[r], s_prompt[r], s_tokens[r], s_computed[r], s_output[r]
     s_blocks, s_last, s_max_itl, s_measured, s_sample = s_blocks[r], s_last[r], s_max_itl[r], s_measured[r], s_sample[r]
-    itl_acc = ItlAcc(itl_hist, itl)
     ref_last = -1.0
     n_ref = 0
     done = 0
@@ -893,7 +891,7 @@ def _stretch_blocks(apc, r, it, bs, by_phase, start, s_req, s_computed, s_blocks
 
 @njit(cache=True, error_model="numpy")
 def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, reqs, slots, reps, itl_acc,
-                turns, apc, on, hit_bufs, scratch, nt_ratio, tl):
+                turns, apc, on, scratch, tl):
     """Replica r at t_r has every running request ready to decode, nothing in flight: step the
     decode iterations that the normal path would run before anything else can happen (an arrival,
     a preemption, an admission; a request finishing too, unless nothing waits) in O(1) each, and
@@ -913,12 +911,11 @@ def _decode_run(r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, v0, req
     waiting, its admission rule (memory held back for the running requests' expected output, which
     shrinks every step) is decided by the plain path.
 
-    tl = (timeline, loop state, whether it is recorded): the normal path's row for each iteration,
-    while the timeline has room (the stretch ends there; the caller makes room).
+    tl (a bundles.TimelineOut): the normal path's row for each iteration, while the timeline has room (the stretch ends there; the caller makes room).
     """
     timeline, tl_state, record = tl.timeline, tl.loop_state, tl.record
     tok_table, seq_table = tables.tok, tables.seq
-    hit_buf = hit_bufs[r]
+    hit_buf, nt_ratio = reps.hit_bufs[r], reps.nt_ratio
     prompt, generated, status, finish = reqs.prompt, reqs.generated, reqs.status, reqs.finish
     max_itl, output, gen0, first_sched = reqs.max_itl, reqs.output, reqs.gen0, reqs.first_sched
     s_req, s_prompt, s_tokens, s_computed = slots.req, slots.prompt, slots.tokens, slots.computed

@@ -854,7 +854,7 @@ def run_nb(lz, r, t_r, t_arrival, finish_by, max_time_s, ri, p, tables, slots, r
     stretch: an arrival, a due preemption, a finish while requests wait or after `finish_by`, the
     time limit), summed in closed form between the finishes on the way. Returns
     (iterations, end of the last, requests finished, peak blocks used), or (0, t_r, 0, 0).
-    tl = (timeline, loop state, whether it is recorded): a row per iteration, as many as the
+    tl (a bundles.TimelineOut): a row per iteration, as many as the
     timeline has room for (the run ends there; the caller makes room)."""
     cnt, phase, fh = lz.cnt, lz.phase, lz.fh
     tok_table, seq_table = tables.tok, tables.seq
